@@ -9,14 +9,11 @@
 //    with the sign and the top payload bits kept (never Inf, which plain truncation could produce).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 
-#if defined(__CUDACC__)
-#define NUQ_HOST_DEVICE __host__ __device__
-#else
-#define NUQ_HOST_DEVICE
-#endif
+#include "nuq/config.hpp"
 
 namespace nuq {
 
