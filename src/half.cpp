@@ -2,6 +2,8 @@
 
 #include <cstddef>
 
+#include "cpu_features.hpp"
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #define NUQ_HAVE_F16C_DISPATCH 1
@@ -14,10 +16,7 @@ namespace {
 // F16C's conversions implement IEEE round-to-nearest-even exactly like the scalar code, so the fast
 // path changes speed, not bits (checked by the exhaustive tests, which run both). One exception:
 // VCVTPS2PH quiets signalling NaNs the same way we do, so NaNs agree as well.
-bool cpu_has_f16c() {
-  static const bool has = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx");
-  return has;
-}
+bool cpu_has_f16c() { return detail::cpu_features().f16c; }
 
 __attribute__((target("avx,f16c"))) void fp16_to_float_f16c(const uint16_t* src, float* dst,
                                                              std::size_t n) {

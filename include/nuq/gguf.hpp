@@ -91,7 +91,8 @@ struct GgufValue {
   bool as_bool() const;
   const std::string& as_string() const;
   const std::vector<GgufValue>& as_array() const;
-  // Short human-readable rendering; long arrays and strings are abbreviated ("[49152 STRING]").
+  // Short human-readable rendering: strings quoted and cut at ~60 bytes, arrays as
+  // [a, b, ... (N items)] showing at most max_items elements.
   std::string to_display_string(std::size_t max_items = 8) const;
 };
 

@@ -83,3 +83,13 @@ std::string to_json(const QuantizationConfig& config);
 QuantizationConfig parse_quantization_config(std::string_view json, std::string_view source);
 
 }  // namespace nuq
+
+namespace nuq {
+class SafetensorsCheckpoint;
+
+// The packed layer `base` of a checkpoint as a zero-copy view, after checking that its tensors exist
+// with the dtypes and shapes `meta` implies and are aligned for their dtypes. Errors name the layer and
+// the tensor. The view lives as long as the checkpoint.
+format::PackedLinearView packed_view(const SafetensorsCheckpoint& checkpoint, const std::string& base,
+                                     const PackedTensorMeta& meta);
+}  // namespace nuq

@@ -78,7 +78,7 @@ class SafetensorsCheckpoint {
  public:
   explicit SafetensorsCheckpoint(const std::string& path);
 
-  // Tensor names in a stable order: index order for sharded checkpoints, offset order otherwise.
+  // Tensor names in a stable order: by shard file name, then by data offset within the shard.
   const std::vector<std::string>& tensor_names() const noexcept { return names_; }
   bool contains(std::string_view name) const;
   const SafetensorsTensorInfo& info(std::string_view name) const;
@@ -129,6 +129,7 @@ class SafetensorsWriter {
     DType dtype;
     Shape shape;
     uint64_t begin = 0, end = 0, written = 0;
+    std::map<uint64_t, uint64_t> ranges;  // bytes written so far as disjoint [begin, end), to catch overlaps
   };
   void layout_and_write_header();
   Entry& entry(std::string_view name);
@@ -137,6 +138,7 @@ class SafetensorsWriter {
   std::string temp_path_;
   std::map<std::string, std::string> metadata_;
   std::vector<Entry> entries_;
+  std::map<std::string, std::size_t, std::less<>> index_;  // name -> position in entries_
   uint64_t data_offset_ = 0;
   uint64_t file_size_ = 0;
   int fd_ = -1;

@@ -83,6 +83,8 @@ class BasicTensorView {
   // Bytes covered when contiguous.
   std::size_t nbytes() const { return std::size_t(numel()) * dtype_size(dtype_); }
   bool is_contiguous() const noexcept {
+    // An empty tensor touches no memory, so any strides describe it densely.
+    if (shape_.numel() == 0) return true;
     int64_t expected = 1;
     for (int i = shape_.rank() - 1; i >= 0; --i) {
       if (shape_[i] != 1 && strides_[i] != expected) return false;

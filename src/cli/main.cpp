@@ -1,1 +1,31 @@
-int main() { return 0; }
+#include <cstdio>
+#include <exception>
+
+#include "commands.hpp"
+#include "nuq/error.hpp"
+#include "nuq/format.hpp"
+#include "nuq/version.hpp"
+
+int main(int argc, char** argv) {
+  CLI::App app{"nuq: post-training quantization of large language models"};
+  app.set_version_flag("--version", std::string("nuq ") + NUQ_VERSION_STRING + " (packed format v" +
+                                        std::to_string(nuq::format::kVersion) + ")");
+  app.require_subcommand(1);
+  nuq::cli::Action action;
+  nuq::cli::add_inspect_command(app, action);
+  nuq::cli::add_bench_command(app, action);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  try {
+    return action ? action() : 2;
+  } catch (const nuq::Error& e) {
+    std::fprintf(stderr, "nuq: error: %s\n", e.what());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "nuq: internal error: %s\n", e.what());
+    return 3;
+  }
+}

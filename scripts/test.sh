@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Builds nuq and runs every test: the unit tests (ctest) and the Python tests (pytest) on a release
+# build, the same again under AddressSanitizer + UndefinedBehaviorSanitizer, and the libFuzzer targets
+# for a bounded time. CUDA sources are compiled whenever nvcc is present (for one architecture,
+# $NUQ_CUDA_ARCHS, default 90); CUDA tests report as skipped where there is no GPU.
+#   NUQ_FUZZ_SECONDS   seconds per fuzz target (default 60; 0 skips fuzzing)
+#   NUQ_SKIP_ASAN=1    skip the sanitizer build (for quick local iterations; CI never sets it)
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+jobs=$(nproc)
+
+bash scripts/install-deps.sh
+# Real checkpoints used by tests; tests skip with a reason if this fails (no network).
+bash scripts/fetch-models.sh || echo "warning: real models unavailable; tests that need them will be skipped"
+
+cuda_args=(-DNUQ_CUDA=AUTO)
+if ! command -v nvcc >/dev/null && [ -x /usr/local/cuda/bin/nvcc ]; then export PATH=/usr/local/cuda/bin:$PATH; fi
+if command -v nvcc >/dev/null; then
+  cuda_args=(-DNUQ_CUDA=ON "-DCMAKE_CUDA_ARCHITECTURES=${NUQ_CUDA_ARCHS:-90}")
+fi
+
+echo "== release build"
+cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DNUQ_BUILD_TESTS=ON -DNUQ_BUILD_BENCH=ON \
+  -DNUQ_BUILD_PYTHON=ON -DNUQ_BUILD_EXAMPLES=ON "${cuda_args[@]}"
+cmake --build build -j"$jobs"
+(cd build && ctest --output-on-failure -j"$jobs")
+NUQ_BUILD_DIR="$root/build" python3 -m pytest -q tests/python
+
+if [ "${NUQ_SKIP_ASAN:-0}" != 1 ]; then
+  echo "== AddressSanitizer + UndefinedBehaviorSanitizer build"
+  cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DNUQ_SANITIZE=address,undefined \
+    -DNUQ_CUDA=OFF -DNUQ_BUILD_BENCH=OFF -DNUQ_BUILD_PYTHON=OFF -DNUQ_BUILD_EXAMPLES=OFF
+  cmake --build build-asan -j"$jobs"
+  (cd build-asan && ctest --output-on-failure -j"$jobs" -LE install)
+  # The CLI and the reader/writer tools run instrumented under the Python tests too.
+  ASAN_OPTIONS=detect_leaks=1 NUQ_BUILD_DIR="$root/build-asan" python3 -m pytest -q tests/python
+fi
+
+fuzz_seconds=${NUQ_FUZZ_SECONDS:-60}
+if [ "$fuzz_seconds" != 0 ]; then
+  echo "== libFuzzer, ${fuzz_seconds}s per target"
+  cmake -S . -B build-fuzz -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_COMPILER=clang++-14 \
+    -DNUQ_BUILD_FUZZERS=ON -DNUQ_SANITIZE=address,undefined -DNUQ_CUDA=OFF -DNUQ_BUILD_TESTS=OFF \
+    -DNUQ_BUILD_BENCH=OFF -DNUQ_BUILD_PYTHON=OFF -DNUQ_BUILD_EXAMPLES=OFF -DNUQ_BUILD_CLI=OFF
+  cmake --build build-fuzz -j"$jobs" --target nuq_fuzz_safetensors nuq_fuzz_gguf
+  for target in safetensors gguf; do
+    corpus=$(mktemp -d)
+    cp tests/fuzz/corpus/$target/* "$corpus"/ 2>/dev/null || true
+    build-fuzz/tests/fuzz/nuq_fuzz_$target -max_total_time="$fuzz_seconds" -max_len=4096 -print_final_stats=1 \
+      "$corpus" 2>&1 | tail -n 12
+    rm -rf "$corpus"
+  done
+fi
+echo "== all tests passed"

@@ -1,0 +1,17 @@
+// Subcommands of the `nuq` tool. Each registers itself on the app; main() runs whichever was chosen
+// and turns nuq::Error into a one-line message and a non-zero exit.
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+#include <functional>
+
+namespace nuq::cli {
+
+using Action = std::function<int()>;
+
+// Adds `inspect` to app; the returned action is set when the subcommand is parsed.
+void add_inspect_command(CLI::App& app, Action& action);
+void add_bench_command(CLI::App& app, Action& action);
+
+}  // namespace nuq::cli

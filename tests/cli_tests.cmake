@@ -1,1 +1,0 @@
-# CLI tests are added here (see below).
