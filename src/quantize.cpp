@@ -1,0 +1,418 @@
+// Layer quantization: selection of the sparse part, per-row (or per-group) codebooks, index
+// assignment, packing and error figures. docs/quantization.md describes the algorithm.
+#include "nuq/quantize.hpp"
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <bit>
+#include <cmath>
+#include <limits>
+#include <thread>
+
+#include "nuq/error.hpp"
+#include "nuq/half.hpp"
+
+namespace nuq {
+
+std::string_view to_string(QuantMethod method) {
+  switch (method) {
+    case QuantMethod::nuq: return "nuq";
+    case QuantMethod::kmeans: return "kmeans";
+    case QuantMethod::rtn: return "rtn";
+  }
+  return "?";
+}
+
+QuantMethod parse_quant_method(std::string_view text) {
+  if (text == "nuq") return QuantMethod::nuq;
+  if (text == "kmeans") return QuantMethod::kmeans;
+  if (text == "rtn") return QuantMethod::rtn;
+  fail(Errc::invalid_argument, "unknown quantization method '{}' (expected nuq, kmeans or rtn)", text);
+}
+
+namespace {
+
+// The k largest keys of a set, found without sorting or copying it: selected elements are those with
+// key > threshold, plus the first `ties_before` (in index order) of those with key == threshold.
+// Deterministic, O(n) in three passes, O(65536) memory, so it stays cheap on 100M-weight matrices.
+struct TopKSelection {
+  bool none = true;  // k == 0
+  uint32_t threshold = 0;
+  int64_t tie_end = 0;  // elements with key == threshold and index < tie_end are selected
+  bool selected(uint32_t key, int64_t index) const {
+    return !none && (key > threshold || (key == threshold && index < tie_end));
+  }
+};
+
+// key(i) returns the key of element i, or nullopt-like `excluded` flag through the bool.
+template <class KeyFn>
+TopKSelection select_top_k(int64_t n, int64_t k, KeyFn key) {
+  TopKSelection sel;
+  if (k <= 0) return sel;
+  std::vector<int64_t> hist(65536, 0);
+  int64_t eligible = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t v;
+    if (key(i, v)) { ++hist[v >> 16]; ++eligible; }
+  }
+  sel.none = false;
+  if (k >= eligible) {  // everything eligible is selected
+    sel.threshold = 0;
+    sel.tie_end = std::numeric_limits<int64_t>::max();
+    return sel;
+  }
+  int64_t above = 0;
+  int hi = 65535;
+  while (above + hist[hi] < k) above += hist[hi--];
+  std::fill(hist.begin(), hist.end(), 0);
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t v;
+    if (key(i, v) && int(v >> 16) == hi) ++hist[v & 0xffff];
+  }
+  int lo = 65535;
+  while (above + hist[lo] < k) above += hist[lo--];
+  sel.threshold = (uint32_t(hi) << 16) | uint32_t(lo);
+  int64_t ties = k - above;  // >= 1
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t v;
+    if (key(i, v) && v == sel.threshold && --ties == 0) {
+      sel.tie_end = i + 1;
+      break;
+    }
+  }
+  return sel;
+}
+
+// Non-negative floats order like their bit patterns.
+inline uint32_t magnitude_key(float x) { return std::bit_cast<uint32_t>(x) & 0x7fffffffu; }
+
+struct RowStats {
+  double sse = 0, weighted_sse = 0, weight_sum = 0, max_abs = 0;
+  int64_t outliers = 0, sensitive = 0;
+};
+
+struct SparseEntry {
+  int32_t col;
+  uint16_t value;
+};
+
+// Sorted fp16 codebook with the fp32 decision boundaries of nearest-entry assignment.
+struct Codebook {
+  int entries = 0;
+  std::array<uint16_t, 16> half{};
+  std::array<float, 16> value{};
+  void set(const float* centers, int k) {
+    entries = k;
+    for (int j = 0; j < k; ++j) half[j] = float_to_fp16(centers[j]);
+    std::sort(half.begin(), half.begin() + k,
+              [](uint16_t a, uint16_t b) { return fp16_to_float(a) < fp16_to_float(b); });
+    for (int j = 0; j < k; ++j) value[j] = fp16_to_float(half[j]);
+  }
+  // Nearest entry; on a tie the lower index.
+  int nearest(float x) const {
+    int best = 0;
+    float best_d = std::fabs(x - value[0]);
+    for (int j = 1; j < entries; ++j) {
+      const float d = std::fabs(x - value[j]);
+      if (d < best_d) { best = j; best_d = d; }
+    }
+    return best;
+  }
+  // For a weight kept in the sparse part: the index whose fp16 residual reconstructs x most closely
+  // (then the smallest residual, then the lowest index), and that residual.
+  std::pair<int, uint16_t> best_residual(float x) const {
+    int best = 0;
+    uint16_t best_r = 0;
+    float best_err = std::numeric_limits<float>::infinity(), best_mag = best_err;
+    for (int j = 0; j < entries; ++j) {
+      const uint16_t r = float_to_fp16(x - value[j]);
+      const float rf = fp16_to_float(r);
+      if (!std::isfinite(rf)) continue;
+      const float err = std::fabs(value[j] + rf - x), mag = std::fabs(rf);
+      if (err < best_err || (err == best_err && mag < best_mag)) {
+        best = j; best_r = r; best_err = err; best_mag = mag;
+      }
+    }
+    return {best, best_r};
+  }
+};
+
+void rtn_codebook(const float* x, int64_t n, int bits, Codebook& cb) {
+  const int k = 1 << bits;
+  float centers[16];
+  if (n == 0) {
+    std::fill(centers, centers + k, 0.0f);
+    cb.set(centers, k);
+    return;
+  }
+  float lo = x[0], hi = x[0];
+  for (int64_t i = 1; i < n; ++i) { lo = std::min(lo, x[i]); hi = std::max(hi, x[i]); }
+  const double scale = (double(hi) - double(lo)) / (k - 1);
+  if (!(scale > 0)) {
+    std::fill(centers, centers + k, lo);
+  } else {
+    // Asymmetric uniform grid with an integer zero point, as RTN baselines store it (scale, zero).
+    const double zero = std::nearbyint(-double(lo) / scale);
+    for (int j = 0; j < k; ++j) centers[j] = float((j - zero) * scale);
+  }
+  cb.set(centers, k);
+}
+
+void check_inputs(const float* weight, const float* sensitivity, int64_t rows, int64_t cols, int64_t ld,
+                  std::string_view name) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* w = weight + r * ld;
+    for (int64_t c = 0; c < cols; ++c)
+      if (!std::isfinite(w[c])) fail(Errc::invalid_argument, "{}: weight [{}, {}] is {}", name, r, c, w[c]);
+    if (!sensitivity) continue;
+    const float* s = sensitivity + r * ld;
+    for (int64_t c = 0; c < cols; ++c)
+      if (!std::isfinite(s[c]) || s[c] < 0)
+        fail(Errc::invalid_argument, "{}: sensitivity [{}, {}] is {} (must be finite and >= 0)", name, r, c, s[c]);
+  }
+}
+
+template <class Fn>
+void parallel_rows(int64_t rows, int threads, Fn fn) {
+  if (threads <= 1 || rows <= 1) {
+    for (int64_t r = 0; r < rows; ++r) fn(0, r);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  std::vector<std::thread> pool;
+  std::exception_ptr error;
+  std::atomic<bool> failed{false};
+  for (int t = 0; t < threads; ++t)
+    pool.emplace_back([&, t] {
+      try {
+        for (int64_t r; !failed && (r = next.fetch_add(1)) < rows;) fn(t, r);
+      } catch (...) {
+        if (!failed.exchange(true)) error = std::current_exception();
+      }
+    });
+  for (auto& th : pool) th.join();
+  if (error) std::rethrow_exception(error);
+}
+
+int resolve_threads(int threads, int64_t rows) {
+  if (threads <= 0) threads = int(std::max(1u, std::thread::hardware_concurrency()));
+  return int(std::min<int64_t>(threads, std::max<int64_t>(rows, 1)));
+}
+
+QuantizeReport summarize(const std::vector<RowStats>& stats, int64_t rows, int64_t cols, int bits,
+                         int64_t group_size, int64_t nnz, bool weighted) {
+  QuantizeReport rep;
+  double sse = 0, wsse = 0, wsum = 0;
+  for (const auto& s : stats) {
+    sse += s.sse;
+    wsse += s.weighted_sse;
+    wsum += s.weight_sum;
+    rep.max_abs_error = std::max(rep.max_abs_error, s.max_abs);
+    rep.outliers += s.outliers;
+    rep.sensitive += s.sensitive;
+  }
+  const double n = double(rows) * double(cols);
+  rep.mse = sse / n;
+  rep.weighted_mse = weighted ? (wsum > 0 ? wsse / wsum : 0.0) : rep.mse;
+  rep.nnz = nnz;
+  rep.storage = packed_storage(rows, cols, bits, group_size, nnz);
+  rep.bits_per_weight = bits_per_weight(rep.storage, rows, cols);
+  return rep;
+}
+
+}  // namespace
+
+PackedLinear quantize_linear(const float* weight, const float* sensitivity, int64_t rows, int64_t cols, int64_t ld,
+                             const QuantizeOptions& options, std::string_view name, QuantizeReport* report) {
+  NUQ_CHECK(weight != nullptr, Errc::invalid_argument, "{}: no weight data", name);
+  NUQ_CHECK(rows > 0 && cols > 0, Errc::invalid_argument, "{}: cannot quantize an empty [{}, {}] matrix", name,
+            rows, cols);
+  NUQ_CHECK(ld >= cols, Errc::invalid_argument, "{}: row stride {} is smaller than the {} columns", name, ld, cols);
+  NUQ_CHECK(format::is_supported_bits(options.bits), Errc::invalid_argument,
+            "{}: {} bits is not supported (2, 3 or 4)", name, options.bits);
+  for (double f : {options.outlier_fraction, options.sensitive_fraction})
+    NUQ_CHECK(f >= 0 && f < 1, Errc::invalid_argument, "{}: sparse fraction {} is outside [0, 1)", name, f);
+  NUQ_CHECK(options.kmeans.max_iterations >= 0, Errc::invalid_argument, "{}: negative iteration count", name);
+  int64_t group = options.group_size;
+  if (group == 0) group = options.method == QuantMethod::rtn && cols % 128 == 0 ? 128 : cols;
+  NUQ_CHECK(group > 0 && cols % group == 0, Errc::invalid_argument,
+            "{}: group size {} does not divide the {} columns", name, options.group_size, cols);
+  check_inputs(weight, sensitivity, rows, cols, ld, name);
+
+  const int bits = options.bits;
+  const int k = format::lut_entries(bits);
+  const int64_t groups = cols / group;
+  // The clustering weights: sensitivities for nuq, uniform for the unweighted baselines.
+  const float* cluster_weight = options.method == QuantMethod::nuq ? sensitivity : nullptr;
+  const bool per_row = options.outliers_per_row;
+
+  // Sparse selection over the whole matrix: magnitude outliers, then the most sensitive of the rest.
+  const int64_t total = rows * cols;
+  auto at = [&](int64_t i) { return i / cols * ld + i % cols; };
+  TopKSelection outlier_sel, sensitive_sel;
+  if (!per_row) {
+    outlier_sel = select_top_k(total, std::llround(options.outlier_fraction * double(total)),
+                               [&](int64_t i, uint32_t& key) { key = magnitude_key(weight[at(i)]); return true; });
+    if (sensitivity)
+      sensitive_sel = select_top_k(total, std::llround(options.sensitive_fraction * double(total)),
+                                   [&](int64_t i, uint32_t& key) {
+                                     if (outlier_sel.selected(magnitude_key(weight[at(i)]), i)) return false;
+                                     key = magnitude_key(sensitivity[at(i)]);
+                                     return true;
+                                   });
+  }
+  const int64_t row_outliers = per_row ? std::llround(options.outlier_fraction * double(cols)) : 0;
+  const int64_t row_sensitive = per_row && sensitivity ? std::llround(options.sensitive_fraction * double(cols)) : 0;
+
+  PackedLinear packed(rows, cols, bits, group, 0);
+  const int64_t row_bytes = format::row_bytes(cols, bits);
+  std::vector<RowStats> stats(rows);
+  std::vector<std::vector<SparseEntry>> sparse(rows);
+  const int threads = resolve_threads(options.threads, rows);
+
+  struct Scratch {
+    std::vector<uint8_t> kept, index;
+    std::vector<float> x, w, centers;
+    SortedWeightedPoints points;
+  };
+  std::vector<Scratch> scratch(threads);
+
+  parallel_rows(rows, threads, [&](int t, int64_t r) {
+    Scratch& s = scratch[t];
+    const float* wrow = weight + r * ld;
+    const float* srow = sensitivity ? sensitivity + r * ld : nullptr;
+    const float* crow = cluster_weight ? cluster_weight + r * ld : nullptr;
+    RowStats& st = stats[r];
+    s.kept.assign(cols, 0);  // 1 = magnitude outlier, 2 = sensitive
+    if (per_row) {
+      const int64_t row_base = 0;
+      auto out = select_top_k(cols, row_outliers, [&](int64_t c, uint32_t& key) {
+        key = magnitude_key(wrow[c]);
+        return true;
+      });
+      for (int64_t c = 0; c < cols; ++c)
+        if (out.selected(magnitude_key(wrow[c]), row_base + c)) s.kept[c] = 1;
+      if (srow) {
+        auto sen = select_top_k(cols, row_sensitive, [&](int64_t c, uint32_t& key) {
+          if (s.kept[c]) return false;
+          key = magnitude_key(srow[c]);
+          return true;
+        });
+        for (int64_t c = 0; c < cols; ++c)
+          if (!s.kept[c] && sen.selected(magnitude_key(srow[c]), c)) s.kept[c] = 2;
+      }
+    } else {
+      for (int64_t c = 0; c < cols; ++c) {
+        const int64_t i = r * cols + c;
+        if (outlier_sel.selected(magnitude_key(wrow[c]), i)) s.kept[c] = 1;
+        else if (srow && sensitive_sel.selected(magnitude_key(srow[c]), i)) s.kept[c] = 2;
+      }
+    }
+
+    s.index.assign(cols, 0);
+    uint16_t* lut_row = packed.lut.data_as<uint16_t>() + r * groups * k;
+    s.centers.resize(k);
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t c0 = g * group, c1 = c0 + group;
+      // The dense part is clustered without the weights the sparse part keeps.
+      s.x.clear();
+      s.w.clear();
+      double wsum = 0;
+      for (int64_t c = c0; c < c1; ++c) {
+        if (s.kept[c]) continue;
+        s.x.push_back(wrow[c]);
+        if (crow) { s.w.push_back(crow[c]); wsum += crow[c]; }
+      }
+      Codebook cb;
+      if (options.method == QuantMethod::rtn) {
+        rtn_codebook(s.x.data(), int64_t(s.x.size()), bits, cb);
+      } else {
+        // A group whose sensitivities are all zero carries no preference; cluster it unweighted.
+        s.points.assign(s.x.data(), crow && wsum > 0 ? s.w.data() : nullptr, int64_t(s.x.size()));
+        kmeans_1d(s.points, k, options.kmeans, s.centers.data());
+        cb.set(s.centers.data(), k);
+      }
+      std::copy(cb.half.begin(), cb.half.begin() + k, lut_row + g * k);
+      for (int64_t c = c0; c < c1; ++c) {
+        const float x = wrow[c];
+        float decoded;
+        if (s.kept[c]) {
+          auto [idx, residual] = cb.best_residual(x);
+          s.index[c] = uint8_t(idx);
+          decoded = cb.value[idx] + fp16_to_float(residual);
+          (s.kept[c] == 1 ? st.outliers : st.sensitive)++;
+          // A zero residual adds nothing: the dense part already reproduces the weight.
+          if (residual != 0 && residual != 0x8000) sparse[r].push_back({int32_t(c), residual});
+        } else {
+          const int idx = cb.nearest(x);
+          s.index[c] = uint8_t(idx);
+          decoded = cb.value[idx];
+        }
+        const double e = double(decoded) - double(x);
+        st.sse += e * e;
+        if (srow) { st.weighted_sse += double(srow[c]) * e * e; st.weight_sum += srow[c]; }
+        st.max_abs = std::max(st.max_abs, std::fabs(e));
+      }
+    }
+    format::pack_row(s.index.data(), cols, bits, packed.qweight.data_as<uint8_t>() + r * row_bytes);
+  });
+
+  int64_t nnz = 0;
+  for (const auto& row : sparse) nnz += int64_t(row.size());
+  NUQ_CHECK(nnz <= std::numeric_limits<int32_t>::max(), Errc::invalid_argument,
+            "{}: {} sparse entries exceed the format's 32-bit row pointers", name, nnz);
+  if (nnz > 0) {
+    packed.sparse_row_ptr = Buffer(DType::I32, {rows + 1});
+    const bool u16 = format::sparse_cols_are_u16(cols);
+    packed.sparse_col_idx = Buffer(u16 ? DType::U16 : DType::I32, {nnz});
+    packed.sparse_values = Buffer(DType::F16, {nnz});
+    auto* row_ptr = packed.sparse_row_ptr.data_as<int32_t>();
+    auto* values = packed.sparse_values.data_as<uint16_t>();
+    int64_t pos = 0;
+    row_ptr[0] = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      for (const auto& e : sparse[r]) {
+        if (u16) packed.sparse_col_idx.data_as<uint16_t>()[pos] = uint16_t(e.col);
+        else packed.sparse_col_idx.data_as<int32_t>()[pos] = e.col;
+        values[pos++] = e.value;
+      }
+      row_ptr[r + 1] = int32_t(pos);
+    }
+  }
+  if (report) *report = summarize(stats, rows, cols, bits, group, nnz, sensitivity != nullptr);
+  return packed;
+}
+
+QuantizeReport measure_quantization(const format::PackedLinearView& layer, const float* weight,
+                                    const float* sensitivity, int64_t ld) {
+  std::vector<RowStats> stats(layer.rows);
+  std::vector<float> row(layer.cols);
+  const bool u16 = format::sparse_cols_are_u16(layer.cols);
+  for (int64_t r = 0; r < layer.rows; ++r) {
+    const uint8_t* q = layer.qweight + r * layer.row_stride();
+    for (int64_t c = 0; c < layer.cols; ++c) {
+      const int idx = format::unpack_index(q, layer.cols, layer.bits, c);
+      row[c] = fp16_to_float(layer.lut[(r * layer.groups() + c / layer.group_size) * format::lut_entries(layer.bits) + idx]);
+    }
+    if (layer.nnz > 0)
+      for (int32_t e = layer.sparse_row_ptr[r]; e < layer.sparse_row_ptr[r + 1]; ++e) {
+        const int64_t c = u16 ? static_cast<const uint16_t*>(layer.sparse_col_idx)[e]
+                              : static_cast<const int32_t*>(layer.sparse_col_idx)[e];
+        row[c] += fp16_to_float(layer.sparse_values[e]);
+      }
+    RowStats& st = stats[r];
+    for (int64_t c = 0; c < layer.cols; ++c) {
+      const double e = double(row[c]) - double(weight[r * ld + c]);
+      st.sse += e * e;
+      if (sensitivity) {
+        st.weighted_sse += double(sensitivity[r * ld + c]) * e * e;
+        st.weight_sum += sensitivity[r * ld + c];
+      }
+      st.max_abs = std::max(st.max_abs, std::fabs(e));
+    }
+  }
+  return summarize(stats, layer.rows, layer.cols, layer.bits, layer.group_size, layer.nnz, sensitivity != nullptr);
+}
+
+}  // namespace nuq
