@@ -111,6 +111,49 @@ Cuts dp_over_candidates(const SortedWeightedPoints& p, int k, const std::vector<
   return cuts;
 }
 
+// Exact DP when cut j may only take positions from layers[j] (each ascending; layers[0] = {0},
+// layers[k] = {n}): the local search around a current solution. The optimal previous cut is monotone in
+// the current one here too, so each layer costs O(|layer| log |layer|) cost evaluations.
+Cuts dp_over_layers(const SortedWeightedPoints& p, const std::vector<std::vector<int64_t>>& layers) {
+  const int k = int(layers.size()) - 1;
+  std::vector<std::vector<double>> best(k + 1);
+  std::vector<std::vector<int32_t>> arg(k + 1);
+  best[0] = {0.0};
+  for (int j = 1; j <= k; ++j) {
+    const auto& prev_pos = layers[j - 1];
+    const auto& pos = layers[j];
+    const auto& prev = best[j - 1];
+    best[j].assign(pos.size(), std::numeric_limits<double>::infinity());
+    arg[j].assign(pos.size(), 0);
+    struct Task { int64_t lo, hi, blo, bhi; };
+    std::vector<Task> stack{{0, int64_t(pos.size()) - 1, 0, int64_t(prev_pos.size()) - 1}};
+    while (!stack.empty()) {
+      const Task t = stack.back();
+      stack.pop_back();
+      if (t.lo > t.hi) continue;
+      const int64_t a = (t.lo + t.hi) / 2;
+      double v_best = std::numeric_limits<double>::infinity();
+      int64_t b_best = t.blo;
+      for (int64_t b = t.blo; b <= t.bhi && prev_pos[b] <= pos[a]; ++b) {
+        const double v = prev[b] + p.segment_cost(prev_pos[b], pos[a]);
+        if (v < v_best) { v_best = v; b_best = b; }
+      }
+      best[j][a] = v_best;
+      arg[j][a] = int32_t(b_best);
+      stack.push_back({t.lo, a - 1, t.blo, b_best});
+      stack.push_back({a + 1, t.hi, b_best, t.bhi});
+    }
+  }
+  Cuts cuts(k + 1);
+  int64_t a = 0;
+  cuts[k] = layers[k][0];
+  for (int j = k; j >= 1; --j) {
+    a = arg[j][a];
+    cuts[j - 1] = layers[j - 1][a];
+  }
+  return cuts;
+}
+
 // Candidate cuts for the binned DP: equal-count, equal-weight and equal-width positions. Equal-count
 // cuts resolve the dense middle of a weight distribution, equal-width ones its sparse heavy tails, and
 // equal-weight ones the regions the sensitivities say matter.
@@ -309,23 +352,62 @@ double kmeans_1d(const SortedWeightedPoints& p, int k, const KMeansOptions& opti
     return 0.0;
   }
 
+  auto all_positions = [n] {
+    std::vector<int64_t> all(n + 1);
+    for (int64_t i = 0; i <= n; ++i) all[i] = i;
+    return all;
+  };
+  const bool exact = options.init == KMeansInit::exact_dp ||
+                     (options.init == KMeansInit::binned_dp && n <= std::max(options.dp_candidates, 3 * k));
   Cuts cuts;
-  switch (options.init) {
-    case KMeansInit::exact_dp: {
-      std::vector<int64_t> all(n + 1);
-      for (int64_t i = 0; i <= n; ++i) all[i] = i;
-      cuts = dp_over_candidates(p, k, all);
-      break;
-    }
-    case KMeansInit::binned_dp:
-      cuts = dp_over_candidates(p, k, candidate_cuts(p, std::max(options.dp_candidates, 3 * k)));
-      break;
-    case KMeansInit::quantiles: cuts = quantile_cuts(p, k); break;
-    case KMeansInit::kmeans_plus_plus: cuts = kmeans_pp_cuts(p, k, options.seed); break;
+  if (exact) {
+    // Short rows (stories260K's 64-172 weights) get the exact optimum too: every cut is a candidate.
+    cuts = dp_over_candidates(p, k, all_positions());
+  } else if (options.init == KMeansInit::binned_dp) {
+    cuts = dp_over_candidates(p, k, candidate_cuts(p, std::max(options.dp_candidates, 3 * k)));
+  } else if (options.init == KMeansInit::quantiles) {
+    cuts = quantile_cuts(p, k);
+  } else {
+    cuts = kmeans_pp_cuts(p, k, options.seed);
   }
   while (int(cuts.size()) < k + 1) cuts.push_back(n);  // fewer candidates than clusters
   std::vector<double> c;
-  lloyd(p, k, options.init == KMeansInit::exact_dp ? 1 : options.max_iterations, cuts, c);
+  auto cost_of = [&](const Cuts& cu) {
+    double total = 0;
+    for (int j = 0; j < k; ++j) total += p.segment_cost(cu[j], cu[j + 1]);
+    return total;
+  };
+  if (exact) {
+    lloyd(p, k, 0, cuts, c);  // centers of the optimal segments
+  } else {
+    lloyd(p, k, options.max_iterations, cuts, c);
+    if (options.init == KMeansInit::binned_dp) {
+      // Lloyd stops at a fixed point that a better set of nearby cuts may still beat. An exact DP over
+      // windows around the current cuts (which include the current cuts, so it never gets worse) finds
+      // such moves; Lloyd then re-balances, until neither improves.
+      // Offsets are dense near each cut and geometric further out, so both small and large moves are
+      // in reach at a cost of ~37 candidates per cut.
+      static constexpr int64_t kOffsets[] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 20, 24, 32, 48, 64, 96, 128};
+      for (int round = 0; round < 4; ++round) {
+        std::vector<std::vector<int64_t>> layers(k + 1);
+        layers[0] = {0};
+        layers[k] = {n};
+        for (int j = 1; j < k; ++j) {
+          auto& l = layers[j];
+          for (int64_t d : kOffsets) {
+            l.push_back(std::clamp<int64_t>(cuts[j] + d, 0, n));
+            l.push_back(std::clamp<int64_t>(cuts[j] - d, 0, n));
+          }
+          std::sort(l.begin(), l.end());
+          l.erase(std::unique(l.begin(), l.end()), l.end());
+        }
+        Cuts better = dp_over_layers(p, layers);
+        if (!(cost_of(better) < cost_of(cuts) * (1 - 1e-12))) break;
+        cuts = better;
+        lloyd(p, k, options.max_iterations, cuts, c);
+      }
+    }
+  }
   for (int j = 0; j < k; ++j) centers[j] = float(c[j]);
   std::sort(centers, centers + k);
   return kmeans_1d_cost(p, centers, k);

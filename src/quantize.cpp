@@ -45,17 +45,44 @@ struct TopKSelection {
   }
 };
 
-// key(i) returns the key of element i, or nullopt-like `excluded` flag through the bool.
+// Runs fn(chunk, begin, end) over `threads` contiguous chunks of [0, n) in parallel.
+template <class Fn>
+void parallel_chunks(int64_t n, int threads, Fn fn) {
+  threads = int(std::max<int64_t>(1, std::min<int64_t>(threads, n / 65536 + 1)));
+  if (threads == 1) return fn(0, int64_t(0), n);
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t) pool.emplace_back([&, t] { fn(t, n * t / threads, n * (t + 1) / threads); });
+  for (auto& th : pool) th.join();
+}
+
+// key(i, out) sets the key of element i and returns false for an element that cannot be selected.
+// Histograms are per chunk and summed, so the result does not depend on the thread count.
 template <class KeyFn>
-TopKSelection select_top_k(int64_t n, int64_t k, KeyFn key) {
+TopKSelection select_top_k(int64_t n, int64_t k, int threads, KeyFn key) {
   TopKSelection sel;
   if (k <= 0) return sel;
-  std::vector<int64_t> hist(65536, 0);
+  const int chunks = int(std::max<int64_t>(1, std::min<int64_t>(threads, n / 65536 + 1)));
+  std::vector<std::vector<int64_t>> hists(chunks, std::vector<int64_t>(65536, 0));
+  auto histogram = [&](auto bucket) {
+    for (auto& h : hists) std::fill(h.begin(), h.end(), 0);
+    parallel_chunks(n, chunks, [&](int t, int64_t begin, int64_t end) {
+      auto& h = hists[t];
+      for (int64_t i = begin; i < end; ++i) {
+        uint32_t v;
+        if (key(i, v)) {
+          const int b = bucket(v);
+          if (b >= 0) ++h[b];
+        }
+      }
+    });
+    std::vector<int64_t> total(65536, 0);
+    for (const auto& h : hists)
+      for (int b = 0; b < 65536; ++b) total[b] += h[b];
+    return total;
+  };
+  auto hist = histogram([](uint32_t v) { return int(v >> 16); });
   int64_t eligible = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    uint32_t v;
-    if (key(i, v)) { ++hist[v >> 16]; ++eligible; }
-  }
+  for (int64_t c : hist) eligible += c;
   sel.none = false;
   if (k >= eligible) {  // everything eligible is selected
     sel.threshold = 0;
@@ -65,15 +92,11 @@ TopKSelection select_top_k(int64_t n, int64_t k, KeyFn key) {
   int64_t above = 0;
   int hi = 65535;
   while (above + hist[hi] < k) above += hist[hi--];
-  std::fill(hist.begin(), hist.end(), 0);
-  for (int64_t i = 0; i < n; ++i) {
-    uint32_t v;
-    if (key(i, v) && int(v >> 16) == hi) ++hist[v & 0xffff];
-  }
+  hist = histogram([hi](uint32_t v) { return int(v >> 16) == hi ? int(v & 0xffff) : -1; });
   int lo = 65535;
   while (above + hist[lo] < k) above += hist[lo--];
   sel.threshold = (uint32_t(hi) << 16) | uint32_t(lo);
-  int64_t ties = k - above;  // >= 1
+  int64_t ties = k - above;  // >= 1: take the first `ties` elements equal to the threshold
   for (int64_t i = 0; i < n; ++i) {
     uint32_t v;
     if (key(i, v) && v == sel.threshold && --ties == 0) {
@@ -159,18 +182,13 @@ void rtn_codebook(const float* x, int64_t n, int bits, Codebook& cb) {
   cb.set(centers, k);
 }
 
-void check_inputs(const float* weight, const float* sensitivity, int64_t rows, int64_t cols, int64_t ld,
-                  std::string_view name) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* w = weight + r * ld;
-    for (int64_t c = 0; c < cols; ++c)
-      if (!std::isfinite(w[c])) fail(Errc::invalid_argument, "{}: weight [{}, {}] is {}", name, r, c, w[c]);
-    if (!sensitivity) continue;
-    const float* s = sensitivity + r * ld;
-    for (int64_t c = 0; c < cols; ++c)
-      if (!std::isfinite(s[c]) || s[c] < 0)
-        fail(Errc::invalid_argument, "{}: sensitivity [{}, {}] is {} (must be finite and >= 0)", name, r, c, s[c]);
-  }
+void check_row(const float* w, const float* s, int64_t r, int64_t cols, std::string_view name) {
+  for (int64_t c = 0; c < cols; ++c)
+    if (!std::isfinite(w[c])) fail(Errc::invalid_argument, "{}: weight [{}, {}] is {}", name, r, c, w[c]);
+  if (!s) return;
+  for (int64_t c = 0; c < cols; ++c)
+    if (!std::isfinite(s[c]) || s[c] < 0)
+      fail(Errc::invalid_argument, "{}: sensitivity [{}, {}] is {} (must be finite and >= 0)", name, r, c, s[c]);
 }
 
 template <class Fn>
@@ -238,7 +256,23 @@ PackedLinear quantize_linear(const float* weight, const float* sensitivity, int6
   if (group == 0) group = options.method == QuantMethod::rtn && cols % 128 == 0 ? 128 : cols;
   NUQ_CHECK(group > 0 && cols % group == 0, Errc::invalid_argument,
             "{}: group size {} does not divide the {} columns", name, options.group_size, cols);
-  check_inputs(weight, sensitivity, rows, cols, ld, name);
+  const int threads = resolve_threads(options.threads, rows);
+  // Every row is checked before anything is selected; the first bad row (in row order) is reported.
+  {
+    std::vector<uint8_t> bad(rows, 0);
+    parallel_chunks(rows * cols, threads, [&](int, int64_t begin, int64_t end) {
+      for (int64_t r = begin / cols; r < rows && r * cols < end; ++r) {
+        if (r * cols < begin) continue;  // a row belongs to the chunk holding its first element
+        const float* w = weight + r * ld;
+        const float* sr = sensitivity ? sensitivity + r * ld : nullptr;
+        bool ok = true;
+        for (int64_t c = 0; c < cols && ok; ++c) ok = std::isfinite(w[c]) && (!sr || (std::isfinite(sr[c]) && sr[c] >= 0));
+        bad[r] = !ok;
+      }
+    });
+    for (int64_t r = 0; r < rows; ++r)
+      if (bad[r]) check_row(weight + r * ld, sensitivity ? sensitivity + r * ld : nullptr, r, cols, name);
+  }
 
   const int bits = options.bits;
   const int k = format::lut_entries(bits);
@@ -252,10 +286,10 @@ PackedLinear quantize_linear(const float* weight, const float* sensitivity, int6
   auto at = [&](int64_t i) { return i / cols * ld + i % cols; };
   TopKSelection outlier_sel, sensitive_sel;
   if (!per_row) {
-    outlier_sel = select_top_k(total, std::llround(options.outlier_fraction * double(total)),
+    outlier_sel = select_top_k(total, std::llround(options.outlier_fraction * double(total)), threads,
                                [&](int64_t i, uint32_t& key) { key = magnitude_key(weight[at(i)]); return true; });
     if (sensitivity)
-      sensitive_sel = select_top_k(total, std::llround(options.sensitive_fraction * double(total)),
+      sensitive_sel = select_top_k(total, std::llround(options.sensitive_fraction * double(total)), threads,
                                    [&](int64_t i, uint32_t& key) {
                                      if (outlier_sel.selected(magnitude_key(weight[at(i)]), i)) return false;
                                      key = magnitude_key(sensitivity[at(i)]);
@@ -269,7 +303,6 @@ PackedLinear quantize_linear(const float* weight, const float* sensitivity, int6
   const int64_t row_bytes = format::row_bytes(cols, bits);
   std::vector<RowStats> stats(rows);
   std::vector<std::vector<SparseEntry>> sparse(rows);
-  const int threads = resolve_threads(options.threads, rows);
 
   struct Scratch {
     std::vector<uint8_t> kept, index;
@@ -287,14 +320,14 @@ PackedLinear quantize_linear(const float* weight, const float* sensitivity, int6
     s.kept.assign(cols, 0);  // 1 = magnitude outlier, 2 = sensitive
     if (per_row) {
       const int64_t row_base = 0;
-      auto out = select_top_k(cols, row_outliers, [&](int64_t c, uint32_t& key) {
+      auto out = select_top_k(cols, row_outliers, 1, [&](int64_t c, uint32_t& key) {
         key = magnitude_key(wrow[c]);
         return true;
       });
       for (int64_t c = 0; c < cols; ++c)
         if (out.selected(magnitude_key(wrow[c]), row_base + c)) s.kept[c] = 1;
       if (srow) {
-        auto sen = select_top_k(cols, row_sensitive, [&](int64_t c, uint32_t& key) {
+        auto sen = select_top_k(cols, row_sensitive, 1, [&](int64_t c, uint32_t& key) {
           if (s.kept[c]) return false;
           key = magnitude_key(srow[c]);
           return true;
