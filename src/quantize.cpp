@@ -7,6 +7,7 @@
 #include <atomic>
 #include <bit>
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <thread>
 
@@ -104,6 +105,31 @@ TopKSelection select_top_k(int64_t n, int64_t k, int threads, KeyFn key) {
       break;
     }
   }
+  return sel;
+}
+
+// The same selection for one row: a partial sort of (key, index) pairs beats 65536-bucket histograms
+// at a few thousand elements.
+template <class KeyFn>
+TopKSelection select_top_k_in_row(int64_t n, int64_t k, std::vector<uint64_t>& scratch, KeyFn key) {
+  TopKSelection sel;
+  if (k <= 0) return sel;
+  scratch.clear();
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t v;
+    // Among equal keys the lower index ranks higher, as in select_top_k.
+    if (key(i, v)) scratch.push_back((uint64_t(v) << 32) | (0xffffffffu - uint32_t(i)));
+  }
+  sel.none = false;
+  if (k >= int64_t(scratch.size())) {
+    sel.threshold = 0;
+    sel.tie_end = std::numeric_limits<int64_t>::max();
+    return sel;
+  }
+  std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), std::greater<>());
+  const uint64_t kth = scratch[k - 1];
+  sel.threshold = uint32_t(kth >> 32);
+  sel.tie_end = int64_t(0xffffffffu - uint32_t(kth & 0xffffffffu)) + 1;
   return sel;
 }
 
@@ -306,6 +332,7 @@ PackedLinear quantize_linear(const float* weight, const float* sensitivity, int6
 
   struct Scratch {
     std::vector<uint8_t> kept, index;
+    std::vector<uint64_t> keys;
     std::vector<float> x, w, centers;
     SortedWeightedPoints points;
   };
@@ -320,14 +347,14 @@ PackedLinear quantize_linear(const float* weight, const float* sensitivity, int6
     s.kept.assign(cols, 0);  // 1 = magnitude outlier, 2 = sensitive
     if (per_row) {
       const int64_t row_base = 0;
-      auto out = select_top_k(cols, row_outliers, 1, [&](int64_t c, uint32_t& key) {
+      auto out = select_top_k_in_row(cols, row_outliers, s.keys, [&](int64_t c, uint32_t& key) {
         key = magnitude_key(wrow[c]);
         return true;
       });
       for (int64_t c = 0; c < cols; ++c)
         if (out.selected(magnitude_key(wrow[c]), row_base + c)) s.kept[c] = 1;
       if (srow) {
-        auto sen = select_top_k(cols, row_sensitive, 1, [&](int64_t c, uint32_t& key) {
+        auto sen = select_top_k_in_row(cols, row_sensitive, s.keys, [&](int64_t c, uint32_t& key) {
           if (s.kept[c]) return false;
           key = magnitude_key(srow[c]);
           return true;
