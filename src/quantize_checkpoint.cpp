@@ -1,0 +1,1 @@
+#include "nuq/quantize.hpp"
