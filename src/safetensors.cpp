@@ -786,8 +786,12 @@ void write_safetensors_index(const std::string& path,
   } catch (const Json::type_error&) {
     fail(Errc::invalid_argument, "{}: a tensor name, file name or metadata entry is not valid UTF-8", path);
   }
+  write_file_atomically(path, text);
+}
+
+void write_file_atomically(const std::string& path, std::string_view content) {
   TempFile out(path);
-  write_all_at(out.fd, reinterpret_cast<const std::byte*>(text.data()), text.size(), 0, path);
+  write_all_at(out.fd, reinterpret_cast<const std::byte*>(content.data()), content.size(), 0, path);
   out.commit();
 }
 

@@ -158,4 +158,8 @@ void write_safetensors_index(const std::string& path,
                              uint64_t total_size,
                              const std::map<std::string, std::string>& extra_metadata = {});
 
+// Writes a small file (JSON, text) with the writer's crash safety: a temporary file in the same
+// directory, flushed, then renamed onto `path`, so `path` holds either its old content or all of `content`.
+void write_file_atomically(const std::string& path, std::string_view content);
+
 }  // namespace nuq

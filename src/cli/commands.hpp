@@ -4,7 +4,9 @@
 
 #include <CLI/CLI.hpp>
 
+#include <cstdint>
 #include <functional>
+#include <string>
 
 namespace nuq::cli {
 
@@ -13,5 +15,9 @@ using Action = std::function<int()>;
 // Adds `inspect` to app; the returned action is set when the subcommand is parsed.
 void add_inspect_command(CLI::App& app, Action& action);
 void add_bench_command(CLI::App& app, Action& action);
+void add_quantize_command(CLI::App& app, Action& action);
+
+// "71.2 MiB"
+std::string human_bytes(uint64_t n);
 
 }  // namespace nuq::cli

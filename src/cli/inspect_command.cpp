@@ -8,7 +8,6 @@
 #include "nuq/inspect.hpp"
 
 namespace nuq::cli {
-namespace {
 
 std::string human_bytes(uint64_t n) {
   const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
@@ -17,6 +16,8 @@ std::string human_bytes(uint64_t n) {
   while (v >= 1024 && u < 4) v /= 1024, ++u;
   return u == 0 ? fmt::format("{} B", n) : fmt::format("{:.1f} {}", v, units[u]);
 }
+
+namespace {
 
 std::string one_line(std::string s, std::size_t max_len) {
   std::replace(s.begin(), s.end(), '\n', ' ');

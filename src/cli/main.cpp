@@ -1,3 +1,4 @@
+#include <csignal>
 #include <cstdio>
 #include <exception>
 
@@ -14,11 +15,15 @@ int main(int argc, char** argv) {
   nuq::cli::Action action;
   nuq::cli::add_inspect_command(app, action);
   nuq::cli::add_bench_command(app, action);
+  nuq::cli::add_quantize_command(app, action);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   }
+  // Past a file-size limit (ulimit -f) the kernel would kill the process with SIGXFSZ; ignored, the write
+  // fails with EFBIG instead and the user gets the same clean error as for a full disk.
+  std::signal(SIGXFSZ, SIG_IGN);
   try {
     return action ? action() : 2;
   } catch (const nuq::Error& e) {
