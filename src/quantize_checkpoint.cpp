@@ -161,8 +161,15 @@ class InputCheckpoint {
   bool already_quantized() const { return st_ && st_->metadata().count(kQuantizationConfigKey); }
 
   Buffer read_float32(const SourceTensor& t) const {
-    if (gguf_) return gguf_->dequantize(t.name);
-    return to_float32(st_->tensor(t.name));
+    Buffer out = gguf_ ? gguf_->dequantize(t.name) : to_float32(st_->tensor(t.name));
+    release_mapped_pages(raw_bytes(t));
+    return out;
+  }
+
+  // The tensor's bytes in the input's mapping.
+  std::span<const std::byte> raw_bytes(const SourceTensor& t) const {
+    if (gguf_) return gguf_->tensor_bytes(*gguf_->find_tensor(t.name));
+    return st_->file_of(t.name).tensor_bytes(st_->info(t.name));
   }
 
   // Streams tensor `t` unquantized into `writer` (declared there as t.name, t.out_dtype, t.shape).
@@ -170,15 +177,13 @@ class InputCheckpoint {
     if (st_) {
       const SafetensorsTensorInfo& info = st_->info(t.name);
       const std::span<const std::byte> bytes = st_->file_of(t.name).tensor_bytes(info);
-      for (uint64_t off = 0; off < bytes.size(); off += kCopyChunkBytes)
-        writer.write(t.name, bytes.subspan(off, std::min<uint64_t>(kCopyChunkBytes, bytes.size() - off)), off);
+      copy_in_chunks(t.name, bytes, writer);
       return;
     }
     const GgufTensorInfo& info = *gguf_->find_tensor(t.name);
     const std::span<const std::byte> bytes = gguf_->tensor_bytes(info);
     if (!t.dequantize_on_copy) {
-      for (uint64_t off = 0; off < bytes.size(); off += kCopyChunkBytes)
-        writer.write(t.name, bytes.subspan(off, std::min<uint64_t>(kCopyChunkBytes, bytes.size() - off)), off);
+      copy_in_chunks(t.name, bytes, writer);
       return;
     }
     // Dequantize whole rows at a time (a row is a whole number of ggml blocks).
@@ -193,6 +198,15 @@ class InputCheckpoint {
       out.resize(std::size_t(n * row));
       ggml_dequantize(info.type, bytes.data() + uint64_t(r0) * row_in, out.data(), n * row);
       writer.write(t.name, std::as_bytes(std::span<const float>(out)), uint64_t(r0 * row) * 4);
+      release_mapped_pages(bytes.subspan(uint64_t(r0) * row_in, uint64_t(n) * row_in));
+    }
+  }
+
+  static void copy_in_chunks(const std::string& name, std::span<const std::byte> bytes, SafetensorsWriter& writer) {
+    for (uint64_t off = 0; off < bytes.size(); off += kCopyChunkBytes) {
+      const auto piece = bytes.subspan(off, std::min<uint64_t>(kCopyChunkBytes, bytes.size() - off));
+      writer.write(name, piece, off);
+      release_mapped_pages(piece);
     }
   }
 
@@ -589,6 +603,7 @@ QuantizeCheckpointResult quantize_checkpoint(const CheckpointQuantizeOptions& op
         // are common), and a fixed file is a different job, so a late failure would cost the work before it.
         if (job.sensitivity == SensitivitySource::fisher) {
           const Buffer sens = to_float32(fisher->tensor(t.name));
+          release_mapped_pages(fisher->file_of(t.name).tensor_bytes(f));
           const float* s = sens.data_as<float>();
           const int64_t n = t.shape.numel(), cols = t.shape[1];
           for (int64_t k = 0; k < n; ++k)
@@ -720,7 +735,10 @@ QuantizeCheckpointResult quantize_checkpoint(const CheckpointQuantizeOptions& op
     const Clock::time_point t1 = Clock::now();
     const Buffer weight = in.read_float32(t);
     Buffer sens;
-    if (job.sensitivity == SensitivitySource::fisher) sens = to_float32(fisher->tensor(t.name));
+    if (job.sensitivity == SensitivitySource::fisher) {
+      sens = to_float32(fisher->tensor(t.name));
+      release_mapped_pages(fisher->file_of(t.name).tensor_bytes(fisher->info(t.name)));
+    }
     QuantizeReport rep;
     PackedLinear packed;
     try {
@@ -849,7 +867,10 @@ QuantizeCheckpointResult quantize_checkpoint(const CheckpointQuantizeOptions& op
       const SourceTensor& t = in.tensors()[units[k].tensor];
       if (units[k].layer) {
         const SafetensorsFile& p = *parts[*units[k].layer];
-        for (const SafetensorsTensorInfo& info : p.tensors()) w.write(info.name, p.tensor_bytes(info));
+        for (const SafetensorsTensorInfo& info : p.tensors()) {
+          w.write(info.name, p.tensor_bytes(info));
+          release_mapped_pages(p.tensor_bytes(info));
+        }
       } else {
         in.copy_to(t, w);
         ++result.tensors_copied;

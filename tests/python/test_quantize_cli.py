@@ -267,7 +267,7 @@ def test_fisher_weighting_and_its_errors(nuq_cli, tmp_path):
     save_file(bad, str(fpath))
     r = run(nuq_cli, "quantize", inp, "--out", tmp_path / "g", "--bits", 3, "--fisher", fpath)
     assert_error(r, "model.layers.0.mlp.up_proj.weight", f"[{DIM}, {HIDDEN}]", f"[{HIDDEN}, {DIM}]")
-    for value, word in [(np.nan, "nan"), (-0.5, "-0.5")]:
+    for value, word in [(np.nan, "nan"), (-0.5, "-0.5"), (np.inf, "inf")]:
         bad = dict(fisher)
         arr = bad["model.layers.0.mlp.up_proj.weight"].copy()
         arr[3, 5] = value
@@ -287,6 +287,12 @@ def test_bad_weights_and_dtypes_are_named(nuq_cli, tmp_path):
     assert not (tmp_path / "o" / "model.safetensors").exists()
     # The layers finished before the bad one are kept for a resume after the input is fixed.
     assert any(n.startswith("layer-") for n in os.listdir(tmp_path / "o" / ".nuq-partial"))
+
+    src_inf = llama_tensors(layers=1)
+    src_inf["model.layers.0.self_attn.k_proj.weight"][2, 3] = -np.inf
+    r = run(nuq_cli, "quantize", write_checkpoint(tmp_path, src_inf, "inf"), "--out", tmp_path / "oi", "--bits", 3)
+    assert_error(r, "model.layers.0.self_attn.k_proj.weight", "[2, 3]", "inf")
+    assert not (tmp_path / "oi" / "model.safetensors").exists()
 
     ints = {"model.layers.0.ids.weight": np.arange(64 * 64, dtype=np.int32).reshape(64, 64)}
     inp2 = write_checkpoint(tmp_path, ints, "ints")
