@@ -15,18 +15,24 @@
 namespace nuq::cli {
 namespace {
 
-// "0.45%" and "0.45" both mean 0.45 percent: sparse fractions are always spoken of in percent.
-double parse_percent(std::string text, std::string_view flag) {
-  if (!text.empty() && text.back() == '%') text.pop_back();
+// The whole of `text` as a finite number, or NaN (which fails every range check) if it is not one.
+double parse_number(const std::string& text) {
   std::size_t used = 0;
-  double v = -1;
+  double v = NAN;
   try {
     v = std::stod(text, &used);
   } catch (const std::exception&) {
-    used = 0;
+    return NAN;
   }
-  NUQ_CHECK(used == text.size() && used > 0 && std::isfinite(v) && v >= 0 && v < 100, Errc::invalid_argument,
-            "{} takes a percentage in [0, 100), e.g. 0.45%, not '{}'", flag, text);
+  return used == text.size() && std::isfinite(v) ? v : NAN;
+}
+
+// "0.45%" and "0.45" both mean 0.45 percent: sparse fractions are always spoken of in percent.
+double parse_percent(std::string text, std::string_view flag) {
+  if (!text.empty() && text.back() == '%') text.pop_back();
+  const double v = parse_number(text);
+  NUQ_CHECK(v >= 0 && v < 100, Errc::invalid_argument, "{} takes a percentage in [0, 100), e.g. 0.45%, not '{}'", flag,
+            text);
   return v / 100.0;
 }
 
@@ -42,14 +48,8 @@ uint64_t parse_size(std::string text) {
                          {"k", 1e3}, {"m", 1e6}, {"g", 1e9}, {"kib", 1024.0}, {"mib", 1048576.0},
                          {"gib", 1073741824.0}, {"tib", 1099511627776.0}})
     if (unit == name) scale = s;
-  std::size_t used = 0;
-  double v = -1;
-  try {
-    v = std::stod(text, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  NUQ_CHECK(scale > 0 && used == text.size() && used > 0 && v * scale >= 1 && v * scale < 1.8e19,
+  const double v = parse_number(text);
+  NUQ_CHECK(scale > 0 && v * scale >= 1 && v * scale < 1.8e19,
             Errc::invalid_argument, "--max-shard-size takes a size such as 5GB, 500MB or 2GiB, not '{}{}'", text, unit);
   return uint64_t(v * scale);
 }
