@@ -248,10 +248,15 @@ std::map<std::string, PlanEntry> load_plan(const std::string& path) {
   NUQ_CHECK(layers != j.end() && layers->is_object(), Errc::invalid_file,
             "{}: plan has no \"layers\" object mapping tensor names to settings", path);
   std::map<std::string, PlanEntry> plan;
-  for (const auto& [name, e] : layers->items()) {
+  // Plain references rather than structured bindings: clang 14 cannot capture bindings in the lambda.
+  for (const auto& layer : layers->items()) {
+    const std::string& name = layer.key();
+    const Json& e = layer.value();
     NUQ_CHECK(e.is_object(), Errc::invalid_file, "{}: plan entry {} is not an object", path, in_quotes(name));
     PlanEntry p;
-    for (const auto& [key, v] : e.items()) {
+    for (const auto& setting : e.items()) {
+      const std::string& key = setting.key();
+      const Json& v = setting.value();
       auto bad = [&](std::string_view want) {
         fail(Errc::invalid_file, "{}: plan entry {}: \"{}\" is {}, expected {}", path, in_quotes(name), key, v.dump(),
              want);
