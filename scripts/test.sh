@@ -30,10 +30,10 @@ NUQ_BUILD_DIR="$root/build" python3 -m pytest -q tests/python
 if [ "${NUQ_SKIP_ASAN:-0}" != 1 ]; then
   echo "== AddressSanitizer + UndefinedBehaviorSanitizer build"
   cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DNUQ_SANITIZE=address,undefined \
-    -DNUQ_CUDA=OFF -DNUQ_BUILD_BENCH=OFF -DNUQ_BUILD_PYTHON=OFF -DNUQ_BUILD_EXAMPLES=OFF
+    -DNUQ_CUDA=OFF -DNUQ_BUILD_BENCH=OFF -DNUQ_BUILD_PYTHON=OFF -DNUQ_BUILD_EXAMPLES=ON
   cmake --build build-asan -j"$jobs"
   (cd build-asan && ctest --output-on-failure -j"$jobs" -LE install)
-  # The CLI and the reader/writer tools run instrumented under the Python tests too.
+  # The CLI, the decoder example and the reader/writer tools run instrumented under the Python tests too.
   ASAN_OPTIONS=detect_leaks=1 NUQ_BUILD_DIR="$root/build-asan" python3 -m pytest -q tests/python
 fi
 

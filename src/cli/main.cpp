@@ -16,6 +16,8 @@ int main(int argc, char** argv) {
   nuq::cli::add_inspect_command(app, action);
   nuq::cli::add_bench_command(app, action);
   nuq::cli::add_quantize_command(app, action);
+  nuq::cli::add_eval_command(app, action);
+  nuq::cli::add_convert_command(app, action);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -1,0 +1,163 @@
+// Text generation with nuq's LLaMA-family decoder: load a checkpoint (llama2.c, GGUF, safetensors, full
+// precision or nuq-packed), encode a prompt, sample greedily or with a temperature, report tokens/s.
+//
+//   nuq_generate --model stories260K.bin --tokenizer tok512.bin --prompt "Once upon a time" --steps 64
+//   nuq_generate --model quantized/SmolLM2/ --tokenizer SmolLM2.gguf --prompt "The capital of France is"
+//
+// --logits-out FILE --tokens 1,403,407 writes the logits of those tokens (fp32, [n, vocab]) instead;
+// the tests compare them with an independent NumPy implementation.
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "nuq/error.hpp"
+#include "nuq/llama.hpp"
+#include "nuq/tokenizer.hpp"
+
+namespace {
+
+struct Args {
+  std::string model, tokenizer, prompt = "Once upon a time", logits_out, tokens, tokenize;
+  int steps = 64, threads = 0;
+  float temperature = 0.0f;
+  uint64_t seed = 1;
+};
+
+[[noreturn]] void usage(const char* argv0) {
+  std::fprintf(stderr,
+               "usage: %s --model PATH [--tokenizer PATH] [--prompt TEXT] [--steps N] [--temperature T] [--seed S]\n"
+               "          [--threads N] [--logits-out FILE --tokens ID,ID,...] [--tokenizer PATH --tokenize FILE]\n",
+               argv0);
+  std::exit(2);
+}
+
+Args parse(int argc, char** argv) {
+  Args a;
+  for (int i = 1; i < argc; ++i) {
+    const std::string k = argv[i];
+    if (i + 1 >= argc) usage(argv[0]);
+    const std::string v = argv[++i];
+    if (k == "--model") a.model = v;
+    else if (k == "--tokenizer") a.tokenizer = v;
+    else if (k == "--prompt") a.prompt = v;
+    else if (k == "--steps") a.steps = std::stoi(v);
+    else if (k == "--temperature") a.temperature = std::stof(v);
+    else if (k == "--seed") a.seed = std::stoull(v);
+    else if (k == "--threads") a.threads = std::stoi(v);
+    else if (k == "--logits-out") a.logits_out = v;
+    else if (k == "--tokens") a.tokens = v;
+    else if (k == "--tokenize") a.tokenize = v;
+    else usage(argv[0]);
+  }
+  if (a.model.empty() && a.tokenize.empty()) usage(argv[0]);
+  return a;
+}
+
+double since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+int run(const Args& a) {
+  if (!a.tokenize.empty()) {
+    // Token ids of a whole file, space-separated: for comparisons with reference tokenizers.
+    std::ifstream in(a.tokenize, std::ios::binary);
+    NUQ_CHECK(in, nuq::Errc::io, "{}: cannot open", a.tokenize);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    auto tok = nuq::Tokenizer::load(a.tokenizer);
+    for (int32_t id : tok->encode(ss.str())) std::printf("%d ", id);
+    std::printf("\n");
+    return 0;
+  }
+  auto model = nuq::LlamaModel::load(a.model, {a.threads});
+  const nuq::LlamaConfig& c = model->config();
+  std::vector<float> hidden, logits;
+
+  if (!a.logits_out.empty()) {
+    std::vector<int32_t> ids;
+    std::stringstream ss(a.tokens);
+    for (std::string t; std::getline(ss, t, ',');) ids.push_back(int32_t(std::stol(t)));
+    NUQ_CHECK(!ids.empty(), nuq::Errc::invalid_argument, "--logits-out needs --tokens");
+    auto cache = model->new_cache(int64_t(ids.size()));
+    hidden.resize(ids.size() * std::size_t(c.dim));
+    logits.resize(ids.size() * std::size_t(c.vocab_size));
+    model->forward(ids.data(), int64_t(ids.size()), *cache, hidden.data());
+    model->logits(hidden.data(), int64_t(ids.size()), logits.data());
+    std::ofstream out(a.logits_out, std::ios::binary);
+    out.write(reinterpret_cast<const char*>(logits.data()), std::streamsize(logits.size() * 4));
+    NUQ_CHECK(out.good(), nuq::Errc::io, "{}: cannot write", a.logits_out);
+    return 0;
+  }
+
+  std::string tok_path = a.tokenizer.empty() ? model->embedded_tokenizer_path() : a.tokenizer;
+  NUQ_CHECK(!tok_path.empty(), nuq::Errc::invalid_argument, "{}: no tokenizer inside the checkpoint; pass --tokenizer",
+            a.model);
+  auto tok = nuq::Tokenizer::load(tok_path);
+  std::vector<int32_t> ids{tok->bos()};
+  for (int32_t id : tok->encode(a.prompt)) ids.push_back(id);
+  const int64_t capacity = int64_t(ids.size()) + a.steps;
+  auto cache = model->new_cache(capacity);
+  hidden.resize(ids.size() * std::size_t(c.dim));
+  logits.resize(std::size_t(c.vocab_size));
+
+  std::fprintf(stderr, "%s: %s, %lld layers, dim %lld; linear layers %.3f bits/weight\n", a.model.c_str(),
+               model->description().c_str(), (long long)c.n_layers, (long long)c.dim, model->linear_bits_per_weight());
+  auto t0 = std::chrono::steady_clock::now();
+  model->forward(ids.data(), int64_t(ids.size()), *cache, hidden.data());
+  const double prefill = since(t0);
+  std::printf("%s", a.prompt.c_str());
+  std::fflush(stdout);
+  std::mt19937_64 rng(a.seed);
+  std::vector<float> probs(std::size_t(c.vocab_size));
+  const float* last = &hidden[(ids.size() - 1) * std::size_t(c.dim)];
+  t0 = std::chrono::steady_clock::now();
+  int generated = 0;
+  for (int step = 0; step < a.steps; ++step) {
+    model->logits(last, 1, logits.data());
+    int32_t next = 0;
+    if (a.temperature <= 0) {
+      for (int64_t v = 1; v < c.vocab_size; ++v)
+        if (logits[std::size_t(v)] > logits[std::size_t(next)]) next = int32_t(v);
+    } else {
+      float mx = logits[0];
+      for (float l : logits) mx = std::max(mx, l);
+      double sum = 0;
+      for (int64_t v = 0; v < c.vocab_size; ++v) sum += probs[std::size_t(v)] = std::exp((logits[std::size_t(v)] - mx) / a.temperature);
+      double r = std::uniform_real_distribution<double>(0, sum)(rng);
+      for (next = 0; next + 1 < c.vocab_size && (r -= probs[std::size_t(next)]) > 0; ++next) {
+      }
+    }
+    if (next == tok->eos()) break;
+    std::printf("%s", tok->decode(next).c_str());
+    std::fflush(stdout);
+    ++generated;
+    if (cache->length == cache->capacity) break;
+    model->forward(&next, 1, *cache, hidden.data());
+    last = hidden.data();
+  }
+  const double decode = since(t0);
+  std::printf("\n");
+  std::fprintf(stderr, "prompt: %zu tokens in %.3f s (%.1f tokens/s); generated %d tokens in %.3f s (%.1f tokens/s)\n",
+               ids.size(), prefill, double(ids.size()) / prefill, generated, decode,
+               generated ? double(generated) / decode : 0.0);
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(parse(argc, argv));
+  } catch (const nuq::Error& e) {
+    std::fprintf(stderr, "nuq_generate: error: %s\n", e.what());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "nuq_generate: %s\n", e.what());
+    return 2;
+  }
+}

@@ -1,0 +1,95 @@
+// A compact LLaMA-family decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU, tied or separate
+// classifier) that runs real checkpoints with full-precision or nuq-packed weights on the CPU. It exists
+// to prove the whole path end to end and to measure quality (`nuq eval`, examples/generate.cpp); it is
+// not a serving engine. docs/llama.md lists the checkpoint layouts it reads.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace nuq {
+
+// How RoPE pairs the dimensions of a head. llama2.c and GGUF (llama.cpp permutes Q/K rows when it
+// converts) rotate adjacent pairs (2i, 2i+1); Hugging Face checkpoints rotate (i, i + head_dim/2).
+enum class RopeLayout { interleaved, half_split };
+
+struct LlamaConfig {
+  int64_t dim = 0;         // model width
+  int64_t hidden_dim = 0;  // SwiGLU width
+  int64_t n_layers = 0;
+  int64_t n_heads = 0;
+  int64_t n_kv_heads = 0;
+  int64_t head_dim = 0;    // dim / n_heads unless the checkpoint says otherwise
+  int64_t vocab_size = 0;
+  int64_t max_seq_len = 0;  // the context the model was trained for (informational)
+  float norm_eps = 1e-5f;
+  double rope_theta = 10000.0;
+  RopeLayout rope = RopeLayout::interleaved;
+  bool tied_classifier = true;  // the classifier is the token embedding
+};
+
+// Called with the input of every linear layer during forward(): `layer` is the weight's base name in
+// the checkpoint's own naming (e.g. "blk.3.ffn_down" or "model.layers.3.mlp.down_proj"), x is
+// [tokens, cols] row-major. Used to collect activation statistics (XᵀX) for calibration.
+using ActivationHook = std::function<void(const std::string& layer, const float* x, int64_t tokens, int64_t cols)>;
+
+struct LlamaLoadOptions {
+  int threads = 0;  // 0 = all cores
+};
+
+class LlamaModel {
+ public:
+  // Reads a llama2.c checkpoint (.bin), a GGUF file of architecture "llama", or a safetensors checkpoint
+  // (file, directory or index) with Hugging Face or GGUF tensor names and full-precision or nuq-packed
+  // linear layers. Hyperparameters come from the checkpoint: the llama2.c header, GGUF metadata,
+  // config.json next to a safetensors checkpoint, or the gguf_metadata that `nuq quantize` carries over.
+  static std::unique_ptr<LlamaModel> load(const std::string& path, const LlamaLoadOptions& options = {});
+  ~LlamaModel();
+
+  const LlamaConfig& config() const noexcept;
+  // "llama2.c checkpoint, fp32 weights" / "safetensors, nuq-packed linear layers (3.38 bits/weight)".
+  const std::string& description() const noexcept;
+  // Average bits per weight over the linear layers of the decoder blocks, every stored byte counted
+  // (32 for fp32 weights). The embedding and classifier are not included.
+  double linear_bits_per_weight() const noexcept;
+  int64_t linear_weight_count() const noexcept;
+  // Where the tokenizer can be read from when it travels with the weights (GGUF metadata, a llama2.c
+  // tokenizer is never inside the checkpoint): the checkpoint path, or empty.
+  const std::string& embedded_tokenizer_path() const noexcept;
+
+  struct Cache;  // per-sequence key/value cache
+  std::unique_ptr<Cache> new_cache(int64_t capacity) const;
+
+  // Runs `n` tokens at positions cache.length() .. + n - 1, appending their keys and values to the cache
+  // (which must have room), and writes the final hidden states (after the last RMSNorm), [n, dim], to
+  // `hidden`. Throws nuq::Error for token ids outside the vocabulary or an overfull cache.
+  void forward(const int32_t* tokens, int64_t n, Cache& cache, float* hidden) const;
+  // Logits [n, vocab] from final hidden states [n, dim].
+  void logits(const float* hidden, int64_t n, float* out) const;
+
+  void set_activation_hook(ActivationHook hook);
+
+  // Writes the model as a Hugging Face LLaMA checkpoint: <dir>/model.safetensors (fp32, Hugging Face
+  // tensor names, Q/K rows permuted to the half-split RoPE layout when the source rotates adjacent
+  // pairs) and <dir>/config.json. Packed layers are written decoded. Lets llama2.c and GGUF models go
+  // through `nuq quantize` and other tools.
+  void save_hf(const std::string& dir) const;
+
+  struct Impl;  // opaque; named here so the loaders in llama.cpp can fill it
+
+ private:
+  explicit LlamaModel(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+struct LlamaModel::Cache {
+  int64_t capacity = 0;
+  int64_t length = 0;
+  std::vector<float> k, v;  // [layer][position][kv_head][head_dim]
+};
+
+}  // namespace nuq

