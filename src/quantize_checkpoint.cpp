@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -597,9 +598,12 @@ QuantizeCheckpointResult quantize_checkpoint(const CheckpointQuantizeOptions& op
                                               options.fisher_path, in_quotes(t.name)));
       } else {
         const SafetensorsTensorInfo& f = fisher->info(t.name);
-        NUQ_CHECK(f.shape == t.shape, Errc::invalid_argument,
-                  "{}: sensitivity {} has shape {} but the weight in {} has shape {}", options.fisher_path,
-                  in_quotes(t.name), to_string(f.shape), options.input, to_string(t.shape));
+        // A 1-D [cols] tensor weighs input columns (activation statistics, diag(XᵀX)) and applies to every row.
+        const bool per_column = f.shape.rank() == 1 && f.shape[0] == t.shape[1];
+        NUQ_CHECK(f.shape == t.shape || per_column, Errc::invalid_argument,
+                  "{}: sensitivity {} has shape {} but the weight in {} has shape {} (expected {} or [{}])",
+                  options.fisher_path, in_quotes(t.name), to_string(f.shape), options.input, to_string(t.shape),
+                  to_string(t.shape), t.shape[1]);
         NUQ_CHECK(f.dtype == DType::F32 || f.dtype == DType::F16 || f.dtype == DType::BF16, Errc::unsupported,
                   "{}: sensitivity {} has dtype {}; expected F32, F16 or BF16", options.fisher_path, in_quotes(t.name),
                   dtype_name(f.dtype));
@@ -610,11 +614,12 @@ QuantizeCheckpointResult quantize_checkpoint(const CheckpointQuantizeOptions& op
           const Buffer sens = to_float32(fisher->tensor(t.name));
           release_mapped_pages(fisher->file_of(t.name).tensor_bytes(f));
           const float* s = sens.data_as<float>();
-          const int64_t n = t.shape.numel(), cols = t.shape[1];
+          const int64_t n = f.shape.numel(), cols = f.shape[f.shape.rank() - 1];
           for (int64_t k = 0; k < n; ++k)
             NUQ_CHECK(std::isfinite(s[k]) && s[k] >= 0, Errc::invalid_argument,
-                      "{}: sensitivity {} at [{}, {}] is {} (must be finite and >= 0)", options.fisher_path,
-                      in_quotes(t.name), k / cols, k % cols, s[k]);
+                      "{}: sensitivity {} at {} is {} (must be finite and >= 0)", options.fisher_path,
+                      in_quotes(t.name),
+                      per_column ? fmt::format("[{}]", k) : fmt::format("[{}, {}]", k / cols, k % cols), s[k]);
         }
         if (job.options.method != QuantMethod::nuq && !warned_ignored_sensitivity) {
           warned_ignored_sensitivity = true;
@@ -741,8 +746,15 @@ QuantizeCheckpointResult quantize_checkpoint(const CheckpointQuantizeOptions& op
     const Buffer weight = in.read_float32(t);
     Buffer sens;
     if (job.sensitivity == SensitivitySource::fisher) {
+      const SafetensorsTensorInfo& f = fisher->info(t.name);
       sens = to_float32(fisher->tensor(t.name));
-      release_mapped_pages(fisher->file_of(t.name).tensor_bytes(fisher->info(t.name)));
+      release_mapped_pages(fisher->file_of(t.name).tensor_bytes(f));
+      if (f.shape.rank() == 1) {
+        Buffer full(DType::F32, t.shape);
+        for (int64_t r = 0; r < t.shape[0]; ++r)
+          std::memcpy(full.data_as<float>() + r * t.shape[1], sens.data_as<float>(), std::size_t(t.shape[1]) * 4);
+        sens = std::move(full);
+      }
     }
     QuantizeReport rep;
     PackedLinear packed;

@@ -8,12 +8,14 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
 #include "commands.hpp"
 #include "nuq/error.hpp"
 #include "nuq/llama.hpp"
+#include "nuq/safetensors.hpp"
 #include "nuq/tokenizer.hpp"
 
 namespace nuq::cli {
@@ -29,6 +31,60 @@ std::string read_file(const std::string& path) {
 
 double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+struct ModelAndText {
+  std::unique_ptr<LlamaModel> model;
+  std::unique_ptr<Tokenizer> tok;
+  std::vector<int32_t> ids;
+  double load_seconds = 0;
+};
+
+// Loads the model and its tokenizer (the --tokenizer file, the model's own GGUF, or tokenizer.json next to
+// a safetensors checkpoint) and tokenizes the text as one string, keeping tokens [skip, skip + max).
+ModelAndText load_model_and_text(const std::string& model_path, std::string tok_path, const std::string& text_path,
+                                 int64_t skip, int64_t max_tokens, int threads) {
+  ModelAndText r;
+  const auto t0 = std::chrono::steady_clock::now();
+  r.model = LlamaModel::load(model_path, {threads});
+  if (tok_path.empty()) tok_path = r.model->embedded_tokenizer_path();
+  if (tok_path.empty()) {
+    namespace fs = std::filesystem;
+    const fs::path dir = fs::is_directory(model_path) ? fs::path(model_path) : fs::path(model_path).parent_path();
+    if (fs::exists(dir / "tokenizer.json")) tok_path = (dir / "tokenizer.json").string();
+  }
+  NUQ_CHECK(!tok_path.empty(), Errc::invalid_argument, "{}: the checkpoint holds no tokenizer; pass --tokenizer",
+            model_path);
+  r.tok = Tokenizer::load(tok_path);
+  NUQ_CHECK(r.tok->vocab_size() <= r.model->config().vocab_size, Errc::invalid_argument,
+            "{}: the tokenizer has {} tokens but the model only {}", tok_path, r.tok->vocab_size(),
+            r.model->config().vocab_size);
+  r.load_seconds = seconds_since(t0);
+  r.ids = r.tok->encode(read_file(text_path));
+  NUQ_CHECK(skip >= 0 && skip < int64_t(r.ids.size()), Errc::invalid_argument,
+            "{}: cannot skip {} of its {} tokens", text_path, skip, r.ids.size());
+  r.ids.erase(r.ids.begin(), r.ids.begin() + skip);
+  if (max_tokens > 0 && int64_t(r.ids.size()) > max_tokens) r.ids.resize(std::size_t(max_tokens));
+  return r;
+}
+
+// Window w holds BOS followed by text tokens [w·(ctx−1), (w+1)·(ctx−1)); every text token is predicted
+// exactly once, from BOS and the tokens before it in its window. fn(w, begin, len, hidden) runs after
+// the window's forward pass; hidden holds the final states of its `len` inputs (BOS first).
+template <class Fn>
+int64_t for_each_window(LlamaModel& model, const Tokenizer& tok, const std::vector<int32_t>& ids, int64_t ctx, Fn fn) {
+  const int64_t per = ctx - 1, n = int64_t(ids.size()), windows = (n + per - 1) / per;
+  auto cache = model.new_cache(ctx);
+  std::vector<float> hidden(std::size_t(ctx * model.config().dim));
+  for (int64_t w = 0; w < windows; ++w) {
+    const int64_t begin = w * per, len = std::min(per, n - begin);
+    std::vector<int32_t> input{tok.bos()};
+    input.insert(input.end(), ids.begin() + begin, ids.begin() + begin + len - 1);
+    cache->length = 0;
+    model.forward(input.data(), int64_t(input.size()), *cache, hidden.data());
+    fn(w, windows, begin, len, hidden.data());
+  }
+  return windows;
 }
 
 }  // namespace
@@ -56,47 +112,23 @@ void add_eval_command(CLI::App& app, Action& action) {
   cmd->add_flag("--quiet,-q", o->quiet, "no progress output");
   cmd->callback([o, &action] {
     action = [o]() -> int {
-      const auto t_load = std::chrono::steady_clock::now();
-      auto model = LlamaModel::load(o->model, {o->threads});
-      std::string tok_path = o->tokenizer;
-      if (tok_path.empty()) tok_path = model->embedded_tokenizer_path();
-      if (tok_path.empty()) {
-        namespace fs = std::filesystem;
-        const fs::path dir = fs::is_directory(o->model) ? fs::path(o->model) : fs::path(o->model).parent_path();
-        if (fs::exists(dir / "tokenizer.json")) tok_path = (dir / "tokenizer.json").string();
-      }
-      NUQ_CHECK(!tok_path.empty(), Errc::invalid_argument, "{}: the checkpoint holds no tokenizer; pass --tokenizer",
-                o->model);
-      auto tok = Tokenizer::load(tok_path);
-      const LlamaConfig& c = model->config();
-      NUQ_CHECK(tok->vocab_size() <= c.vocab_size, Errc::invalid_argument,
-                "{}: the tokenizer has {} tokens but the model only {}", tok_path, tok->vocab_size(), c.vocab_size);
-      const double load_seconds = seconds_since(t_load);
-
-      const std::string text = read_file(o->text);
-      std::vector<int32_t> ids = tok->encode(text);
-      if (o->max_tokens > 0 && int64_t(ids.size()) > o->max_tokens) ids.resize(std::size_t(o->max_tokens));
-      NUQ_CHECK(!ids.empty(), Errc::invalid_argument, "{}: no tokens to score", o->text);
-
-      // Window w holds BOS followed by text tokens [w·(ctx−1), (w+1)·(ctx−1)); every text token is
-      // predicted exactly once, from BOS and the tokens before it in its window.
-      const int64_t per = o->ctx - 1, n = int64_t(ids.size()), windows = (n + per - 1) / per;
-      auto cache = model->new_cache(o->ctx);
-      std::vector<float> hidden(std::size_t(o->ctx * c.dim));
+      ModelAndText mt = load_model_and_text(o->model, o->tokenizer, o->text, 0, o->max_tokens, o->threads);
+      LlamaModel& model = *mt.model;
+      const Tokenizer& tok = *mt.tok;
+      const std::vector<int32_t>& ids = mt.ids;
+      const LlamaConfig& c = model.config();
+      const double load_seconds = mt.load_seconds;
+      const int64_t n = int64_t(ids.size());
       constexpr int64_t kLogitRows = 16;  // logits of a whole window would be ctx × vocab floats
       std::vector<float> logits(std::size_t(kLogitRows * c.vocab_size));
       double nll = 0;
       const bool tty = ::isatty(STDERR_FILENO) && !o->quiet && !o->json;
       const auto t0 = std::chrono::steady_clock::now();
-      for (int64_t w = 0; w < windows; ++w) {
-        const int64_t begin = w * per, len = std::min(per, n - begin);
-        std::vector<int32_t> input{tok->bos()};
-        input.insert(input.end(), ids.begin() + begin, ids.begin() + begin + len - 1);
-        cache->length = 0;
-        model->forward(input.data(), int64_t(input.size()), *cache, hidden.data());
+      const int64_t windows = for_each_window(model, tok, ids, o->ctx, [&](int64_t w, int64_t windows, int64_t begin,
+                                                                          int64_t len, const float* hidden) {
         for (int64_t r = 0; r < len; r += kLogitRows) {
           const int64_t rows = std::min(kLogitRows, len - r);
-          model->logits(&hidden[std::size_t(r * c.dim)], rows, logits.data());
+          model.logits(hidden + r * c.dim, rows, logits.data());
           for (int64_t i = 0; i < rows; ++i) {
             const float* l = &logits[std::size_t(i * c.vocab_size)];
             double mx = l[0];
@@ -113,16 +145,16 @@ void add_eval_command(CLI::App& app, Action& action) {
         else if (!o->quiet && !o->json && (w + 1) % 16 == 0)
           std::fprintf(stderr, "window %lld/%lld  perplexity so far %.4f\n", (long long)(w + 1), (long long)windows,
                        std::exp(nll / double(begin + len)));
-      }
+      });
       if (tty) std::fprintf(stderr, "\r\033[K");
       const double seconds = seconds_since(t0);
       const double mean = nll / double(n);
       const double processed = double(n);  // tokens through the model (BOS in place of each window's last)
       if (o->json) {
         nlohmann::json j = {{"model", o->model},
-                            {"description", model->description()},
-                            {"linear_bits_per_weight", model->linear_bits_per_weight()},
-                            {"tokenizer", tok->description()},
+                            {"description", model.description()},
+                            {"linear_bits_per_weight", model.linear_bits_per_weight()},
+                            {"tokenizer", tok.description()},
                             {"text", o->text},
                             {"ctx", o->ctx},
                             {"windows", windows},
@@ -133,13 +165,82 @@ void add_eval_command(CLI::App& app, Action& action) {
                             {"load_seconds", load_seconds}};
         fmt::print("{}\n", j.dump(1));
       } else {
-        fmt::print("model: {} ({}; linear layers {:.3f} bits/weight)\n", o->model, model->description(),
-                   model->linear_bits_per_weight());
+        fmt::print("model: {} ({}; linear layers {:.3f} bits/weight)\n", o->model, model.description(),
+                   model.linear_bits_per_weight());
         fmt::print("text: {} ({} tokens, {} windows of up to {} tokens with BOS)\n", o->text, n, windows, o->ctx);
         fmt::print("tokens scored {}, mean NLL {:.4f}, perplexity {:.4f}\n", n, mean, std::exp(mean));
         fmt::print("prefill throughput {:.1f} tokens/s ({:.1f} s; model loaded in {:.1f} s)\n", processed / seconds,
                    seconds, load_seconds);
       }
+      return 0;
+    };
+  });
+}
+
+void add_calibrate_command(CLI::App& app, Action& action) {
+  struct Options {
+    std::string model, tokenizer, text, out;
+    int64_t ctx = 512, max_tokens = 32768, skip_tokens = 0;
+    int threads = 0;
+  };
+  auto o = std::make_shared<Options>();
+  CLI::App* cmd = app.add_subcommand(
+      "calibrate", "Activation statistics of every linear layer's input (mean of x² per input column, the diagonal "
+                   "of XᵀX / tokens) from a forward pass over a text, written as a sensitivity file that `nuq "
+                   "quantize --fisher` accepts");
+  cmd->add_option("--model,-m", o->model, "checkpoint (the one to be quantized, for matching tensor names)")->required();
+  cmd->add_option("--tokenizer", o->tokenizer, "tokenizer (as for nuq eval)");
+  cmd->add_option("--text", o->text, "calibration text")->required();
+  cmd->add_option("--out,-o", o->out, "output .safetensors file")->required();
+  cmd->add_option("--ctx", o->ctx, "window length in tokens, BOS included")->capture_default_str()->check(CLI::Range(2, 1 << 20));
+  cmd->add_option("--max-tokens", o->max_tokens, "tokens of text to run (0: all)")->capture_default_str();
+  cmd->add_option("--skip-tokens", o->skip_tokens,
+                  "start this many tokens into the text (keep calibration and evaluation text apart)")
+      ->capture_default_str();
+  cmd->add_option("--threads,-j", o->threads, "worker threads (0: all cores)")->capture_default_str();
+  cmd->callback([o, &action] {
+    action = [o]() -> int {
+      ModelAndText mt =
+          load_model_and_text(o->model, o->tokenizer, o->text, o->skip_tokens, o->max_tokens, o->threads);
+      // Sums in double: a long calibration run adds up millions of squares per column.
+      std::map<std::string, std::vector<double>> sums;
+      std::map<std::string, int64_t> tokens;
+      mt.model->set_activation_hook([&](const std::string& layer, const float* x, int64_t n, int64_t cols) {
+        auto& s = sums[layer];
+        s.resize(std::size_t(cols), 0.0);
+        for (int64_t t = 0; t < n; ++t)
+          for (int64_t c = 0; c < cols; ++c) {
+            const double v = x[t * cols + c];
+            NUQ_CHECK(std::isfinite(v), Errc::invalid_argument, "calibration: the input of {} is {} at token {}",
+                      layer, v, t);
+            s[std::size_t(c)] += v * v;
+          }
+        tokens[layer] += n;
+      });
+      const auto t0 = std::chrono::steady_clock::now();
+      const int64_t windows = for_each_window(*mt.model, *mt.tok, mt.ids, o->ctx,
+                                              [&](int64_t w, int64_t windows, int64_t, int64_t, const float*) {
+                                                if ((w + 1) % 8 == 0 || w + 1 == windows)
+                                                  std::fprintf(stderr, "window %lld/%lld\n", (long long)(w + 1),
+                                                               (long long)windows);
+                                              });
+      std::vector<std::vector<float>> data;
+      std::vector<std::pair<std::string, ConstTensorView>> views;
+      data.reserve(sums.size());
+      for (const auto& [layer, s] : sums) {
+        std::vector<float> mean(s.size());
+        for (std::size_t c = 0; c < s.size(); ++c) mean[c] = float(s[c] / double(tokens[layer]));
+        data.push_back(std::move(mean));
+        views.emplace_back(layer + ".weight", ConstTensorView(reinterpret_cast<const std::byte*>(data.back().data()),
+                                                              DType::F32, Shape{int64_t(s.size())}));
+      }
+      write_safetensors(o->out, views,
+                        {{"nuq_statistics", "activation_mean_square"},
+                         {"tokens", std::to_string(mt.ids.size())},
+                         {"text", std::filesystem::path(o->text).filename().string()},
+                         {"skip_tokens", std::to_string(o->skip_tokens)}});
+      fmt::print("wrote {}: mean squared inputs of {} layers over {} tokens ({} windows) in {:.1f} s\n", o->out,
+                 views.size(), mt.ids.size(), windows, seconds_since(t0));
       return 0;
     };
   });

@@ -262,6 +262,25 @@ def test_fisher_weighting_and_its_errors(nuq_cli, tmp_path):
         plain_deq, _ = dequantize(plain_tensors, base, plain_layers[base])
         assert weighted < float(np.sum(s * (plain_deq - w) ** 2) / np.sum(s)), base
 
+    # One sensitivity per input column (activation statistics) applies to every row.
+    cols = {n: rng.random(v.shape[1]).astype(np.float32) ** 4 for n, v in src.items() if n.endswith("_proj.weight")}
+    save_file(cols, str(fpath))
+    out_c = tmp_path / "c"
+    r = run(nuq_cli, "quantize", inp, "--out", out_c, "--bits", 3, "--fisher", fpath)
+    assert r.returncode == 0, r.stderr
+    tensors_c, layers_c = load_output(out_c)
+    rep_c = {l["base"]: l for l in json.loads((out_c / "quant_report.json").read_text())["layers"]}
+    base = "model.layers.0.mlp.down_proj"
+    w = src[base + ".weight"].astype(np.float32)
+    s_full = np.broadcast_to(cols[base + ".weight"], w.shape)
+    deq, _ = dequantize(tensors_c, base, layers_c[base])
+    assert rep_c[base]["sensitivity"] == "fisher"
+    assert rep_c[base]["weighted_mse"] == pytest.approx(float(np.sum(s_full * (deq - w) ** 2) / np.sum(s_full)), rel=1e-4)
+    cols["model.layers.0.mlp.up_proj.weight"] = np.ones(HIDDEN, np.float32)  # rows, not columns
+    save_file(cols, str(fpath))
+    r = run(nuq_cli, "quantize", inp, "--out", tmp_path / "c2", "--bits", 3, "--fisher", fpath)
+    assert_error(r, "model.layers.0.mlp.up_proj.weight", f"[{HIDDEN}]", f"[{DIM}]")
+
     bad = dict(fisher)
     bad["model.layers.0.mlp.up_proj.weight"] = np.ones((DIM, HIDDEN), np.float32)
     save_file(bad, str(fpath))

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Reproduces the tables of docs/results.md: quantizes stories260K and SmolLM2-135M with every method and
+# evaluates perplexity with `nuq eval`, printing one Markdown row per configuration with the exact
+# command used. Needs a release build (NUQ_BUILD_DIR, default build/) and the real data:
+# ../shared/data (NUQ_SHARED_DATA) and the fetched SmolLM2 GGUF (scripts/fetch-models.sh).
+#   NUQ_EVAL_TOKENS   tokens scored per evaluation (default 8192)
+#   NUQ_RESULTS_MODELS  "stories260K smollm2" (default both)
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+nuq=${NUQ_BUILD_DIR:-$root/build}/nuq
+data=${NUQ_SHARED_DATA:-$root/../shared/data}
+models=${NUQ_MODELS_DIR:-$HOME/.cache/nuq/models}
+tokens=${NUQ_EVAL_TOKENS:-8192}
+work=${NUQ_RESULTS_DIR:-$(mktemp -d)}
+mkdir -p "$work"
+
+row() {  # row LABEL MODEL_DIR TOKENIZER TEXT...: one table row per text
+  local label=$1 model=$2 tok=$3
+  shift 3
+  local cells=""
+  local bpw="" tps=""
+  for text in "$@"; do
+    local j
+    j=$("$nuq" eval --json --quiet --model "$model" --tokenizer "$tok" --text "$text" --max-tokens "$tokens")
+    cells+=" $(python3 -c 'import json,sys; print("%.3f" % json.load(sys.stdin)["perplexity"])' <<<"$j") |"
+    bpw=$(python3 -c 'import json,sys; print("%.3f" % json.load(sys.stdin)["linear_bits_per_weight"])' <<<"$j")
+    tps=$(python3 -c 'import json,sys; print("%.0f" % json.load(sys.stdin)["tokens_per_second"])' <<<"$j")
+  done
+  echo "| $label | $bpw |$cells $tps |"
+}
+
+quantize() {  # quantize NAME INPUT ARGS...: prints nothing, leaves $work/NAME
+  local name=$1 input=$2
+  shift 2
+  echo "<!-- nuq quantize $(basename "$input") --out $name $* -->" >&2
+  "$nuq" quantize "$input" --out "$work/$name" --force --quiet "$@" >/dev/null
+}
+
+if [[ " ${NUQ_RESULTS_MODELS:-stories260K smollm2} " == *" stories260K "* ]]; then
+  tok=$data/tok512.bin
+  texts=("$data/tinystories_valid.txt")
+  "$nuq" convert "$data/stories260K.bin" --out "$work/s260-hf" >/dev/null
+  "$nuq" calibrate --model "$work/s260-hf" --tokenizer "$tok" --text "$data/tinystories_valid.txt" \
+    --skip-tokens 100000 --max-tokens 16384 --out "$work/s260-act.safetensors" >/dev/null 2>&1
+  echo "### stories260K ($tokens tokens of tinystories_valid.txt, windows of 512)"
+  echo
+  echo "| configuration | bits/weight | TinyStories ppl | tokens/s |"
+  echo "|---|---|---|---|"
+  row "fp32" "$work/s260-hf" "$tok" "${texts[@]}"
+  for spec in "rtn4:--method rtn --bits 4" "rtn3:--method rtn --bits 3" "rtn2:--method rtn --bits 2" \
+              "km3:--method kmeans --bits 3" \
+              "nuq4a:--bits 4 --fisher $work/s260-act.safetensors --sparse 0" \
+              "nuq3a:--bits 3 --fisher $work/s260-act.safetensors --sparse 0" \
+              "nuq3a05:--bits 3 --fisher $work/s260-act.safetensors --sparse 0.05%" \
+              "nuq3a45:--bits 3 --fisher $work/s260-act.safetensors --sparse 0.45%" \
+              "nuq2a45:--bits 2 --fisher $work/s260-act.safetensors --sparse 0.45%"; do
+    name=${spec%%:*}
+    # shellcheck disable=SC2086
+    quantize "s260-$name" "$work/s260-hf" ${spec#*:}
+    label=${spec#*:}
+    row "${label//"$work/"/}" "$work/s260-$name" "$tok" "${texts[@]}"
+  done
+  echo
+fi
+
+if [[ " ${NUQ_RESULTS_MODELS:-stories260K smollm2} " == *" smollm2 "* ]]; then
+  gguf=$models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  texts=("$data/wikitext2_test.txt" "$data/tinystories_valid.txt")
+  "$nuq" calibrate --model "$gguf" --text "$data/wikitext2_test.txt" --skip-tokens 100000 --max-tokens 16384 \
+    --out "$work/smol-act.safetensors" >/dev/null 2>&1
+  echo "### SmolLM2-135M-Instruct ($tokens tokens of each text, windows of 512)"
+  echo
+  echo "| configuration | bits/weight | WikiText-2 ppl | TinyStories ppl | tokens/s |"
+  echo "|---|---|---|---|---|"
+  row "Q4_1 GGUF dequantized to fp32 (reference)" "$gguf" "$gguf" "${texts[@]}"
+  for spec in "rtn4:--method rtn --bits 4" "rtn4g64:--method rtn --bits 4 --group-size 64" \
+              "rtn3g64:--method rtn --bits 3 --group-size 64" "rtn2g64:--method rtn --bits 2 --group-size 64" \
+              "km3:--method kmeans --bits 3" \
+              "nuq4a:--bits 4 --fisher $work/smol-act.safetensors --sparse 0" \
+              "nuq3a:--bits 3 --fisher $work/smol-act.safetensors --sparse 0" \
+              "nuq3a05:--bits 3 --fisher $work/smol-act.safetensors --sparse 0.05%" \
+              "nuq3a45:--bits 3 --fisher $work/smol-act.safetensors --sparse 0.45%" \
+              "nuq3p45:--bits 3 --sparse 0.45%" \
+              "nuq2a45:--bits 2 --fisher $work/smol-act.safetensors --sparse 0.45%"; do
+    name=${spec%%:*}
+    # shellcheck disable=SC2086
+    quantize "smol-$name" "$gguf" ${spec#*:}
+    label=${spec#*:}
+    row "${label//"$work/"/}" "$work/smol-$name" "$gguf" "${texts[@]}"
+  done
+fi
