@@ -25,13 +25,14 @@ struct Args {
   std::string model, tokenizer, prompt = "Once upon a time", logits_out, tokens, tokenize;
   int steps = 64, threads = 0;
   float temperature = 0.0f;
+  bool decode_packed = false;
   uint64_t seed = 1;
 };
 
 [[noreturn]] void usage(const char* argv0) {
   std::fprintf(stderr,
                "usage: %s --model PATH [--tokenizer PATH] [--prompt TEXT] [--steps N] [--temperature T] [--seed S]\n"
-               "          [--threads N] [--logits-out FILE --tokens ID,ID,...] [--tokenizer PATH --tokenize FILE]\n",
+               "          [--threads N] [--decode-packed] [--logits-out FILE --tokens ID,ID,...] [--tokenizer PATH --tokenize FILE]\n",
                argv0);
   std::exit(2);
 }
@@ -40,6 +41,10 @@ Args parse(int argc, char** argv) {
   Args a;
   for (int i = 1; i < argc; ++i) {
     const std::string k = argv[i];
+    if (k == "--decode-packed") {
+      a.decode_packed = true;
+      continue;
+    }
     if (i + 1 >= argc) usage(argv[0]);
     const std::string v = argv[++i];
     if (k == "--model") a.model = v;
@@ -74,7 +79,7 @@ int run(const Args& a) {
     std::printf("\n");
     return 0;
   }
-  auto model = nuq::LlamaModel::load(a.model, {a.threads});
+  auto model = nuq::LlamaModel::load(a.model, {a.threads, a.decode_packed});
   const nuq::LlamaConfig& c = model->config();
   std::vector<float> hidden, logits;
 

@@ -21,7 +21,8 @@ row() {  # row LABEL MODEL_DIR TOKENIZER TEXT...: one table row per text
   local bpw="" tps=""
   for text in "$@"; do
     local j
-    j=$("$nuq" eval --json --quiet --model "$model" --tokenizer "$tok" --text "$text" --max-tokens "$tokens")
+    j=$("$nuq" eval --json --quiet ${NUQ_EVAL_FLAGS:-} --model "$model" --tokenizer "$tok" --text "$text" \
+          --max-tokens "$tokens")
     cells+=" $(python3 -c 'import json,sys; print("%.3f" % json.load(sys.stdin)["perplexity"])' <<<"$j") |"
     bpw=$(python3 -c 'import json,sys; print("%.3f" % json.load(sys.stdin)["linear_bits_per_weight"])' <<<"$j")
     tps=$(python3 -c 'import json,sys; print("%.0f" % json.load(sys.stdin)["tokens_per_second"])' <<<"$j")

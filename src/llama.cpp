@@ -21,6 +21,7 @@
 #include "nuq/error.hpp"
 #include "nuq/gguf.hpp"
 #include "nuq/inspect.hpp"
+#include "nuq/linear_cpu.hpp"
 #include "nuq/mapped_file.hpp"
 #include "nuq/packed.hpp"
 #include "nuq/safetensors.hpp"
@@ -221,8 +222,17 @@ void matmul_rows(Simd s, const float* x, int64_t n, int64_t ldx, const float* w,
 struct Linear {
   std::string name;  // base name in the checkpoint's naming
   int64_t rows = 0, cols = 0;
-  std::vector<float> dense;  // [rows, cols]
+  std::vector<float> dense;  // [rows, cols]; empty when the packed kernels run `packed`
+  std::optional<format::PackedLinearView> packed;  // into the checkpoint's mapping (Impl::keep_alive)
   uint64_t stored_bytes = 0;  // in the checkpoint (packed layers: every part counted)
+
+  // W as fp32, decoded when packed (for exports).
+  std::vector<float> decoded() const {
+    if (!dense.empty() || !packed) return dense;
+    std::vector<float> out(std::size_t(rows * cols));
+    dequantize_reference(*packed, out.data());
+    return out;
+  }
 };
 
 struct Block {
@@ -255,11 +265,14 @@ struct LlamaModel::Impl {
   ActivationHook hook;
   Simd simd = detect_simd();
   std::unique_ptr<ThreadPool> pool;
+  int threads = 1;
+  std::shared_ptr<const void> keep_alive;  // the mapped checkpoint that packed layers point into
 
   const float* classifier_weights() const { return config.tied_classifier ? embedding.data() : classifier.data(); }
 
   void apply(const Linear& l, const float* x, int64_t n, float* y) const {
     if (hook) hook(l.name, x, n, l.cols);
+    if (l.packed) return cpu::linear(*l.packed, x, l.cols, y, l.rows, n, {threads, std::nullopt});
     pool->parallel_for(l.rows, 4, [&](int64_t r0, int64_t r1) {
       matmul_rows(simd, x, n, l.cols, l.dense.data(), l.cols, l.cols, r0, r1, y, l.rows);
     });
@@ -312,7 +325,7 @@ class GgufSource : public WeightSource {
 
 class SafetensorsSource : public WeightSource {
  public:
-  explicit SafetensorsSource(const std::string& path) : ckpt_(path) {
+  SafetensorsSource(const std::string& path, bool decode_packed) : ckpt_(path), decode_packed_(decode_packed) {
     for (const auto& f : ckpt_.files()) {
       auto it = f->metadata().find(kQuantizationConfigKey);
       if (it == f->metadata().end()) continue;
@@ -349,11 +362,14 @@ class SafetensorsSource : public WeightSource {
               "{}: packed layer '{}' is [{}, {}], the model's configuration implies [{}, {}]", ckpt_.path(), base,
               meta.rows, meta.cols, rows, cols);
     const format::PackedLinearView view = packed_view(ckpt_, base, meta);
-    validate_packed(view, base);
-    // Decoded once to fp32: the same numbers any kernel over the packed data computes with, so quality
-    // figures do not depend on which kernel runs.
-    l.dense.resize(std::size_t(rows * cols));
-    dequantize_reference(view, l.dense.data());
+    validate_packed(view, base);  // the kernels trust the data they run on
+    if (decode_packed_) {
+      // Decoded once to fp32 with the reference dequantizer: the exact numbers of the format.
+      l.dense.resize(std::size_t(rows * cols));
+      dequantize_reference(view, l.dense.data());
+    } else {
+      l.packed = view;
+    }
     l.stored_bytes = packed_storage(rows, cols, meta.bits, meta.group_size, meta.nnz).total();
   }
   std::string source_name() const override { return ckpt_.path(); }
@@ -361,6 +377,7 @@ class SafetensorsSource : public WeightSource {
  private:
   SafetensorsCheckpoint ckpt_;
   std::map<std::string, PackedTensorMeta> packed_;
+  bool decode_packed_;
 };
 
 // The names of one checkpoint family.
@@ -607,7 +624,9 @@ std::unique_ptr<LlamaModel> LlamaModel::load(const std::string& path, const Llam
     m->tokenizer_path = path;
     m->description = "GGUF checkpoint, weights dequantized to fp32";
   } else {
-    SafetensorsSource src(path);
+    auto owned = std::make_shared<SafetensorsSource>(path, options.decode_packed);
+    m->keep_alive = owned;
+    const SafetensorsSource& src = *owned;
     const SafetensorsCheckpoint& ck = src.checkpoint();
     const bool gguf_names = ck.contains(kGguf.embedding);
     if (gguf_names) {
@@ -637,10 +656,13 @@ std::unique_ptr<LlamaModel> LlamaModel::load(const std::string& path, const Llam
     }
     validate_config(m->config, path);
     load_blocks(src, gguf_names ? kGguf : kHuggingFace, *m);
-    m->description = src.packed() ? "safetensors checkpoint, nuq-packed linear layers" : "safetensors checkpoint, full-precision weights";
+    m->description = !src.packed()          ? "safetensors checkpoint, full-precision weights"
+                     : options.decode_packed ? "safetensors checkpoint, nuq-packed linear layers decoded to fp32"
+                                             : "safetensors checkpoint, nuq-packed linear layers (CPU kernels)";
   }
   int threads = options.threads > 0 ? options.threads : int(std::max(1u, std::thread::hardware_concurrency()));
   m->pool = std::make_unique<ThreadPool>(threads);
+  m->threads = threads;
   return std::unique_ptr<LlamaModel>(new LlamaModel(std::move(m)));
 }
 
@@ -675,13 +697,14 @@ void LlamaModel::save_hf(const std::string& dir) const {
   NUQ_CHECK(!ec, Errc::io, "{}: cannot create directory: {}", dir, ec.message());
   // Rows of each head reordered from adjacent pairs (2i, 2i+1) to halves (i, i + head_dim/2).
   auto to_half_split = [&](const Linear& l, int64_t heads) {
-    if (c.rope == RopeLayout::half_split) return l.dense;
-    std::vector<float> out(l.dense.size());
+    const std::vector<float> dense = l.decoded();
+    if (c.rope == RopeLayout::half_split) return dense;
+    std::vector<float> out(dense.size());
     const int64_t hd = c.head_dim, half = hd / 2;
     for (int64_t h = 0; h < heads; ++h)
       for (int64_t i = 0; i < half; ++i)
         for (int64_t s = 0; s < 2; ++s)
-          std::memcpy(&out[std::size_t((h * hd + s * half + i) * l.cols)], &l.dense[std::size_t((h * hd + 2 * i + s) * l.cols)],
+          std::memcpy(&out[std::size_t((h * hd + s * half + i) * l.cols)], &dense[std::size_t((h * hd + 2 * i + s) * l.cols)],
                       std::size_t(l.cols) * 4);
     return out;
   };
@@ -704,11 +727,11 @@ void LlamaModel::save_hf(const std::string& dir) const {
     };
     lin(kHuggingFace.q, b.q, to_half_split(b.q, c.n_heads));
     lin(kHuggingFace.k, b.k, to_half_split(b.k, c.n_kv_heads));
-    lin(kHuggingFace.v, b.v, b.v.dense);
-    lin(kHuggingFace.o, b.o, b.o.dense);
-    lin(kHuggingFace.gate, b.gate, b.gate.dense);
-    lin(kHuggingFace.up, b.up, b.up.dense);
-    lin(kHuggingFace.down, b.down, b.down.dense);
+    lin(kHuggingFace.v, b.v, b.v.decoded());
+    lin(kHuggingFace.o, b.o, b.o.decoded());
+    lin(kHuggingFace.gate, b.gate, b.gate.decoded());
+    lin(kHuggingFace.up, b.up, b.up.decoded());
+    lin(kHuggingFace.down, b.down, b.down.decoded());
   }
   add(kHuggingFace.final_norm, m.final_norm, Shape{c.dim});
   if (!c.tied_classifier) add(kHuggingFace.classifier, m.classifier, Shape{c.vocab_size, c.dim});

@@ -39,6 +39,10 @@ using ActivationHook = std::function<void(const std::string& layer, const float*
 
 struct LlamaLoadOptions {
   int threads = 0;  // 0 = all cores
+  // nuq-packed layers: false runs them through the packed CPU kernels (nuq::cpu::linear, the weights stay
+  // packed in the memory map); true decodes them to fp32 at load with the reference dequantizer (the
+  // exact numbers of the format, 32/b times the memory).
+  bool decode_packed = false;
 };
 
 class LlamaModel {

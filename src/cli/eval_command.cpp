@@ -43,10 +43,10 @@ struct ModelAndText {
 // Loads the model and its tokenizer (the --tokenizer file, the model's own GGUF, or tokenizer.json next to
 // a safetensors checkpoint) and tokenizes the text as one string, keeping tokens [skip, skip + max).
 ModelAndText load_model_and_text(const std::string& model_path, std::string tok_path, const std::string& text_path,
-                                 int64_t skip, int64_t max_tokens, int threads) {
+                                 int64_t skip, int64_t max_tokens, int threads, bool decode_packed) {
   ModelAndText r;
   const auto t0 = std::chrono::steady_clock::now();
-  r.model = LlamaModel::load(model_path, {threads});
+  r.model = LlamaModel::load(model_path, {threads, decode_packed});
   if (tok_path.empty()) tok_path = r.model->embedded_tokenizer_path();
   if (tok_path.empty()) {
     namespace fs = std::filesystem;
@@ -94,7 +94,7 @@ void add_eval_command(CLI::App& app, Action& action) {
     std::string model, tokenizer, text;
     int64_t ctx = 512, max_tokens = 0;
     int threads = 0;
-    bool json = false, quiet = false;
+    bool json = false, quiet = false, decode_packed = false;
   };
   auto o = std::make_shared<Options>();
   CLI::App* cmd = app.add_subcommand(
@@ -109,10 +109,12 @@ void add_eval_command(CLI::App& app, Action& action) {
   cmd->add_option("--max-tokens", o->max_tokens, "score only the first N tokens of the text (0: all)")->capture_default_str();
   cmd->add_option("--threads,-j", o->threads, "worker threads (0: all cores)")->capture_default_str();
   cmd->add_flag("--json", o->json, "print one JSON object instead of text");
+  cmd->add_flag("--decode-packed", o->decode_packed,
+                "decode nuq-packed layers to fp32 at load (reference numbers) instead of running the packed kernels");
   cmd->add_flag("--quiet,-q", o->quiet, "no progress output");
   cmd->callback([o, &action] {
     action = [o]() -> int {
-      ModelAndText mt = load_model_and_text(o->model, o->tokenizer, o->text, 0, o->max_tokens, o->threads);
+      ModelAndText mt = load_model_and_text(o->model, o->tokenizer, o->text, 0, o->max_tokens, o->threads, o->decode_packed);
       LlamaModel& model = *mt.model;
       const Tokenizer& tok = *mt.tok;
       const std::vector<int32_t>& ids = mt.ids;
@@ -201,7 +203,7 @@ void add_calibrate_command(CLI::App& app, Action& action) {
   cmd->callback([o, &action] {
     action = [o]() -> int {
       ModelAndText mt =
-          load_model_and_text(o->model, o->tokenizer, o->text, o->skip_tokens, o->max_tokens, o->threads);
+          load_model_and_text(o->model, o->tokenizer, o->text, o->skip_tokens, o->max_tokens, o->threads, false);
       // Sums in double: a long calibration run adds up millions of squares per column.
       std::map<std::string, std::vector<double>> sums;
       std::map<std::string, int64_t> tokens;

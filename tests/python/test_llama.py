@@ -162,6 +162,14 @@ def test_convert_to_hugging_face_layout_and_quantize(nuq_cli, generate, shared_d
         j = eval_json(nuq_cli, "--model", out, *args)
         assert "nuq-packed" in j["description"] and j["tokens_scored"] == 2044
         ppl[method, bits] = j["perplexity"]
+    # The packed CPU kernels compute what the reference dequantizer's numbers give (fp32 rounding aside).
+    for name in ["nuq3", "rtn4"]:
+        kernels = nuq_logits(generate, tmp_path / name, TOK_IDS, tmp_path, "k.bin")
+        r = run(generate, "--model", tmp_path / name, "--decode-packed", "--logits-out", tmp_path / "d.bin", "--tokens",
+                ",".join(map(str, TOK_IDS)))
+        assert r.returncode == 0, r.stderr
+        decoded = np.fromfile(tmp_path / "d.bin", dtype=np.float32).reshape(kernels.shape)
+        assert np.abs(kernels - decoded).max() <= 1e-4 * np.abs(decoded).max(), name
     # Non-uniform codebooks with 0.45% sparse beat round-to-nearest at the same index width, and more bits
     # help; stories260K's 64-wide rows make every method lose more than a real LLM would.
     assert fp32 < ppl["nuq", 4] < ppl["rtn", 4] and ppl["nuq", 3] < ppl["rtn", 3]

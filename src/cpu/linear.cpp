@@ -1,0 +1,304 @@
+// The dispatcher of the CPU linear kernels (include/nuq/linear_cpu.hpp): argument checks, ISA choice,
+// the activation reorder, the portable scalar kernel, the dense path and the reference. Built for
+// baseline x86-64; the AVX kernels live in their own translation units (linear_kernel.hpp says why).
+#include "nuq/linear_cpu.hpp"
+
+#include <Eigen/Core>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "linear_kernel.hpp"
+#include "thread_pool.hpp"
+#include "../cpu_features.hpp"
+#include "nuq/error.hpp"
+#include "nuq/half.hpp"
+
+namespace nuq::cpu {
+namespace detail {
+
+[[noreturn]] void kernel_unsupported(const char* what, long long value) {
+  fail(Errc::internal, "CPU linear kernel: no implementation for {} = {}", what, value);
+}
+
+int avx512_lanes(int bits, int64_t cols, int64_t group_size) {
+  if (chunks_aligned(bits, 16, cols, group_size)) return 16;
+  return chunks_aligned(bits, 8, cols, group_size) ? 8 : 16;
+}
+
+namespace {
+inline float h2f(uint16_t h) { return fp16_to_float(h); }
+#include "linear_kernel.inl"
+}  // namespace
+
+}  // namespace detail
+
+namespace {
+
+using detail::KernelArgs;
+
+// Output rows per GEMV task: small enough to balance two threads on a shared machine, large enough
+// that the per-task overhead (an atomic increment) vanishes against ~16 rows of weights.
+constexpr int64_t kGemvRowsPerTask = 16;
+// Rows dequantized per dense-path task, then multiplied as one Eigen GEMM. A constant (not a share of
+// the rows per thread) so that Eigen sees the same shapes, hence sums in the same order, for any
+// thread count.
+constexpr int64_t kDenseBlockRows = 64;
+
+void check_layer(const format::PackedLinearView& w) {
+  NUQ_CHECK(format::is_supported_bits(w.bits), Errc::invalid_argument,
+            "CPU linear: unsupported bit width {} (supported: 2, 3, 4)", w.bits);
+  NUQ_CHECK(w.rows > 0 && w.cols > 0, Errc::invalid_argument, "CPU linear: empty layer shape [{}, {}]", w.rows,
+            w.cols);
+  NUQ_CHECK(w.group_size > 0 && w.cols % w.group_size == 0, Errc::invalid_argument,
+            "CPU linear: group size {} does not divide the {} columns", w.group_size, w.cols);
+  NUQ_CHECK(w.qweight != nullptr, Errc::invalid_argument, "CPU linear: qweight is null");
+  NUQ_CHECK(w.lut != nullptr, Errc::invalid_argument, "CPU linear: lut is null");
+  NUQ_CHECK(w.nnz >= 0, Errc::invalid_argument, "CPU linear: negative nnz {}", w.nnz);
+  if (w.nnz > 0) {
+    NUQ_CHECK(w.sparse_row_ptr != nullptr && w.sparse_col_idx != nullptr && w.sparse_values != nullptr,
+              Errc::invalid_argument, "CPU linear: nnz is {} but a sparse array (row_ptr, col_idx, values) is null",
+              w.nnz);
+  }
+}
+
+void check_call(const format::PackedLinearView& w, const float* x, int64_t ldx, const float* y, int64_t ldy,
+                int64_t batch) {
+  check_layer(w);
+  NUQ_CHECK(x != nullptr, Errc::invalid_argument, "CPU linear: activations x are null");
+  NUQ_CHECK(y != nullptr, Errc::invalid_argument, "CPU linear: output y is null");
+  NUQ_CHECK(batch > 0, Errc::invalid_argument, "CPU linear: batch must be positive, got {}", batch);
+  NUQ_CHECK(ldx >= w.cols, Errc::invalid_argument, "CPU linear: ldx {} is less than the {} columns", ldx, w.cols);
+  NUQ_CHECK(ldy >= w.rows, Errc::invalid_argument, "CPU linear: ldy {} is less than the {} rows", ldy, w.rows);
+}
+
+void check_threads(const LinearOptions& o) {
+  NUQ_CHECK(o.threads >= 0, Errc::invalid_argument, "CPU linear: threads must be >= 0 (0 = all), got {}",
+            o.threads);
+}
+
+KernelArgs make_args(const format::PackedLinearView& w) {
+  KernelArgs a{};
+  a.qweight = w.qweight;
+  a.lut = w.lut;
+  a.rows = w.rows;
+  a.cols = w.cols;
+  a.group_size = w.group_size;
+  a.groups = w.groups();
+  a.stride = w.row_stride();
+  a.padded = format::padded_cols(w.cols);
+  a.bits = w.bits;
+  a.nnz = w.nnz;
+  a.row_ptr = w.sparse_row_ptr;
+  a.col_idx = w.sparse_col_idx;
+  a.col16 = format::sparse_cols_are_u16(w.cols);
+  a.values = w.sparse_values;
+  return a;
+}
+
+Isa resolve_isa(const LinearOptions& o) {
+  if (!o.isa) return best_isa();
+  NUQ_CHECK(isa_supported(*o.isa), Errc::unsupported, "CPU linear: this CPU does not support the {} implementation",
+            to_string(*o.isa));
+  return *o.isa;
+}
+
+// The portable kernel: each row decoded to fp32 (as the reference does), then one dot product per batch
+// row with 8 interleaved partial sums (a fixed order, so results do not depend on threads).
+void scalar_rows(const KernelArgs& a, int64_t r0, int64_t r1, float* row) {
+  for (int64_t r = r0; r < r1; ++r) {
+    detail::decode_row(a, r, row);
+    for (int64_t b = 0; b < a.batch; ++b) {
+      const float* x = a.x + b * a.ldx;
+      float p[8] = {};
+      int64_t c = 0;
+      for (; c + 8 <= a.cols; c += 8)
+        for (int i = 0; i < 8; ++i) p[i] += row[c + i] * x[c + i];
+      for (int i = 0; c < a.cols; ++c, ++i) p[i] += row[c] * x[c];
+      a.y[b * a.ldy + r] = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+    }
+  }
+}
+
+// xr as described in KernelArgs; reused across calls of one thread (it is read by the pool's workers
+// only while this call runs).
+const float* reorder_activations(const float* x, int64_t ldx, int64_t batch, int64_t cols, int bits, int lanes) {
+  thread_local std::vector<float> xr;
+  const int64_t per_word = bits == 4 ? 8 : 16;
+  const int64_t chunk = per_word * lanes;
+  const int64_t chunks = (cols + chunk - 1) / chunk;
+  const int64_t tile = detail::max_tile(lanes);
+  xr.assign(size_t(chunks * chunk * batch), 0.0f);
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t b0 = b / tile * tile, bt = std::min(tile, batch - b0);
+    float* base = xr.data() + b0 * chunks * chunk + (b - b0) * lanes;
+    const float* xb = x + b * ldx;
+    for (int64_t k = 0; k < chunks; ++k) {
+      const int64_t c0 = k * chunk;
+      const int64_t n = std::min(chunk, cols - c0);
+      float* dst = base + k * per_word * bt * lanes;
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t l = i / per_word, s = i % per_word;
+        dst[s * bt * lanes + l] = xb[c0 + i];
+      }
+    }
+  }
+  return xr.data();
+}
+
+struct GemvJob {
+  KernelArgs args;
+  Isa isa;
+  int64_t scratch_floats;
+  float* scratch;
+};
+
+void gemv_task(void* context, int64_t task, int worker) {
+  const auto& job = *static_cast<const GemvJob*>(context);
+  const int64_t r0 = task * kGemvRowsPerTask;
+  const int64_t r1 = std::min(job.args.rows, r0 + kGemvRowsPerTask);
+  float* scratch = job.scratch + worker * job.scratch_floats;
+  switch (job.isa) {
+    case Isa::avx512: detail::gemv_rows_avx512(job.args, r0, r1, scratch); return;
+    case Isa::avx2: detail::gemv_rows_avx2(job.args, r0, r1, scratch); return;
+    case Isa::scalar: scalar_rows(job.args, r0, r1, scratch); return;
+  }
+}
+
+void fused(const format::PackedLinearView& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t batch,
+           Isa isa, int threads) {
+  GemvJob job{make_args(w), isa, 0, nullptr};
+  job.args.x = x;
+  job.args.ldx = ldx;
+  job.args.y = y;
+  job.args.ldy = ldy;
+  job.args.batch = batch;
+  if (isa != Isa::scalar) {
+    const int lanes = isa == Isa::avx512 ? detail::avx512_lanes(w.bits, w.cols, w.group_size) : 8;
+    job.args.lanes = lanes;
+    job.args.aligned = detail::chunks_aligned(w.bits, lanes, w.cols, w.group_size);
+    job.args.xr = reorder_activations(x, ldx, batch, w.cols, w.bits, lanes);
+  }
+  const int64_t tasks = (w.rows + kGemvRowsPerTask - 1) / kGemvRowsPerTask;
+  const int participants = detail::max_participants(tasks, threads);
+  // Row scratch is only touched by the scalar kernel and the unaligned-group path.
+  const bool needs_scratch = isa == Isa::scalar || !job.args.aligned;
+  thread_local std::vector<float> scratch;
+  job.scratch_floats = needs_scratch ? (w.cols + 15) / 16 * 16 : 0;
+  scratch.resize(size_t(job.scratch_floats * participants));
+  job.scratch = scratch.data();
+  detail::parallel_for(tasks, threads, gemv_task, &job);
+}
+
+struct DenseJob {
+  KernelArgs args;
+  float* block;  // [participants][kDenseBlockRows][cols]
+};
+
+void dense_task(void* context, int64_t task, int worker) {
+  const auto& job = *static_cast<const DenseJob*>(context);
+  const KernelArgs& a = job.args;
+  const int64_t r0 = task * kDenseBlockRows;
+  const int64_t n = std::min(a.rows - r0, kDenseBlockRows);
+  float* block = job.block + int64_t(worker) * kDenseBlockRows * a.cols;
+  for (int64_t i = 0; i < n; ++i) detail::decode_row(a, r0 + i, block + i * a.cols);
+  using RowMajor = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  using Stride = Eigen::OuterStride<>;
+  Eigen::Map<const RowMajor, 0, Stride> X(a.x, a.batch, a.cols, Stride(a.ldx));
+  Eigen::Map<const RowMajor> Wb(block, n, a.cols);
+  Eigen::Map<RowMajor, 0, Stride> Y(a.y + r0, a.batch, n, Stride(a.ldy));
+  Y.noalias() = X * Wb.transpose();
+}
+
+void dense(const format::PackedLinearView& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t batch,
+           int threads) {
+  DenseJob job{make_args(w), nullptr};
+  job.args.x = x;
+  job.args.ldx = ldx;
+  job.args.y = y;
+  job.args.ldy = ldy;
+  job.args.batch = batch;
+  const int64_t tasks = (w.rows + kDenseBlockRows - 1) / kDenseBlockRows;
+  std::vector<float> block(size_t(detail::max_participants(tasks, threads) * kDenseBlockRows * w.cols));
+  job.block = block.data();
+  detail::parallel_for(tasks, threads, dense_task, &job);
+}
+
+struct DequantJob {
+  KernelArgs args;
+  float* out;
+  int64_t ld;
+};
+
+void dequant_task(void* context, int64_t task, int /*worker*/) {
+  const auto& job = *static_cast<const DequantJob*>(context);
+  const int64_t r0 = task * kDenseBlockRows;
+  const int64_t r1 = std::min(job.args.rows, r0 + kDenseBlockRows);
+  for (int64_t r = r0; r < r1; ++r) detail::decode_row(job.args, r, job.out + r * job.ld);
+}
+
+}  // namespace
+
+bool isa_supported(Isa isa) {
+  const auto& f = nuq::detail::cpu_features();
+  switch (isa) {
+    case Isa::scalar: return true;
+    case Isa::avx2: return f.avx2 && f.fma && f.f16c;
+    case Isa::avx512: return f.avx512f && f.avx512bw && f.avx512vl && f.f16c && f.fma && f.avx2;
+  }
+  return false;
+}
+
+Isa best_isa() {
+  static const Isa best = isa_supported(Isa::avx512) ? Isa::avx512 : isa_supported(Isa::avx2) ? Isa::avx2 : Isa::scalar;
+  return best;
+}
+
+std::string_view to_string(Isa isa) {
+  switch (isa) {
+    case Isa::scalar: return "scalar";
+    case Isa::avx2: return "avx2";
+    case Isa::avx512: return "avx512";
+  }
+  return "unknown";
+}
+
+void linear(const format::PackedLinearView& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t batch,
+            const LinearOptions& options) {
+  check_call(w, x, ldx, y, ldy, batch);
+  check_threads(options);
+  const Isa isa = resolve_isa(options);
+  if (batch <= kMaxFusedBatch)
+    fused(w, x, ldx, y, ldy, batch, isa, options.threads);
+  else
+    dense(w, x, ldx, y, ldy, batch, options.threads);
+}
+
+void linear_ref(const format::PackedLinearView& w, const float* x, int64_t ldx, float* y, int64_t ldy,
+                int64_t batch) {
+  check_call(w, x, ldx, y, ldy, batch);
+  const KernelArgs a = make_args(w);
+  std::vector<float> row(size_t(w.cols));
+  for (int64_t r = 0; r < w.rows; ++r) {
+    detail::decode_row(a, r, row.data());
+    for (int64_t b = 0; b < batch; ++b) {
+      double sum = 0;
+      for (int64_t c = 0; c < w.cols; ++c) sum += double(row[size_t(c)]) * double(x[b * ldx + c]);
+      y[b * ldy + r] = float(sum);
+    }
+  }
+}
+
+void dequantize_dense(const format::PackedLinearView& w, float* out, int64_t ld, const LinearOptions& options) {
+  check_layer(w);
+  check_threads(options);
+  NUQ_CHECK(out != nullptr, Errc::invalid_argument, "dequantize_dense: output is null");
+  NUQ_CHECK(ld >= w.cols, Errc::invalid_argument, "dequantize_dense: ld {} is less than the {} columns", ld, w.cols);
+  DequantJob job{make_args(w), out, ld};
+  detail::parallel_for((w.rows + kDenseBlockRows - 1) / kDenseBlockRows, options.threads, dequant_task, &job);
+}
+
+}  // namespace nuq::cpu

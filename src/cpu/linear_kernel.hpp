@@ -1,0 +1,70 @@
+// Internal interface between the dispatcher (src/cpu/linear.cpp, built for baseline x86-64) and the
+// kernels built with wider instruction sets (src/cpu/linear_avx2.cpp, linear_avx512.cpp).
+//
+// The arguments are plain fields computed by the dispatcher, so that the AVX translation units call no
+// inline function of another header: an inline function emitted by an AVX-512 translation unit can be
+// the copy the linker keeps for the whole program, which would then fault on a CPU without AVX-512.
+// For the same reason everything those units define lives in an anonymous namespace, except the
+// entry points below.
+#pragma once
+
+#include <cstdint>
+
+namespace nuq::cpu::detail {
+
+struct KernelArgs {
+  // The layer (see include/nuq/format.hpp).
+  const uint8_t* qweight;
+  const uint16_t* lut;
+  int64_t rows, cols, group_size, groups;
+  int64_t stride;  // bytes per packed row
+  int64_t padded;  // columns stored per row
+  int bits;
+  int64_t nnz;
+  const int32_t* row_ptr;
+  const void* col_idx;
+  bool col16;  // column indices are uint16_t (else int32_t)
+  const uint16_t* values;
+  // Activations and outputs.
+  const float* x;
+  int64_t ldx;
+  float* y;
+  int64_t ldy;
+  int64_t batch;
+  // Activations reordered to the kernels' lane order: batch tiles of max_tile(lanes) rows (the last
+  // one shorter), each [chunk][step][tile row][lanes], where (chunk k, step s, batch b, lane l) holds
+  // x[b, k·lanes·per_word + l·per_word + s] (0 past cols) and per_word is the number of low-plane
+  // fields in a 32-bit word (8 at 4 bits, 16 at 2 and 3 bits). Tile t starts at float
+  // t·max_tile·chunks·lanes·per_word.
+  const float* xr;
+  int lanes;
+  // Every chunk of lanes·per_word columns lies inside one codebook group (the fast path); otherwise
+  // each row is decoded to fp32 first (scratch must hold cols floats).
+  bool aligned;
+};
+
+// Rows [r0, r1) of Y for every batch row; scratch: at least cols floats owned by the caller's thread.
+void gemv_rows_avx2(const KernelArgs& args, int64_t r0, int64_t r1, float* scratch);
+void gemv_rows_avx512(const KernelArgs& args, int64_t r0, int64_t r1, float* scratch);
+
+// Columns of one chunk for `lanes` 32-bit lanes (fields per word × lanes).
+constexpr int64_t chunk_cols(int bits, int lanes) { return int64_t(lanes) * (bits == 4 ? 8 : 16); }
+
+// Batch rows one pass of the kernel keeps in registers (the layout of xr follows it): with 16 lanes up
+// to 2 output rows × 8 batch rows of accumulators (16 of AVX-512's 32 registers), with 8 lanes 1 × 8
+// (8 of AVX2's 16).
+constexpr int max_tile(int /*lanes*/) { return 8; }
+
+// Whether the AVX-512 kernel would run the layer with 16 or 8 lanes: 16 unless that breaks chunk
+// alignment with the codebook groups and 8 keeps it (e.g. 3 bits with groups of 128).
+int avx512_lanes(int bits, int64_t cols, int64_t group_size);
+
+inline bool chunks_aligned(int bits, int lanes, int64_t cols, int64_t group_size) {
+  return group_size == cols || group_size % chunk_cols(bits, lanes) == 0;
+}
+
+// Fails loudly (nuq::Error) for a run-time value a kernel table has no entry for. Defined in the
+// baseline translation unit so that the AVX units need no fmt.
+[[noreturn]] void kernel_unsupported(const char* what, long long value);
+
+}  // namespace nuq::cpu::detail

@@ -1,0 +1,274 @@
+// The CPU linear kernels (include/nuq/linear_cpu.hpp): every implementation this CPU runs against the
+// scalar reference linear_ref, on layers produced by the real quantizer, over awkward shapes, every bit
+// width, per-row and grouped codebooks, with and without the sparse part, fused (batch <= 16) and dense
+// (batch > 16) paths; results bit-identical across thread counts; bad arguments rejected by name.
+//
+// Tolerance: |y - y_ref| <= 1e-5 · sum_c (|dense(r,c)| + |sparse(r,c)|)·|x[b,c]|. The reference sums
+// in double; an fp32 kernel's rounding error against that is a few units of 2^-24 (6e-8) of this scale
+// for random data (reordered sums of n terms have a worst case of n·2^-24, but sign-mixed data stays
+// near 2^-24). The scale counts both parts because a kernel may add them in separate sums. One wrong
+// weight among 4097 columns moves y by about 1/4097 = 2.4e-4 of the scale, far above the tolerance.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <map>
+#include <memory>
+#include <random>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "nuq/error.hpp"
+#include "nuq/half.hpp"
+#include "nuq/linear_cpu.hpp"
+#include "nuq/quantize.hpp"
+
+namespace {
+
+using nuq::cpu::Isa;
+using nuq::cpu::LinearOptions;
+
+constexpr double kTolerance = 1e-5;
+constexpr int64_t kMaxBatch = 40;  // > 16: the dense path is exercised too
+
+struct LayerSpec {
+  int64_t rows, cols;
+  int bits;
+  int64_t group_size;  // == cols: one codebook per row
+  bool sparse;
+};
+
+std::string describe(const LayerSpec& s) {
+  return "rows=" + std::to_string(s.rows) + " cols=" + std::to_string(s.cols) + " bits=" + std::to_string(s.bits) +
+         " group=" + std::to_string(s.group_size) + (s.sparse ? " sparse" : " dense-only");
+}
+
+struct TestLayer {
+  nuq::PackedLinear packed;
+  std::vector<float> x;      // [kMaxBatch, ldx], NaN in the gap columns
+  int64_t ldx = 0;
+  std::vector<float> y_ref;  // [kMaxBatch, rows]
+  std::vector<double> scale; // [kMaxBatch, rows]: sum_c (|dense| + |sparse|)·|x|
+};
+
+// Heavy-tailed weights (like LLM rows) through nuq::quantize_linear, activations with a few large
+// entries, and the reference output; cached so each ISA's test reuses the same layers.
+const TestLayer& layer_for(const LayerSpec& s) {
+  static std::map<std::tuple<int64_t, int64_t, int, int64_t, bool>, std::unique_ptr<TestLayer>> cache;
+  auto& slot = cache[{s.rows, s.cols, s.bits, s.group_size, s.sparse}];
+  if (slot) return *slot;
+  auto t = std::make_unique<TestLayer>();
+  std::mt19937_64 rng(uint64_t(s.rows * 1000003 + s.cols * 101 + s.bits * 7 + s.group_size + s.sparse));
+  std::student_t_distribution<float> heavy(3.0f);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> w(size_t(s.rows * s.cols)), sens(w.size());
+  for (auto& v : w) v = 0.02f * heavy(rng);
+  for (auto& v : sens) {
+    const float g = normal(rng);
+    v = g * g;  // like squared gradients (the Fisher diagonal)
+  }
+  nuq::QuantizeOptions opt;
+  opt.method = nuq::QuantMethod::nuq;
+  opt.bits = s.bits;
+  opt.group_size = s.group_size;
+  opt.outlier_fraction = s.sparse ? 0.01 : 0.0;
+  opt.sensitive_fraction = s.sparse ? 0.005 : 0.0;
+  opt.threads = 1;
+  t->packed = nuq::quantize_linear(w.data(), sens.data(), s.rows, s.cols, s.cols, opt, "test");
+  if (s.sparse && s.rows * s.cols >= 1000) EXPECT_GT(t->packed.nnz(), 0) << describe(s);
+  if (!s.sparse) EXPECT_EQ(t->packed.nnz(), 0) << describe(s);
+
+  t->ldx = s.cols + 3;
+  t->x.assign(size_t(kMaxBatch * t->ldx), std::numeric_limits<float>::quiet_NaN());
+  for (int64_t b = 0; b < kMaxBatch; ++b)
+    for (int64_t c = 0; c < s.cols; ++c) {
+      float v = normal(rng);
+      if (c % 97 == 5) v *= 30.0f;  // activation outliers
+      t->x[size_t(b * t->ldx + c)] = v;
+    }
+  const auto view = t->packed.view();
+  t->y_ref.assign(size_t(kMaxBatch * s.rows), 0.0f);
+  nuq::cpu::linear_ref(view, t->x.data(), t->ldx, t->y_ref.data(), s.rows, kMaxBatch);
+
+  // |dense| and |sparse| per weight, decoded independently of the library's decoders.
+  std::vector<double> mag(size_t(s.rows * s.cols));
+  const int entries = 1 << s.bits;
+  for (int64_t r = 0; r < s.rows; ++r) {
+    const uint8_t* row = view.qweight + r * view.row_stride();
+    for (int64_t c = 0; c < s.cols; ++c) {
+      const int idx = nuq::format::unpack_index(row, s.cols, s.bits, c);
+      const uint16_t h = view.lut[(r * view.groups() + c / s.group_size) * entries + idx];
+      mag[size_t(r * s.cols + c)] = std::fabs(nuq::fp16_to_float(h));
+    }
+    if (view.nnz > 0)
+      for (int32_t k = view.sparse_row_ptr[r]; k < view.sparse_row_ptr[r + 1]; ++k) {
+        const int64_t c = static_cast<const uint16_t*>(view.sparse_col_idx)[k];  // cols <= 65536 here
+        mag[size_t(r * s.cols + c)] += std::fabs(nuq::fp16_to_float(view.sparse_values[k]));
+      }
+  }
+  t->scale.assign(size_t(kMaxBatch * s.rows), 0.0);
+  for (int64_t b = 0; b < kMaxBatch; ++b)
+    for (int64_t r = 0; r < s.rows; ++r) {
+      double sum = 0;
+      for (int64_t c = 0; c < s.cols; ++c) sum += mag[size_t(r * s.cols + c)] * std::fabs(t->x[size_t(b * t->ldx + c)]);
+      t->scale[size_t(b * s.rows + r)] = sum;
+    }
+  slot = std::move(t);
+  return *slot;
+}
+
+std::vector<LayerSpec> layer_specs() {
+  std::vector<LayerSpec> specs;
+  for (int bits : {2, 3, 4})
+    for (bool sparse : {false, true}) {
+      for (int64_t rows : {1, 7, 19, 111})
+        for (int64_t cols : {1, 7, 19, 111, 4097}) {
+          specs.push_back({rows, cols, bits, cols, sparse});
+          // A group size dividing cols that is not a multiple of anything the kernels use.
+          if (cols == 111 || cols == 4097) specs.push_back({rows, cols, bits, cols == 111 ? 37 : 241, sparse});
+        }
+      specs.push_back({4097, 19, bits, 19, sparse});
+      // Groups that 16-lane chunks divide (128 at 4 bits, 256 at 2-3 bits), that only 8-lane chunks
+      // divide, and that neither divides.
+      for (int64_t group : {1024, 256, 128, 64}) specs.push_back({13, 1024, bits, group, sparse});
+    }
+  return specs;
+}
+
+// Y of the first `batch` rows of the test activations; Y's row stride exceeds rows and the gap must
+// stay untouched.
+std::vector<float> run(const TestLayer& t, int64_t batch, Isa isa, int threads) {
+  const int64_t rows = t.packed.rows, ldy = rows + 2;
+  std::vector<float> y(size_t(batch * ldy), -12345.0f);
+  LinearOptions opt;
+  opt.isa = isa;
+  opt.threads = threads;
+  nuq::cpu::linear(t.packed.view(), t.x.data(), t.ldx, y.data(), ldy, batch, opt);
+  std::vector<float> out(size_t(batch * rows));
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t r = 0; r < rows; ++r) out[size_t(b * rows + r)] = y[size_t(b * ldy + r)];
+    for (int64_t r = rows; r < ldy; ++r) EXPECT_EQ(y[size_t(b * ldy + r)], -12345.0f) << "wrote into the ldy gap";
+  }
+  return out;
+}
+
+class LinearCpu : public ::testing::TestWithParam<Isa> {
+ protected:
+  void SetUp() override {
+    if (!nuq::cpu::isa_supported(GetParam()))
+      GTEST_SKIP() << "this CPU does not support the " << nuq::cpu::to_string(GetParam()) << " implementation";
+  }
+};
+
+TEST_P(LinearCpu, MatchesReferenceAndIsIdenticalAcrossThreadCounts) {
+  const Isa isa = GetParam();
+  for (const LayerSpec& spec : layer_specs()) {
+    const TestLayer& t = layer_for(spec);
+    for (int64_t batch = 1; batch <= kMaxBatch; batch += (batch < 17 ? 1 : kMaxBatch - 17)) {
+      const std::vector<float> y = run(t, batch, isa, 2);
+      int bad = 0;
+      for (int64_t b = 0; b < batch && bad < 3; ++b)
+        for (int64_t r = 0; r < spec.rows && bad < 3; ++r) {
+          const size_t i = size_t(b * spec.rows + r);
+          const double err = std::fabs(double(y[i]) - double(t.y_ref[i]));
+          if (!(err <= kTolerance * t.scale[i])) {
+            ++bad;
+            ADD_FAILURE() << describe(spec) << " batch=" << batch << " b=" << b << " r=" << r << ": " << y[i]
+                          << " vs reference " << t.y_ref[i] << " (error " << err << ", allowed "
+                          << kTolerance * t.scale[i] << ")";
+          }
+        }
+      if (bad) return;
+      if (batch == 1 || batch == 3 || batch == 16 || batch == 17) {
+        for (int threads : {1, 3}) {
+          const std::vector<float> other = run(t, batch, isa, threads);
+          ASSERT_EQ(0, std::memcmp(other.data(), y.data(), y.size() * sizeof(float)))
+              << describe(spec) << " batch=" << batch << ": threads=" << threads << " differs from threads=2";
+        }
+      }
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Isa, LinearCpu, ::testing::Values(Isa::scalar, Isa::avx2, Isa::avx512),
+                         [](const auto& info) { return std::string(nuq::cpu::to_string(info.param)); });
+
+TEST(LinearCpuDequantize, BitIdenticalToReferenceForAnyThreadCount) {
+  for (const LayerSpec& spec : {LayerSpec{111, 4097, 3, 241, true}, LayerSpec{19, 111, 2, 111, true},
+                                LayerSpec{13, 1024, 4, 128, true}}) {
+    const TestLayer& t = layer_for(spec);
+    const auto view = t.packed.view();
+    std::vector<float> ref(size_t(spec.rows * spec.cols));
+    nuq::dequantize_reference(view, ref.data());
+    for (int threads : {1, 2, 3}) {
+      const int64_t ld = spec.cols + 5;
+      std::vector<float> out(size_t(spec.rows * ld), -1.0f);
+      nuq::cpu::dequantize_dense(view, out.data(), ld, {threads, std::nullopt});
+      for (int64_t r = 0; r < spec.rows; ++r) {
+        ASSERT_EQ(0, std::memcmp(out.data() + r * ld, ref.data() + r * spec.cols, size_t(spec.cols) * sizeof(float)))
+            << describe(spec) << " row " << r << " threads " << threads;
+        for (int64_t c = spec.cols; c < ld; ++c) ASSERT_EQ(out[size_t(r * ld + c)], -1.0f) << "wrote into the ld gap";
+      }
+    }
+  }
+}
+
+TEST(LinearCpuDispatch, BestIsaIsSupportedAndNamed) {
+  const Isa best = nuq::cpu::best_isa();
+  EXPECT_TRUE(nuq::cpu::isa_supported(best));
+  EXPECT_TRUE(nuq::cpu::isa_supported(Isa::scalar));
+  EXPECT_EQ(nuq::cpu::to_string(Isa::avx512), "avx512");
+  EXPECT_EQ(nuq::cpu::to_string(Isa::avx2), "avx2");
+  EXPECT_EQ(nuq::cpu::to_string(Isa::scalar), "scalar");
+  if (nuq::cpu::isa_supported(Isa::avx512)) EXPECT_EQ(best, Isa::avx512);
+}
+
+template <class F>
+void expect_error(F&& f, const std::string& needle) {
+  try {
+    f();
+    ADD_FAILURE() << "no error; expected one mentioning '" << needle << "'";
+  } catch (const nuq::Error& e) {
+    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << "message: " << e.what();
+  }
+}
+
+TEST(LinearCpuErrors, BadArgumentsAreNamed) {
+  const TestLayer& t = layer_for({7, 19, 3, 19, true});
+  const auto view = t.packed.view();
+  std::vector<float> y(size_t(kMaxBatch * 7));
+  const float* x = t.x.data();
+  expect_error([&] { nuq::cpu::linear(view, nullptr, t.ldx, y.data(), 7, 1); }, "x are null");
+  expect_error([&] { nuq::cpu::linear(view, x, t.ldx, nullptr, 7, 1); }, "y is null");
+  expect_error([&] { nuq::cpu::linear(view, x, 18, y.data(), 7, 1); }, "ldx 18");
+  expect_error([&] { nuq::cpu::linear(view, x, t.ldx, y.data(), 6, 1); }, "ldy 6");
+  expect_error([&] { nuq::cpu::linear(view, x, t.ldx, y.data(), 7, 0); }, "batch");
+  expect_error([&] { nuq::cpu::linear(view, x, t.ldx, y.data(), 7, -3); }, "batch");
+  expect_error([&] { nuq::cpu::linear_ref(view, x, t.ldx, y.data(), 7, 0); }, "batch");
+  expect_error([&] { nuq::cpu::linear(view, x, t.ldx, y.data(), 7, 1, {-1, std::nullopt}); }, "threads");
+  auto bad = view;
+  bad.bits = 5;
+  expect_error([&] { nuq::cpu::linear(bad, x, t.ldx, y.data(), 7, 1); }, "bit width 5");
+  expect_error([&] { nuq::cpu::dequantize_dense(bad, y.data(), 19); }, "bit width 5");
+  bad = view;
+  bad.qweight = nullptr;
+  expect_error([&] { nuq::cpu::linear(bad, x, t.ldx, y.data(), 7, 1); }, "qweight");
+  bad = view;
+  bad.lut = nullptr;
+  expect_error([&] { nuq::cpu::linear(bad, x, t.ldx, y.data(), 7, 1); }, "lut");
+  bad = view;
+  bad.group_size = 5;
+  expect_error([&] { nuq::cpu::linear(bad, x, t.ldx, y.data(), 7, 1); }, "group size 5");
+  bad = view;
+  bad.sparse_values = nullptr;
+  expect_error([&] { nuq::cpu::linear(bad, x, t.ldx, y.data(), 7, 1); }, "sparse");
+  expect_error([&] { nuq::cpu::dequantize_dense(view, y.data(), 18); }, "ld 18");
+  expect_error([&] { nuq::cpu::dequantize_dense(view, nullptr, 19); }, "null");
+  for (Isa isa : {Isa::avx2, Isa::avx512})
+    if (!nuq::cpu::isa_supported(isa))
+      expect_error([&] { nuq::cpu::linear(view, x, t.ldx, y.data(), 7, 1, {0, isa}); }, "does not support");
+}
+
+}  // namespace
