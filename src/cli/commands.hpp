@@ -19,6 +19,8 @@ void add_quantize_command(CLI::App& app, Action& action);
 void add_eval_command(CLI::App& app, Action& action);
 void add_convert_command(CLI::App& app, Action& action);
 void add_calibrate_command(CLI::App& app, Action& action);
+// `plan` and `stats merge` (docs/sensitivity.md).
+void add_plan_command(CLI::App& app, Action& action);
 
 // "71.2 MiB"
 std::string human_bytes(uint64_t n);
