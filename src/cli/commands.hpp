@@ -6,6 +6,8 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
+#include <string_view>
 #include <string>
 
 namespace nuq::cli {
@@ -24,5 +26,14 @@ void add_plan_command(CLI::App& app, Action& action);
 
 // "71.2 MiB"
 std::string human_bytes(uint64_t n);
+
+// Argument parsing shared by the subcommands (parse.cpp).
+// The whole of `text` as a finite number, or NaN (which fails every range check) if it is not one.
+double parse_number(const std::string& text);
+// "0.45%" and "0.45" both mean 0.45 percent (sparse fractions are always spoken of in percent); returns
+// the fraction. Throws naming `flag` outside [0, 100).
+double parse_percent(std::string text, std::string_view flag);
+// "5GB" (10^9), "1.5GiB" (2^30), "500MB", "4096" -> bytes; nullopt if it is not a size of at least 1 byte.
+std::optional<uint64_t> parse_size(std::string text);
 
 }  // namespace nuq::cli

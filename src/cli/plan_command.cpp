@@ -18,17 +18,6 @@
 namespace nuq::cli {
 namespace {
 
-double parse_number(const std::string& text) {
-  std::size_t used = 0;
-  double v = NAN;
-  try {
-    v = std::stod(text, &used);
-  } catch (const std::exception&) {
-    return NAN;
-  }
-  return used == text.size() && std::isfinite(v) ? v : NAN;
-}
-
 std::string lower(std::string s) {
   for (char& c : s) c = char(std::tolower(static_cast<unsigned char>(c)));
   return s;
@@ -44,29 +33,11 @@ void parse_budget(const std::string& text, CheckpointPlanOptions& o) {
     o.budget_bits_per_weight = v;
     return;
   }
-  std::string unit;
-  while (!t.empty() && std::isalpha(static_cast<unsigned char>(t.back()))) {
-    unit.insert(unit.begin(), t.back());
-    t.pop_back();
-  }
-  double scale = 0;
-  for (auto [name, s] : {std::pair{"", 1.0}, {"b", 1.0}, {"kb", 1e3}, {"mb", 1e6}, {"gb", 1e9}, {"kib", 1024.0},
-                         {"mib", 1048576.0}, {"gib", 1073741824.0}})
-    if (unit == name) scale = s;
-  const double v = parse_number(t);
-  NUQ_CHECK(scale > 0 && v * scale >= 1 && v * scale < 1.8e19, Errc::invalid_argument,
+  const std::optional<uint64_t> bytes = parse_size(t);
+  NUQ_CHECK(bytes.has_value(), Errc::invalid_argument,
             "--budget takes average bits per weight (e.g. 3.25bpw) or a size (e.g. 52000000, 52MB, 49.6MiB), not '{}'",
             text);
-  o.budget_bytes = uint64_t(v * scale);
-}
-
-// "0.45%" and "0.45" both mean 0.45 percent, as in `nuq quantize --sparse`.
-double parse_percent(std::string text) {
-  if (!text.empty() && text.back() == '%') text.pop_back();
-  const double v = parse_number(text);
-  NUQ_CHECK(v >= 0 && v < 100, Errc::invalid_argument, "--sparse takes percentages in [0, 100), e.g. 0,0.45%, not '{}'",
-            text);
-  return v / 100.0;
+  o.budget_bytes = *bytes;
 }
 
 std::string mib(uint64_t bytes) { return fmt::format("{:.2f} MiB", double(bytes) / 1048576.0); }
@@ -126,7 +97,7 @@ void add_plan_command(CLI::App& app, Action& action) {
       parse_budget(o->budget, opt);
       if (!o->omega.empty()) opt.omega = parse_omega_kind(o->omega);
       std::vector<double> sparse;
-      for (const std::string& s : o->sparse) sparse.push_back(parse_percent(s));
+      for (const std::string& s : o->sparse) sparse.push_back(parse_percent(s, "--sparse"));
       std::vector<QuantMethod> methods;
       for (const std::string& m : o->methods) methods.push_back(parse_quant_method(m));
       bool fisher = false;  // the statistics steer the nuq quantizer (see make_candidates)

@@ -15,45 +15,6 @@
 namespace nuq::cli {
 namespace {
 
-// The whole of `text` as a finite number, or NaN (which fails every range check) if it is not one.
-double parse_number(const std::string& text) {
-  std::size_t used = 0;
-  double v = NAN;
-  try {
-    v = std::stod(text, &used);
-  } catch (const std::exception&) {
-    return NAN;
-  }
-  return used == text.size() && std::isfinite(v) ? v : NAN;
-}
-
-// "0.45%" and "0.45" both mean 0.45 percent: sparse fractions are always spoken of in percent.
-double parse_percent(std::string text, std::string_view flag) {
-  if (!text.empty() && text.back() == '%') text.pop_back();
-  const double v = parse_number(text);
-  NUQ_CHECK(v >= 0 && v < 100, Errc::invalid_argument, "{} takes a percentage in [0, 100), e.g. 0.45%, not '{}'", flag,
-            text);
-  return v / 100.0;
-}
-
-// "2GB" (10^9), "1.5GiB" (2^30), "500MB", "4096": Hugging Face spells shard sizes in decimal units.
-uint64_t parse_size(std::string text) {
-  std::string unit;
-  while (!text.empty() && std::isalpha(static_cast<unsigned char>(text.back()))) {
-    unit.insert(unit.begin(), char(std::tolower(static_cast<unsigned char>(text.back()))));
-    text.pop_back();
-  }
-  double scale = 0;
-  for (auto [name, s] : {std::pair{"", 1.0}, {"b", 1.0}, {"kb", 1e3}, {"mb", 1e6}, {"gb", 1e9}, {"tb", 1e12},
-                         {"k", 1e3}, {"m", 1e6}, {"g", 1e9}, {"kib", 1024.0}, {"mib", 1048576.0},
-                         {"gib", 1073741824.0}, {"tib", 1099511627776.0}})
-    if (unit == name) scale = s;
-  const double v = parse_number(text);
-  NUQ_CHECK(scale > 0 && v * scale >= 1 && v * scale < 1.8e19,
-            Errc::invalid_argument, "--max-shard-size takes a size such as 5GB, 500MB or 2GiB, not '{}{}'", text, unit);
-  return uint64_t(v * scale);
-}
-
 std::string duration(double s) {
   if (s < 60) return fmt::format("{:.1f}s", s);
   const int64_t t = int64_t(s + 0.5);
@@ -208,7 +169,10 @@ void add_quantize_command(CLI::App& app, Action& action) {
       opt.include = o->include;
       opt.exclude = o->exclude;
       opt.threads = o->threads;
-      opt.max_shard_bytes = parse_size(o->max_shard);
+      const std::optional<uint64_t> shard = parse_size(o->max_shard);
+      NUQ_CHECK(shard.has_value(), Errc::invalid_argument,
+                "--max-shard-size takes a size such as 5GB, 500MB or 2GiB, not '{}'", o->max_shard);
+      opt.max_shard_bytes = *shard;
       opt.force = o->force;
       opt.restart = o->restart;
       ProgressPrinter printer(o->quiet);
