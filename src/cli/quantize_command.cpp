@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <map>
 #include <string>
 
 #include "commands.hpp"
@@ -187,10 +188,18 @@ void add_quantize_command(CLI::App& app, Action& action) {
       for (const std::string& w : r.warnings) std::fprintf(stderr, "nuq: warning: %s\n", w.c_str());
       int64_t resumed = 0;
       for (const auto& l : r.layers) resumed += l.resumed;
-      fmt::print("quantized {} layers ({} weights) to {:.3f} bits/weight ({} {}-bit, {:.3g}% sparse); copied {} "
-                 "tensors\n",
-                 r.layers.size(), count(double(r.quantized_weights)), r.average_bits_per_weight, o->method, o->bits,
-                 100 * sparse, r.tensors_copied);
+      // With a plan, layers differ: describe the mix actually written rather than the command-line defaults.
+      std::map<std::string, int64_t> mix;
+      for (const auto& l : r.layers)
+        ++mix[fmt::format("{} {}-bit{}", to_string(l.method), l.bits,
+                          l.outlier_fraction + l.sensitive_fraction > 0
+                              ? fmt::format(" + {:.3g}% sparse", 100 * (l.outlier_fraction + l.sensitive_fraction))
+                                : std::string())];
+      std::string described;
+      for (const auto& [what, n] : mix)
+        described += fmt::format("{}{}{}", described.empty() ? "" : ", ", mix.size() > 1 ? fmt::format("{}× ", n) : "", what);
+      fmt::print("quantized {} layers ({} weights) to {:.3f} bits/weight ({}); copied {} tensors\n", r.layers.size(),
+                 count(double(r.quantized_weights)), r.average_bits_per_weight, described, r.tensors_copied);
       fmt::print("wrote {} ({}) in {}{}\n", (std::filesystem::path(o->out) / r.files.front()).string(),
                  human_bytes(r.output_bytes), duration(r.seconds),
                  resumed ? fmt::format(", {} layers resumed from an earlier run", resumed) : std::string());
