@@ -136,8 +136,15 @@ __attribute__((target("avx512f,fma"))) void tile_avx512(const float* x, int64_t 
       for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
     }
   }
+  // Reduced through memory: GCC 12's _mm512_reduce_add_ps trips -Wuninitialized inside its own header.
+  alignas(64) float lanes[16];
   for (int i = 0; i < NT; ++i)
-    for (int j = 0; j < NR; ++j) y[i * ldy + j] = _mm512_reduce_add_ps(acc[i][j]);
+    for (int j = 0; j < NR; ++j) {
+      _mm512_store_ps(lanes, acc[i][j]);
+      float s = 0;
+      for (float v : lanes) s += v;
+      y[i * ldy + j] = s;
+    }
 }
 
 __attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
@@ -272,9 +279,18 @@ struct LlamaModel::Impl {
 
   void apply(const Linear& l, const float* x, int64_t n, float* y) const {
     if (hook) hook(l.name, x, n, l.cols);
-    if (l.packed) return cpu::linear(*l.packed, x, l.cols, y, l.rows, n, {threads, std::nullopt});
+    const float* w = l.dense.data();
+    if (l.packed) {
+      if (n <= cpu::kMaxFusedBatch) return cpu::linear(*l.packed, x, l.cols, y, l.rows, n, {threads, std::nullopt});
+      // Prefill: decode the layer once (bit-identical to the reference dequantizer) and reuse the dense
+      // tiles below, which are built for the CPU's widest ISA, unlike the library's baseline-ISA GEMM.
+      thread_local std::vector<float> scratch;
+      scratch.resize(std::size_t(l.rows * l.cols));
+      cpu::dequantize_dense(*l.packed, scratch.data(), l.cols, {threads, std::nullopt});
+      w = scratch.data();
+    }
     pool->parallel_for(l.rows, 4, [&](int64_t r0, int64_t r1) {
-      matmul_rows(simd, x, n, l.cols, l.dense.data(), l.cols, l.cols, r0, r1, y, l.rows);
+      matmul_rows(simd, x, n, l.cols, w, l.cols, l.cols, r0, r1, y, l.rows);
     });
   }
 };
