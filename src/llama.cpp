@@ -6,17 +6,15 @@
 
 #include <algorithm>
 #include <cmath>
-#include <condition_variable>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
-#include <mutex>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <sstream>
-#include <thread>
 
+#include "cpu/thread_pool.hpp"
 #include "cpu_features.hpp"
 #include "nuq/error.hpp"
 #include "nuq/gguf.hpp"
@@ -33,78 +31,21 @@ namespace {
 namespace fs = std::filesystem;
 using Json = nlohmann::json;
 
-// ---- a small persistent thread pool ------------------------------------------------------------------
-// A decode step runs ~7 matrix products per layer, each a few hundred microseconds at most; creating
-// threads for each would cost as much as the work.
-class ThreadPool {
- public:
-  explicit ThreadPool(int threads) : threads_(std::max(1, threads)) {
-    for (int t = 1; t < threads_; ++t) workers_.emplace_back([this, t] { loop(t); });
-  }
-  ~ThreadPool() {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      stop_ = true;
-    }
-    wake_.notify_all();
-    for (auto& w : workers_) w.join();
-  }
-  int size() const { return threads_; }
-
-  // Runs fn(t) for t in [0, size()) and waits; worker 0 is the calling thread.
-  void run(const std::function<void(int)>& fn) {
-    if (threads_ == 1) return fn(0);
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      job_ = &fn;
-      pending_ = threads_ - 1;
-      ++generation_;
-    }
-    wake_.notify_all();
-    fn(0);
-    std::unique_lock<std::mutex> lock(mutex_);
-    done_.wait(lock, [this] { return pending_ == 0; });
-    job_ = nullptr;
-  }
-
-  // Splits [0, n) into size() contiguous chunks (aligned to `grain`), one per thread.
-  void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
-    const int64_t chunks = std::min<int64_t>(threads_, (n + grain - 1) / grain);
-    if (chunks <= 1) return fn(0, n);
-    const int64_t per = (n / grain + chunks - 1) / chunks * grain;
-    run([&](int t) {
-      const int64_t b = std::min(n, t * per), e = std::min(n, (t + 1) * per);
-      if (b < e) fn(b, e);
-    });
-  }
-
- private:
-  void loop(int t) {
-    uint64_t seen = 0;
-    for (;;) {
-      const std::function<void(int)>* job;
-      {
-        std::unique_lock<std::mutex> lock(mutex_);
-        wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
-        if (stop_) return;
-        seen = generation_;
-        job = job_;
-      }
-      (*job)(t);
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (--pending_ == 0) done_.notify_one();
-    }
-  }
-
-  int threads_;
-  std::vector<std::thread> workers_;
-  std::mutex mutex_;
-  std::condition_variable wake_, done_;
-  const std::function<void(int)>* job_ = nullptr;
-  int pending_ = 0;
-  uint64_t generation_ = 0;
-  bool stop_ = false;
-};
+// Splits [0, n) into at most `threads` contiguous chunks (aligned to `grain`) on the CPU kernels' persistent
+// pool: a decode step runs ~7 matrix products per layer, too short to pay for starting threads.
+void parallel_for(int threads, int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
+  const int64_t chunks = std::min<int64_t>(threads, (n + grain - 1) / grain);
+  if (chunks <= 1) return fn(0, n);
+  struct Context {
+    const std::function<void(int64_t, int64_t)>* fn;
+    int64_t n, per;
+  } ctx{&fn, n, (n / grain + chunks - 1) / chunks * grain};
+  cpu::detail::parallel_for(chunks, threads, [](void* c, int64_t t, int) {
+    const auto& x = *static_cast<Context*>(c);
+    const int64_t b = std::min(x.n, t * x.per), e = std::min(x.n, (t + 1) * x.per);
+    if (b < e) (*x.fn)(b, e);
+  }, &ctx);
+}
 
 // ---- dense fp32 products Y = X·Wᵀ ------------------------------------------------------------------
 // Both X rows and W rows are contiguous along the reduction, so the kernels are tiles of dot products:
@@ -247,10 +188,6 @@ struct Block {
   Linear q, k, v, o, gate, up, down;
 };
 
-bool ends_with(std::string_view s, std::string_view suffix) {
-  return s.size() >= suffix.size() && s.substr(s.size() - suffix.size()) == suffix;
-}
-
 std::string read_text(const fs::path& p) {
   std::ifstream in(p, std::ios::binary);
   NUQ_CHECK(in, Errc::io, "{}: cannot open: {}", p.string(), std::strerror(errno));
@@ -271,7 +208,6 @@ struct LlamaModel::Impl {
   std::vector<Block> blocks;
   ActivationHook hook;
   Simd simd = detect_simd();
-  std::unique_ptr<ThreadPool> pool;
   int threads = 1;
   std::shared_ptr<const void> keep_alive;  // the mapped checkpoint that packed layers point into
 
@@ -289,7 +225,7 @@ struct LlamaModel::Impl {
       cpu::dequantize_dense(*l.packed, scratch.data(), l.cols, {threads, std::nullopt});
       w = scratch.data();
     }
-    pool->parallel_for(l.rows, 4, [&](int64_t r0, int64_t r1) {
+    parallel_for(threads, l.rows, 4, [&](int64_t r0, int64_t r1) {
       matmul_rows(simd, x, n, l.cols, w, l.cols, l.cols, r0, r1, y, l.rows);
     });
   }
@@ -610,12 +546,12 @@ std::unique_ptr<LlamaModel> LlamaModel::load(const std::string& path, const Llam
   auto m = std::make_unique<Impl>();
   const bool is_dir = fs::is_directory(path);
   std::optional<CheckpointKind> kind;
-  if (is_dir || ends_with(path, ".json")) {
+  if (is_dir || path.ends_with(".json")) {
     kind = CheckpointKind::safetensors;
   } else {
     MappedFile probe(path);
     if (probe.size() >= 4 && std::memcmp(probe.data(), "GGUF", 4) == 0) kind = CheckpointKind::gguf;
-    else if (ends_with(path, ".safetensors")) kind = CheckpointKind::safetensors;
+    else if (path.ends_with(".safetensors")) kind = CheckpointKind::safetensors;
   }
   if (!kind) {
     load_llama2c(path, *m);
@@ -676,8 +612,7 @@ std::unique_ptr<LlamaModel> LlamaModel::load(const std::string& path, const Llam
                      : options.decode_packed ? "safetensors checkpoint, nuq-packed linear layers decoded to fp32"
                                              : "safetensors checkpoint, nuq-packed linear layers (CPU kernels)";
   }
-  int threads = options.threads > 0 ? options.threads : int(std::max(1u, std::thread::hardware_concurrency()));
-  m->pool = std::make_unique<ThreadPool>(threads);
+  const int threads = cpu::detail::resolve_threads(options.threads);
   m->threads = threads;
   return std::unique_ptr<LlamaModel>(new LlamaModel(std::move(m)));
 }
@@ -851,7 +786,7 @@ void LlamaModel::forward(const int32_t* tokens, int64_t n, Cache& cache, float* 
     std::memcpy(kc + pos0 * kvd, k.data(), std::size_t(n * kvd) * 4);
     std::memcpy(vc + pos0 * kvd, v.data(), std::size_t(n * kvd) * 4);
     // Causal attention, one (token, head) pair per work item.
-    m.pool->parallel_for(n * c.n_heads, 1, [&](int64_t begin, int64_t end) {
+    parallel_for(m.threads, n * c.n_heads, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> score(std::size_t(pos0 + n));
       for (int64_t item = begin; item < end; ++item) {
         const int64_t t = item / c.n_heads, h = item % c.n_heads, kvh = h / group, len = pos0 + t + 1;
@@ -894,7 +829,7 @@ void LlamaModel::forward(const int32_t* tokens, int64_t n, Cache& cache, float* 
 void LlamaModel::logits(const float* hidden, int64_t n, float* out) const {
   const Impl& m = *impl_;
   const LlamaConfig& c = m.config;
-  m.pool->parallel_for(c.vocab_size, 4, [&](int64_t r0, int64_t r1) {
+  parallel_for(m.threads, c.vocab_size, 4, [&](int64_t r0, int64_t r1) {
     matmul_rows(m.simd, hidden, n, c.dim, m.classifier_weights(), c.dim, c.dim, r0, r1, out, c.vocab_size);
   });
 }

@@ -59,10 +59,6 @@ constexpr const char* kCompanionFiles[] = {
     "vocab.txt",            "added_tokens.json",       "chat_template.jinja",
 };
 
-bool ends_with(std::string_view s, std::string_view suffix) {
-  return s.size() >= suffix.size() && s.substr(s.size() - suffix.size()) == suffix;
-}
-
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
 std::string in_quotes(std::string_view s) { return fmt::format("'{}'", s); }
@@ -500,7 +496,7 @@ struct OutputUnit {
 
 bool default_quantize_rule(std::string_view name, const Shape& shape) {
   if (shape.rank() != 2 || shape[0] < 2 || shape[1] < 2) return false;
-  if (!ends_with(name, ".weight")) return false;
+  if (!name.ends_with(".weight")) return false;
   for (std::string_view keep : {"embed", "token_embd", "wte", "wpe", "norm", "lm_head", "classifier"})
     if (name.find(keep) != std::string_view::npos) return false;
   return name != "output.weight";
@@ -542,7 +538,7 @@ QuantizeCheckpointResult quantize_checkpoint(const CheckpointQuantizeOptions& op
   bool warned_ignored_sensitivity = false;
   for (std::size_t i = 0; i < in.tensors().size(); ++i) {
     const SourceTensor& t = in.tensors()[i];
-    const std::string base = ends_with(t.name, ".weight") ? t.name.substr(0, t.name.size() - 7) : t.name;
+    const std::string base = t.name.ends_with(".weight") ? t.name.substr(0, t.name.size() - 7) : t.name;
     const PlanEntry* entry = nullptr;
     for (const std::string& key : {t.name, base}) {
       auto it = plan.find(key);

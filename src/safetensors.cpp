@@ -386,10 +386,6 @@ struct TempFile {
   }
 };
 
-bool ends_with(std::string_view s, std::string_view suffix) {
-  return s.size() >= suffix.size() && s.substr(s.size() - suffix.size()) == suffix;
-}
-
 }  // namespace
 
 // ---- reading --------------------------------------------------------------------------------------------
@@ -581,7 +577,7 @@ SafetensorsCheckpoint::SafetensorsCheckpoint(const std::string& path) : path_(pa
               "form one checkpoint",
               path, found.size(), fmt::join(found, ", "));
     load_single((dir / found[0]).string());
-  } else if (ends_with(path, ".json")) {
+  } else if (path.ends_with(".json")) {
     load_index(path);
   } else {
     load_single(path);

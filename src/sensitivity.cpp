@@ -23,10 +23,6 @@ constexpr int kStatsVersion = 1;
 constexpr const char* kXtxSuffix = ".xtx";
 constexpr const char* kXtxDiagSuffix = ".xtx_diag";
 
-bool ends_with(std::string_view s, std::string_view suffix) {
-  return s.size() >= suffix.size() && s.substr(s.size() - suffix.size()) == suffix;
-}
-
 // The nuq_stats object of a statistics file, checked for the expected kind.
 Json read_stats_metadata(const SafetensorsCheckpoint& file, const std::string& path, StatsKind want) {
   const auto it = file.metadata().find(kStatsMetadataKey);
@@ -412,10 +408,10 @@ HessianAccumulator HessianAccumulator::load(const std::string& path) {
   const Json meta = read_stats_metadata(file, path, StatsKind::hessian);
   HessianAccumulator acc(meta.value("diagonal_only", false));
   for (const std::string& tname : file.tensor_names()) {
-    NUQ_CHECK(ends_with(tname, kXtxDiagSuffix) || ends_with(tname, kXtxSuffix), Errc::invalid_file,
+    NUQ_CHECK(tname.ends_with(kXtxDiagSuffix) || tname.ends_with(kXtxSuffix), Errc::invalid_file,
               "{}: unexpected tensor '{}' in Hessian statistics (expected <layer>.xtx and <layer>.xtx_diag)", path,
               tname);
-    if (!ends_with(tname, kXtxDiagSuffix)) continue;
+    if (!tname.ends_with(kXtxDiagSuffix)) continue;
     const std::string name = tname.substr(0, tname.size() - std::string_view(kXtxDiagSuffix).size());
     const Shape& ds = file.info(tname).shape;
     NUQ_CHECK(ds.rank() == 1 && ds[0] > 0, Errc::invalid_file, "{}: '{}' has shape {}, expected [cols]", path, tname,
@@ -439,7 +435,7 @@ HessianAccumulator HessianAccumulator::load(const std::string& path) {
     acc.entries_.emplace(name, std::move(e));
   }
   for (const std::string& tname : file.tensor_names())
-    if (ends_with(tname, kXtxSuffix))
+    if (tname.ends_with(kXtxSuffix))
       NUQ_CHECK(acc.entries_.count(tname.substr(0, tname.size() - std::string_view(kXtxSuffix).size())),
                 Errc::invalid_file, "{}: '{}' has no matching '{}{}'", path, tname,
                 tname.substr(0, tname.size() - std::string_view(kXtxSuffix).size()), kXtxDiagSuffix);
