@@ -2,6 +2,7 @@
 //
 // gemv/impl:nuq/isa:<isa>/bits:<b>/rows/cols/batch/threads: nuq::cpu::linear on packed layers with one
 //   codebook per row and 0.45% sparse entries (the SqueezeLLM setting); batch <= 16 is the fused path.
+// gemv/impl:nuq_int8/isa:avx512/...: the same with LinearOptions::arithmetic = int8 (VNNI).
 // gemv/impl:eigen_fp32/...: Y = X·Wᵀ with W in fp32 (Eigen, row blocks over the same thread pool).
 // gemv/impl:bf16_avx512/...: a plain AVX-512 kernel over W in bf16 (widen, FMA), same threading.
 //
@@ -89,12 +90,16 @@ struct Cache {
   std::vector<T> items;
 };
 
-void nuq_gemv(benchmark::State& state, Isa isa) {
+void nuq_gemv(benchmark::State& state, Isa isa, nuq::cpu::Arithmetic arithmetic) {
   const int bits = int(state.range(0));
   const int64_t rows = state.range(1), cols = state.range(2), batch = state.range(3);
   const int threads = int(state.range(4));
   if (!nuq::cpu::isa_supported(isa)) {
     state.SkipWithError("ISA not supported by this CPU");
+    return;
+  }
+  if (arithmetic == nuq::cpu::Arithmetic::int8 && !nuq::cpu::int8_kernel_supported()) {
+    state.SkipWithError("no int8 kernel on this CPU (needs AVX-512 VNNI and BITALG)");
     return;
   }
   static Cache<nuq::PackedLinear> cache;
@@ -109,7 +114,7 @@ void nuq_gemv(benchmark::State& state, Isa isa) {
   const auto storage = nuq::packed_storage(rows, cols, bits, cols, cache.items[0].nnz());
   const auto x = random_activations(batch, cols);
   std::vector<float> y(size_t(batch * rows));
-  nuq::cpu::LinearOptions opt{threads, isa};
+  nuq::cpu::LinearOptions opt{threads, isa, arithmetic};
   size_t i = 0;
   const auto start = std::chrono::steady_clock::now();
   for (auto _ : state) {
@@ -234,7 +239,8 @@ void dense_args(benchmark::internal::Benchmark* b) {
 
 }  // namespace
 
-BENCHMARK_CAPTURE(nuq_gemv, avx512, Isa::avx512)->Name("gemv/impl:nuq/isa:avx512")->Apply(nuq_args)->UseRealTime()->Unit(benchmark::kMicrosecond);
-BENCHMARK_CAPTURE(nuq_gemv, avx2, Isa::avx2)->Name("gemv/impl:nuq/isa:avx2")->Apply(nuq_args)->UseRealTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK_CAPTURE(nuq_gemv, avx512, Isa::avx512, nuq::cpu::Arithmetic::exact)->Name("gemv/impl:nuq/isa:avx512")->Apply(nuq_args)->UseRealTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK_CAPTURE(nuq_gemv, avx512_int8, Isa::avx512, nuq::cpu::Arithmetic::int8)->Name("gemv/impl:nuq_int8/isa:avx512")->Apply(nuq_args)->UseRealTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK_CAPTURE(nuq_gemv, avx2, Isa::avx2, nuq::cpu::Arithmetic::exact)->Name("gemv/impl:nuq/isa:avx2")->Apply(nuq_args)->UseRealTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(eigen_fp32)->Name("gemv/impl:eigen_fp32")->Apply(dense_args)->UseRealTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(bf16_avx512)->Name("gemv/impl:bf16_avx512")->Apply(dense_args)->UseRealTime()->Unit(benchmark::kMicrosecond);

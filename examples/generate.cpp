@@ -25,14 +25,14 @@ struct Args {
   std::string model, tokenizer, prompt = "Once upon a time", logits_out, tokens, tokenize;
   int steps = 64, threads = 0;
   float temperature = 0.0f;
-  bool decode_packed = false;
+  bool decode_packed = false, int8 = false;
   uint64_t seed = 1;
 };
 
 [[noreturn]] void usage(const char* argv0) {
   std::fprintf(stderr,
                "usage: %s --model PATH [--tokenizer PATH] [--prompt TEXT] [--steps N] [--temperature T] [--seed S]\n"
-               "          [--threads N] [--decode-packed] [--logits-out FILE --tokens ID,ID,...] [--tokenizer PATH --tokenize FILE]\n",
+               "          [--threads N] [--decode-packed | --int8] [--logits-out FILE --tokens ID,ID,...] [--tokenizer PATH --tokenize FILE]\n",
                argv0);
   std::exit(2);
 }
@@ -43,6 +43,10 @@ Args parse(int argc, char** argv) {
     const std::string k = argv[i];
     if (k == "--decode-packed") {
       a.decode_packed = true;
+      continue;
+    }
+    if (k == "--int8") {  // packed layers: int8 activations x int8 codebooks (nuq::cpu::Arithmetic::int8)
+      a.int8 = true;
       continue;
     }
     if (i + 1 >= argc) usage(argv[0]);
@@ -79,7 +83,12 @@ int run(const Args& a) {
     std::printf("\n");
     return 0;
   }
-  auto model = nuq::LlamaModel::load(a.model, {a.threads, a.decode_packed});
+  if (a.int8 && a.decode_packed) {
+    std::fprintf(stderr, "error: --int8 applies to the packed kernels; it cannot be combined with --decode-packed\n");
+    return 2;
+  }
+  auto model = nuq::LlamaModel::load(
+      a.model, {a.threads, a.decode_packed, a.int8 ? nuq::cpu::Arithmetic::int8 : nuq::cpu::Arithmetic::exact});
   const nuq::LlamaConfig& c = model->config();
   std::vector<float> hidden, logits;
 

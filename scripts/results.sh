@@ -43,6 +43,8 @@ if [[ " ${NUQ_RESULTS_MODELS:-stories260K smollm2} " == *" stories260K "* ]]; th
   "$nuq" convert "$data/stories260K.bin" --out "$work/s260-hf" >/dev/null
   "$nuq" calibrate --model "$work/s260-hf" --tokenizer "$tok" --text "$data/tinystories_valid.txt" \
     --skip-tokens 100000 --max-tokens 16384 --out "$work/s260-act.safetensors" >/dev/null 2>&1
+  "$nuq" fisher --model "$work/s260-hf" --tokenizer "$tok" --text "$data/tinystories_valid.txt" \
+    --skip-tokens 100000 --max-tokens 16384 --out "$work/s260-fisher.safetensors" --quiet >/dev/null
   echo "### stories260K ($tokens tokens of tinystories_valid.txt, windows of 512)"
   echo
   echo "| configuration | bits/weight | TinyStories ppl | tokens/s |"
@@ -54,7 +56,9 @@ if [[ " ${NUQ_RESULTS_MODELS:-stories260K smollm2} " == *" stories260K "* ]]; th
               "nuq3a:--bits 3 --fisher $work/s260-act.safetensors --sparse 0" \
               "nuq3a05:--bits 3 --fisher $work/s260-act.safetensors --sparse 0.05%" \
               "nuq3a45:--bits 3 --fisher $work/s260-act.safetensors --sparse 0.45%" \
-              "nuq2a45:--bits 2 --fisher $work/s260-act.safetensors --sparse 0.45%"; do
+              "nuq2a45:--bits 2 --fisher $work/s260-act.safetensors --sparse 0.45%" \
+              "nuq4f:--bits 4 --fisher $work/s260-fisher.safetensors --sparse 0" \
+              "nuq3f45:--bits 3 --fisher $work/s260-fisher.safetensors --sparse 0.45%"; do
     name=${spec%%:*}
     # shellcheck disable=SC2086
     quantize "s260-$name" "$work/s260-hf" ${spec#*:}
@@ -69,6 +73,8 @@ if [[ " ${NUQ_RESULTS_MODELS:-stories260K smollm2} " == *" smollm2 "* ]]; then
   texts=("$data/wikitext2_test.txt" "$data/tinystories_valid.txt")
   "$nuq" calibrate --model "$gguf" --text "$data/wikitext2_test.txt" --skip-tokens 100000 --max-tokens 16384 \
     --out "$work/smol-act.safetensors" >/dev/null 2>&1
+  "$nuq" fisher --model "$gguf" --text "$data/wikitext2_test.txt" --skip-tokens 100000 --max-tokens 16384 \
+    --out "$work/smol-fisher.safetensors" --quiet >/dev/null
   echo "### SmolLM2-135M-Instruct ($tokens tokens of each text, windows of 512)"
   echo
   echo "| configuration | bits/weight | WikiText-2 ppl | TinyStories ppl | tokens/s |"
@@ -82,7 +88,9 @@ if [[ " ${NUQ_RESULTS_MODELS:-stories260K smollm2} " == *" smollm2 "* ]]; then
               "nuq3a05:--bits 3 --fisher $work/smol-act.safetensors --sparse 0.05%" \
               "nuq3a45:--bits 3 --fisher $work/smol-act.safetensors --sparse 0.45%" \
               "nuq3p45:--bits 3 --sparse 0.45%" \
-              "nuq2a45:--bits 2 --fisher $work/smol-act.safetensors --sparse 0.45%"; do
+              "nuq2a45:--bits 2 --fisher $work/smol-act.safetensors --sparse 0.45%" \
+              "nuq4f:--bits 4 --fisher $work/smol-fisher.safetensors --sparse 0" \
+              "nuq3f45:--bits 3 --fisher $work/smol-fisher.safetensors --sparse 0.45%"; do
     name=${spec%%:*}
     # shellcheck disable=SC2086
     quantize "smol-$name" "$gguf" ${spec#*:}

@@ -16,10 +16,12 @@
 
 #include "cpu/thread_pool.hpp"
 #include "cpu_features.hpp"
+#include "dense_ops.hpp"
 #include "nuq/error.hpp"
 #include "nuq/gguf.hpp"
 #include "nuq/inspect.hpp"
 #include "nuq/linear_cpu.hpp"
+#include "nuq/llama_grad.hpp"
 #include "nuq/mapped_file.hpp"
 #include "nuq/packed.hpp"
 #include "nuq/safetensors.hpp"
@@ -39,7 +41,7 @@ void parallel_for(int threads, int64_t n, int64_t grain, const std::function<voi
   struct Context {
     const std::function<void(int64_t, int64_t)>* fn;
     int64_t n, per;
-  } ctx{&fn, n, (n / grain + chunks - 1) / chunks * grain};
+  } ctx{&fn, n, ((n + grain - 1) / grain + chunks - 1) / chunks * grain};
   cpu::detail::parallel_for(chunks, threads, [](void* c, int64_t t, int) {
     const auto& x = *static_cast<Context*>(c);
     const int64_t b = std::min(x.n, t * x.per), e = std::min(x.n, (t + 1) * x.per);
@@ -207,8 +209,10 @@ struct LlamaModel::Impl {
   std::vector<float> final_norm;
   std::vector<Block> blocks;
   ActivationHook hook;
+  KvHook kv_hook;
   Simd simd = detect_simd();
   int threads = 1;
+  cpu::Arithmetic arithmetic = cpu::Arithmetic::exact;
   std::shared_ptr<const void> keep_alive;  // the mapped checkpoint that packed layers point into
 
   const float* classifier_weights() const { return config.tied_classifier ? embedding.data() : classifier.data(); }
@@ -217,7 +221,7 @@ struct LlamaModel::Impl {
     if (hook) hook(l.name, x, n, l.cols);
     const float* w = l.dense.data();
     if (l.packed) {
-      if (n <= cpu::kMaxFusedBatch) return cpu::linear(*l.packed, x, l.cols, y, l.rows, n, {threads, std::nullopt});
+      if (n <= cpu::kMaxFusedBatch) return cpu::linear(*l.packed, x, l.cols, y, l.rows, n, {threads, std::nullopt, arithmetic});
       // Prefill: decode the layer once (bit-identical to the reference dequantizer) and reuse the dense
       // tiles below, which are built for the CPU's widest ISA, unlike the library's baseline-ISA GEMM.
       thread_local std::vector<float> scratch;
@@ -614,6 +618,7 @@ std::unique_ptr<LlamaModel> LlamaModel::load(const std::string& path, const Llam
   }
   const int threads = cpu::detail::resolve_threads(options.threads);
   m->threads = threads;
+  m->arithmetic = options.arithmetic;
   return std::unique_ptr<LlamaModel>(new LlamaModel(std::move(m)));
 }
 
@@ -624,6 +629,7 @@ const LlamaConfig& LlamaModel::config() const noexcept { return impl_->config; }
 const std::string& LlamaModel::description() const noexcept { return impl_->description; }
 const std::string& LlamaModel::embedded_tokenizer_path() const noexcept { return impl_->tokenizer_path; }
 void LlamaModel::set_activation_hook(ActivationHook hook) { impl_->hook = std::move(hook); }
+void LlamaModel::set_kv_hook(KvHook hook) { impl_->kv_hook = std::move(hook); }
 
 int64_t LlamaModel::linear_weight_count() const noexcept {
   int64_t n = 0;
@@ -779,6 +785,7 @@ void LlamaModel::forward(const int32_t* tokens, int64_t n, Cache& cache, float* 
     m.apply(b.q, xb.data(), n, q.data());
     m.apply(b.k, xb.data(), n, k.data());
     m.apply(b.v, xb.data(), n, v.data());
+    if (m.kv_hook) m.kv_hook(l, pos0, n, k.data(), v.data());
     apply_rope(q.data(), n, c.n_heads, hd, pos0, c.rope_theta, c.rope);
     apply_rope(k.data(), n, c.n_kv_heads, hd, pos0, c.rope_theta, c.rope);
     float* kc = cache.k.data() + l * cache.capacity * kvd;
@@ -833,5 +840,41 @@ void LlamaModel::logits(const float* hidden, int64_t n, float* out) const {
     matmul_rows(m.simd, hidden, n, c.dim, m.classifier_weights(), c.dim, c.dim, r0, r1, out, c.vocab_size);
   });
 }
+
+LlamaWeights LlamaModel::weights() const {
+  const Impl& m = *impl_;
+  LlamaWeights w;
+  w.config = m.config;
+  w.embedding = m.embedding.data();
+  w.classifier = m.classifier_weights();
+  w.final_norm = m.final_norm.data();
+  for (const Block& b : m.blocks) {
+    LlamaBlockWeights& bw = w.blocks.emplace_back();
+    bw.attn_norm = b.attn_norm.data();
+    bw.ffn_norm = b.ffn_norm.data();
+    const Linear* ls[kLlamaLinearKinds] = {&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down};
+    for (int i = 0; i < kLlamaLinearKinds; ++i) {
+      NUQ_CHECK(!ls[i]->dense.empty(), Errc::unsupported,
+                "layer '{}' is nuq-packed and runs packed; load the model with decode_packed for dense weights",
+                ls[i]->name);
+      bw.linear[std::size_t(i)] = {ls[i]->name, ls[i]->rows, ls[i]->cols, ls[i]->dense.data()};
+    }
+  }
+  return w;
+}
+
+namespace detail {
+
+void dense_parallel_for(int threads, int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
+  parallel_for(threads, n, grain, fn);
+}
+
+void dense_gemm_nt(int threads, const float* a, int64_t m, int64_t lda, const float* b, int64_t nb, int64_t ldb,
+                   int64_t k, float* c, int64_t ldc) {
+  static const Simd simd = detect_simd();
+  parallel_for(threads, nb, 4, [&](int64_t r0, int64_t r1) { matmul_rows(simd, a, m, lda, b, ldb, k, r0, r1, c, ldc); });
+}
+
+}  // namespace detail
 
 }  // namespace nuq

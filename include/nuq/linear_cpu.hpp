@@ -27,10 +27,29 @@ Isa best_isa();
 bool isa_supported(Isa isa);
 std::string_view to_string(Isa isa);
 
+// How the fused path (batch <= kMaxFusedBatch) multiplies.
+//   exact: fp32 codebook values times fp32 activations (the default; agrees with linear_ref).
+//   int8:  each activation row is quantized to int8 per block of kInt8Block columns (scale max|x|/127,
+//          round to nearest even), each codebook to int8 per row and group (scale max|c|/127), and the
+//          products are integer dot products (AVX-512 VNNI), scaled back per block; the sparse part
+//          still multiplies the unquantized activations in fp32. Faster, with an extra error bounded by
+//          linear_int8_ref's contract (docs/cpu-kernels.md gives the measured size). Needs per-row
+//          codebooks or groups of a multiple of kInt8Block columns. Larger batches take the exact dense
+//          path either way.
+enum class Arithmetic { exact, int8 };
+
 struct LinearOptions {
   int threads = 0;           // 0 = all hardware threads
   std::optional<Isa> isa;    // force an implementation (tests, benches); must be supported by the CPU
+  Arithmetic arithmetic = Arithmetic::exact;
 };
+
+// Columns per int8 activation block (one scale each).
+inline constexpr int64_t kInt8Block = 256;
+
+// Whether this CPU has the int8 kernel (AVX-512 F/BW/VL + VNNI + BITALG); elsewhere Arithmetic::int8
+// runs a portable implementation of the same arithmetic.
+bool int8_kernel_supported();
 
 // Batches up to this size take the fused LUT GEMV (weights read once for all rows of the batch);
 // larger ones dequantize blocks of rows to fp32 and multiply with Eigen.
@@ -42,10 +61,24 @@ inline constexpr int64_t kMaxFusedBatch = 16;
 void linear(const format::PackedLinearView& w, const float* x, int64_t ldx, float* y, int64_t ldy,
             int64_t batch, const LinearOptions& options = {});
 
+// The same with bf16 activations and outputs (raw bf16 bits, row-major like the fp32 version): the
+// activations are widened to fp32 once per call (exact), the fp32 result is rounded to bf16 (nearest,
+// ties to even). Bandwidth-wise nothing changes: the weights dominate the bytes read.
+void linear_bf16(const format::PackedLinearView& w, const uint16_t* x, int64_t ldx, uint16_t* y, int64_t ldy,
+                 int64_t batch, const LinearOptions& options = {});
+
 // The scalar reference every implementation is tested against: single-threaded, each weight decoded
 // as in nuq::dequantize_reference, products summed in double.
 void linear_ref(const format::PackedLinearView& w, const float* x, int64_t ldx, float* y, int64_t ldy,
                 int64_t batch);
+
+// The reference of Arithmetic::int8: the same quantization of activations and codebooks, products
+// summed exactly (int64 per block, double across blocks), the sparse part in double:
+//   Y[b, r] = Σ_g s[r,g] Σ_{block k in g} d[b,k] Σ_{c in k} q[r,c]·xq[b,c] + Σ_sparse v·X[b, c]
+// Its distance from linear_ref is at most Σ_c |W_dense[r,c]|·d/2 + (|X[b,c]| + d/2)·s/2 (rounding of
+// both operands), which the tests check.
+void linear_int8_ref(const format::PackedLinearView& w, const float* x, int64_t ldx, float* y, int64_t ldy,
+                     int64_t batch);
 
 // W as dense fp32 [rows, ld] (ld >= cols), multithreaded; bit-identical to nuq::dequantize_reference.
 void dequantize_dense(const format::PackedLinearView& w, float* out, int64_t ld, const LinearOptions& options = {});

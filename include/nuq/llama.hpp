@@ -11,6 +11,8 @@
 #include <string_view>
 #include <vector>
 
+#include "nuq/linear_cpu.hpp"
+
 namespace nuq {
 
 // How RoPE pairs the dimensions of a head. llama2.c and GGUF (llama.cpp permutes Q/K rows when it
@@ -35,7 +37,14 @@ struct LlamaConfig {
 // Called with the input of every linear layer during forward(): `layer` is the weight's base name in
 // the checkpoint's own naming (e.g. "blk.3.ffn_down" or "model.layers.3.mlp.down_proj"), x is
 // [tokens, cols] row-major. Used to collect activation statistics (XᵀX) for calibration.
+struct LlamaWeights;  // llama_grad.hpp
+
 using ActivationHook = std::function<void(const std::string& layer, const float* x, int64_t tokens, int64_t cols)>;
+
+// Called in forward() for every layer with the step's keys (before RoPE) and values, [n, n_kv_heads,
+// head_dim], at positions pos0 .. pos0 + n - 1, before they are rotated and cached; may change them in
+// place (e.g. pass them through a quantized KV cache's encoding, include/nuq/kv_cache.hpp).
+using KvHook = std::function<void(int64_t layer, int64_t pos0, int64_t n, float* k, float* v)>;
 
 struct LlamaLoadOptions {
   int threads = 0;  // 0 = all cores
@@ -43,6 +52,9 @@ struct LlamaLoadOptions {
   // packed in the memory map); true decodes them to fp32 at load with the reference dequantizer (the
   // exact numbers of the format, 32/b times the memory).
   bool decode_packed = false;
+  // How packed layers multiply in the fused kernels (up to cpu::kMaxFusedBatch tokens per forward call,
+  // i.e. generation); longer calls take the exact dense path whatever this says.
+  cpu::Arithmetic arithmetic = cpu::Arithmetic::exact;
 };
 
 class LlamaModel {
@@ -76,6 +88,11 @@ class LlamaModel {
   void logits(const float* hidden, int64_t n, float* out) const;
 
   void set_activation_hook(ActivationHook hook);
+  void set_kv_hook(KvHook hook);
+
+  // The dense fp32 weights as pointers into this model, for the backward pass (llama_grad.hpp). Throws
+  // Errc::unsupported when linear layers are nuq-packed and run packed (load with decode_packed = true).
+  LlamaWeights weights() const;
 
   // Writes the model as a Hugging Face LLaMA checkpoint: <dir>/model.safetensors (fp32, Hugging Face
   // tensor names, Q/K rows permuted to the half-split RoPE layout when the source rotates adjacent

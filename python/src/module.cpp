@@ -5,41 +5,47 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "bindings.hpp"
+#include "interop.hpp"
 #include "nuq/error.hpp"
 #include "nuq/format.hpp"
 #include "nuq/inspect.hpp"
 #include "nuq/packed.hpp"
 #include "nuq/version.hpp"
 
+#ifdef NUQ_WITH_CUDA
+#include "nuq/cuda.hpp"
+#endif
+
 namespace py = pybind11;
 
 namespace {
 
-py::array_t<uint8_t> pack_indices(py::array_t<uint8_t, py::array::c_style> indices, int bits) {
-  if (indices.ndim() != 2)
-    throw py::value_error("pack_indices: indices must be a 2-D uint8 array [rows, cols], got " +
-                          std::to_string(indices.ndim()) + " dimensions");
+py::array_t<uint8_t> pack_indices(py::handle indices_obj, int bits) {
+  nuq::python::ArrayArg indices(indices_obj, "pack_indices", "indices");
+  indices.dtype({"uint8"}).ndim(2).contiguous();
   const int64_t rows = indices.shape(0), cols = indices.shape(1);
   nuq::checked_index_layout(bits);
   py::array_t<uint8_t> out({rows, nuq::format::row_bytes(cols, bits)});
   {
     py::gil_scoped_release release;
-    nuq::pack_indices(indices.data(), rows, cols, bits, out.mutable_data());
+    nuq::pack_indices(indices.as<uint8_t>(), rows, cols, bits, out.mutable_data());
   }
   return out;
 }
 
-py::array_t<uint8_t> unpack_indices(py::array_t<uint8_t, py::array::c_style> packed, int64_t cols, int bits) {
+py::array_t<uint8_t> unpack_indices(py::handle packed_obj, int64_t cols, int bits) {
   nuq::checked_index_layout(bits);
-  if (packed.ndim() != 2 || packed.shape(1) != nuq::format::row_bytes(cols, bits))
-    throw py::value_error("unpack_indices: packed must be a 2-D uint8 array [rows, " +
-                          std::to_string(nuq::format::row_bytes(cols, bits)) + "] for " + std::to_string(cols) +
-                          " columns at " + std::to_string(bits) + " bits");
+  if (cols < 0) throw py::value_error("unpack_indices: cols must be >= 0, got " + std::to_string(cols));
+  nuq::python::ArrayArg packed(packed_obj, "unpack_indices", "packed");
+  packed.dtype({"uint8"}).ndim(2).contiguous().dim(1, nuq::format::row_bytes(cols, bits),
+                                                   "row_bytes(cols, bits) for " + std::to_string(cols) +
+                                                       " columns at " + std::to_string(bits) + " bits");
   const int64_t rows = packed.shape(0);
   py::array_t<uint8_t> out({rows, cols});
   {
     py::gil_scoped_release release;
-    nuq::unpack_indices(packed.data(), rows, cols, bits, out.mutable_data());
+    nuq::unpack_indices(packed.as<uint8_t>(), rows, cols, bits, out.mutable_data());
   }
   return out;
 }
@@ -100,6 +106,19 @@ Returns a uint8 array of shape [rows, cols].)doc");
     nuq::checked_index_layout(bits);
     return nuq::format::row_bytes(cols, bits);
   }, py::arg("cols"), py::arg("bits"), "Bytes of one packed row of `cols` indices at `bits` bits.");
+  m.attr("HAS_CUDA") = nuq::python::built_with_cuda();
+  m.def("cuda_device_count", [] {
+#ifdef NUQ_WITH_CUDA
+    return nuq::cuda::device_count();
+#else
+    return 0;
+#endif
+  }, "CUDA devices visible to this build (0 for a CPU-only build).");
+  nuq::python::bind_layers(m);
+  nuq::python::bind_statistics(m);
+  nuq::python::bind_checkpoint_quantizer(m);
+  nuq::python::bind_cuda(m);
+  nuq::python::bind_kv(m);
   m.def("inspect", &inspect, py::arg("path"), py::arg("full_check") = false,
         "Summarize a checkpoint (safetensors file or directory, GGUF file): a dict with path, kind, "
         "total_bytes, metadata (str -> str) and tensors (list of dicts: name, dtype, shape, bytes).");

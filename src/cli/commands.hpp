@@ -10,6 +10,10 @@
 #include <string_view>
 #include <string>
 
+namespace nuq {
+class LlamaModel;
+}
+
 namespace nuq::cli {
 
 using Action = std::function<int()>;
@@ -21,8 +25,19 @@ void add_quantize_command(CLI::App& app, Action& action);
 void add_eval_command(CLI::App& app, Action& action);
 void add_convert_command(CLI::App& app, Action& action);
 void add_calibrate_command(CLI::App& app, Action& action);
+// `fisher`: the empirical Fisher diagonal from the decoder's backward pass (fisher_command.cpp).
+void add_fisher_command(CLI::App& app, Action& action);
 // `plan` and `stats merge` (docs/sensitivity.md).
 void add_plan_command(CLI::App& app, Action& action);
+// `kv-calibrate`, and the --kv-* options of `eval` (kv_command.cpp, docs/kv-cache.md).
+void add_kv_calibrate_command(CLI::App& app, Action& action);
+struct KvEvalOptions {
+  std::string calibration, outliers, method = "nuq";
+  int bits = 0;
+};
+void add_kv_eval_options(CLI::App* cmd, KvEvalOptions& o);
+// Sets the model's KV hook as the options ask; returns a description of the cache (empty: unquantized).
+std::string install_kv_eval(LlamaModel& model, const KvEvalOptions& o);
 
 // "71.2 MiB"
 std::string human_bytes(uint64_t n);

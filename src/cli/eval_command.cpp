@@ -43,10 +43,10 @@ struct ModelAndText {
 // Loads the model and its tokenizer (the --tokenizer file, the model's own GGUF, or tokenizer.json next to
 // a safetensors checkpoint) and tokenizes the text as one string, keeping tokens [skip, skip + max).
 ModelAndText load_model_and_text(const std::string& model_path, std::string tok_path, const std::string& text_path,
-                                 int64_t skip, int64_t max_tokens, int threads, bool decode_packed) {
+                                 int64_t skip, int64_t max_tokens, const LlamaLoadOptions& load) {
   ModelAndText r;
   const auto t0 = std::chrono::steady_clock::now();
-  r.model = LlamaModel::load(model_path, {threads, decode_packed});
+  r.model = LlamaModel::load(model_path, load);
   if (tok_path.empty()) tok_path = r.model->embedded_tokenizer_path();
   if (tok_path.empty()) {
     namespace fs = std::filesystem;
@@ -70,9 +70,11 @@ ModelAndText load_model_and_text(const std::string& model_path, std::string tok_
 
 // Window w holds BOS followed by text tokens [w·(ctx−1), (w+1)·(ctx−1)); every text token is predicted
 // exactly once, from BOS and the tokens before it in its window. fn(w, begin, len, hidden) runs after
-// the window's forward pass; hidden holds the final states of its `len` inputs (BOS first).
+// the window's forward pass; hidden holds the final states of its `len` inputs (BOS first). step > 0
+// feeds each window in forward calls of `step` tokens (as generation does) instead of one call.
 template <class Fn>
-int64_t for_each_window(LlamaModel& model, const Tokenizer& tok, const std::vector<int32_t>& ids, int64_t ctx, Fn fn) {
+int64_t for_each_window(LlamaModel& model, const Tokenizer& tok, const std::vector<int32_t>& ids, int64_t ctx, Fn fn,
+                        int64_t step = 0) {
   const int64_t per = ctx - 1, n = int64_t(ids.size()), windows = (n + per - 1) / per;
   auto cache = model.new_cache(ctx);
   std::vector<float> hidden(std::size_t(ctx * model.config().dim));
@@ -81,7 +83,9 @@ int64_t for_each_window(LlamaModel& model, const Tokenizer& tok, const std::vect
     std::vector<int32_t> input{tok.bos()};
     input.insert(input.end(), ids.begin() + begin, ids.begin() + begin + len - 1);
     cache->length = 0;
-    model.forward(input.data(), int64_t(input.size()), *cache, hidden.data());
+    const int64_t m = int64_t(input.size()), chunk = step > 0 ? step : m;
+    for (int64_t i = 0; i < m; i += chunk)
+      model.forward(input.data() + i, std::min(chunk, m - i), *cache, hidden.data() + i * model.config().dim);
     fn(w, windows, begin, len, hidden.data());
   }
   return windows;
@@ -93,8 +97,10 @@ void add_eval_command(CLI::App& app, Action& action) {
   struct Options {
     std::string model, tokenizer, text;
     int64_t ctx = 512, max_tokens = 0;
+    int64_t step = 0;
     int threads = 0;
-    bool json = false, quiet = false, decode_packed = false;
+    bool json = false, quiet = false, decode_packed = false, int8 = false;
+    KvEvalOptions kv;
   };
   auto o = std::make_shared<Options>();
   CLI::App* cmd = app.add_subcommand(
@@ -111,11 +117,29 @@ void add_eval_command(CLI::App& app, Action& action) {
   cmd->add_flag("--json", o->json, "print one JSON object instead of text");
   cmd->add_flag("--decode-packed", o->decode_packed,
                 "decode nuq-packed layers to fp32 at load (reference numbers) instead of running the packed kernels");
+  cmd->add_option("--step", o->step,
+                  "feed each window in forward calls of N tokens, as generation does; N <= 16 runs packed layers "
+                  "through the fused decode kernels (default: the whole window at once, the prefill path)")
+      ->check(CLI::Range(int64_t(1), int64_t(1) << 20));
+  cmd->add_flag("--int8", o->int8,
+                "packed layers multiply int8-quantized activations by int8 codebooks (cpu::Arithmetic::int8); "
+                "implies --step 16 unless --step is given");
   cmd->add_flag("--quiet,-q", o->quiet, "no progress output");
+  add_kv_eval_options(cmd, o->kv);
   cmd->callback([o, &action] {
     action = [o]() -> int {
-      ModelAndText mt = load_model_and_text(o->model, o->tokenizer, o->text, 0, o->max_tokens, o->threads, o->decode_packed);
+      NUQ_CHECK(!(o->int8 && o->decode_packed), Errc::invalid_argument,
+                "--int8 applies to the packed kernels; it cannot be combined with --decode-packed");
+      NUQ_CHECK(!(o->int8 && o->step > cpu::kMaxFusedBatch), Errc::invalid_argument,
+                "--int8 needs --step <= {} (longer calls take the exact prefill path)", cpu::kMaxFusedBatch);
+      if (o->int8 && o->step == 0) o->step = cpu::kMaxFusedBatch;
+      LlamaLoadOptions load;
+      load.threads = o->threads;
+      load.decode_packed = o->decode_packed;
+      load.arithmetic = o->int8 ? cpu::Arithmetic::int8 : cpu::Arithmetic::exact;
+      ModelAndText mt = load_model_and_text(o->model, o->tokenizer, o->text, 0, o->max_tokens, load);
       LlamaModel& model = *mt.model;
+      const std::string kv_cache = install_kv_eval(model, o->kv);
       const Tokenizer& tok = *mt.tok;
       const std::vector<int32_t>& ids = mt.ids;
       const LlamaConfig& c = model.config();
@@ -147,7 +171,7 @@ void add_eval_command(CLI::App& app, Action& action) {
         else if (!o->quiet && !o->json && (w + 1) % 16 == 0)
           std::fprintf(stderr, "window %lld/%lld  perplexity so far %.4f\n", (long long)(w + 1), (long long)windows,
                        std::exp(nll / double(begin + len)));
-      });
+      }, o->step);
       if (tty) std::fprintf(stderr, "\r\033[K");
       const double seconds = seconds_since(t0);
       const double mean = nll / double(n);
@@ -164,14 +188,17 @@ void add_eval_command(CLI::App& app, Action& action) {
                             {"mean_nll", mean},
                             {"perplexity", std::exp(mean)},
                             {"tokens_per_second", processed / seconds},
-                            {"load_seconds", load_seconds}};
+                            {"load_seconds", load_seconds},
+                            {"kv_cache", kv_cache.empty() ? "fp32" : kv_cache}};
         fmt::print("{}\n", j.dump(1));
       } else {
         fmt::print("model: {} ({}; linear layers {:.3f} bits/weight)\n", o->model, model.description(),
                    model.linear_bits_per_weight());
         fmt::print("text: {} ({} tokens, {} windows of up to {} tokens with BOS)\n", o->text, n, windows, o->ctx);
+        if (!kv_cache.empty()) fmt::print("KV cache: {}\n", kv_cache);
         fmt::print("tokens scored {}, mean NLL {:.4f}, perplexity {:.4f}\n", n, mean, std::exp(mean));
-        fmt::print("prefill throughput {:.1f} tokens/s ({:.1f} s; model loaded in {:.1f} s)\n", processed / seconds,
+        const std::string mode = o->step > 0 ? fmt::format("{}-token step", o->step) : std::string("prefill");
+        fmt::print("{} throughput {:.1f} tokens/s ({:.1f} s; model loaded in {:.1f} s)\n", mode, processed / seconds,
                    seconds, load_seconds);
       }
       return 0;
@@ -203,7 +230,7 @@ void add_calibrate_command(CLI::App& app, Action& action) {
   cmd->callback([o, &action] {
     action = [o]() -> int {
       ModelAndText mt =
-          load_model_and_text(o->model, o->tokenizer, o->text, o->skip_tokens, o->max_tokens, o->threads, false);
+          load_model_and_text(o->model, o->tokenizer, o->text, o->skip_tokens, o->max_tokens, {o->threads, false});
       // Sums in double: a long calibration run adds up millions of squares per column.
       std::map<std::string, std::vector<double>> sums;
       std::map<std::string, int64_t> tokens;

@@ -19,7 +19,9 @@ int main(int argc, char** argv) {
   nuq::cli::add_eval_command(app, action);
   nuq::cli::add_convert_command(app, action);
   nuq::cli::add_calibrate_command(app, action);
+  nuq::cli::add_fisher_command(app, action);
   nuq::cli::add_plan_command(app, action);
+  nuq::cli::add_kv_calibrate_command(app, action);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -6,6 +6,8 @@
 #include <Eigen/Core>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <cstring>
 #include <type_traits>
 #include <utility>
@@ -193,6 +195,96 @@ void fused(const format::PackedLinearView& w, const float* x, int64_t ldx, float
   detail::parallel_for(tasks, threads, gemv_task, &job);
 }
 
+// ---- int8 path (LinearOptions::arithmetic == int8) ------------------------------------------------
+
+void check_int8_layer(const format::PackedLinearView& w) {
+  NUQ_CHECK(w.groups() == 1 || w.group_size % kInt8Block == 0, Errc::unsupported,
+            "CPU linear: int8 arithmetic needs per-row codebooks or groups of a multiple of {} columns, this "
+            "layer has groups of {}",
+            kInt8Block, w.group_size);
+}
+
+// One block of activations to int8 in natural column order; returns its scale d (0 for an all-zero
+// block, NaN when the block holds a non-finite value, which then propagates to the outputs as it
+// would in the exact path). The one definition of activation quantization for the kernel and the
+// reference.
+float quantize_activation_block(const float* x, int64_t n, int8_t* q) {
+  float max_abs = 0.0f;
+  bool finite = true;
+  for (int64_t i = 0; i < n; ++i) {
+    finite = finite && std::isfinite(x[i]);
+    max_abs = std::max(max_abs, std::fabs(x[i]));
+  }
+  std::fill(q, q + kInt8Block, int8_t(0));
+  if (!finite) return std::numeric_limits<float>::quiet_NaN();
+  if (max_abs == 0.0f) return 0.0f;
+  const float d = max_abs / 127.0f;
+  for (int64_t i = 0; i < n; ++i) q[i] = int8_t(std::nearbyint(x[i] / d));
+  return d;
+}
+
+// Where column cc (0..255) of a block goes in the kernel's activation order (Int8Args).
+int64_t int8_position(int bits, int64_t cc) {
+  if (bits == 4) {
+    const int64_t h = cc / 128, w = cc % 128 / 8, f = cc % 8;
+    return (2 * h + f % 2) * 64 + 4 * w + f / 2;
+  }
+  const int64_t w = cc / 16, f = cc % 16;
+  return f % 4 * 64 + 4 * w + f / 4;
+}
+
+struct Int8Job {
+  detail::Int8Args args;
+};
+
+void int8_task(void* context, int64_t task, int /*worker*/) {
+  const auto& job = *static_cast<const Int8Job*>(context);
+  const int64_t r0 = task * kGemvRowsPerTask;
+  detail::gemv_rows_int8_avx512(job.args, r0, std::min(job.args.layer.rows, r0 + kGemvRowsPerTask));
+}
+
+void fused_int8(const format::PackedLinearView& w, const float* x, int64_t ldx, float* y, int64_t ldy,
+                int64_t batch, int threads) {
+  check_int8_layer(w);
+  detail::Int8Args g{};
+  g.layer = make_args(w);
+  g.layer.x = x;
+  g.layer.ldx = ldx;
+  g.layer.y = y;
+  g.layer.ldy = ldy;
+  g.layer.batch = batch;
+  g.blocks = (w.cols + kInt8Block - 1) / kInt8Block;
+  g.blocks_per_group = w.groups() == 1 ? g.blocks : w.group_size / kInt8Block;
+  thread_local std::vector<int8_t> xq;
+  thread_local std::vector<float> xscale, xoffset;
+  xq.assign(size_t(batch * g.blocks * kInt8Block), 0);
+  xscale.assign(size_t(batch * g.blocks), 0.0f);
+  xoffset.assign(size_t(batch * w.groups()), 0.0f);
+  int8_t natural[kInt8Block];
+  thread_local std::vector<double> offset;
+  for (int64_t b = 0; b < batch; ++b) {
+    offset.assign(size_t(w.groups()), 0.0);
+    for (int64_t k = 0; k < g.blocks; ++k) {
+      const int64_t c0 = k * kInt8Block, n = std::min(kInt8Block, w.cols - c0);
+      const float d = quantize_activation_block(x + b * ldx + c0, n, natural);
+      int64_t sum = 0;
+      int8_t* dst = xq.data() + (b * g.blocks + k) * kInt8Block;
+      for (int64_t i = 0; i < n; ++i) {
+        dst[int8_position(w.bits, i)] = natural[i];
+        sum += natural[i];
+      }
+      xscale[size_t(b * g.blocks + k)] = d;
+      offset[size_t(k / g.blocks_per_group)] += 128.0 * double(d) * double(sum);
+    }
+    for (int64_t grp = 0; grp < w.groups(); ++grp) xoffset[size_t(b * w.groups() + grp)] = float(offset[size_t(grp)]);
+  }
+  g.xq = xq.data();
+  g.xscale = xscale.data();
+  g.xoffset = xoffset.data();
+  Int8Job job{g};
+  detail::parallel_for((w.rows + kGemvRowsPerTask - 1) / kGemvRowsPerTask, threads, int8_task, &job);
+}
+
 struct DenseJob {
   KernelArgs args;
   float* block;  // [participants][kDenseBlockRows][cols]
@@ -271,10 +363,31 @@ void linear(const format::PackedLinearView& w, const float* x, int64_t ldx, floa
   check_call(w, x, ldx, y, ldy, batch);
   check_threads(options);
   const Isa isa = resolve_isa(options);
-  if (batch <= kMaxFusedBatch)
+  if (batch <= kMaxFusedBatch && options.arithmetic == Arithmetic::int8) {
+    // Without VNNI (or when the scalar implementation is forced) the reference is the implementation.
+    if (isa == Isa::avx512 && int8_kernel_supported())
+      fused_int8(w, x, ldx, y, ldy, batch, options.threads);
+    else
+      linear_int8_ref(w, x, ldx, y, ldy, batch);
+  } else if (batch <= kMaxFusedBatch) {
     fused(w, x, ldx, y, ldy, batch, isa, options.threads);
-  else
+  } else
     dense(w, x, ldx, y, ldy, batch, options.threads);
+}
+
+void linear_bf16(const format::PackedLinearView& w, const uint16_t* x, int64_t ldx, uint16_t* y, int64_t ldy,
+                 int64_t batch, const LinearOptions& options) {
+  NUQ_CHECK(x != nullptr, Errc::invalid_argument, "CPU linear: activations x are null");
+  NUQ_CHECK(y != nullptr, Errc::invalid_argument, "CPU linear: output y is null");
+  NUQ_CHECK(batch > 0, Errc::invalid_argument, "CPU linear: batch must be positive, got {}", batch);
+  NUQ_CHECK(ldx >= w.cols, Errc::invalid_argument, "CPU linear: ldx {} is less than the {} columns", ldx, w.cols);
+  NUQ_CHECK(ldy >= w.rows, Errc::invalid_argument, "CPU linear: ldy {} is less than the {} rows", ldy, w.rows);
+  thread_local std::vector<float> xf, yf;
+  xf.resize(size_t(batch * w.cols));
+  yf.resize(size_t(batch * w.rows));
+  for (int64_t b = 0; b < batch; ++b) convert_bf16_to_float(x + b * ldx, xf.data() + b * w.cols, size_t(w.cols));
+  linear(w, xf.data(), w.cols, yf.data(), w.rows, batch, options);
+  for (int64_t b = 0; b < batch; ++b) convert_float_to_bf16(yf.data() + b * w.rows, y + b * ldy, size_t(w.rows));
 }
 
 void linear_ref(const format::PackedLinearView& w, const float* x, int64_t ldx, float* y, int64_t ldy,
@@ -287,6 +400,56 @@ void linear_ref(const format::PackedLinearView& w, const float* x, int64_t ldx, 
     for (int64_t b = 0; b < batch; ++b) {
       double sum = 0;
       for (int64_t c = 0; c < w.cols; ++c) sum += double(row[size_t(c)]) * double(x[b * ldx + c]);
+      y[b * ldy + r] = float(sum);
+    }
+  }
+}
+
+bool int8_kernel_supported() {
+  const auto& f = nuq::detail::cpu_features();
+  return isa_supported(Isa::avx512) && f.avx512vnni && f.avx512bitalg;
+}
+
+void linear_int8_ref(const format::PackedLinearView& w, const float* x, int64_t ldx, float* y, int64_t ldy,
+                     int64_t batch) {
+  check_call(w, x, ldx, y, ldy, batch);
+  check_int8_layer(w);
+  KernelArgs dense_only = make_args(w);
+  dense_only.nnz = 0;  // the codebook values alone; the sparse part is added below in double
+  const KernelArgs a = make_args(w);
+  const int64_t blocks = (w.cols + kInt8Block - 1) / kInt8Block;
+  const int64_t blocks_per_group = w.groups() == 1 ? blocks : w.group_size / kInt8Block;
+  const int entries = 1 << w.bits;
+  std::vector<int8_t> xq(static_cast<size_t>(blocks * kInt8Block));
+  std::vector<float> d(static_cast<size_t>(blocks));
+  std::vector<float> row(size_t(w.cols));
+  std::vector<double> scale(size_t(w.groups()));
+  std::vector<int32_t> q(size_t(w.cols));
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t k = 0; k < blocks; ++k)
+      d[size_t(k)] = quantize_activation_block(x + b * ldx + k * kInt8Block,
+                                               std::min(kInt8Block, w.cols - k * kInt8Block),
+                                               xq.data() + k * kInt8Block);
+    for (int64_t r = 0; r < w.rows; ++r) {
+      detail::decode_row(dense_only, r, row.data());
+      for (int64_t grp = 0; grp < w.groups(); ++grp) {
+        const uint16_t* lut = w.lut + (r * w.groups() + grp) * entries;
+        float max_abs = 0.0f;
+        for (int e = 0; e < entries; ++e) max_abs = std::max(max_abs, std::fabs(fp16_to_float(lut[e])));
+        const float s = detail::int8_codebook_scale(max_abs);
+        scale[size_t(grp)] = s;
+        for (int64_t c = grp * w.group_size; c < (grp + 1) * w.group_size; ++c)
+          q[size_t(c)] = int32_t(std::nearbyint(row[size_t(c)] / s));
+      }
+      double sum = 0;
+      for (int64_t k = 0; k < blocks; ++k) {
+        int64_t dot = 0;
+        for (int64_t c = k * kInt8Block; c < std::min(w.cols, (k + 1) * kInt8Block); ++c)
+          dot += int64_t(q[size_t(c)]) * xq[size_t(c)];
+        sum += scale[size_t(k / blocks_per_group)] * double(d[size_t(k)]) * double(dot);
+      }
+      for (int64_t k = w.nnz > 0 ? a.row_ptr[r] : 0; k < (w.nnz > 0 ? a.row_ptr[r + 1] : 0); ++k)
+        sum += double(fp16_to_float(a.values[k])) * double(x[b * ldx + detail::sparse_column(a, k)]);
       y[b * ldy + r] = float(sum);
     }
   }

@@ -47,6 +47,25 @@ struct KernelArgs {
 void gemv_rows_avx2(const KernelArgs& args, int64_t r0, int64_t r1, float* scratch);
 void gemv_rows_avx512(const KernelArgs& args, int64_t r0, int64_t r1, float* scratch);
 
+// The int8 path (LinearOptions::arithmetic == int8). Activations are quantized by the dispatcher
+// (src/cpu/linear_int8.cpp) into blocks of 256 columns, each stored as 4 vectors of 64 int8 in the
+// order the kernel decodes weights (docs/cpu-kernels.md, "int8 path"):
+//   4 bits: vector 2h+t, byte 4w+j = column 128h + 8w + 2j + t
+//   2 and 3 bits: vector t, byte 4w+j = column 16w + 4j + t
+struct Int8Args {
+  KernelArgs layer;        // layer, x/ldx (for the sparse part), y/ldy, batch
+  const int8_t* xq;        // [batch][blocks][4][64]
+  const float* xscale;     // [batch][blocks]: d, the block's activation scale
+  const float* xoffset;    // [batch][groups]: 128 · Σ_{blocks k of g} d_k Σ xq over k (see the kernel)
+  int64_t blocks;          // ceil(cols / 256)
+  int64_t blocks_per_group;
+};
+void gemv_rows_int8_avx512(const Int8Args& args, int64_t r0, int64_t r1);
+// The int8 scale of a codebook of n fp16 values: max|c|/127, or 1 when all are 0. Shared definition
+// for the kernel and the reference (both divide by it and round to nearest even). `static`: every unit
+// gets its own copy, so the AVX-512 unit's cannot serve the baseline code (see the top of this file).
+static inline float int8_codebook_scale(float max_abs) { return max_abs > 0.0f ? max_abs / 127.0f : 1.0f; }
+
 // Columns of one chunk for `lanes` 32-bit lanes (fields per word × lanes).
 constexpr int64_t chunk_cols(int bits, int lanes) { return int64_t(lanes) * (bits == 4 ? 8 : 16); }
 

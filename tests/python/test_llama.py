@@ -304,3 +304,17 @@ def test_smollm2_packed_checkpoints_evaluate_and_nuq_beats_rtn(nuq_cli, smollm2,
     # Fewer bits and a lower perplexity than RTN at the same index width.
     assert res["nuq"]["linear_bits_per_weight"] < res["rtn"]["linear_bits_per_weight"]
     assert fp["perplexity"] < res["nuq"]["perplexity"] < res["rtn"]["perplexity"]
+
+    # Fed 16 tokens per call, as in generation, the packed layers run the fused decode kernels instead of
+    # the prefill path: the same numbers up to fp32 rounding. The int8 arithmetic (quantized activations
+    # and codebooks) moves perplexity slightly, never by much (docs/cpu-kernels.md has the 2048-token
+    # figures).
+    short = ["--tokenizer", smollm2, "--text", shared_data / "wikitext2_test.txt", "--max-tokens", 255]
+    prefill = eval_json(nuq_cli, "--model", tmp_path / "nuq", *short)["perplexity"]
+    stepped = eval_json(nuq_cli, "--model", tmp_path / "nuq", *short, "--step", 16)["perplexity"]
+    int8 = eval_json(nuq_cli, "--model", tmp_path / "nuq", *short, "--int8")["perplexity"]
+    assert stepped == pytest.approx(prefill, rel=1e-3)
+    assert int8 != stepped and int8 == pytest.approx(stepped, rel=0.03)
+    for bad, needle in [(["--int8", "--decode-packed"], "--decode-packed"), (["--int8", "--step", 17], "--step <= 16")]:
+        r = run(nuq_cli, "eval", "--model", tmp_path / "nuq", *short, *bad)
+        assert r.returncode != 0 and needle in r.stderr, r.stderr

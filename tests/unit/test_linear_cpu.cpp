@@ -271,4 +271,174 @@ TEST(LinearCpuErrors, BadArgumentsAreNamed) {
       expect_error([&] { nuq::cpu::linear(view, x, t.ldx, y.data(), 7, 1, {0, isa}); }, "does not support");
 }
 
+TEST(LinearCpuBf16, WidensActivationsAndRoundsOutputs) {
+  for (const LayerSpec& spec : {LayerSpec{111, 4097, 3, 241, true}, LayerSpec{19, 1024, 4, 1024, false}}) {
+    const TestLayer& t = layer_for(spec);
+    for (int64_t batch : {1, 5, 17}) {
+      // bf16 activations, and the same values in fp32 for the fp32 path.
+      const int64_t ldx = spec.cols + 1, ldy = spec.rows + 3;
+      std::vector<uint16_t> xb(size_t(batch * ldx), 0x7FC0);  // NaN in the gap: must not be read
+      std::vector<float> xf(size_t(batch * spec.cols));
+      for (int64_t b = 0; b < batch; ++b)
+        for (int64_t c = 0; c < spec.cols; ++c) {
+          xb[size_t(b * ldx + c)] = nuq::float_to_bf16(t.x[size_t(b * t.ldx + c)]);
+          xf[size_t(b * spec.cols + c)] = nuq::bf16_to_float(xb[size_t(b * ldx + c)]);
+        }
+      std::vector<float> yf(size_t(batch * spec.rows));
+      nuq::cpu::linear(t.packed.view(), xf.data(), spec.cols, yf.data(), spec.rows, batch);
+      std::vector<uint16_t> yb(size_t(batch * ldy), 0xBEEF);
+      nuq::cpu::linear_bf16(t.packed.view(), xb.data(), ldx, yb.data(), ldy, batch);
+      for (int64_t b = 0; b < batch; ++b)
+        for (int64_t r = 0; r < ldy; ++r) {
+          if (r >= spec.rows) {
+            ASSERT_EQ(yb[size_t(b * ldy + r)], 0xBEEF) << "wrote into the ldy gap";
+            continue;
+          }
+          // Round to nearest even, computed here independently of the library's converter.
+          uint32_t bits;
+          const float v = yf[size_t(b * spec.rows + r)];
+          std::memcpy(&bits, &v, 4);
+          const uint16_t expected = uint16_t((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+          ASSERT_EQ(yb[size_t(b * ldy + r)], expected) << describe(spec) << " batch=" << batch << " b=" << b << " r=" << r;
+        }
+    }
+  }
+}
+
+// ---- int8 arithmetic (LinearOptions::arithmetic == int8) -------------------------------------------
+
+// Layers whose codebook groups the int8 path takes: per-row, or groups of a multiple of 256 columns.
+std::vector<LayerSpec> int8_specs() {
+  std::vector<LayerSpec> specs;
+  for (const LayerSpec& s : layer_specs())
+    if (s.group_size == s.cols || s.group_size % nuq::cpu::kInt8Block == 0) specs.push_back(s);
+  for (int bits : {2, 3, 4}) specs.push_back({5, 14336, bits, 14336, true});  // a long row, several blocks
+  return specs;
+}
+
+// The contract of linear_int8_ref, computed here from its definition rather than from the library:
+// with d the activation block's scale max|x|/127 and s the codebook's scale max|c|/127, every product
+// c·x becomes (s·q)·(d·xq) with |c − s·q| <= s/2 and |x − d·xq| <= d/2, so
+//   |y_int8 − y_exact| <= Σ_c |c|·d/2 + (|x| + d/2)·s/2.
+// Also returns, per output, the magnitude the int8 kernel sums in fp32: it multiplies unsigned table
+// entries q + 128 and takes 128·s·Σ d·xq out at the end (see src/cpu/linear_int8_avx512.cpp), so its
+// rounding error is relative to Σ_c (|c| + 128.5·s)·(|x| + d/2), not to Σ|c|·|x|.
+struct Int8Bounds {
+  std::vector<double> quantization, summed;
+};
+Int8Bounds int8_bounds(const TestLayer& t, const LayerSpec& s, int64_t batch) {
+  const auto view = t.packed.view();
+  const int entries = 1 << s.bits;
+  const int64_t block = nuq::cpu::kInt8Block;
+  Int8Bounds out{std::vector<double>(size_t(batch * s.rows)), std::vector<double>(size_t(batch * s.rows))};
+  for (int64_t b = 0; b < batch; ++b) {
+    const float* x = t.x.data() + b * t.ldx;
+    std::vector<double> d(size_t((s.cols + block - 1) / block), 0.0);
+    for (int64_t c = 0; c < s.cols; ++c) d[size_t(c / block)] = std::max(d[size_t(c / block)], std::fabs(double(x[c])) / 127);
+    for (int64_t r = 0; r < s.rows; ++r) {
+      const uint8_t* row = view.qweight + r * view.row_stride();
+      double sum = 0, summed = 0;
+      for (int64_t c = 0; c < s.cols; ++c) {
+        const uint16_t* lut = view.lut + (r * view.groups() + c / s.group_size) * entries;
+        double max_abs = 0;
+        for (int e = 0; e < entries; ++e) max_abs = std::max(max_abs, std::fabs(double(nuq::fp16_to_float(lut[e]))));
+        const double sc = max_abs / 127;
+        const double w = std::fabs(double(nuq::fp16_to_float(lut[nuq::format::unpack_index(row, s.cols, s.bits, c)])));
+        const double dc = d[size_t(c / block)];
+        sum += w * dc / 2 + (std::fabs(double(x[c])) + dc / 2) * sc / 2;
+        summed += (w + 128.5 * sc) * (std::fabs(double(x[c])) + dc / 2);
+      }
+      out.quantization[size_t(b * s.rows + r)] = sum;
+      out.summed[size_t(b * s.rows + r)] = summed;
+    }
+  }
+  return out;
+}
+
+TEST(LinearCpuInt8, ReferenceStaysWithinTheRoundingBoundOfExact) {
+  int64_t changed = 0, compared = 0;
+  for (const LayerSpec& spec : int8_specs()) {
+    const TestLayer& t = layer_for(spec);
+    const int64_t batch = 3;
+    std::vector<float> y(size_t(batch * spec.rows));
+    nuq::cpu::linear_int8_ref(t.packed.view(), t.x.data(), t.ldx, y.data(), spec.rows, batch);
+    const std::vector<double> bound = int8_bounds(t, spec, batch).quantization;
+    for (size_t i = 0; i < y.size(); ++i) {
+      const double err = std::fabs(double(y[i]) - double(t.y_ref[i]));
+      // fp32 rounding of the two results on top of the quantization bound.
+      ASSERT_LE(err, bound[i] + kTolerance * t.scale[i]) << describe(spec) << " output " << i;
+      changed += y[i] != t.y_ref[i];
+      ++compared;
+    }
+  }
+  // The quantization is really applied: most outputs move.
+  EXPECT_GT(changed, compared / 2);
+}
+
+TEST(LinearCpuInt8, KernelMatchesTheInt8ReferenceForAnyThreadCount) {
+  if (!nuq::cpu::int8_kernel_supported()) GTEST_SKIP() << "this CPU lacks AVX-512 VNNI/BITALG: no int8 kernel to test";
+  for (const LayerSpec& spec : int8_specs()) {
+    const TestLayer& t = layer_for(spec);
+    const auto view = t.packed.view();
+    for (int64_t batch : {1, 2, 5, 8, 9, 16}) {
+      const std::vector<double> summed = int8_bounds(t, spec, batch).summed;
+      std::vector<float> ref(size_t(batch * spec.rows));
+      nuq::cpu::linear_int8_ref(view, t.x.data(), t.ldx, ref.data(), spec.rows, batch);
+      std::vector<float> first;
+      for (int threads : {2, 1, 3}) {
+        const int64_t ldy = spec.rows + 2;
+        std::vector<float> y(size_t(batch * ldy), -12345.0f);
+        LinearOptions opt;
+        opt.threads = threads;
+        opt.arithmetic = nuq::cpu::Arithmetic::int8;
+        nuq::cpu::linear(view, t.x.data(), t.ldx, y.data(), ldy, batch, opt);
+        std::vector<float> out(size_t(batch * spec.rows));
+        for (int64_t b = 0; b < batch; ++b)
+          for (int64_t r = 0; r < ldy; ++r) {
+            if (r >= spec.rows) {
+              ASSERT_EQ(y[size_t(b * ldy + r)], -12345.0f) << "wrote into the ldy gap";
+              continue;
+            }
+            const size_t i = size_t(b * spec.rows + r);
+            out[i] = y[size_t(b * ldy + r)];
+            // Same integers, different fp32 summation order (and the +128 offset taken out again).
+            ASSERT_LE(std::fabs(double(out[i]) - double(ref[i])), kTolerance * (summed[i] + t.scale[i]))
+                << describe(spec) << " batch=" << batch << " b=" << b << " r=" << r << ": " << out[i]
+                << " vs int8 reference " << ref[i];
+          }
+        if (first.empty())
+          first = out;
+        else
+          ASSERT_EQ(0, std::memcmp(first.data(), out.data(), out.size() * sizeof(float)))
+              << describe(spec) << " batch=" << batch << ": threads=" << threads << " differs from threads=2";
+      }
+    }
+  }
+}
+
+TEST(LinearCpuInt8, UnsupportedGroupsAndNonFiniteActivations) {
+  const TestLayer& t = layer_for({13, 1024, 4, 128, false});
+  std::vector<float> y(13 * 2);
+  LinearOptions opt;
+  opt.arithmetic = nuq::cpu::Arithmetic::int8;
+  expect_error([&] { nuq::cpu::linear(t.packed.view(), t.x.data(), t.ldx, y.data(), 13, 1, opt); },
+               "int8 arithmetic needs per-row codebooks or groups of a multiple of 256 columns, this layer has "
+               "groups of 128");
+  // A NaN activation poisons its outputs as it does in the exact path, in every implementation.
+  const TestLayer& u = layer_for({13, 1024, 3, 1024, true});
+  std::vector<float> x(u.x.begin(), u.x.begin() + 2 * u.ldx);
+  x[size_t(u.ldx + 700)] = std::numeric_limits<float>::quiet_NaN();
+  for (bool ref : {true, false}) {
+    std::fill(y.begin(), y.end(), 0.0f);
+    if (ref)
+      nuq::cpu::linear_int8_ref(u.packed.view(), x.data(), u.ldx, y.data(), 13, 2);
+    else
+      nuq::cpu::linear(u.packed.view(), x.data(), u.ldx, y.data(), 13, 2, opt);
+    for (int64_t r = 0; r < 13; ++r) {
+      EXPECT_TRUE(std::isfinite(y[size_t(r)])) << "batch row 0 has no NaN, row " << r;
+      EXPECT_TRUE(std::isnan(y[size_t(13 + r)])) << "batch row 1 has a NaN, row " << r << (ref ? " (ref)" : "");
+    }
+  }
+}
+
 }  // namespace

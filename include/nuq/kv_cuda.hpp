@@ -1,0 +1,45 @@
+// CUDA decode attention over the quantized KV cache (docs/kv-cache.md): split-K flash decoding, one
+// kernel for the splits and one that merges them, over the same page layout as the CPU cache
+// (LayerCache::export_pages gives the host side of every array below). Launchers follow
+// include/nuq/cuda.hpp: device pointers, shapes and a stream in, a Status out, no host round trip.
+//
+// Status: compiled in CI, NOT yet run on a GPU (tests/unit/test_cuda_kv.cpp skips without one).
+#pragma once
+
+#include <cstdint>
+
+#include "nuq/cuda.hpp"
+
+namespace nuq::cuda {
+
+struct KvDeviceCache {
+  const uint8_t* pages = nullptr;  // page i at pages + i * page_stride
+  int64_t page_stride = 0;
+  const int32_t* block_tables = nullptr;  // [batch][max_blocks] page numbers
+  int64_t max_blocks = 0;
+  const int32_t* lengths = nullptr;  // [batch] tokens per sequence (>= 1)
+  const uint16_t* sink_k = nullptr;  // [batch][sink_tokens][n_kv_heads][head_dim] fp16, K in storage order
+  const uint16_t* sink_v = nullptr;
+  int sink_tokens = 0;
+  int n_kv_heads = 0, head_dim = 0, block_tokens = 0, bits_k = 0, bits_v = 0, slots = 0;
+  const float* k_scale = nullptr;   // [n_kv_heads][head_dim], storage order
+  const float* k_offset = nullptr;
+  const float* k_codebook = nullptr;  // 16 floats (padded)
+  const float* v_codebook = nullptr;
+  const int32_t* storage = nullptr;   // [head_dim] model channel at each key storage position
+  const double* rope_freq = nullptr;  // [head_dim / 2] angle per position of each pair
+};
+
+// Scratch the launcher needs for the split partials.
+int64_t kv_decode_workspace_bytes(int batch, int n_heads, int head_dim, int max_length, int split_tokens);
+
+Status can_implement_kv_decode(const KvDeviceCache& cache, int batch, int n_heads, int max_length, int split_tokens,
+                               int64_t workspace_bytes);
+
+// q: [batch][n_heads][head_dim] fp16, model channel order, pre-RoPE (rotated here to position
+// length - 1); out: the same shape, fp16. max_length bounds every lengths[b] (it sizes the grid).
+Status kv_decode_attention(const KvDeviceCache& cache, int batch, int n_heads, const uint16_t* q, uint16_t* out,
+                           float scale, int max_length, int split_tokens, void* workspace, int64_t workspace_bytes,
+                           cudaStream_t stream);
+
+}  // namespace nuq::cuda

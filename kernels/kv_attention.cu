@@ -1,0 +1,248 @@
+// Split-K flash decoding over the quantized KV cache (include/nuq/kv_cuda.hpp, docs/kv-cache.md).
+//
+// Kernel 1: one block per (context split, kv head, sequence); its warps take the split's tokens in turn,
+// decode a key into shared memory (codebook, per-channel scale/offset, fp16 outlier residuals, fp16 sink),
+// rotate it (RoPE angles formed in double), score it against the G query heads of the kv head (warp
+// reductions), and fold value rows (dequantized per lane) into running softmax states kept in registers;
+// the warps' states are merged in warp order and written as the split's partial (max, sum, weighted sum).
+// Kernel 2 merges a sequence's splits in split order into fp16 outputs.
+//
+// NOT yet run on a GPU: compiled in CI only. What a GPU run must check is listed in docs/kv-cache.md.
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <string>
+
+#include "nuq/half.hpp"
+#include "nuq/kv_cuda.hpp"
+
+namespace nuq::cuda {
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kMaxGroup = 8;      // query heads per kv head held in registers
+constexpr int kMaxPerLane = 4;    // head_dim <= 128 channels over 32 lanes
+
+Status cuda_status(cudaError_t err, const char* what) {
+  if (err == cudaSuccess) return {};
+  return {StatusCode::cuda_error, std::string(what) + ": " + cudaGetErrorString(err)};
+}
+
+__device__ inline float load_fp16(const uint8_t* p) { return fp16_to_float(uint16_t(p[0] | (p[1] << 8))); }
+
+// Index of channel p: groups of 16 channels in 2b bytes (docs/kv-cache.md, "Index packing").
+__device__ inline int field(const uint8_t* rec, int p, int b) {
+  const uint8_t* g = rec + (p / 16) * 2 * b;
+  const int r = p % 16;
+  const uint32_t lo = uint32_t(g[0]) | uint32_t(g[1]) << 8 | uint32_t(g[2]) << 16 | uint32_t(g[3]) << 24;
+  if (b == 2) return int(lo >> (2 * r)) & 3;
+  if (b == 3) return (int(lo >> (2 * r)) & 3) | (((g[4 + r / 8] >> (r % 8)) & 1) << 2);
+  const uint32_t hi = uint32_t(g[4]) | uint32_t(g[5]) << 8 | uint32_t(g[6]) << 16 | uint32_t(g[7]) << 24;
+  return int(((r % 2) ? hi : lo) >> (4 * (r / 2))) & 15;
+}
+
+struct Sizes {
+  int k_index, k_bytes, v_index, v_bytes;
+  int64_t v_region;
+};
+
+__device__ inline Sizes sizes_of(const KvDeviceCache& c) {
+  Sizes s;
+  s.k_index = c.head_dim * c.bits_k / 8;
+  s.k_bytes = s.k_index + 3 * c.slots;
+  s.v_index = c.head_dim * c.bits_v / 8;
+  s.v_bytes = 4 + s.v_index + 3 * c.slots;
+  s.v_region = int64_t(c.n_kv_heads) * c.block_tokens * s.k_bytes;
+  return s;
+}
+
+__global__ void __launch_bounds__(kWarps * 32)
+    split_kernel(KvDeviceCache c, int n_heads, const uint16_t* __restrict__ q, float scale, int split_tokens,
+                 int splits, float* __restrict__ ws) {
+  extern __shared__ float smem[];
+  const int hd = c.head_dim, G = n_heads / c.n_kv_heads;
+  float* qs = smem;                          // [G][hd], storage order, rotated
+  float* kw = qs + G * hd;                   // [kWarps][hd]
+  float* wm = kw + kWarps * hd;              // [kWarps][G]
+  float* wl = wm + kWarps * G;               // [kWarps][G]
+  float* wacc = wl + kWarps * G;             // [kWarps][G][hd]
+  const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int len = c.lengths[b];
+  const int t0 = split * split_tokens, t1 = min(len, t0 + split_tokens);
+  const Sizes sz = sizes_of(c);
+
+  // Queries of this kv head's group, rotated to position len - 1, in key storage order.
+  for (int e = threadIdx.x; e < G * (hd / 2); e += blockDim.x) {
+    const int g = e / (hd / 2), pair = e % (hd / 2), blk = pair / 8, r = pair % 8;
+    const int pa = 16 * blk + r, pb = pa + 8;
+    const uint16_t* qh = q + (int64_t(b) * n_heads + h * G + g) * hd;
+    const float xa = fp16_to_float(qh[c.storage[pa]]), xb = fp16_to_float(qh[c.storage[pb]]);
+    double sn, cs;
+    sincos(double(len - 1) * c.rope_freq[pair], &sn, &cs);
+    qs[g * hd + pa] = xa * float(cs) - xb * float(sn);
+    qs[g * hd + pb] = xa * float(sn) + xb * float(cs);
+  }
+  __syncthreads();
+
+  float m[kMaxGroup], l[kMaxGroup], acc[kMaxGroup][kMaxPerLane];
+  for (int g = 0; g < kMaxGroup; ++g) {
+    m[g] = -INFINITY;
+    l[g] = 0;
+    for (int j = 0; j < kMaxPerLane; ++j) acc[g][j] = 0;
+  }
+  float* kbuf = kw + warp * hd;
+  for (int t = t0 + warp; t < t1; t += kWarps) {
+    const uint8_t* page = c.pages + int64_t(c.block_tables[int64_t(b) * c.max_blocks + t / c.block_tokens]) * c.page_stride;
+    const int tin = t % c.block_tokens;
+    const uint8_t* krec = page + (int64_t(h) * c.block_tokens + tin) * sz.k_bytes;
+    const uint8_t* vrec = page + sz.v_region + (int64_t(h) * c.block_tokens + tin) * sz.v_bytes;
+    const bool sink = t < c.sink_tokens;
+    const int64_t sink_at = ((int64_t(b) * c.sink_tokens + t) * c.n_kv_heads + h) * hd;
+    for (int p = lane; p < hd; p += 32)
+      kbuf[p] = sink ? fp16_to_float(c.sink_k[sink_at + p])
+                     : fmaf(c.k_codebook[field(krec, p, c.bits_k)], c.k_scale[h * hd + p], c.k_offset[h * hd + p]);
+    __syncwarp();
+    if (!sink && lane == 0)
+      for (int s = 0; s < c.slots; ++s) kbuf[krec[sz.k_index + s]] += load_fp16(krec + sz.k_index + c.slots + 2 * s);
+    __syncwarp();
+    float part[kMaxGroup];
+    for (int g = 0; g < kMaxGroup; ++g) part[g] = 0;
+    for (int p = lane; p < hd; p += 32) {
+      const int pair = p / 16 * 8 + p % 8;
+      const bool first = p % 16 < 8;
+      double sn, cs;
+      sincos(double(t) * c.rope_freq[pair], &sn, &cs);
+      const float x = kbuf[p], y = kbuf[first ? p + 8 : p - 8];
+      const float r = first ? x * float(cs) - y * float(sn) : y * float(sn) + x * float(cs);
+      for (int g = 0; g < G; ++g) part[g] += qs[g * hd + p] * r;
+    }
+    float vrow[kMaxPerLane];
+    const float vs = sink ? 1.0f : load_fp16(vrec), vo = sink ? 0.0f : load_fp16(vrec + 2);
+    for (int j = 0; j < kMaxPerLane; ++j) {
+      const int ch = lane + 32 * j;
+      vrow[j] = 0;
+      if (ch >= hd) continue;
+      if (sink) {
+        vrow[j] = fp16_to_float(c.sink_v[sink_at + ch]);
+      } else {
+        vrow[j] = fmaf(c.v_codebook[field(vrec + 4, ch, c.bits_v)], vs, vo);
+        for (int s = 0; s < c.slots; ++s)
+          if (vrec[4 + sz.v_index + s] == ch) vrow[j] += load_fp16(vrec + 4 + sz.v_index + c.slots + 2 * s);
+      }
+    }
+    for (int g = 0; g < G; ++g) {
+      float sum = part[g];
+      for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+      const float score = sum * scale;
+      const float m_new = fmaxf(m[g], score);
+      const float corr = m[g] == -INFINITY ? 0.0f : __expf(m[g] - m_new);
+      const float w = __expf(score - m_new);
+      l[g] = l[g] * corr + w;
+      for (int j = 0; j < kMaxPerLane; ++j) acc[g][j] = acc[g][j] * corr + w * vrow[j];
+      m[g] = m_new;
+    }
+    __syncwarp();
+  }
+  // Merge the warps in order.
+  for (int g = 0; g < G; ++g) {
+    if (lane == 0) {
+      wm[warp * G + g] = m[g];
+      wl[warp * G + g] = l[g];
+    }
+    for (int j = 0; j < kMaxPerLane; ++j)
+      if (lane + 32 * j < hd) wacc[(warp * G + g) * hd + lane + 32 * j] = acc[g][j];
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < G * hd; e += blockDim.x) {
+    const int g = e / hd, ch = e % hd;
+    float mx = -INFINITY;
+    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, wm[w * G + g]);
+    float sum = 0, o = 0;
+    for (int w = 0; w < kWarps; ++w) {
+      if (wm[w * G + g] == -INFINITY) continue;
+      const float f = __expf(wm[w * G + g] - mx);
+      sum += f * wl[w * G + g];
+      o += f * wacc[(w * G + g) * hd + ch];
+    }
+    float* dst = ws + ((int64_t(b) * n_heads + h * G + g) * splits + split) * (hd + 2);
+    if (ch == 0) {
+      dst[0] = mx;
+      dst[1] = sum;
+    }
+    dst[2 + ch] = o;
+  }
+}
+
+__global__ void merge_kernel(const KvDeviceCache c, int n_heads, int splits, int split_tokens, const float* __restrict__ ws,
+                             uint16_t* __restrict__ out) {
+  const int bh = blockIdx.x, b = bh / n_heads, hd = c.head_dim;
+  const int len = c.lengths[b];
+  const float* src = ws + int64_t(bh) * splits * (hd + 2);
+  for (int ch = threadIdx.x; ch < hd; ch += blockDim.x) {
+    float mx = -INFINITY;
+    for (int s = 0; s * split_tokens < len && s < splits; ++s) mx = fmaxf(mx, src[s * (hd + 2)]);
+    float sum = 0, o = 0;
+    for (int s = 0; s * split_tokens < len && s < splits; ++s) {
+      const float* part = src + s * (hd + 2);
+      if (part[0] == -INFINITY) continue;
+      const float f = __expf(part[0] - mx);
+      sum += f * part[1];
+      o += f * part[2 + ch];
+    }
+    // Values are in model order: the output channel is the value channel.
+    out[int64_t(bh) * hd + ch] = float_to_fp16(o / sum);
+  }
+}
+
+}  // namespace
+
+int64_t kv_decode_workspace_bytes(int batch, int n_heads, int head_dim, int max_length, int split_tokens) {
+  if (split_tokens <= 0 || max_length <= 0) return 0;
+  const int64_t splits = (int64_t(max_length) + split_tokens - 1) / split_tokens;
+  return int64_t(batch) * n_heads * splits * (head_dim + 2) * int64_t(sizeof(float));
+}
+
+Status can_implement_kv_decode(const KvDeviceCache& c, int batch, int n_heads, int max_length, int split_tokens,
+                               int64_t workspace_bytes) {
+  auto bad = [](std::string m) { return Status{StatusCode::invalid_argument, "kv_decode_attention: " + m}; };
+  if (c.head_dim != 64 && c.head_dim != 80 && c.head_dim != 96 && c.head_dim != 128)
+    return bad("head_dim " + std::to_string(c.head_dim) + " is not supported (64, 80, 96, 128)");
+  for (int bits : {c.bits_k, c.bits_v})
+    if (bits < 2 || bits > 4) return bad(std::to_string(bits) + " bits (supported: 2, 3, 4)");
+  if (c.n_kv_heads <= 0 || n_heads <= 0 || n_heads % c.n_kv_heads != 0)
+    return bad(std::to_string(n_heads) + " query heads are not a multiple of " + std::to_string(c.n_kv_heads) +
+               " kv heads");
+  if (n_heads / c.n_kv_heads > kMaxGroup)
+    return bad("more than " + std::to_string(kMaxGroup) + " query heads per kv head");
+  if (batch <= 0 || max_length <= 0 || split_tokens <= 0)
+    return bad("batch, max_length and split_tokens must be positive");
+  if (c.block_tokens <= 0 || c.slots < 0 || c.sink_tokens < 0)
+    return bad("page size " + std::to_string(c.block_tokens) + ", outlier slots " + std::to_string(c.slots) +
+               " or sink tokens " + std::to_string(c.sink_tokens) + " out of range");
+  if (!c.pages || !c.block_tables || !c.lengths || !c.k_scale || !c.k_offset || !c.k_codebook || !c.v_codebook ||
+      !c.storage || !c.rope_freq || (c.sink_tokens > 0 && (!c.sink_k || !c.sink_v)))
+    return bad("a null cache pointer");
+  if (workspace_bytes < kv_decode_workspace_bytes(batch, n_heads, c.head_dim, max_length, split_tokens))
+    return bad("workspace of " + std::to_string(workspace_bytes) + " bytes is too small (need " +
+               std::to_string(kv_decode_workspace_bytes(batch, n_heads, c.head_dim, max_length, split_tokens)) + ")");
+  return {};
+}
+
+Status kv_decode_attention(const KvDeviceCache& c, int batch, int n_heads, const uint16_t* q, uint16_t* out, float scale,
+                           int max_length, int split_tokens, void* workspace, int64_t workspace_bytes,
+                           cudaStream_t stream) {
+  if (Status s = can_implement_kv_decode(c, batch, n_heads, max_length, split_tokens, workspace_bytes); !s.ok()) return s;
+  if (!q || !out || !workspace) return {StatusCode::invalid_argument, "kv_decode_attention: null q, out or workspace"};
+  const int G = n_heads / c.n_kv_heads, hd = c.head_dim;
+  const int splits = (max_length + split_tokens - 1) / split_tokens;
+  const size_t shared = sizeof(float) * size_t(G * hd + kWarps * hd + 2 * kWarps * G + kWarps * G * hd);
+  auto* ws = static_cast<float*>(workspace);
+  split_kernel<<<dim3(unsigned(splits), unsigned(c.n_kv_heads), unsigned(batch)), kWarps * 32, shared, stream>>>(
+      c, n_heads, q, scale, split_tokens, splits, ws);
+  if (Status s = cuda_status(cudaGetLastError(), "kv_decode_attention split launch"); !s.ok()) return s;
+  merge_kernel<<<unsigned(batch * n_heads), 128, 0, stream>>>(c, n_heads, splits, split_tokens, ws, out);
+  return cuda_status(cudaGetLastError(), "kv_decode_attention merge launch");
+}
+
+}  // namespace nuq::cuda

@@ -1,0 +1,123 @@
+// `nuq fisher`: the empirical Fisher diagonal of every linear weight from the decoder's backward pass
+// (include/nuq/llama_grad.hpp), one gradient sample per window of text, written as a Fisher statistics
+// file (docs/sensitivity.md) that `nuq quantize --fisher`, `nuq plan --stats` and `nuq stats merge` read.
+#include <fmt/format.h>
+
+#include <chrono>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "commands.hpp"
+#include "nuq/error.hpp"
+#include "nuq/llama.hpp"
+#include "nuq/llama_grad.hpp"
+#include "nuq/sensitivity.hpp"
+#include "nuq/tokenizer.hpp"
+
+namespace nuq::cli {
+namespace {
+
+namespace fs = std::filesystem;
+
+std::string slurp(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  NUQ_CHECK(in, Errc::io, "{}: cannot open: {}", path, std::strerror(errno));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+// The tokenizer `nuq eval` would use: --tokenizer, the model's own GGUF, or tokenizer.json beside it.
+std::string tokenizer_path(const LlamaModel& model, const std::string& model_path, std::string given) {
+  if (!given.empty()) return given;
+  if (!model.embedded_tokenizer_path().empty()) return model.embedded_tokenizer_path();
+  const fs::path dir = fs::is_directory(model_path) ? fs::path(model_path) : fs::path(model_path).parent_path();
+  if (fs::exists(dir / "tokenizer.json")) return (dir / "tokenizer.json").string();
+  throw Error(Errc::invalid_argument, fmt::format("{}: the checkpoint holds no tokenizer; pass --tokenizer", model_path));
+}
+
+std::string duration(double s) {
+  if (s < 120) return fmt::format("{:.0f}s", s);
+  if (s < 7200) return fmt::format("{:.0f}m{:02.0f}s", std::floor(s / 60), std::fmod(s, 60));
+  return fmt::format("{:.0f}h{:02.0f}m", std::floor(s / 3600), std::fmod(s / 60, 60));
+}
+
+}  // namespace
+
+void add_fisher_command(CLI::App& app, Action& action) {
+  struct Options {
+    std::string model, tokenizer, text, out;
+    int64_t ctx = 512, max_tokens = 16384, skip_tokens = 0;
+    int threads = 0;
+    bool quiet = false;
+  };
+  auto o = std::make_shared<Options>();
+  CLI::App* cmd = app.add_subcommand(
+      "fisher", "Empirical Fisher diagonal (mean squared gradient of each window's mean next-token loss) of every "
+                "linear weight, from a backward pass through the decoder, written as a statistics file for `nuq "
+                "quantize --fisher` and `nuq plan --stats`");
+  cmd->add_option("--model,-m", o->model, "checkpoint (the one to be quantized, for matching tensor names)")->required();
+  cmd->add_option("--tokenizer", o->tokenizer, "tokenizer (as for nuq eval)");
+  cmd->add_option("--text", o->text, "calibration text, tokenized as one string")->required();
+  cmd->add_option("--out,-o", o->out, "output .safetensors file (written atomically)")->required();
+  cmd->add_option("--ctx", o->ctx, "window length in tokens, BOS included; one gradient sample per window")
+      ->capture_default_str()
+      ->check(CLI::Range(2, 1 << 16));
+  cmd->add_option("--max-tokens", o->max_tokens, "tokens of text to run (0: all)")->capture_default_str();
+  cmd->add_option("--skip-tokens", o->skip_tokens,
+                  "start this many tokens into the text (keep calibration and evaluation text apart)")
+      ->capture_default_str();
+  cmd->add_option("--threads,-j", o->threads, "worker threads (0: all cores)")->capture_default_str();
+  cmd->add_flag("--quiet,-q", o->quiet, "no progress output");
+  cmd->callback([o, &action] {
+    action = [o]() -> int {
+      // Fail before hours of compute, not at the end, when the output cannot be written.
+      const fs::path out_dir = fs::absolute(o->out).parent_path();
+      NUQ_CHECK(fs::is_directory(out_dir), Errc::invalid_argument, "{}: the directory {} does not exist", o->out,
+                out_dir.string());
+      NUQ_CHECK(!fs::is_directory(o->out), Errc::invalid_argument, "{}: is a directory; --out names a file", o->out);
+      NUQ_CHECK(o->skip_tokens >= 0 && o->max_tokens >= 0, Errc::invalid_argument,
+                "--skip-tokens and --max-tokens must not be negative");
+      const auto t0 = std::chrono::steady_clock::now();
+      // Packed layers are decoded: gradients are taken with respect to the dense weights they stand for.
+      auto model = LlamaModel::load(o->model, {o->threads, true});
+      const std::string tok_path = tokenizer_path(*model, o->model, o->tokenizer);
+      auto tok = Tokenizer::load(tok_path);
+      NUQ_CHECK(tok->vocab_size() <= model->config().vocab_size, Errc::invalid_argument,
+                "{}: the tokenizer has {} tokens but the model only {}", tok_path, tok->vocab_size(),
+                model->config().vocab_size);
+      std::vector<int32_t> ids = tok->encode(slurp(o->text));
+      NUQ_CHECK(!ids.empty(), Errc::invalid_argument, "{}: the text has no tokens", o->text);
+      NUQ_CHECK(o->skip_tokens < int64_t(ids.size()), Errc::invalid_argument,
+                "{}: cannot skip {} of its {} tokens", o->text, o->skip_tokens, ids.size());
+      ids.erase(ids.begin(), ids.begin() + o->skip_tokens);
+      if (o->max_tokens > 0 && int64_t(ids.size()) > o->max_tokens) ids.resize(std::size_t(o->max_tokens));
+      LlamaBackward backward(model->weights(), o->threads);
+      const double load_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      if (!o->quiet)
+        std::fprintf(stderr, "%s: %s, %lld layers; %zu tokens of %s in windows of %lld (loaded in %.1f s)\n",
+                     o->model.c_str(), model->description().c_str(), (long long)model->config().n_layers, ids.size(),
+                     o->text.c_str(), (long long)o->ctx, load_seconds);
+      FisherAccumulator acc;
+      const auto t1 = std::chrono::steady_clock::now();
+      const FisherCollectResult r = collect_fisher(
+          backward, ids, tok->bos(), o->ctx, acc, [&](int64_t w, int64_t windows, double loss, double seconds) {
+            if (o->quiet) return;
+            const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
+            std::fprintf(stderr, "window %lld/%lld  loss %.4f  %.1f s  ETA %s\n", (long long)(w + 1),
+                         (long long)windows, loss, seconds,
+                         duration(elapsed / double(w + 1) * double(windows - w - 1)).c_str());
+          });
+      acc.save(o->out);
+      const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
+      fmt::print("wrote {}: Fisher diagonal of {} weights over {} windows ({} tokens, mean loss {:.4f}) in {:.1f} s "
+                 "({:.1f} s per window)\n",
+                 o->out, acc.names().size(), r.windows, r.tokens, r.mean_loss, seconds, seconds / double(r.windows));
+      return 0;
+    };
+  });
+}
+
+}  // namespace nuq::cli

@@ -1,0 +1,199 @@
+// The CUDA linear kernels (include/nuq/linear_cuda.hpp) against the CPU reference nuq::cpu::linear_ref on
+// layers from the real quantizer: odd shapes, 2/3/4 bits, per-row and grouped codebooks, with and without
+// the sparse part, fp16 and bf16, the GEMV batches 1-16 and the prefill path above. Without a CUDA device
+// these tests report as skipped, never as passed; the argument checks run on the host regardless.
+//
+// Tolerance, per output: u_out·|y_ref| + u_w·S + 1e-5·S, where S = Σ_c (|dense| + |sparse|)·|x| and u is
+// the unit roundoff of the activation type (2^-11 fp16, 2^-8 bf16). The GEMV accumulates in fp32 from
+// exact fp16 codebook values (u_w = 0) and rounds once on output (u_out); the prefill path also rounds
+// every dense + sparse weight to the activation type before cuBLAS (u_w = u). The reference gets the same
+// rounded activations, so activation rounding is not part of the error.
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "nuq/cuda.hpp"
+#include "nuq/half.hpp"
+#include "nuq/linear_cpu.hpp"
+#include "nuq/linear_cuda.hpp"
+#include "nuq/packed.hpp"
+#include "nuq/quantize.hpp"
+
+namespace {
+
+using nuq::cuda::ActivationType;
+
+struct Spec {
+  int64_t rows, cols;
+  int bits;
+  int64_t group;
+  bool sparse;
+};
+
+std::string describe(const Spec& s) {
+  return "rows=" + std::to_string(s.rows) + " cols=" + std::to_string(s.cols) + " bits=" + std::to_string(s.bits) +
+         " group=" + std::to_string(s.group) + (s.sparse ? " sparse" : "");
+}
+
+nuq::PackedLinear make_layer(const Spec& s) {
+  std::mt19937_64 rng(uint64_t(s.rows * 31 + s.cols * 7 + s.bits + s.group + s.sparse));
+  std::student_t_distribution<float> heavy(3.0f);
+  std::vector<float> w(size_t(s.rows * s.cols));
+  for (auto& v : w) v = 0.02f * heavy(rng);
+  nuq::QuantizeOptions opt;
+  opt.method = nuq::QuantMethod::nuq;
+  opt.bits = s.bits;
+  opt.group_size = s.group;
+  opt.outlier_fraction = s.sparse ? 0.01 : 0.0;
+  opt.threads = 1;
+  return nuq::quantize_linear(w.data(), nullptr, s.rows, s.cols, s.cols, opt, "test");
+}
+
+template <class T>
+T* to_device(const std::vector<T>& v) {
+  T* d = nullptr;
+  if (v.empty()) return nullptr;
+  EXPECT_EQ(cudaMalloc(reinterpret_cast<void**>(&d), v.size() * sizeof(T)), cudaSuccess);
+  EXPECT_EQ(cudaMemcpy(d, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
+  return d;
+}
+
+class CudaLinear : public ::testing::TestWithParam<ActivationType> {
+ protected:
+  void SetUp() override {
+    if (nuq::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device: the CUDA linear kernels were not run";
+  }
+};
+
+TEST_P(CudaLinear, MatchesCpuReference) {
+  const ActivationType type = GetParam();
+  const bool bf16 = type == ActivationType::bf16;
+  const double u = bf16 ? std::ldexp(1.0, -8) : std::ldexp(1.0, -11);
+  cublasHandle_t blas = nullptr;
+  std::vector<Spec> specs;
+  for (int bits : {2, 3, 4})
+    for (bool sparse : {false, true}) {
+      for (int64_t rows : {1, 19, 111})
+        for (int64_t cols : {1, 19, 111, 4097}) specs.push_back({rows, cols, bits, cols, sparse});
+      specs.push_back({4097, 64, bits, 64, sparse});
+      for (int64_t group : {64, 256}) specs.push_back({37, 4096, bits, group, sparse});
+    }
+  for (const Spec& s : specs) {
+    const nuq::PackedLinear layer = make_layer(s);
+    const auto host = layer.view();
+    // Device copies of every array of the layer.
+    const auto* qw = host.qweight;
+    std::vector<uint8_t> q(qw, qw + host.rows * host.row_stride());
+    std::vector<uint16_t> lut(host.lut, host.lut + host.rows * host.groups() * (1 << s.bits));
+    nuq::format::PackedLinearView dev = host;
+    dev.qweight = to_device(q);
+    dev.lut = to_device(lut);
+    if (host.nnz > 0) {
+      dev.sparse_row_ptr = to_device(std::vector<int32_t>(host.sparse_row_ptr, host.sparse_row_ptr + host.rows + 1));
+      const size_t idx_bytes = nuq::format::sparse_cols_are_u16(s.cols) ? 2 : 4;
+      const auto* ci = static_cast<const uint8_t*>(host.sparse_col_idx);
+      dev.sparse_col_idx = to_device(std::vector<uint8_t>(ci, ci + host.nnz * idx_bytes));
+      dev.sparse_values = to_device(std::vector<uint16_t>(host.sparse_values, host.sparse_values + host.nnz));
+    }
+    for (int64_t batch : {1, 2, 3, 8, 13, 16, 17, 40}) {
+      const int64_t ldx = s.cols + (s.cols % 2 ? 1 : 2), ldy = s.rows + (s.rows % 2 ? 1 : 2);
+      std::mt19937 rng{unsigned(batch)};
+      std::normal_distribution<float> normal(0.0f, 1.0f);
+      std::vector<uint16_t> xh(size_t(batch * ldx), 0);
+      std::vector<float> xf(size_t(batch * ldx), 0.0f);
+      for (int64_t i = 0; i < batch * ldx; ++i) {
+        const float v = normal(rng);
+        xh[size_t(i)] = bf16 ? nuq::float_to_bf16(v) : nuq::float_to_fp16(v);
+        xf[size_t(i)] = bf16 ? nuq::bf16_to_float(xh[size_t(i)]) : nuq::fp16_to_float(xh[size_t(i)]);
+      }
+      std::vector<float> ref(size_t(batch * s.rows));
+      nuq::cpu::linear_ref(host, xf.data(), ldx, ref.data(), s.rows, batch);
+      // S per output: decode |W| densely on the host.
+      std::vector<float> dense(size_t(s.rows * s.cols));
+      nuq::dequantize_reference(host, dense.data());
+
+      uint16_t* dx = to_device(xh);
+      uint16_t* dy = to_device(std::vector<uint16_t>(size_t(batch * ldy), 0xFFFF));
+      void* workspace = nullptr;
+      const size_t ws = nuq::cuda::linear_workspace_bytes(dev, batch);
+      if (ws > 0) {
+        ASSERT_EQ(cudaMalloc(&workspace, ws), cudaSuccess);
+        if (blas == nullptr) ASSERT_EQ(cublasCreate(&blas), CUBLAS_STATUS_SUCCESS);
+      }
+      const auto status = nuq::cuda::linear(dev, dx, ldx, dy, ldy, batch, type, nullptr, blas, workspace, ws);
+      ASSERT_TRUE(status.ok()) << describe(s) << " batch=" << batch << ": " << status.message;
+      std::vector<uint16_t> yh(size_t(batch * ldy));
+      ASSERT_EQ(cudaMemcpy(yh.data(), dy, yh.size() * 2, cudaMemcpyDeviceToHost), cudaSuccess);
+      const double uw = batch > nuq::cuda::kMaxGemvBatch ? u : 0.0;
+      for (int64_t b = 0; b < batch; ++b)
+        for (int64_t r = 0; r < ldy; ++r) {
+          if (r >= s.rows) {
+            ASSERT_EQ(yh[size_t(b * ldy + r)], 0xFFFF) << "wrote into the ldy gap";
+            continue;
+          }
+          double scale = 0;
+          for (int64_t c = 0; c < s.cols; ++c)
+            scale += std::fabs(double(dense[size_t(r * s.cols + c)])) * std::fabs(double(xf[size_t(b * ldx + c)]));
+          const double y = bf16 ? nuq::bf16_to_float(yh[size_t(b * ldy + r)]) : nuq::fp16_to_float(yh[size_t(b * ldy + r)]);
+          const double want = ref[size_t(b * s.rows + r)];
+          ASSERT_LE(std::fabs(y - want), u * std::fabs(want) + (uw + 1e-5) * scale)
+              << describe(s) << " batch=" << batch << " b=" << b << " r=" << r << ": " << y << " vs " << want;
+        }
+      cudaFree(dx);
+      cudaFree(dy);
+      cudaFree(workspace);
+    }
+    cudaFree(const_cast<uint8_t*>(dev.qweight));
+    cudaFree(const_cast<uint16_t*>(dev.lut));
+    cudaFree(const_cast<int32_t*>(dev.sparse_row_ptr));
+    cudaFree(const_cast<void*>(dev.sparse_col_idx));
+    cudaFree(const_cast<uint16_t*>(dev.sparse_values));
+  }
+  if (blas) cublasDestroy(blas);
+}
+
+INSTANTIATE_TEST_SUITE_P(Types, CudaLinear, ::testing::Values(ActivationType::f16, ActivationType::bf16),
+                         [](const auto& info) { return std::string(info.param == ActivationType::f16 ? "f16" : "bf16"); });
+
+// Host-side checks: no device needed. Pointers are never dereferenced by can_implement_linear.
+alignas(16) uint8_t fake[64];
+
+TEST(CudaLinearArgs, RefusalsNameTheProblem) {
+  nuq::format::PackedLinearView w;
+  w.rows = 8;
+  w.cols = 96;
+  w.bits = 3;
+  w.group_size = 96;
+  w.qweight = fake;
+  w.lut = reinterpret_cast<const uint16_t*>(fake);
+  EXPECT_TRUE(nuq::cuda::can_implement_linear(w, fake, 96, fake, 8, 1).ok());
+  auto msg = [&](auto view, int64_t ldx, int64_t ldy, int64_t batch, const void* x = fake) {
+    return nuq::cuda::can_implement_linear(view, x, ldx, fake, ldy, batch).message;
+  };
+  auto bad = w;
+  bad.group_size = 32;
+  EXPECT_NE(msg(bad, 96, 8, 1).find("groups of 32"), std::string::npos);
+  bad = w;
+  bad.bits = 5;
+  EXPECT_NE(msg(bad, 96, 8, 1).find("bit width 5"), std::string::npos);
+  EXPECT_NE(msg(w, 95, 8, 1).find("ldx 95"), std::string::npos);
+  EXPECT_NE(msg(w, 97, 8, 1).find("must be even"), std::string::npos);
+  EXPECT_NE(msg(w, 96, 8, 0).find("batch must be positive"), std::string::npos);
+  EXPECT_NE(msg(w, 96, 8, 1, fake + 1).find("4-byte aligned"), std::string::npos);
+  bad = w;
+  bad.qweight = fake + 4;
+  EXPECT_NE(msg(bad, 96, 8, 1).find("8-byte aligned"), std::string::npos);
+  bad = w;
+  bad.nnz = 3;
+  EXPECT_NE(msg(bad, 96, 8, 1).find("sparse array"), std::string::npos);
+  EXPECT_EQ(nuq::cuda::linear_workspace_bytes(w, 16), 0u);
+  EXPECT_EQ(nuq::cuda::linear_workspace_bytes(w, 17), size_t(8 * 96 * 2));
+}
+
+}  // namespace
