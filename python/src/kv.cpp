@@ -3,9 +3,12 @@
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
+#include <optional>
 #include <string>
+#include <tuple>
 
 #include "bindings.hpp"
+#include "interop.hpp"
 #include "nuq/kv_cache.hpp"
 
 namespace py = pybind11;
@@ -48,14 +51,25 @@ kv::LayerCalibration from_dict(const py::dict& d) {
   return c;
 }
 
-py::dict calibrate(const F32& k, const F32& v, const std::optional<F32>& k_sens, const std::optional<F32>& v_sens,
-                   int bits_k, int bits_v, double outlier_fraction, bool q_norm) {
-  if (k.ndim() != 3 || v.ndim() != 3)
+py::dict calibrate(py::handle k_obj, py::handle v_obj, py::handle k_sens_obj, py::handle v_sens_obj, int bits_k,
+                   int bits_v, double outlier_fraction, bool q_norm) {
+  // The shared argument checks (interop.hpp): float32, C-contiguous, host memory, any buffer or DLPack
+  // producer; a wrong dtype is refused by name rather than converted.
+  ArrayArg k(k_obj, "calibrate_kv_layer", "k"), v(v_obj, "calibrate_kv_layer", "v");
+  k.dtype({"float32"}).contiguous();
+  v.dtype({"float32"}).contiguous();
+  if (k.ndims() != 3 || v.ndims() != 3)
     throw py::value_error("keys and values must be [tokens, n_kv_heads, head_dim] arrays");
   for (int i = 0; i < 3; ++i)
     if (k.shape(i) != v.shape(i)) throw py::value_error("keys and values differ in shape");
-  for (const auto* s : {&k_sens, &v_sens})
-    if (*s && (*s)->size() != k.size()) throw py::value_error("a sensitivity array differs in size from the keys");
+  std::optional<ArrayArg> k_sens, v_sens;
+  for (auto [obj, sens, name] : {std::tuple{k_sens_obj, &k_sens, "k_sensitivity"}, std::tuple{v_sens_obj, &v_sens, "v_sensitivity"}}) {
+    if (obj.is_none()) continue;
+    sens->emplace(obj, "calibrate_kv_layer", name);
+    (*sens)->dtype({"float32"}).contiguous();
+    if (int64_t((*sens)->array.size()) != int64_t(k.array.size()))
+      throw py::value_error("a sensitivity array differs in size from the keys");
+  }
   kv::CalibrationOptions o;
   o.bits_k = bits_k;
   o.bits_v = bits_v;
@@ -64,8 +78,8 @@ py::dict calibrate(const F32& k, const F32& v, const std::optional<F32>& k_sens,
   kv::LayerCalibration c;
   {
     py::gil_scoped_release release;
-    c = kv::calibrate_layer(k.data(), v.data(), k_sens ? k_sens->data() : nullptr, v_sens ? v_sens->data() : nullptr,
-                            k.shape(0), k.shape(1), k.shape(2), o);
+    c = kv::calibrate_layer(k.as<float>(), v.as<float>(), k_sens ? k_sens->as<float>() : nullptr,
+                            v_sens ? v_sens->as<float>() : nullptr, k.shape(0), k.shape(1), k.shape(2), o);
   }
   return to_dict(c);
 }

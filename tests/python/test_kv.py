@@ -59,3 +59,8 @@ def test_bad_input_is_named(nq):
         nq.calibrate_kv_layer(v, v, bits_k=5)
     with pytest.raises(ValueError, match="tokens, n_kv_heads, head_dim"):
         nq.calibrate_kv_layer(k[0], v[0])
+    # Wrong dtypes and layouts are refused by name, never silently converted.
+    with pytest.raises(TypeError, match="calibrate_kv_layer: k .*float32"):
+        nq.calibrate_kv_layer(k.astype(np.float64), v)
+    with pytest.raises(ValueError, match="calibrate_kv_layer: v .*contiguous"):
+        nq.calibrate_kv_layer(k, np.asfortranarray(v))
