@@ -67,7 +67,8 @@ void check_layer(const format::PackedLinearView& w) {
   }
 }
 
-void check_call(const format::PackedLinearView& w, const float* x, int64_t ldx, const float* y, int64_t ldy,
+// x and y are untyped: the same checks serve the fp32 and bf16 entry points.
+void check_call(const format::PackedLinearView& w, const void* x, int64_t ldx, const void* y, int64_t ldy,
                 int64_t batch) {
   check_layer(w);
   NUQ_CHECK(x != nullptr, Errc::invalid_argument, "CPU linear: activations x are null");
@@ -377,11 +378,7 @@ void linear(const format::PackedLinearView& w, const float* x, int64_t ldx, floa
 
 void linear_bf16(const format::PackedLinearView& w, const uint16_t* x, int64_t ldx, uint16_t* y, int64_t ldy,
                  int64_t batch, const LinearOptions& options) {
-  NUQ_CHECK(x != nullptr, Errc::invalid_argument, "CPU linear: activations x are null");
-  NUQ_CHECK(y != nullptr, Errc::invalid_argument, "CPU linear: output y is null");
-  NUQ_CHECK(batch > 0, Errc::invalid_argument, "CPU linear: batch must be positive, got {}", batch);
-  NUQ_CHECK(ldx >= w.cols, Errc::invalid_argument, "CPU linear: ldx {} is less than the {} columns", ldx, w.cols);
-  NUQ_CHECK(ldy >= w.rows, Errc::invalid_argument, "CPU linear: ldy {} is less than the {} rows", ldy, w.rows);
+  check_call(w, x, ldx, y, ldy, batch);
   thread_local std::vector<float> xf, yf;
   xf.resize(size_t(batch * w.cols));
   yf.resize(size_t(batch * w.rows));
