@@ -11,6 +11,10 @@
 #include <limits>
 #include <thread>
 
+#include <Eigen/Cholesky>
+#include <Eigen/Core>
+
+#include "dense_ops.hpp"
 #include "nuq/error.hpp"
 #include "nuq/half.hpp"
 
@@ -138,6 +142,7 @@ inline uint32_t magnitude_key(float x) { return std::bit_cast<uint32_t>(x) & 0x7
 
 struct RowStats {
   double sse = 0, weighted_sse = 0, weight_sum = 0, max_abs = 0;
+  double output_sse = 0, output_energy = 0;  // Δ H Δᵀ and w H wᵀ, with a Hessian
   int64_t outliers = 0, sensitive = 0;
 };
 
@@ -244,10 +249,148 @@ int resolve_threads(int threads, int64_t rows) {
   return int(std::min<int64_t>(threads, std::max<int64_t>(rows, 1)));
 }
 
+void check_hessian(const double* h, int64_t cols, double damping, std::string_view name) {
+  NUQ_CHECK(std::isfinite(damping) && damping >= 0, Errc::invalid_argument,
+            "{}: Hessian damping {} must be finite and >= 0", name, damping);
+  for (int64_t i = 0; i < cols; ++i) {
+    NUQ_CHECK(h[i * cols + i] >= 0, Errc::invalid_argument,
+              "{}: XᵀX diagonal [{}] is {} (must be finite and >= 0)", name, i, h[i * cols + i]);
+    for (int64_t j = 0; j < cols; ++j) {
+      const double a = h[i * cols + j], b = h[j * cols + i];
+      NUQ_CHECK(std::isfinite(a), Errc::invalid_argument, "{}: XᵀX [{}, {}] is {}", name, i, j, a);
+      // Files store fp32 means, so a transposed pair may differ in the last bits, not more.
+      NUQ_CHECK(std::fabs(a - b) <= 1e-5 * (std::fabs(a) + std::fabs(b)) + 1e-30, Errc::invalid_argument,
+                "{}: XᵀX is not symmetric: [{}, {}] = {} but [{}, {}] = {}", name, i, j, a, j, i, b);
+    }
+  }
+}
+
+// GPTQ's column sweep onto codebooks that are already fixed (docs/quantization.md#error-feedback).
+// With H = XᵀX (damped) and U the upper Cholesky factor of H⁻¹ in the processing order, rounding
+// column i with error e_i and subtracting e_i·U[i, j] / U[i, i] from every later column j is the
+// exact optimal update of the unrounded columns for the loss tr(ΔW H ΔWᵀ) (OBS), applied greedily.
+// Columns go largest diagonal first (GPTQ's act-order): the columns whose errors cost most are
+// rounded while the most freedom is left to compensate them. A weight kept in the sparse part is
+// stored exactly, so its error is zero and it passes nothing on. Returns the value every weight is
+// finally rounded from (row-major [rows, cols], original column order).
+std::vector<float> error_feedback_targets(const float* weight, int64_t ld, int64_t rows, int64_t cols,
+                                          const double* hessian, double damping, const uint8_t* kept,
+                                          const Codebook* books, int64_t group, int threads, std::string_view name) {
+  const int64_t groups = cols / group;
+  std::vector<int64_t> order(cols);
+  for (int64_t c = 0; c < cols; ++c) order[c] = c;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return hessian[a * cols + a] > hessian[b * cols + b]; });
+  double mean_diag = 0;
+  for (int64_t c = 0; c < cols; ++c) mean_diag += hessian[c * cols + c];
+  mean_diag /= double(cols);
+  Eigen::MatrixXd H(cols, cols);
+  for (int64_t i = 0; i < cols; ++i)
+    for (int64_t j = 0; j < cols; ++j) H(i, j) = 0.5 * (hessian[order[i] * cols + order[j]] + hessian[order[j] * cols + order[i]]);
+  for (int64_t i = 0; i < cols; ++i) {
+    // A column no calibration token touched cannot change the output: give it a unit diagonal so the
+    // factorization exists; its zero couplings keep its rounding error to itself.
+    if (H(i, i) == 0) H(i, i) = 1;
+    H(i, i) += damping * mean_diag;
+  }
+  Eigen::LLT<Eigen::MatrixXd> llt(H);
+  NUQ_CHECK(llt.info() == Eigen::Success, Errc::invalid_argument,
+            "{}: XᵀX is not positive definite after damping {} (too few calibration tokens for {} columns? raise "
+            "the damping)",
+            name, damping, cols);
+  const Eigen::MatrixXd Hinv = llt.solve(Eigen::MatrixXd::Identity(cols, cols));
+  Eigen::LLT<Eigen::MatrixXd> llt_inv(Hinv);
+  NUQ_CHECK(llt_inv.info() == Eigen::Success, Errc::invalid_argument,
+            "{}: the inverse of the damped XᵀX is numerically singular; raise the damping", name);
+  // Row-major fp32 copy of U: the sweep reads rows of it, and fp32 is what the weights are.
+  std::vector<float> U(std::size_t(cols * cols), 0.0f);
+  {
+    const Eigen::MatrixXd Ud = llt_inv.matrixU();
+    for (int64_t i = 0; i < cols; ++i)
+      for (int64_t j = i; j < cols; ++j) U[i * cols + j] = float(Ud(i, j));
+  }
+
+  // Columns are swept in blocks; within a block updates go column by column, and the rest of the
+  // matrix receives the block's errors as one product (GPTQ's lazy batch update), which is where the
+  // O(rows·cols²) work goes. Rows are independent, so the matrix is cut into fixed chunks of rows:
+  // the arithmetic of a row never depends on the thread count.
+  constexpr int64_t kBlock = 128, kRowChunk = 64;
+  // Ut[block][j, b] = U[i1 + b, i2 + j]: the B operand of the trailing update, [cols - i2, nb].
+  std::vector<std::vector<float>> trailing;
+  for (int64_t i1 = 0; i1 < cols; i1 += kBlock) {
+    const int64_t i2 = std::min(cols, i1 + kBlock), nb = i2 - i1, rest = cols - i2;
+    std::vector<float> t(std::size_t(rest * nb));
+    for (int64_t j = 0; j < rest; ++j)
+      for (int64_t b = 0; b < nb; ++b) t[j * nb + b] = U[(i1 + b) * cols + i2 + j];
+    trailing.push_back(std::move(t));
+  }
+
+  std::vector<float> targets(std::size_t(rows * cols));
+  const int64_t chunks = (rows + kRowChunk - 1) / kRowChunk;
+  parallel_rows(chunks, threads, [&](int, int64_t chunk) {
+    const int64_t r0 = chunk * kRowChunk, m = std::min(kRowChunk, rows - r0);
+    std::vector<float> w(std::size_t(m * cols));  // the chunk's rows, columns in processing order
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t i = 0; i < cols; ++i) w[r * cols + i] = weight[(r0 + r) * ld + order[i]];
+    std::vector<float> block(std::size_t(kBlock * m)), err(std::size_t(m * kBlock)), update, e(std::size_t{0} + std::size_t(m));
+    for (int64_t i1 = 0, bi = 0; i1 < cols; i1 += kBlock, ++bi) {
+      const int64_t i2 = std::min(cols, i1 + kBlock), nb = i2 - i1, rest = cols - i2;
+      for (int64_t b = 0; b < nb; ++b)  // column-major copy: the sweep walks one column of all rows
+        for (int64_t r = 0; r < m; ++r) block[b * m + r] = w[r * cols + i1 + b];
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t i = i1 + b, c = order[i];
+        const float inv_diag = 1.0f / U[i * cols + i];
+        float* col = block.data() + b * m;
+        for (int64_t r = 0; r < m; ++r) {
+          const int64_t row = r0 + r;
+          const float x = col[r];
+          targets[row * cols + c] = x;
+          const float q = kept[row * cols + c] ? x : books[row * groups + c / group].value[books[row * groups + c / group].nearest(x)];
+          e[r] = (x - q) * inv_diag;
+          err[r * nb + b] = e[r];
+        }
+        for (int64_t j = b + 1; j < nb; ++j) {
+          const float u = U[i * cols + i1 + j];
+          float* dst = block.data() + j * m;
+          for (int64_t r = 0; r < m; ++r) dst[r] -= e[r] * u;
+        }
+      }
+      if (rest == 0) break;
+      update.resize(std::size_t(m * rest));
+      detail::dense_gemm_nt(1, err.data(), m, nb, trailing[bi].data(), rest, nb, nb, update.data(), rest);
+      for (int64_t r = 0; r < m; ++r)
+        for (int64_t j = 0; j < rest; ++j) w[r * cols + i2 + j] -= update[r * rest + j];
+    }
+  });
+  return targets;
+}
+
+// Adds Δ_r H Δ_rᵀ and w_r H w_rᵀ to every row's stats, in fixed chunks of rows (thread-count invariant).
+void measure_output_error(const float* weight, int64_t ld, const float* deltas, int64_t rows, int64_t cols,
+                          const double* hessian, int threads, std::vector<RowStats>& stats) {
+  std::vector<float> h(std::size_t(cols * cols));
+  for (int64_t i = 0; i < cols * cols; ++i) h[i] = float(hessian[i]);
+  constexpr int64_t kRowChunk = 64;
+  parallel_rows((rows + kRowChunk - 1) / kRowChunk, threads, [&](int, int64_t chunk) {
+    const int64_t r0 = chunk * kRowChunk, m = std::min(kRowChunk, rows - r0);
+    std::vector<float> w(std::size_t(m * cols)), product(std::size_t(m * cols));
+    for (int64_t r = 0; r < m; ++r) std::copy(weight + (r0 + r) * ld, weight + (r0 + r) * ld + cols, w.begin() + r * cols);
+    for (int pass = 0; pass < 2; ++pass) {
+      const float* a = pass == 0 ? deltas + r0 * cols : w.data();
+      detail::dense_gemm_nt(1, a, m, cols, h.data(), cols, cols, cols, product.data(), cols);  // A·H (H symmetric)
+      for (int64_t r = 0; r < m; ++r) {
+        double sum = 0;
+        for (int64_t c = 0; c < cols; ++c) sum += double(a[r * cols + c]) * double(product[r * cols + c]);
+        (pass == 0 ? stats[r0 + r].output_sse : stats[r0 + r].output_energy) = sum;
+      }
+    }
+  });
+}
+
 QuantizeReport summarize(const std::vector<RowStats>& stats, int64_t rows, int64_t cols, int bits,
                          int64_t group_size, int64_t nnz, bool weighted) {
   QuantizeReport rep;
-  double sse = 0, wsse = 0, wsum = 0;
+  double sse = 0, wsse = 0, wsum = 0, output_sse = 0, output_energy = 0;
   for (const auto& s : stats) {
     sse += s.sse;
     wsse += s.weighted_sse;
@@ -255,7 +398,10 @@ QuantizeReport summarize(const std::vector<RowStats>& stats, int64_t rows, int64
     rep.max_abs_error = std::max(rep.max_abs_error, s.max_abs);
     rep.outliers += s.outliers;
     rep.sensitive += s.sensitive;
+    output_sse += s.output_sse;
+    output_energy += s.output_energy;
   }
+  rep.relative_output_error = output_energy > 0 ? output_sse / output_energy : 0.0;
   const double n = double(rows) * double(cols);
   rep.mse = sse / n;
   rep.weighted_mse = weighted ? (wsum > 0 ? wsse / wsum : 0.0) : rep.mse;
@@ -330,48 +476,60 @@ PackedLinear quantize_linear(const float* weight, const float* sensitivity, int6
   std::vector<RowStats> stats(rows);
   std::vector<std::vector<SparseEntry>> sparse(rows);
 
+  // Error feedback needs every row's sparse mask and codebooks before the first column is rounded, so
+  // it keeps them for the whole matrix; without it they live in per-thread scratch, one row at a time.
+  const bool feedback = options.hessian != nullptr && options.error_feedback;
+  std::vector<double> hessian_diagonal;
+  if (options.hessian) {
+    check_hessian(options.hessian, cols, options.hessian_damping, name);
+    hessian_diagonal.resize(cols);
+    for (int64_t c = 0; c < cols; ++c) hessian_diagonal[c] = options.hessian[c * cols + c];
+  }
+  std::vector<float> column_weight;  // k-means weights from the Hessian diagonal when no sensitivities
+  if (options.hessian && options.method == QuantMethod::nuq && !cluster_weight)
+    column_weight.assign(hessian_diagonal.begin(), hessian_diagonal.end());
+  std::vector<uint8_t> kept_all(feedback ? rows * cols : 0);
+  std::vector<float> deltas(options.hessian ? rows * cols : 0);  // ŵ − w, for the output error figure
+  std::vector<Codebook> books_all(feedback ? rows * groups : 0);
+
   struct Scratch {
     std::vector<uint8_t> kept, index;
     std::vector<uint64_t> keys;
     std::vector<float> x, w, centers;
+    std::vector<Codebook> books;
     SortedWeightedPoints points;
   };
   std::vector<Scratch> scratch(threads);
 
-  parallel_rows(rows, threads, [&](int t, int64_t r) {
-    Scratch& s = scratch[t];
+  // Chooses row r's sparse entries (1 = magnitude outlier, 2 = sensitive) and fits its codebooks.
+  auto select_and_fit = [&](Scratch& s, int64_t r, uint8_t* kept, Codebook* books) {
     const float* wrow = weight + r * ld;
     const float* srow = sensitivity ? sensitivity + r * ld : nullptr;
-    const float* crow = cluster_weight ? cluster_weight + r * ld : nullptr;
-    RowStats& st = stats[r];
-    s.kept.assign(cols, 0);  // 1 = magnitude outlier, 2 = sensitive
+    const float* crow = cluster_weight ? cluster_weight + r * ld : column_weight.empty() ? nullptr : column_weight.data();
+    std::fill(kept, kept + cols, uint8_t(0));
     if (per_row) {
-      const int64_t row_base = 0;
       auto out = select_top_k_in_row(cols, row_outliers, s.keys, [&](int64_t c, uint32_t& key) {
         key = magnitude_key(wrow[c]);
         return true;
       });
       for (int64_t c = 0; c < cols; ++c)
-        if (out.selected(magnitude_key(wrow[c]), row_base + c)) s.kept[c] = 1;
+        if (out.selected(magnitude_key(wrow[c]), c)) kept[c] = 1;
       if (srow) {
         auto sen = select_top_k_in_row(cols, row_sensitive, s.keys, [&](int64_t c, uint32_t& key) {
-          if (s.kept[c]) return false;
+          if (kept[c]) return false;
           key = magnitude_key(srow[c]);
           return true;
         });
         for (int64_t c = 0; c < cols; ++c)
-          if (!s.kept[c] && sen.selected(magnitude_key(srow[c]), c)) s.kept[c] = 2;
+          if (!kept[c] && sen.selected(magnitude_key(srow[c]), c)) kept[c] = 2;
       }
     } else {
       for (int64_t c = 0; c < cols; ++c) {
         const int64_t i = r * cols + c;
-        if (outlier_sel.selected(magnitude_key(wrow[c]), i)) s.kept[c] = 1;
-        else if (srow && sensitive_sel.selected(magnitude_key(srow[c]), i)) s.kept[c] = 2;
+        if (outlier_sel.selected(magnitude_key(wrow[c]), i)) kept[c] = 1;
+        else if (srow && sensitive_sel.selected(magnitude_key(srow[c]), i)) kept[c] = 2;
       }
     }
-
-    s.index.assign(cols, 0);
-    uint16_t* lut_row = packed.lut.data_as<uint16_t>() + r * groups * k;
     s.centers.resize(k);
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t c0 = g * group, c1 = c0 + group;
@@ -380,11 +538,11 @@ PackedLinear quantize_linear(const float* weight, const float* sensitivity, int6
       s.w.clear();
       double wsum = 0;
       for (int64_t c = c0; c < c1; ++c) {
-        if (s.kept[c]) continue;
+        if (kept[c]) continue;
         s.x.push_back(wrow[c]);
         if (crow) { s.w.push_back(crow[c]); wsum += crow[c]; }
       }
-      Codebook cb;
+      Codebook& cb = books[g];
       if (options.method == QuantMethod::rtn) {
         rtn_codebook(s.x.data(), int64_t(s.x.size()), bits, cb);
       } else {
@@ -393,15 +551,28 @@ PackedLinear quantize_linear(const float* weight, const float* sensitivity, int6
         kmeans_1d(s.points, k, options.kmeans, s.centers.data());
         cb.set(s.centers.data(), k);
       }
+    }
+  };
+
+  // Writes row r's codebooks, indices and sparse residuals, rounding `target` (the weights themselves,
+  // or what error feedback made of them) and measuring the error against the original weights.
+  auto assign = [&](Scratch& s, int64_t r, const uint8_t* kept, const Codebook* books, const float* target) {
+    const float* wrow = weight + r * ld;
+    const float* srow = sensitivity ? sensitivity + r * ld : nullptr;
+    RowStats& st = stats[r];
+    s.index.assign(cols, 0);
+    uint16_t* lut_row = packed.lut.data_as<uint16_t>() + r * groups * k;
+    for (int64_t g = 0; g < groups; ++g) {
+      const Codebook& cb = books[g];
       std::copy(cb.half.begin(), cb.half.begin() + k, lut_row + g * k);
-      for (int64_t c = c0; c < c1; ++c) {
-        const float x = wrow[c];
+      for (int64_t c = g * group; c < (g + 1) * group; ++c) {
+        const float x = target[c];
         float decoded;
-        if (s.kept[c]) {
+        if (kept[c]) {
           auto [idx, residual] = cb.best_residual(x);
           s.index[c] = uint8_t(idx);
           decoded = cb.value[idx] + fp16_to_float(residual);
-          (s.kept[c] == 1 ? st.outliers : st.sensitive)++;
+          (kept[c] == 1 ? st.outliers : st.sensitive)++;
           // A zero residual adds nothing: the dense part already reproduces the weight.
           if (residual != 0 && residual != 0x8000) sparse[r].push_back({int32_t(c), residual});
         } else {
@@ -409,14 +580,37 @@ PackedLinear quantize_linear(const float* weight, const float* sensitivity, int6
           s.index[c] = uint8_t(idx);
           decoded = cb.value[idx];
         }
-        const double e = double(decoded) - double(x);
+        const double e = double(decoded) - double(wrow[c]);
+        if (!deltas.empty()) deltas[r * cols + c] = float(e);
         st.sse += e * e;
         if (srow) { st.weighted_sse += double(srow[c]) * e * e; st.weight_sum += srow[c]; }
         st.max_abs = std::max(st.max_abs, std::fabs(e));
       }
     }
     format::pack_row(s.index.data(), cols, bits, packed.qweight.data_as<uint8_t>() + r * row_bytes);
-  });
+  };
+
+  if (!feedback) {
+    parallel_rows(rows, threads, [&](int t, int64_t r) {
+      Scratch& s = scratch[t];
+      s.kept.resize(cols);
+      s.books.resize(groups);
+      select_and_fit(s, r, s.kept.data(), s.books.data());
+      assign(s, r, s.kept.data(), s.books.data(), weight + r * ld);
+    });
+    if (options.hessian) measure_output_error(weight, ld, deltas.data(), rows, cols, options.hessian, threads, stats);
+  } else {
+    parallel_rows(rows, threads, [&](int t, int64_t r) {
+      select_and_fit(scratch[t], r, kept_all.data() + r * cols, books_all.data() + r * groups);
+    });
+    const std::vector<float> targets =
+        error_feedback_targets(weight, ld, rows, cols, options.hessian, options.hessian_damping, kept_all.data(),
+                               books_all.data(), group, threads, name);
+    parallel_rows(rows, threads, [&](int t, int64_t r) {
+      assign(scratch[t], r, kept_all.data() + r * cols, books_all.data() + r * groups, targets.data() + r * cols);
+    });
+    measure_output_error(weight, ld, deltas.data(), rows, cols, options.hessian, threads, stats);
+  }
 
   int64_t nnz = 0;
   for (const auto& row : sparse) nnz += int64_t(row.size());

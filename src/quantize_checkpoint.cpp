@@ -31,6 +31,7 @@
 #include "nuq/gguf.hpp"
 #include "nuq/inspect.hpp"
 #include "nuq/safetensors.hpp"
+#include "nuq/sensitivity.hpp"
 #include "nuq/version.hpp"
 
 namespace nuq {
@@ -316,7 +317,9 @@ Json to_json(const QuantizedTensorRecord& r) {
               {"weighted_mse", r.weighted_mse},
               {"max_abs_error", r.max_abs_error},
               {"bits_per_weight", r.bits_per_weight},
-              {"sensitivity", std::string(to_string(r.sensitivity))}};
+              {"sensitivity", std::string(to_string(r.sensitivity))},
+              {"error_feedback", r.error_feedback},
+              {"relative_output_error", r.relative_output_error}};
 }
 
 QuantizedTensorRecord record_from_json(const Json& j) {
@@ -342,6 +345,8 @@ QuantizedTensorRecord record_from_json(const Json& j) {
   r.sensitivity = s == "fisher" ? SensitivitySource::fisher
                   : s == "missing" ? SensitivitySource::missing
                                    : SensitivitySource::none;
+  r.error_feedback = j.value("error_feedback", false);
+  r.relative_output_error = j.value("relative_output_error", 0.0);
   return r;
 }
 
@@ -373,6 +378,7 @@ struct LayerJob {
   std::string base;
   QuantizeOptions options;
   SensitivitySource sensitivity = SensitivitySource::none;
+  std::string hessian_layer;  // the layer of the --hessian file whose XᵀX this one uses; empty: none
 };
 
 Json file_identity(const std::string& path) {
@@ -399,7 +405,8 @@ Json options_json(const QuantizeOptions& o) {
 // Everything that decides the bytes of a finished layer file. Thread counts and the shard size are
 // left out on purpose: neither changes a layer, so a resumed run may change them.
 Json job_fingerprint(const InputCheckpoint& in, const std::vector<LayerJob>& jobs, const std::string& fisher_path,
-                     const SafetensorsCheckpoint* fisher, const std::string& tool_version) {
+                     const SafetensorsCheckpoint* fisher, const std::string& hessian_path,
+                     const std::string& tool_version) {
   Json j;
   j["partial_version"] = kPartialVersion;
   j["format_version"] = format::kVersion;
@@ -411,9 +418,17 @@ Json job_fingerprint(const InputCheckpoint& in, const std::vector<LayerJob>& job
   if (fisher)
     for (const auto& f : fisher->files()) fisher_files.push_back(file_identity(f->path()));
   j["fisher"] = fisher_path.empty() ? Json(nullptr) : fisher_files;
+  // Added only when used, so that fingerprints of jobs without it (and their partial work) stay valid.
+  if (!hessian_path.empty()) j["hessian"] = file_identity(hessian_path);
   Json layers = Json::array();
-  for (const LayerJob& job : jobs)
-    layers.push_back(Json{{"name", in.tensors()[job.tensor].name}, {"options", options_json(job.options)}});
+  for (const LayerJob& job : jobs) {
+    Json l{{"name", in.tensors()[job.tensor].name}, {"options", options_json(job.options)}};
+    if (!job.hessian_layer.empty())
+      l["error_feedback"] = Json{{"layer", job.hessian_layer},
+                                 {"damping", job.options.hessian_damping},
+                                 {"enabled", job.options.error_feedback}};
+    layers.push_back(std::move(l));
+  }
   j["layers"] = layers;
   return j;
 }
@@ -529,6 +544,16 @@ QuantizeCheckpointResult quantize_checkpoint(const CheckpointQuantizeOptions& op
 
   std::unique_ptr<SafetensorsCheckpoint> fisher;
   if (!options.fisher_path.empty()) fisher = std::make_unique<SafetensorsCheckpoint>(options.fisher_path);
+  std::unique_ptr<StatisticsFile> hessian;
+  if (!options.hessian_path.empty()) {
+    hessian = std::make_unique<StatisticsFile>(options.hessian_path);
+    NUQ_CHECK(hessian->kind() == StatsKind::hessian && !hessian->is_calibrate_output(), Errc::invalid_argument,
+              "{}: --hessian needs the full XᵀX statistics of `nuq calibrate --hessian` (this file holds {})",
+              options.hessian_path, hessian->is_calibrate_output() ? "per-column means only" : "Fisher statistics");
+    NUQ_CHECK(std::isfinite(options.hessian_damping) && options.hessian_damping >= 0, Errc::invalid_argument,
+              "the Hessian damping must be finite and >= 0, got {}", options.hessian_damping);
+  }
+  bool warned_missing_hessian = false;
 
   // ---- choose the layers and check everything that can be checked before hours of work ----
   std::vector<LayerJob> jobs;
@@ -624,6 +649,25 @@ QuantizeCheckpointResult quantize_checkpoint(const CheckpointQuantizeOptions& op
         }
       }
     }
+    if (hessian) {
+      const std::string layer = t.name.ends_with(".weight") ? t.name.substr(0, t.name.size() - 7) : t.name;
+      if (hessian->has_layer(layer)) {
+        // Read now, not at the layer's turn: a wrong width or a full matrix missing should fail before
+        // any work; one layer's matrix is small next to its weights.
+        const std::vector<double> m = hessian->hessian_matrix(layer, t.shape[1]);
+        NUQ_CHECK(!m.empty(), Errc::invalid_argument,
+                  "{}: layer {} has only the diagonal of XᵀX; error feedback needs the full matrix (nuq calibrate "
+                  "--hessian)", options.hessian_path, in_quotes(layer));
+        job.hessian_layer = hessian->resolve(layer);
+        job.options.hessian_damping = options.hessian_damping;
+        job.options.error_feedback = options.error_feedback;
+      } else if (!warned_missing_hessian) {
+        warned_missing_hessian = true;
+        result.warnings.push_back(fmt::format("{} has no statistics for {} (and maybe others): those layers are "
+                                              "rounded without error feedback",
+                                              options.hessian_path, in_quotes(layer)));
+      }
+    }
     job_of[i] = jobs.size();
     jobs.push_back(std::move(job));
   }
@@ -657,7 +701,7 @@ QuantizeCheckpointResult quantize_checkpoint(const CheckpointQuantizeOptions& op
             "{} already holds a quantized checkpoint; pass --force to replace it", options.output_dir);
   if (options.restart) fs::remove_all(partial);
 
-  const Json fingerprint = job_fingerprint(in, jobs, options.fisher_path, fisher.get(), tool);
+  const Json fingerprint = job_fingerprint(in, jobs, options.fisher_path, fisher.get(), options.hessian_path, tool);
   const fs::path job_file = partial / kJobFileName;
   if (fs::exists(partial) && !fs::exists(job_file)) {
     // job.json is written before any layer, so a partial directory without it holds no work.
@@ -752,11 +796,17 @@ QuantizeCheckpointResult quantize_checkpoint(const CheckpointQuantizeOptions& op
         sens = std::move(full);
       }
     }
+    std::vector<double> xtx;
+    QuantizeOptions layer_options = job.options;
+    if (!job.hessian_layer.empty()) {
+      xtx = hessian->hessian_matrix(job.hessian_layer, t.shape[1]);
+      layer_options.hessian = xtx.data();
+    }
     QuantizeReport rep;
     PackedLinear packed;
     try {
       packed = quantize_linear(weight.data_as<float>(), sens.nbytes() ? sens.data_as<float>() : nullptr, t.shape[0],
-                               t.shape[1], t.shape[1], job.options, t.name, &rep);
+                               t.shape[1], t.shape[1], layer_options, t.name, &rep);
     } catch (const Error& e) {
       throw Error(e.code(), fmt::format("{}: {}", options.input, e.what()));
     }
@@ -779,6 +829,8 @@ QuantizeCheckpointResult quantize_checkpoint(const CheckpointQuantizeOptions& op
     r.max_abs_error = rep.max_abs_error;
     r.bits_per_weight = rep.bits_per_weight;
     r.sensitivity = job.sensitivity;
+    r.error_feedback = !job.hessian_layer.empty() && job.options.error_feedback;
+    r.relative_output_error = rep.relative_output_error;
     {
       SafetensorsWriter w(part, {{kLayerMetadataKey, to_json(r).dump()}});
       const std::vector<std::string> names = packed_tensor_names(job.base, r.nnz > 0);

@@ -95,6 +95,18 @@ struct QuantizeOptions {
   bool outliers_per_row = false;
   KMeansOptions kmeans;
   int threads = 0;  // 0 = all hardware threads; results do not depend on it
+  // Optional second-order error feedback (GPTQ-style, docs/quantization.md#error-feedback): the mean
+  // XᵀX of the layer's inputs, row-major [cols, cols], not owned. Codebooks and the sparse part are
+  // chosen as without it; then columns are rounded one at a time, largest diagonal first, and each
+  // column's rounding error is pushed onto the columns not yet rounded, so that the output error
+  // ‖(W − Ŵ)X‖ rather than ‖W − Ŵ‖ is kept small. Without per-weight sensitivities, nuq's k-means
+  // is weighted by the diagonal of this matrix (each column's mean x²).
+  const double* hessian = nullptr;
+  // Added to the diagonal of `hessian` before it is factored, relative to the diagonal's mean (GPTQ's
+  // percdamp): keeps the factorization stable when calibration saw fewer tokens than columns.
+  double hessian_damping = 0.01;
+  // false: round to nearest as without `hessian`, only measuring the output error (for comparisons).
+  bool error_feedback = true;
 };
 
 // Per-layer error and size figures.
@@ -103,6 +115,9 @@ struct QuantizeReport {
   double weighted_mse = 0;    // Σ s·(w - ŵ)² / Σ s (equals mse without sensitivities)
   double max_abs_error = 0;
   double bits_per_weight = 0; // every stored byte counted (format.md, "Storage and bits per weight")
+  // With options.hessian: Σ_r Δ_r H Δ_rᵀ / Σ_r w_r H w_rᵀ (Δ = ŵ − w), the output error relative to the
+  // output's energy over the calibration inputs, i.e. what error feedback minimizes; 0 without it.
+  double relative_output_error = 0;
   PackedStorage storage;
   int64_t nnz = 0;
   int64_t outliers = 0, sensitive = 0;  // how the sparse entries were chosen (before dropping zero residuals)
@@ -111,7 +126,8 @@ struct QuantizeReport {
 // Quantizes a row-major fp32 weight matrix [rows, cols] (row stride `ld` >= cols elements).
 // `sensitivity` (nullable) is a per-weight importance (e.g. the Fisher diagonal) with the same
 // shape and row stride. Throws Errc::invalid_argument naming `name` and the position of the first
-// NaN/Inf weight or NaN/Inf/negative sensitivity, or a bad option.
+// NaN/Inf weight or NaN/Inf/negative sensitivity, a non-finite, asymmetric or (after damping) not
+// positive definite `options.hessian`, or a bad option.
 PackedLinear quantize_linear(const float* weight, const float* sensitivity, int64_t rows, int64_t cols,
                              int64_t ld, const QuantizeOptions& options, std::string_view name = "weight",
                              QuantizeReport* report = nullptr);

@@ -39,6 +39,8 @@ struct QuantizedTensorRecord {
   double outlier_fraction = 0, sensitive_fraction = 0;
   double mse = 0, weighted_mse = 0, max_abs_error = 0, bits_per_weight = 0;
   SensitivitySource sensitivity = SensitivitySource::none;
+  bool error_feedback = false;  // rounded with the layer's XᵀX (--hessian)
+  double relative_output_error = 0;  // QuantizeReport::relative_output_error (error feedback only)
   bool resumed = false;  // finished by an earlier, interrupted run
   double seconds = 0;    // 0 when resumed; never written to any output file
 };
@@ -68,6 +70,11 @@ struct CheckpointQuantizeOptions {
   std::string output_dir;  // created if absent
   QuantizeOptions layer;   // defaults for every quantized layer (the plan overrides per layer)
   std::string fisher_path; // optional: safetensors checkpoint of per-weight sensitivities, same names/shapes
+  // optional: `nuq calibrate --hessian` output (HessianAccumulator file with full XᵀX per layer input):
+  // turns on error feedback (QuantizeOptions::hessian) for every layer it has, read one layer at a time.
+  std::string hessian_path;
+  double hessian_damping = 0.01;
+  bool error_feedback = true;  // false: only measure each layer's output error with the --hessian file
   std::string plan_path;   // optional: JSON plan {"layers": {name: {bits, method, group_size, ...}}}
   // ECMAScript regular expressions searched (std::regex_search) in tensor names. When include is not
   // empty it replaces the default rule: exactly the matching 2-D tensors are quantized (plus the plan's).

@@ -16,6 +16,7 @@
 #include "nuq/error.hpp"
 #include "nuq/llama.hpp"
 #include "nuq/safetensors.hpp"
+#include "nuq/sensitivity.hpp"
 #include "nuq/tokenizer.hpp"
 
 namespace nuq::cli {
@@ -208,7 +209,7 @@ void add_eval_command(CLI::App& app, Action& action) {
 
 void add_calibrate_command(CLI::App& app, Action& action) {
   struct Options {
-    std::string model, tokenizer, text, out;
+    std::string model, tokenizer, text, out, hessian;
     int64_t ctx = 512, max_tokens = 32768, skip_tokens = 0;
     int threads = 0;
   };
@@ -221,6 +222,10 @@ void add_calibrate_command(CLI::App& app, Action& action) {
   cmd->add_option("--tokenizer", o->tokenizer, "tokenizer (as for nuq eval)");
   cmd->add_option("--text", o->text, "calibration text")->required();
   cmd->add_option("--out,-o", o->out, "output .safetensors file")->required();
+  cmd->add_option("--hessian", o->hessian,
+                  "also write the full XᵀX / tokens of every linear layer's input (Hessian statistics, "
+                  "docs/sensitivity.md) to this file, for `nuq quantize --hessian` and `nuq plan --stats`; layers "
+                  "reading the same input (q/k/v, gate/up) share one matrix");
   cmd->add_option("--ctx", o->ctx, "window length in tokens, BOS included")->capture_default_str()->check(CLI::Range(2, 1 << 20));
   cmd->add_option("--max-tokens", o->max_tokens, "tokens of text to run (0: all)")->capture_default_str();
   cmd->add_option("--skip-tokens", o->skip_tokens,
@@ -229,8 +234,17 @@ void add_calibrate_command(CLI::App& app, Action& action) {
   cmd->add_option("--threads,-j", o->threads, "worker threads (0: all cores)")->capture_default_str();
   cmd->callback([o, &action] {
     action = [o]() -> int {
+      NUQ_CHECK(o->hessian.empty() || std::filesystem::path(o->hessian) != std::filesystem::path(o->out),
+                Errc::invalid_argument, "--hessian and --out name the same file {}", o->out);
       ModelAndText mt =
           load_model_and_text(o->model, o->tokenizer, o->text, o->skip_tokens, o->max_tokens, {o->threads, false});
+      HessianAccumulator hessian;
+      // The input the hook saw last (a copy), to recognize layers fed the same activations.
+      struct Last {
+        std::vector<float> x;
+        int64_t n = 0, cols = 0;
+        std::string layer;
+      } last;
       // Sums in double: a long calibration run adds up millions of squares per column.
       std::map<std::string, std::vector<double>> sums;
       std::map<std::string, int64_t> tokens;
@@ -245,6 +259,24 @@ void add_calibrate_command(CLI::App& app, Action& action) {
             s[std::size_t(c)] += v * v;
           }
         tokens[layer] += n;
+        if (o->hessian.empty()) return;
+        // q/k/v (and gate/up) are applied to one input; storing its XᵀX once saves 2/3 of the rank
+        // updates and of the file. Compared by contents: the decoder reuses its buffers.
+        const bool same_input = !last.layer.empty() && last.n == n && last.cols == cols &&
+                                std::memcmp(last.x.data(), x, std::size_t(n * cols) * sizeof(float)) == 0;
+        if (hessian.contains(layer) && hessian.resolve(layer) != layer) {
+          NUQ_CHECK(same_input && hessian.resolve(last.layer) == hessian.resolve(layer), Errc::internal,
+                    "calibration: {} shared the input of {} in the first window but not now", layer,
+                    hessian.resolve(layer));
+        } else if (same_input && !hessian.contains(layer)) {
+          hessian.alias(layer, hessian.resolve(last.layer));
+        } else {
+          hessian.add(layer, x, n, cols, cols);
+        }
+        last.x.assign(x, x + n * cols);
+        last.n = n;
+        last.cols = cols;
+        last.layer = layer;
       });
       const auto t0 = std::chrono::steady_clock::now();
       const int64_t windows = for_each_window(*mt.model, *mt.tok, mt.ids, o->ctx,
@@ -270,6 +302,11 @@ void add_calibrate_command(CLI::App& app, Action& action) {
                          {"skip_tokens", std::to_string(o->skip_tokens)}});
       fmt::print("wrote {}: mean squared inputs of {} layers over {} tokens ({} windows) in {:.1f} s\n", o->out,
                  views.size(), mt.ids.size(), windows, seconds_since(t0));
+      if (!o->hessian.empty()) {
+        hessian.save(o->hessian);
+        fmt::print("wrote {}: XᵀX of {} distinct layer inputs ({} layers)\n", o->hessian, hessian.names().size(),
+                   hessian.names().size() + hessian.aliases().size());
+      }
       return 0;
     };
   });

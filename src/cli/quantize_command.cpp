@@ -100,7 +100,9 @@ class ProgressPrinter {
 
 void add_quantize_command(CLI::App& app, Action& action) {
   struct Options {
-    std::string input, out, method = "nuq", sparse = "0", sensitive, fisher, plan, max_shard = "5GB";
+    std::string input, out, method = "nuq", sparse = "0", sensitive, fisher, hessian, plan, max_shard = "5GB";
+    double damping = 0.01;
+    bool measure_only = false;
     int bits = 0;
     int64_t group_size = 0;
     bool outliers_per_row = false, force = false, restart = false, quiet = false;
@@ -133,6 +135,16 @@ void add_quantize_command(CLI::App& app, Action& action) {
       ->capture_default_str();
   cmd->add_option("--fisher", o->fisher,
                   "safetensors file of per-weight sensitivities (Fisher diagonal) with the weights' names and shapes");
+  cmd->add_option("--hessian", o->hessian,
+                  "full XᵀX statistics from `nuq calibrate --hessian`: round with second-order error feedback "
+                  "(GPTQ-style; with --method rtn this is GPTQ) so that the layer's output error is minimized");
+  cmd->add_option("--damping", o->damping,
+                  "with --hessian: added to XᵀX's diagonal, relative to the diagonal's mean")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0, 1e6));
+  cmd->add_flag("--measure-only", o->measure_only,
+                "with --hessian: round to nearest as without it, only recording each layer's output error in "
+                "quant_report.json (to compare with error feedback)");
   cmd->add_option("--plan", o->plan, "JSON plan of per-layer settings (from `nuq plan`)");
   cmd->add_option("--include", o->include, "regular expression: also quantize matching 2-D tensors (repeatable)");
   cmd->add_option("--exclude", o->exclude, "regular expression: keep matching tensors unquantized (repeatable; wins)");
@@ -166,6 +178,10 @@ void add_quantize_command(CLI::App& app, Action& action) {
       opt.layer.outlier_fraction = sparse - sensitive;
       opt.layer.sensitive_fraction = sensitive;
       opt.fisher_path = o->fisher;
+      opt.hessian_path = o->hessian;
+      opt.hessian_damping = o->damping;
+      opt.error_feedback = !o->measure_only;
+      NUQ_CHECK(!o->measure_only || !o->hessian.empty(), Errc::invalid_argument, "--measure-only needs --hessian");
       opt.plan_path = o->plan;
       opt.include = o->include;
       opt.exclude = o->exclude;
