@@ -34,6 +34,7 @@ py::dict report_dict(const QuantizeReport& r) {
   py::dict d;
   d["mse"] = r.mse;
   d["weighted_mse"] = r.weighted_mse;
+  d["relative_output_error"] = r.relative_output_error;
   d["max_abs_error"] = r.max_abs_error;
   d["bits_per_weight"] = r.bits_per_weight;
   d["nnz"] = r.nnz;
@@ -185,9 +186,16 @@ py::array linear(const PackedLayer& layer, py::handle x_obj, py::object out_obj,
 PackedLayer quantize(py::handle weight_obj, int bits, const std::string& method, py::handle sensitivity_obj,
                      int64_t group_size, double outlier_fraction, double sensitive_fraction, bool outliers_per_row,
                      const std::string& kmeans_init, int max_iterations, int dp_candidates, uint64_t seed, int threads,
-                     const std::string& name) {
+                     const std::string& name, py::handle hessian_obj, double damping, bool error_feedback) {
   ArrayArg w(weight_obj, "quantize", "weight");
   w.dtype({"float32"}).ndim(2).contiguous();
+  std::optional<ArrayArg> h;
+  if (!hessian_obj.is_none()) {
+    h.emplace(hessian_obj, "quantize", "hessian");
+    h->dtype({"float64"}).ndim(2).contiguous().dim(0, w.shape(1), "cols of weight").dim(1, w.shape(1), "cols of weight");
+  } else if (!error_feedback) {
+    throw py::value_error("quantize: error_feedback=False only makes sense with a hessian (it measures the output error)");
+  }
   const float* sens = nullptr;
   std::optional<ArrayArg> s;
   if (!sensitivity_obj.is_none()) {
@@ -211,6 +219,9 @@ PackedLayer quantize(py::handle weight_obj, int bits, const std::string& method,
   o.kmeans.dp_candidates = dp_candidates;
   o.kmeans.seed = seed;
   o.threads = threads;
+  if (h) o.hessian = h->as<double>();
+  o.hessian_damping = damping;
+  o.error_feedback = error_feedback;
   PackedLayer layer;
   QuantizeReport report;
   const float* src = w.as<float>();
@@ -501,7 +512,8 @@ validated before, as the kernels trust it (an invalid sparse column index would 
         py::arg("sensitivity") = py::none(), py::arg("group_size") = 0, py::arg("outlier_fraction") = 0.0,
         py::arg("sensitive_fraction") = 0.0, py::arg("outliers_per_row") = false, py::arg("kmeans_init") = "binned_dp",
         py::arg("max_iterations") = 50, py::arg("dp_candidates") = 256, py::arg("seed") = 0, py::arg("threads") = 0,
-        py::arg("name") = "weight",
+        py::arg("name") = "weight", py::arg("hessian") = py::none(), py::arg("damping") = 0.01,
+        py::arg("error_feedback") = true,
         R"doc(Quantize a weight matrix into a PackedLayer (docs/quantization.md).
 
 weight: float32 [rows, cols], C-contiguous (rows = output features); NumPy, or any DLPack/buffer
@@ -515,6 +527,11 @@ outlier_fraction, sensitive_fraction: fractions of the weights kept exactly in t
 kmeans_init: "binned_dp" (default), "quantiles", "kmeans++" or "exact_dp"; max_iterations, dp_candidates
         and seed tune the solver. threads: 0 = all cores (results do not depend on it).
 name: used in error messages.
+hessian: optional float64 [cols, cols], C-contiguous, symmetric: the mean XᵀX of the layer's inputs
+        (HessianAccumulator.matrix). Rounds with GPTQ-style error feedback onto the same codebooks
+        (docs/quantization.md#error-feedback); nuq's k-means is weighted by its diagonal when no
+        sensitivity is given. damping: added to its diagonal, relative to the diagonal's mean.
+        error_feedback=False rounds to nearest and only measures .stats["relative_output_error"].
 Returns a PackedLayer whose .stats holds the error figures and bits per weight. Releases the GIL.)doc");
   m.def("dequantize", &dequantize, py::arg("layer"), py::arg("out") = py::none(), py::arg("threads") = 0,
         R"doc(The dense weight of a packed layer: float32 [rows, cols], C-contiguous.

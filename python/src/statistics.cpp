@@ -148,6 +148,8 @@ py::dict record_dict(const QuantizedTensorRecord& r) {
   d["sensitivity"] = r.sensitivity == SensitivitySource::fisher    ? "fisher"
                      : r.sensitivity == SensitivitySource::missing ? "missing"
                                                                    : "none";
+  d["error_feedback"] = r.error_feedback;
+  d["relative_output_error"] = r.relative_output_error;
   d["resumed"] = r.resumed;
   d["seconds"] = r.seconds;
   return d;
@@ -158,8 +160,11 @@ py::dict quantize_checkpoint_py(const std::string& input, const std::string& out
                                 double sensitive_fraction, bool outliers_per_row, const std::optional<std::string>& fisher,
                                 const std::optional<std::string>& plan, const std::vector<std::string>& include,
                                 const std::vector<std::string>& exclude, uint64_t max_shard_bytes, int threads, bool force,
-                                bool restart, py::object progress) {
+                                bool restart, py::object progress, const std::optional<std::string>& hessian,
+                                double damping) {
   CheckpointQuantizeOptions o;
+  o.hessian_path = hessian.value_or("");
+  o.hessian_damping = damping;
   o.input = input;
   o.output_dir = output_dir;
   try {
@@ -376,6 +381,7 @@ void bind_checkpoint_quantizer(py::module_& m) {
         py::arg("plan") = py::none(), py::arg("include") = std::vector<std::string>{},
         py::arg("exclude") = std::vector<std::string>{}, py::arg("max_shard_bytes") = uint64_t(5'000'000'000),
         py::arg("threads") = 0, py::arg("force") = false, py::arg("restart") = false, py::arg("progress") = py::none(),
+        py::arg("hessian") = py::none(), py::arg("damping") = 0.01,
         R"doc(Quantize a whole checkpoint into a packed nuq checkpoint, streaming one tensor at a time and
 resuming an interrupted run (the library behind `nuq quantize`, docs/quantize-cli.md).
 
@@ -383,6 +389,8 @@ input: .safetensors file, sharded directory or index .json, or .gguf file. outpu
 bits, method, group_size, outlier_fraction, sensitive_fraction, outliers_per_row: as in nuq.quantize,
   for every selected layer (a plan overrides them per layer).
 fisher: optional safetensors file of per-weight sensitivities (same names and shapes).
+hessian: optional `nuq calibrate --hessian` file (full XᵀX per layer input): round with error feedback
+  (docs/quantization.md#error-feedback); damping as in nuq.quantize.
 plan: optional JSON plan file (nuq plan). include/exclude: lists of regular expressions on tensor names.
 max_shard_bytes: split bigger outputs into shards. threads: 0 = all cores.
 force: replace a complete checkpoint in output_dir. restart: discard unfinished work instead of resuming.

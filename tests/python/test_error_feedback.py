@@ -1,0 +1,146 @@
+"""Error feedback (GPTQ-style rounding with the layers' XᵀX): `nuq calibrate --hessian` against XᵀX of the
+layer inputs computed by an independent NumPy decoder, `nuq quantize --hessian` / `--measure-only` on the
+real stories260K model, and `nuq.quantize(hessian=...)` against output errors computed in NumPy."""
+import json
+
+import numpy as np
+import pytest
+
+from nuq_package import dense_weight, import_nuq
+from test_fisher_cli import find_generate
+from test_llama import read_llama2c, rmsnorm, rope
+from test_quantize_cli import assert_error, run
+
+
+@pytest.fixture(scope="module")
+def nuq():
+    return import_nuq()
+
+
+def correlated_inputs(tokens, cols, seed):
+    # A few strong directions shared by all tokens, as LLM activations have, plus per-channel noise.
+    rng = np.random.default_rng(seed)
+    basis = rng.standard_normal((4, cols))
+    return (2.0 * rng.standard_normal((tokens, 4)) @ basis
+            + 0.3 * rng.standard_normal((tokens, cols)) * (1 + np.arange(cols) % 5))
+
+
+def test_numpy_quantize_with_hessian_lowers_the_output_error(nuq):
+    x = correlated_inputs(512, 96, 0)
+    w = (np.random.default_rng(1).standard_t(4, size=(40, 96)) * 0.02).astype(np.float32)
+    h = x.T @ x / len(x)
+
+    def output_error(layer):
+        return np.sum(((w.astype(np.float64) - dense_weight(layer)) @ x.T) ** 2)
+
+    energy = np.sum((w.astype(np.float64) @ x.T) ** 2)
+    for method in ("nuq", "rtn"):
+        plain = nuq.quantize(w, 3, method=method)
+        fb = nuq.quantize(w, 3, method=method, hessian=h)
+        measured = nuq.quantize(w, 3, method=method, hessian=h, error_feedback=False)
+        assert output_error(fb) < 0.5 * output_error(plain), method
+        assert fb.stats["relative_output_error"] == pytest.approx(output_error(fb) / energy, rel=1e-3)
+        assert measured.stats["relative_output_error"] == pytest.approx(output_error(measured) / energy, rel=1e-3)
+        assert plain.stats["relative_output_error"] == 0
+    # rtn's codebooks do not depend on H, so measuring only must give plain rounding's bytes
+    plain, measured = nuq.quantize(w, 3, method="rtn"), nuq.quantize(w, 3, method="rtn", hessian=h, error_feedback=False)
+    assert np.array_equal(np.asarray(plain.qweight), np.asarray(measured.qweight))
+
+    with pytest.raises(TypeError, match="hessian must have dtype float64"):
+        nuq.quantize(w, 3, hessian=h.astype(np.float32))
+    with pytest.raises(ValueError, match="hessian"):
+        nuq.quantize(w, 3, hessian=h[:10, :10].copy())
+    with pytest.raises(ValueError, match="error_feedback"):
+        nuq.quantize(w, 3, error_feedback=False)
+    bad = h.copy()
+    bad[0, 1] = np.nan
+    with pytest.raises(Exception, match=r"XᵀX \[0, 1\] is nan"):
+        nuq.quantize(w, 3, hessian=bad)
+
+
+HF_KINDS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+            "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+
+
+def numpy_layer_inputs(w, cfg, tokens):
+    """The input of every linear layer of the NumPy float64 decoder of test_llama.py, per layer and kind."""
+    h, kvh, hd = cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
+    x = w["emb"][tokens]
+    t = len(tokens)
+    mask = np.triu(np.full((t, t), -np.inf), 1)
+    inputs = []
+    for layer in w["layers"]:
+        xb = rmsnorm(x, layer["attn_norm"], cfg["eps"])
+        q = rope((xb @ layer["q"].T).reshape(t, h, hd), cfg["theta"], cfg["interleaved"])
+        k = rope((xb @ layer["k"].T).reshape(t, kvh, hd), cfg["theta"], cfg["interleaved"])
+        v = (xb @ layer["v"].T).reshape(t, kvh, hd)
+        k, v = np.repeat(k, h // kvh, axis=1), np.repeat(v, h // kvh, axis=1)
+        att = np.einsum("thd,shd->hts", q, k) / np.sqrt(hd) + mask
+        att = np.exp(att - att.max(-1, keepdims=True))
+        att /= att.sum(-1, keepdims=True)
+        attn_out = np.einsum("hts,shd->thd", att, v).reshape(t, h * hd)
+        x = x + attn_out @ layer["o"].T
+        xf = rmsnorm(x, layer["ffn_norm"], cfg["eps"])
+        g = xf @ layer["gate"].T
+        act = (g / (1 + np.exp(-g))) * (xf @ layer["up"].T)
+        x = x + act @ layer["down"].T
+        inputs.append({"q": xb, "k": xb, "v": xb, "o": attn_out, "gate": xf, "up": xf, "down": act})
+    return inputs
+
+
+@pytest.fixture(scope="module")
+def hf(nuq_cli, shared_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ef") / "s260-hf"
+    r = run(nuq_cli, "convert", shared_data / "stories260K.bin", "--out", out)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_calibrate_hessian_matches_numpy_and_drives_quantize(nuq, nuq_cli, shared_data, hf, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text((shared_data / "tinystories_valid.txt").read_text()[:300])  # one window
+    act, hess = tmp_path / "act.safetensors", tmp_path / "h.safetensors"
+    r = run(nuq_cli, "calibrate", "--model", hf, "--tokenizer", shared_data / "tok512.bin", "--text", text,
+            "--out", act, "--hessian", hess)
+    assert r.returncode == 0, r.stderr
+    assert "XᵀX of 20 distinct layer inputs (35 layers)" in r.stdout
+
+    r = run(find_generate(), "--tokenizer", shared_data / "tok512.bin", "--tokenize", text)
+    assert r.returncode == 0, r.stderr
+    ids = [int(t) for t in r.stdout.split()]
+    tokens = [1] + ids[:-1]  # BOS, then every token that predicts a next one (nuq eval's window)
+    w, cfg = read_llama2c(shared_data / "stories260K.bin")
+    expected = numpy_layer_inputs(w, cfg, tokens)
+    acc = nuq.HessianAccumulator.load(str(hess))
+    aliases = acc.aliases()
+    resolve = lambda n: aliases.get(n, n)  # noqa: E731
+    for layer in range(5):
+        name = {kind: f"model.layers.{layer}.{path}" for kind, path in HF_KINDS.items()}
+        # q/k/v read one input, gate/up another: stored once each; o and down have their own
+        assert resolve(name["k"]) == resolve(name["q"]) == resolve(name["v"])
+        assert resolve(name["gate"]) == resolve(name["up"])
+        assert len({resolve(name[k]) for k in ("q", "o", "gate", "down")}) == 4
+        for kind in ("q", "o", "gate", "down"):
+            x = expected[layer][kind]
+            want = x.T @ x / len(x)
+            got = acc.matrix(name[kind])
+            assert acc.count(name[kind]) == len(tokens)
+            assert np.abs(got - want).max() <= 2e-4 * np.abs(want).max(), (layer, kind)
+
+    # Error feedback lowers nearly every layer's output error on the calibration inputs (what it minimizes).
+    fb, measured = tmp_path / "fb", tmp_path / "measured"
+    for out, extra in ((fb, []), (measured, ["--measure-only"])):
+        r = run(nuq_cli, "quantize", hf, "--out", out, "--bits", 3, "--hessian", hess, "--quiet", *extra)
+        assert r.returncode == 0, r.stderr
+    rep_fb = {l["name"]: l for l in json.loads((fb / "quant_report.json").read_text())["layers"]}
+    rep_m = {l["name"]: l for l in json.loads((measured / "quant_report.json").read_text())["layers"]}
+    assert all(l["error_feedback"] for l in rep_fb.values()) and not any(l["error_feedback"] for l in rep_m.values())
+    ratios = np.array([rep_fb[n]["relative_output_error"] / rep_m[n]["relative_output_error"] for n in rep_fb])
+    assert np.all(np.isfinite(ratios)) and len(ratios) == 35
+    assert np.mean(ratios < 1) >= 0.9 and np.exp(np.log(ratios).mean()) < 0.8, ratios
+
+    # The diagonal-only file of `nuq calibrate --out` is not enough, and --measure-only needs --hessian.
+    r = run(nuq_cli, "quantize", hf, "--out", tmp_path / "bad", "--bits", 3, "--hessian", act)
+    assert_error(r, "needs the full XᵀX")
+    r = run(nuq_cli, "quantize", hf, "--out", tmp_path / "bad", "--bits", 3, "--measure-only")
+    assert_error(r, "--measure-only needs --hessian")
