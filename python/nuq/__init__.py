@@ -3,7 +3,8 @@
 The heavy lifting happens in the C++ library; this package re-exports its bindings (nuq._nuq). Arrays
 go in and come out without copies: NumPy arrays, and any object exposing DLPack or the buffer protocol
 (PyTorch CPU tensors, for instance), are read in place; results are NumPy arrays, and the arrays of a
-PackedLayer or Checkpoint view nuq's own memory. docs/python.md is the quickstart.
+PackedLayer or Checkpoint view nuq's own memory. KVCache is the quantized KV cache of one attention
+layer, with kv_decode_attention over it. docs/python.md is the quickstart.
 
 `nuq.torch` (imported on demand: it needs PyTorch) adds QuantLinear, load_quantized and collect_fisher.
 """
@@ -13,17 +14,25 @@ from ._nuq import (
     Checkpoint,
     FisherAccumulator,
     HessianAccumulator,
+    KVCache,
     PackedLayer,
     __version__,
     allocate_bits,
+    calibrate_kv_layer,
     cuda_device_count,
+    cuda_kv_decode_attention,
+    cuda_kv_decode_workspace_bytes,
     cuda_linear,
     cuda_linear_workspace_bytes,
+    dense_decode_attention,
     dequantize,
     hutchinson_trace,
     inspect,
     kmeans_1d,
+    kv_decode_attention,
+    kv_rope_cos_sin,
     linear,
+    load_kv_calibration,
     measure,
     minimum_bytes,
     pack_indices,
@@ -31,6 +40,7 @@ from ._nuq import (
     quantize,
     quantize_checkpoint,
     row_bytes,
+    save_kv_calibration,
     unpack_indices,
     write_checkpoint,
 )
@@ -42,18 +52,26 @@ __all__ = [
     "Checkpoint",
     "FisherAccumulator",
     "HessianAccumulator",
+    "KVCache",
     "PackedLayer",
     "__version__",
     "allocate_bits",
+    "calibrate_kv_layer",
     "cli_path",
     "cuda_device_count",
+    "cuda_kv_decode_attention",
+    "cuda_kv_decode_workspace_bytes",
     "cuda_linear",
     "cuda_linear_workspace_bytes",
+    "dense_decode_attention",
     "dequantize",
     "hutchinson_trace",
     "inspect",
     "kmeans_1d",
+    "kv_decode_attention",
+    "kv_rope_cos_sin",
     "linear",
+    "load_kv_calibration",
     "measure",
     "minimum_bytes",
     "pack_indices",
@@ -61,6 +79,7 @@ __all__ = [
     "quantize",
     "quantize_checkpoint",
     "row_bytes",
+    "save_kv_calibration",
     "unpack_indices",
     "write_checkpoint",
 ]

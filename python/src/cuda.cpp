@@ -2,6 +2,10 @@
 // its CUDA tensors, the current stream and cuBLAS handle). Pointers are plain integers here: the caller
 // guarantees they are device pointers of the right sizes; everything else is checked by the launchers'
 // can_implement_* functions, and failures are ValueError (arguments) or RuntimeError (CUDA).
+#include <pybind11/stl.h>
+
+#include <cmath>
+#include <optional>
 #include <string>
 
 #include "bindings.hpp"
@@ -9,6 +13,7 @@
 #include "nuq/format.hpp"
 
 #ifdef NUQ_WITH_CUDA
+#include "nuq/kv_cuda.hpp"
 #include "nuq/linear_cuda.hpp"
 #endif
 
@@ -41,6 +46,54 @@ format::PackedLinearView device_view(int64_t rows, int64_t cols, int bits, int64
 [[noreturn]] void no_cuda(const char* fn) {
   throw py::value_error(std::string(fn) + ": this nuq build has no CUDA support (rebuild with nvcc on PATH)");
 }
+
+#ifdef NUQ_WITH_CUDA
+// The device cache as a dict keyed by nuq::cuda::KvDeviceCache's field names (KVCache.export_pages
+// gives that dict with host arrays; the caller uploads them and puts the device pointers in their
+// place). A host array left in place would be dereferenced on the device, so it is refused by name.
+cuda::KvDeviceCache device_cache(const py::dict& d) {
+  const std::string fn = "cuda_kv_decode_attention";
+  auto get = [&](const char* key) -> py::object {
+    if (!d.contains(key)) throw py::value_error(fn + ": cache has no '" + key + "' (see KVCache.export_pages)");
+    return d[key];
+  };
+  auto pointer = [&](const char* key) -> uintptr_t {
+    py::object o = get(key);
+    if (!py::isinstance<py::int_>(o))
+      throw py::type_error(fn + ": cache['" + key + "'] must be a device pointer (an int, e.g. tensor.data_ptr()), " +
+                           "got " + std::string(py::str(py::type::of(o))) + "; upload the host array first");
+    return o.cast<uintptr_t>();
+  };
+  auto integer = [&](const char* key) -> int64_t {
+    py::object o = get(key);
+    if (!py::isinstance<py::int_>(o))
+      throw py::type_error(fn + ": cache['" + key + "'] must be an int, got " + std::string(py::str(py::type::of(o))));
+    return o.cast<int64_t>();
+  };
+  cuda::KvDeviceCache c;
+  c.pages = reinterpret_cast<const uint8_t*>(pointer("pages"));
+  c.page_stride = integer("page_stride");
+  c.block_tables = reinterpret_cast<const int32_t*>(pointer("block_tables"));
+  c.max_blocks = integer("max_blocks");
+  c.lengths = reinterpret_cast<const int32_t*>(pointer("lengths"));
+  c.sink_k = reinterpret_cast<const uint16_t*>(pointer("sink_k"));
+  c.sink_v = reinterpret_cast<const uint16_t*>(pointer("sink_v"));
+  c.sink_tokens = int(integer("sink_tokens"));
+  c.n_kv_heads = int(integer("n_kv_heads"));
+  c.head_dim = int(integer("head_dim"));
+  c.block_tokens = int(integer("block_tokens"));
+  c.bits_k = int(integer("bits_k"));
+  c.bits_v = int(integer("bits_v"));
+  c.slots = int(integer("slots"));
+  c.k_scale = reinterpret_cast<const float*>(pointer("k_scale"));
+  c.k_offset = reinterpret_cast<const float*>(pointer("k_offset"));
+  c.k_codebook = reinterpret_cast<const float*>(pointer("k_codebook"));
+  c.v_codebook = reinterpret_cast<const float*>(pointer("v_codebook"));
+  c.storage = reinterpret_cast<const int32_t*>(pointer("storage"));
+  c.rope_freq = reinterpret_cast<const double*>(pointer("rope_freq"));
+  return c;
+}
+#endif
 
 }  // namespace
 
@@ -102,6 +155,69 @@ ldy], row-major, dtype 'float16' or 'bfloat16'. stream: cudaStream_t as an int (
 Batches above 16 need blas (a cublasHandle_t on that stream) and workspace of
 cuda_linear_workspace_bytes(...) bytes. Asynchronous on the stream. ValueError for arguments the kernels
 cannot handle, RuntimeError for CUDA errors; ValueError in a build without CUDA.)doc");
+
+  m.def(
+      "cuda_kv_decode_workspace_bytes",
+      [](int batch, int n_heads, int head_dim, int max_length, int split_tokens) -> int64_t {
+#ifdef NUQ_WITH_CUDA
+        return cuda::kv_decode_workspace_bytes(batch, n_heads, head_dim, max_length, split_tokens);
+#else
+        (void)batch, (void)n_heads, (void)head_dim, (void)max_length, (void)split_tokens;
+        no_cuda("cuda_kv_decode_workspace_bytes");
+#endif
+      },
+      py::arg("batch"), py::arg("n_heads"), py::arg("head_dim"), py::arg("max_length"), py::arg("split_tokens") = 1024,
+      "Device workspace bytes cuda_kv_decode_attention needs (the per-split partial results).");
+  m.def(
+      "cuda_kv_decode_attention",
+      [](const py::dict& cache, int batch, int n_heads, uintptr_t q, uintptr_t out, int max_length,
+         std::optional<double> scale, int split_tokens, uintptr_t workspace, int64_t workspace_bytes,
+         uintptr_t stream) {
+#ifdef NUQ_WITH_CUDA
+        const cuda::KvDeviceCache c = device_cache(cache);
+        if (scale && (!(*scale > 0) || !std::isfinite(*scale)))
+          throw py::value_error(
+              "cuda_kv_decode_attention: scale must be positive and finite (None for 1/sqrt(head_dim))");
+        // The launcher takes the scale as is; the CPU API's "None = 1/sqrt(head_dim)" is applied here.
+        const float s = scale ? float(*scale) : float(1.0 / std::sqrt(double(c.head_dim)));
+        cuda::Status st = cuda::can_implement_kv_decode(c, batch, n_heads, max_length, split_tokens, workspace_bytes);
+        if (!st.ok()) throw py::value_error("cuda_kv_decode_attention: " + st.message);
+        if (q == 0 || out == 0 || workspace == 0)
+          throw py::value_error(
+              "cuda_kv_decode_attention: q, out and workspace must be device pointers, got a null one");
+        {
+          py::gil_scoped_release release;
+          st = cuda::kv_decode_attention(c, batch, n_heads, reinterpret_cast<const uint16_t*>(q),
+                                         reinterpret_cast<uint16_t*>(out), s, max_length, split_tokens,
+                                         reinterpret_cast<void*>(workspace), workspace_bytes,
+                                         reinterpret_cast<cudaStream_t>(stream));
+        }
+        if (st.code == cuda::StatusCode::invalid_argument)
+          throw py::value_error("cuda_kv_decode_attention: " + st.message);
+        if (!st.ok()) throw std::runtime_error("cuda_kv_decode_attention: " + st.message);
+#else
+        (void)cache, (void)batch, (void)n_heads, (void)q, (void)out, (void)max_length, (void)scale, (void)split_tokens;
+        (void)workspace, (void)workspace_bytes, (void)stream;
+        no_cuda("cuda_kv_decode_attention");
+#endif
+      },
+      py::arg("cache"), py::arg("batch"), py::arg("n_heads"), py::arg("q"), py::arg("out"), py::arg("max_length"),
+      py::kw_only(), py::arg("scale") = py::none(), py::arg("split_tokens") = 1024, py::arg("workspace") = 0,
+      py::arg("workspace_bytes") = 0, py::arg("stream") = 0,
+      R"doc(Decode attention over the quantized KV cache on a CUDA device (nuq::cuda::kv_decode_attention,
+include/nuq/kv_cuda.hpp; compiled, NOT yet run on a GPU). Low level, like cuda_linear: device memory is
+given as pointers (ints, e.g. tensor.data_ptr()).
+
+cache: the dict of KVCache.export_pages(seqs) with every array uploaded to the device and replaced by
+  its device pointer (the ints stay). A host array left in it is a TypeError.
+batch: len(seqs) of that export. n_heads: query heads, a multiple of n_kv_heads, at most 8 per kv head.
+q: float16 [batch, n_heads, head_dim], model channel order, pre-RoPE (rotated to position
+  lengths[b] - 1 on the device). out: float16 [batch, n_heads, head_dim].
+max_length: at least every lengths[b] (it sizes the grid). scale: None for 1/sqrt(head_dim).
+workspace: workspace_bytes >= cuda_kv_decode_workspace_bytes(batch, n_heads, head_dim, max_length,
+  split_tokens) bytes of device memory. stream: cudaStream_t as an int (0 = default stream).
+Asynchronous on the stream. ValueError for arguments the kernel cannot handle, RuntimeError for CUDA
+errors; ValueError in a build without CUDA.)doc");
 }
 
 }  // namespace nuq::python
