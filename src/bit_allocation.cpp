@@ -50,15 +50,17 @@ std::string_view to_string(OmegaKind kind) {
     case OmegaKind::hessian_diagonal: return "hessian-diag";
     case OmegaKind::hawq_trace: return "hawq";
     case OmegaKind::unweighted: return "unweighted";
+    case OmegaKind::fisher_output: return "fisher-output";
   }
   return "?";
 }
 
 OmegaKind parse_omega_kind(std::string_view text) {
   for (OmegaKind k : {OmegaKind::fisher, OmegaKind::hessian, OmegaKind::hessian_diagonal, OmegaKind::hawq_trace,
-                      OmegaKind::unweighted})
+                      OmegaKind::unweighted, OmegaKind::fisher_output})
     if (text == to_string(k)) return k;
-  fail(Errc::invalid_argument, "unknown sensitivity measure '{}' (expected fisher, hessian, hessian-diag, hawq or unweighted)",
+  fail(Errc::invalid_argument,
+       "unknown sensitivity measure '{}' (expected fisher, hessian, hessian-diag, hawq, unweighted or fisher-output)",
        text);
 }
 
@@ -106,8 +108,25 @@ double layer_omega(OmegaKind kind, const float* weight, const float* quantized, 
       }
       return s;
     }
+    case OmegaKind::fisher_output:
     case OmegaKind::hessian: {
       need(stats.hessian, "the full Hessian XᵀX (the statistics hold only its diagonal)");
+      // fisher_output: each output row's error counts with its mean squared output gradient, read off
+      // the Fisher diagonal under the K-FAC factorization F_ij ≈ E[g_i²]·E[x_j²].
+      std::vector<double> row_weight;
+      if (kind == OmegaKind::fisher_output) {
+        need(stats.fisher, "the Fisher diagonal");
+        double trace = 0;
+        for (int64_t c = 0; c < cols; ++c) trace += stats.hessian[c * cols + c];
+        NUQ_CHECK(trace > 0, Errc::invalid_argument, "sensitivity measure {} needs a non-zero XᵀX trace",
+                  to_string(kind));
+        row_weight.resize(std::size_t(rows));
+        for (int64_t r = 0; r < rows; ++r) {
+          double f = 0;
+          for (int64_t c = 0; c < cols; ++c) f += stats.fisher[r * cols + c];
+          row_weight[r] = f / trace;
+        }
+      }
       // tr(ΔW H ΔWᵀ) = Σ_r Δw_r H Δw_rᵀ, in blocks of rows so the product stays small.
       Eigen::Map<const Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>> H(stats.hessian, cols, cols);
       constexpr int64_t kBlock = 64;
@@ -120,7 +139,11 @@ double layer_omega(OmegaKind kind, const float* weight, const float* quantized, 
           for (int64_t c = 0; c < cols; ++c)
             D(r, c) = double(weight[(r0 + r) * cols + c]) - quantized[(r0 + r) * cols + c];
         DH.noalias() = D * H;
-        s += DH.cwiseProduct(D).sum();
+        if (row_weight.empty()) {
+          s += DH.cwiseProduct(D).sum();
+        } else {
+          for (int64_t r = 0; r < m; ++r) s += row_weight[r0 + r] * DH.row(r).dot(D.row(r));
+        }
       }
       // H is positive semi-definite, so a negative result is rounding around zero.
       return std::max(s, 0.0);
@@ -153,6 +176,8 @@ std::vector<CandidateEvaluation> evaluate_candidates(const float* weight, int64_
     o.sensitive_fraction = c.sensitive_fraction;
     o.outliers_per_row = c.outliers_per_row;
     o.threads = threads;
+    o.hessian = stats.error_feedback_hessian;
+    o.hessian_damping = stats.damping;
     QuantizeReport rep;
     const PackedLinear packed = quantize_linear(weight, c.method == QuantMethod::nuq ? stats.sensitivity : nullptr, rows,
                                                 cols, cols, o, name, &rep);
@@ -440,15 +465,24 @@ CheckpointPlan plan_checkpoint(const CheckpointPlanOptions& options) {
   plan.relative = options.relative;
   plan.model = options.model;
   plan.stats_path = options.stats_path;
+  plan.hessian_path = options.hessian_path;
   const ModelReader model(options.model);
   NUQ_CHECK(!model.tensors().empty(), Errc::invalid_argument,
             "{}: no tensor to plan (the default rule takes {})", options.model, default_quantize_rule_text());
 
-  std::unique_ptr<StatisticsFile> stats;
+  std::unique_ptr<StatisticsFile> stats, feedback;
   if (!options.stats_path.empty()) stats = std::make_unique<StatisticsFile>(options.stats_path);
+  if (!options.hessian_path.empty()) {
+    feedback = std::make_unique<StatisticsFile>(options.hessian_path);
+    NUQ_CHECK(feedback->kind() == StatsKind::hessian && !feedback->is_calibrate_output(), Errc::invalid_argument,
+              "{}: the error-feedback statistics must be the full XᵀX of `nuq calibrate --hessian`",
+              options.hessian_path);
+  }
   // The measure: the caller's, else the best the statistics allow.
   if (options.omega) {
     plan.omega = *options.omega;
+  } else if (feedback && stats && stats->kind() == StatsKind::fisher) {
+    plan.omega = OmegaKind::fisher_output;
   } else if (!stats) {
     plan.omega = OmegaKind::unweighted;
   } else if (stats->kind() == StatsKind::fisher) {
@@ -459,7 +493,10 @@ CheckpointPlan plan_checkpoint(const CheckpointPlanOptions& options) {
     if (stats->has_layer(base_of(first.name)) && stats->hessian_matrix(base_of(first.name), first.shape[1]).empty())
       plan.omega = OmegaKind::hessian_diagonal;
   }
-  const bool need_fisher = plan.omega == OmegaKind::fisher;
+  const bool need_fisher = plan.omega == OmegaKind::fisher || plan.omega == OmegaKind::fisher_output;
+  NUQ_CHECK(plan.omega != OmegaKind::fisher_output || feedback, Errc::invalid_argument,
+            "sensitivity measure fisher-output needs the full XᵀX of `nuq calibrate --hessian` (--hessian) besides "
+            "the Fisher statistics (--stats)");
   const bool need_hessian = plan.omega == OmegaKind::hessian || plan.omega == OmegaKind::hessian_diagonal ||
                             plan.omega == OmegaKind::hawq_trace;
   NUQ_CHECK(!need_fisher || (stats && stats->kind() == StatsKind::fisher), Errc::invalid_argument,
@@ -482,6 +519,11 @@ CheckpointPlan plan_checkpoint(const CheckpointPlanOptions& options) {
     if (need_fisher)
       NUQ_CHECK(stats->has_fisher(t.name), Errc::invalid_argument,
                 "{}: no Fisher tensor '{}' for the weight of that name in {}", stats->path(), t.name, options.model);
+    if (feedback)
+      NUQ_CHECK(feedback->has_layer(base_of(t.name)) &&
+                    !feedback->hessian_matrix(base_of(t.name), t.shape[1]).empty(),
+                Errc::invalid_argument, "{}: no full XᵀX for layer '{}' of {}", feedback->path(), base_of(t.name),
+                options.model);
     if (need_hessian || (stats && stats->is_calibrate_output()))
       NUQ_CHECK(stats->has_layer(base_of(t.name)), Errc::invalid_argument,
                 "{}: no Hessian statistics for layer '{}' of {} (nor an alias naming the layer it shares its "
@@ -520,6 +562,13 @@ CheckpointPlan plan_checkpoint(const CheckpointPlanOptions& options) {
                   base_of(t.name));
         ls.hessian = hessian.data();
       }
+    }
+    std::vector<double> xtx;
+    if (feedback) {
+      xtx = feedback->hessian_matrix(base_of(t.name), cols);
+      ls.error_feedback_hessian = xtx.data();
+      ls.damping = options.damping;
+      if (plan.omega == OmegaKind::fisher_output) ls.hessian = xtx.data();
     }
     PlannedLayer layer;
     layer.name = t.name;
@@ -615,6 +664,7 @@ std::string plan_to_json(const CheckpointPlan& plan) {
   j["layers"] = layers;
   j["nuq_plan"] = Json{{"model", plan.model},
                        {"stats", plan.stats_path.empty() ? Json(nullptr) : Json(plan.stats_path)},
+                       {"hessian", plan.hessian_path.empty() ? Json(nullptr) : Json(plan.hessian_path)},
                        {"omega", std::string(to_string(plan.omega))},
                        {"relative", plan.relative},
                        {"weights", plan.weights},

@@ -35,9 +35,11 @@ enum class OmegaKind {
   hessian_diagonal,  // Σ_j H_jj Σ_i ΔW_ij²              (imatrix weighting)
   hawq_trace,        // tr(H)/cols · ||ΔW||²_F            (HAWQ-V2)
   unweighted,        // ||ΔW||²_F
+  fisher_output,     // Σ_i g_i Δw_i H Δw_iᵀ, g_i = Σ_j F_ij / Σ_j H_jj (K-FAC: Fisher ≈ E[g²] ⊗ E[xxᵀ])
 };
 std::string_view to_string(OmegaKind kind);
-OmegaKind parse_omega_kind(std::string_view text);  // "fisher", "hessian", "hessian-diag", "hawq", "unweighted"
+// "fisher", "hessian", "hessian-diag", "hawq", "unweighted", "fisher-output"
+OmegaKind parse_omega_kind(std::string_view text);
 
 // Statistics of one layer (weight [rows, cols]); pointers not owned, null when unavailable.
 struct LayerStatistics {
@@ -47,6 +49,10 @@ struct LayerStatistics {
   // [rows, cols]: the per-weight sensitivity the nuq quantizer is given (what `nuq quantize --fisher`
   // would pass it); null quantizes unweighted. Independent of the Ω measure.
   const float* sensitivity = nullptr;
+  // [cols, cols]: candidates are rounded with error feedback on this XᵀX (what `nuq quantize --hessian`
+  // does), with this damping; null rounds to nearest. Independent of the Ω measure.
+  const double* error_feedback_hessian = nullptr;
+  double damping = 0.01;
 };
 
 // Ω of a layer given the original and the quantized weights (both [rows, cols] row-major). Throws
@@ -131,6 +137,11 @@ struct CheckpointPlanProgress {
 struct CheckpointPlanOptions {
   std::string model;       // .safetensors file, sharded directory/index, or .gguf
   std::string stats_path;  // Fisher or Hessian statistics, or `nuq calibrate` output (docs/sensitivity.md)
+  // Optional full XᵀX (`nuq calibrate --hessian`): candidates are rounded with error feedback as
+  // `nuq quantize --hessian` will round them, and with a Fisher --stats file the default measure becomes
+  // fisher_output.
+  std::string hessian_path;
+  double damping = 0.01;
   std::optional<OmegaKind> omega;  // default: fisher for a Fisher file, hessian (or hessian_diagonal
                                    // where only diagonals exist) for a Hessian file, else unweighted
   bool relative = false;           // per-layer relative Ω (see evaluate_candidates)
@@ -164,7 +175,7 @@ struct UniformBaseline {  // every layer with the same candidate
 };
 
 struct CheckpointPlan {
-  std::string model, stats_path;
+  std::string model, stats_path, hessian_path;
   OmegaKind omega = OmegaKind::unweighted;
   bool relative = false;
   std::vector<PlannedLayer> layers;

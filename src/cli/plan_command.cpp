@@ -46,7 +46,8 @@ std::string mib(uint64_t bytes) { return fmt::format("{:.2f} MiB", double(bytes)
 
 void add_plan_command(CLI::App& app, Action& action) {
   struct Options {
-    std::string model, stats, budget, out, omega;
+    std::string model, stats, budget, out, omega, hessian;
+    double damping = 0.01;
     std::vector<int> bits{2, 3, 4};
     std::vector<std::string> sparse{"0", "0.45%"}, methods{"nuq"};
     std::vector<int64_t> group_sizes{0};
@@ -77,10 +78,15 @@ void add_plan_command(CLI::App& app, Action& action) {
   cmd->add_option("--group-sizes", o->group_sizes, "candidate group sizes (0: the method's default); sizes that do "
                                                    "not divide a layer's columns are skipped for it")
       ->delimiter(',')->capture_default_str();
+  cmd->add_option("--hessian", o->hessian,
+                  "full XᵀX from `nuq calibrate --hessian`: round every candidate with error feedback, as `nuq "
+                  "quantize --hessian` will (pass it the same file); with a Fisher --stats file the default "
+                  "measure becomes fisher-output");
+  cmd->add_option("--damping", o->damping, "with --hessian: as in nuq quantize")->capture_default_str();
   cmd->add_option("--omega", o->omega,
                   "error measure: fisher, hessian (tr(ΔW H ΔWᵀ)), hessian-diag, hawq (tr(H)/cols·||ΔW||²), unweighted "
                   "(default: the best the statistics allow)")
-      ->check(CLI::IsMember({"fisher", "hessian", "hessian-diag", "hawq", "unweighted"}));
+      ->check(CLI::IsMember({"fisher", "hessian", "hessian-diag", "hawq", "unweighted", "fisher-output"}));
   cmd->add_flag("--relative", o->relative,
                 "divide each layer's Ω by its weighted energy (Ω of all-zero weights): relative instead of absolute "
                 "errors");
@@ -94,6 +100,8 @@ void add_plan_command(CLI::App& app, Action& action) {
       CheckpointPlanOptions opt;
       opt.model = o->model;
       opt.stats_path = o->stats;
+      opt.hessian_path = o->hessian;
+      opt.damping = o->damping;
       parse_budget(o->budget, opt);
       if (!o->omega.empty()) opt.omega = parse_omega_kind(o->omega);
       std::vector<double> sparse;

@@ -144,3 +144,37 @@ def test_calibrate_hessian_matches_numpy_and_drives_quantize(nuq, nuq_cli, share
     assert_error(r, "needs the full XᵀX")
     r = run(nuq_cli, "quantize", hf, "--out", tmp_path / "bad", "--bits", 3, "--measure-only")
     assert_error(r, "--measure-only needs --hessian")
+
+
+def test_plan_with_error_feedback_is_what_quantize_produces(nuq_cli, shared_data, hf, tmp_path):
+    # Fisher and XᵀX on the same tokens; the plan rounds its candidates with error feedback and weighs
+    # output errors by the Fisher's per-row gradient scale (fisher-output), and `nuq quantize` given the
+    # same files reproduces the planned layers byte for byte.
+    text = tmp_path / "t.txt"
+    text.write_text((shared_data / "tinystories_valid.txt").read_text()[:6000])
+    fisher, act, hess = (tmp_path / f"{n}.safetensors" for n in ("fisher", "act", "h"))
+    common = ["--model", hf, "--tokenizer", shared_data / "tok512.bin", "--text", text]
+    assert run(nuq_cli, "fisher", *common, "--out", fisher).returncode == 0
+    assert run(nuq_cli, "calibrate", *common, "--out", act, "--hessian", hess).returncode == 0
+    plan_path = tmp_path / "plan.json"
+    r = run(nuq_cli, "plan", "--model", hf, "--stats", fisher, "--hessian", hess, "--budget", "6bpw",
+            "--bits", "3,4", "--out", plan_path)
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(plan_path.read_text())
+    assert plan["nuq_plan"]["omega"] == "fisher-output" and plan["nuq_plan"]["hessian"] == str(hess)
+    assert len({json.dumps(e, sort_keys=True) for e in plan["layers"].values()}) > 1  # mixed precision
+    out = tmp_path / "q"
+    r = run(nuq_cli, "quantize", hf, "--out", out, "--bits", 3, "--plan", plan_path, "--fisher", fisher,
+            "--hessian", hess, "--quiet")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((out / "quant_report.json").read_text())
+    assert rep["quantized_bytes"] == plan["nuq_plan"]["bytes"]
+    assert all(layer["error_feedback"] for layer in rep["layers"])
+
+    # fisher-output needs both files
+    r = run(nuq_cli, "plan", "--model", hf, "--stats", fisher, "--omega", "fisher-output", "--budget", "6bpw",
+            "--out", tmp_path / "p2.json")
+    assert_error(r, "fisher-output needs the full XᵀX")
+    r = run(nuq_cli, "plan", "--model", hf, "--stats", fisher, "--hessian", act, "--budget", "6bpw",
+            "--out", tmp_path / "p3.json")
+    assert_error(r, "must be the full XᵀX")

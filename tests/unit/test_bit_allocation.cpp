@@ -211,6 +211,34 @@ TEST(LayerOmega, MeasuresAgreeWithTheirDefinitions) {
   const std::string missing =
       error_of([&] { nuq::layer_omega(OmegaKind::hessian, w.data(), q.data(), rows, cols, nuq::LayerStatistics{}); });
   EXPECT_NE(missing.find("hessian"), std::string::npos) << missing;
+
+  // fisher-output: per output row, the mean squared output error times that row's E[g²], which a Fisher
+  // of the K-FAC form F_ij = E[g_i²]·E[x_j²] gives back as Σ_j F_ij / tr(H). Built that way here, so the
+  // definition can be checked with known g².
+  std::vector<float> kfac(std::size_t(rows * cols));
+  std::vector<double> g2(static_cast<std::size_t>(rows));
+  double weighted_output_error = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    g2[r] = 0.5 + double(r);
+    for (int64_t c = 0; c < cols; ++c) kfac[r * cols + c] = float(g2[r] * diag[c]);
+    double row_error = 0;
+    for (int64_t t = 0; t < tokens; ++t) {
+      double y = 0;
+      for (int64_t c = 0; c < cols; ++c) y += (double(w[r * cols + c]) - q[r * cols + c]) * x[t * cols + c];
+      row_error += y * y / tokens;
+    }
+    weighted_output_error += g2[r] * row_error;
+  }
+  nuq::LayerStatistics k = s;
+  k.fisher = kfac.data();
+  EXPECT_NEAR(nuq::layer_omega(OmegaKind::fisher_output, w.data(), q.data(), rows, cols, k), weighted_output_error,
+              1e-6 * weighted_output_error);
+  nuq::LayerStatistics no_fisher = s;
+  no_fisher.fisher = nullptr;
+  const std::string needs_fisher =
+      error_of([&] { nuq::layer_omega(OmegaKind::fisher_output, w.data(), q.data(), rows, cols, no_fisher); });
+  EXPECT_NE(needs_fisher.find("Fisher"), std::string::npos) << needs_fisher;
+  EXPECT_EQ(nuq::parse_omega_kind("fisher-output"), OmegaKind::fisher_output);
 }
 
 TEST(LayerOmega, CandidatesHaveExactPackedSizesAndOrderedErrors) {
