@@ -51,19 +51,23 @@ struct Job {
   std::vector<Task> tasks;
   std::vector<const LayerCache::Impl::Seq*> seqs;
   const float* q = nullptr;  // [batch][n_heads][hd], prepared for the kernel
+  const float* q_partner = nullptr;  // quantized path: ChunkArgs::q_partner, same shape
   int64_t n_heads = 0, hd = 0;
   float scale = 1;
   Partials* parts = nullptr;
   std::vector<float>* scratch = nullptr;  // per participant
   int64_t scratch_floats = 0;
+  int64_t task_state_floats = 0;  // after the scratch: ChunkArgs::vout
   int64_t chunk = 0;
 };
 
 void run_task(void* ctx, int64_t ti, int worker) {
   const Job& j = *static_cast<Job*>(ctx);
   const Task& task = j.tasks[size_t(ti)];
-  float* scratch = j.scratch[worker].data();
+  // 64-byte aligned: the kernels' tables are read in whole cache lines.
+  float* scratch = LayerCache::Impl::align64(j.scratch[worker].data());
   float* kernel_scratch = scratch;
+  float* task_state = scratch + j.scratch_floats;
   float* m = j.parts->m(ti);
   float* l = j.parts->l(ti);
   float* acc = j.parts->acc(ti);
@@ -72,6 +76,7 @@ void run_task(void* ctx, int64_t ti, int worker) {
   std::fill(acc, acc + j.n_heads * j.hd, 0.0f);
   ChunkArgs a{};
   a.q = j.q + task.b * j.n_heads * j.hd;
+  if (j.q_partner) a.q_partner = j.q_partner + task.b * j.n_heads * j.hd;
   a.n_heads = j.n_heads;
   a.head_dim = j.hd;
   a.scale = j.scale;
@@ -95,6 +100,7 @@ void run_task(void* ctx, int64_t ti, int worker) {
     a.k_scale = c.k_scale.data();
     a.k_offset = c.k_offset.data();
     a.k_cb = c.k_cb;
+    a.k_lut = c.k_lut();
     a.v_cb = c.v_cb;
     a.sink_k = s.sink_k.data();
     a.sink_v = s.sink_v.data();
@@ -109,11 +115,17 @@ void run_task(void* ctx, int64_t ti, int worker) {
     a.base_sin = bsf.data();
     a.step_cos = c.table.step_cos();
     a.step_sin = c.table.step_sin();
+    a.step_cos_t = c.table.step_cos_t();
+    a.step_sin_t = c.table.step_sin_t();
+    a.step_stride = c.table.step_stride();
+    a.vout = task_state;
     for (int64_t t = task.t0; t < task.t1; t += c.block_tokens) {
+      a.first_chunk = t == task.t0;
       a.t0 = t;
       a.n = std::min<int64_t>(c.block_tokens, task.t1 - t);
       a.page = c.pages[size_t(s.blocks[size_t(t / c.block_tokens)])].data();
       a.t_in_page = t % c.block_tokens;
+      a.next_page = t + c.block_tokens < task.t1 ? c.pages[size_t(s.blocks[size_t(t / c.block_tokens + 1)])].data() : nullptr;
       for (int64_t i = 0; i < half; ++i) bcf[size_t(i)] = float(bc[size_t(i)]), bsf[size_t(i)] = float(bs[size_t(i)]);
       c.table.advance(bc.data(), bs.data());
       if (j.isa == cpu::Isa::avx512)
@@ -121,6 +133,7 @@ void run_task(void* ctx, int64_t ti, int worker) {
       else
         detail::chunk_avx2(a);
     }
+    if (j.isa == cpu::Isa::avx512) detail::finish_task_avx512(a);
   } else {
     const DenseKv& d = *j.dense;
     a.n_kv = d.n_kv_heads;
@@ -154,7 +167,8 @@ void run_and_merge(Job& j, const std::vector<int64_t>& lengths, int64_t split, i
   j.parts = &parts;
   const int64_t tasks = int64_t(j.tasks.size());
   const int participants = cpu::detail::max_participants(tasks, threads);
-  std::vector<std::vector<float>> scratch(size_t(participants), std::vector<float>(size_t(j.scratch_floats)));
+  std::vector<std::vector<float>> scratch(size_t(participants),
+                                         std::vector<float>(size_t(j.scratch_floats + j.task_state_floats + 16)));
   j.scratch = scratch.data();
   cpu::detail::parallel_for(tasks, threads, run_task, &j);
   for (size_t b = 0; b < lengths.size(); ++b)
@@ -175,9 +189,12 @@ void run_and_merge(Job& j, const std::vector<int64_t>& lengths, int64_t split, i
 }
 
 int64_t kernel_scratch_floats(int64_t n_heads, int64_t hd, int64_t chunk) {
-  // The kernel's cos/sin tables (rows padded to 16 pairs), V rows, [group][kMaxChunkTokens] scores and
-  // [group][hd] outlier sums.
-  return 2 * chunk * ((hd / 2 + 15) / 16 * 16) + chunk * hd + n_heads * (kMaxChunkTokens + hd) + 64;
+  // The kernels' cos/sin tables (rows padded to 16 pairs, columns to 16 positions), V rows,
+  // [group][kMaxChunkTokens] scores and value weights, [group][hd] outlier sums, [group] offset sums,
+  // the AVX-512 kernel's value-outlier buffers.
+  const int64_t chunk16 = (chunk + 15) / 16 * 16;
+  return 2 * chunk16 * ((hd / 2 + 15) / 16 * 16) + chunk * hd + n_heads * (2 * kMaxChunkTokens + hd + 16) +
+         16 * kMaxChunkTokens + 64;
 }
 
 void check_batch(const LayerCache::Impl& c, std::span<const int> seqs, const void* q, int64_t n_heads,
@@ -271,6 +288,7 @@ void decode_attention(const LayerCache& cache, std::span<const int> seqs, const 
   j.scale = options.scale > 0 ? options.scale : float(1.0 / std::sqrt(double(hd)));
   j.chunk = c.block_tokens;
   j.scratch_floats = kernel_scratch_floats(n_heads, hd, j.chunk);
+  if (isa == cpu::Isa::avx512) j.task_state_floats = detail::task_state_floats_avx512(c.n_kv, hd, n_heads);
   // Queries: rotated to their position (len - 1) with the kernels' own table, then permuted to the
   // keys' storage order so that q · k is the same sum.
   std::vector<float> qs(static_cast<size_t>(batch * n_heads * hd)), cs(static_cast<size_t>(half)), sn(static_cast<size_t>(half));
@@ -293,7 +311,11 @@ void decode_attention(const LayerCache& cache, std::span<const int> seqs, const 
       for (int64_t p = 0; p < hd; ++p) qs[size_t((b * n_heads + h) * hd + p)] = x[size_t(c.storage[size_t(p)])];
     }
   }
+  std::vector<float> qp(qs.size());
+  for (size_t r = 0; r < qs.size(); r += size_t(hd))
+    for (int64_t p = 0; p < hd; ++p) qp[r + size_t(p)] = p % 16 < 8 ? qs[r + size_t(p + 8)] : -qs[r + size_t(p - 8)];
   j.q = qs.data();
+  j.q_partner = qp.data();
   run_and_merge(j, lengths, options.split_tokens, options.threads, out);
 }
 

@@ -46,6 +46,14 @@ RopeTable::RopeTable(const Rope& rope, int64_t head_dim, int64_t chunk)
       step_cf_[size_t(t * hp + i)] = float(step_c_[size_t(t * half_ + i)]);
       step_sf_[size_t(t * hp + i)] = float(step_s_[size_t(t * half_ + i)]);
     }
+  const int64_t ts = step_stride();
+  step_cft_.assign(size_t(hp * ts), 0.0f);
+  step_sft_.assign(size_t(hp * ts), 0.0f);
+  for (int64_t t = 0; t < chunk; ++t)
+    for (int64_t i = 0; i < half_; ++i) {
+      step_cft_[size_t(i * ts + t)] = step_cf_[size_t(t * hp + i)];
+      step_sft_[size_t(i * ts + t)] = step_sf_[size_t(t * hp + i)];
+    }
   jump_c_.resize(size_t(half_));
   jump_s_.resize(size_t(half_));
   for (int64_t i = 0; i < half_; ++i) {
@@ -357,6 +365,11 @@ LayerCache::LayerCache(const LayerCalibration& cal, const Calibration& common, c
     c.k_cb[j] = cal.k_codebook[size_t(std::min(j, (1 << c.bits_k) - 1))];
     c.v_cb[j] = cal.v_codebook[size_t(std::min(j, (1 << c.bits_v) - 1))];
   }
+  c.k_lut_storage.resize(size_t(c.n_kv * hd * 16 + 16));
+  float* lut = c.k_lut();
+  for (int64_t p = 0; p < c.n_kv * hd; ++p)
+    for (int j = 0; j < 16; ++j)
+      lut[p * 16 + j] = std::fma(c.k_cb[j & ((1 << c.bits_k) - 1)], c.k_scale[size_t(p)], c.k_offset[size_t(p)]);
   c.v_region = c.n_kv * c.block_tokens * c.lay.k_bytes;
   c.page_bytes = c.v_region + c.n_kv * c.block_tokens * c.lay.v_bytes;
   c.table = detail::RopeTable(c.rope, hd, c.block_tokens);

@@ -29,12 +29,18 @@ class RopeTable {
   int64_t padded_half() const { return (half_ + 15) / 16 * 16; }
   const float* step_cos() const { return step_cf_.data(); }
   const float* step_sin() const { return step_sf_.data(); }
+  // The same fp32 steps transposed, [padded_half()][step_stride()] (offsets of one pair contiguous,
+  // zero past the chunk), for kernels that hold 16 positions of one pair in a register.
+  int64_t step_stride() const { return (chunk_ + 15) / 16 * 16; }
+  const float* step_cos_t() const { return step_cft_.data(); }
+  const float* step_sin_t() const { return step_sft_.data(); }
 
  private:
   int64_t half_ = 0, chunk_ = 0;
   std::vector<double> freq_;            // angle per unit position of pair i
   std::vector<double> step_c_, step_s_;  // [chunk][half]: rotation by offset t
   std::vector<float> step_cf_, step_sf_;
+  std::vector<float> step_cft_, step_sft_;
   std::vector<double> jump_c_, jump_s_;  // [half]: rotation by chunk
 };
 
@@ -76,6 +82,18 @@ struct LayerCache::Impl {
   std::vector<int> storage;          // storage position -> model channel (keys)
   std::vector<float> k_scale, k_offset;  // [n_kv][hd], storage order
   float k_cb[16] = {}, v_cb[16] = {};    // codebooks padded to 16 with their last entry
+  // Dequantized key per (kv head, storage channel, 16-entry index): fma(k_cb[j mod 2^bits_k], scale,
+  // offset), the decoder's own expression. Indexed by the low 4 bits of a word whose upper bits may hold
+  // the next channel's index, so entry j repeats entry j mod 2^bits_k.
+  // [n_kv][hd][16] from the first 64-byte boundary of k_lut_storage: rows are one cache line (an
+  // unaligned 64-byte load costs two).
+  std::vector<float> k_lut_storage;
+  float* k_lut() { return align64(k_lut_storage.data()); }
+  const float* k_lut() const { return align64(k_lut_storage.data()); }
+  template <class T>
+  static T* align64(T* p) {
+    return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));
+  }
   int64_t page_bytes = 0, v_region = 0;
   detail::RopeTable table;
 

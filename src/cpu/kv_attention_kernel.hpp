@@ -18,12 +18,14 @@ struct ChunkArgs {
   // Quantized cache (src/kv_cache.cpp documents the page layout).
   const uint8_t* page;  // the page holding the chunk; tokens at page offsets t_in_page .. + n - 1
   int64_t t_in_page;
+  const uint8_t* next_page;  // the page of the next chunk (a prefetch hint; may be null)
   int64_t n_kv, head_dim, block_tokens;
   int64_t k_bytes, v_bytes, k_index_bytes, v_index_bytes, v_region;  // v_region: offset of the V records
   int slots, bits_k, bits_v;
   const float* k_scale;   // [n_kv][head_dim], storage order
   const float* k_offset;
   const float* k_cb;      // 16 floats (codebook padded)
+  const float* k_lut;     // [n_kv][head_dim][16] dequantized key per index (kv_internal.hpp, Impl::k_lut)
   const float* v_cb;
   // fp16 sink tokens [sink][n_kv][head_dim] (K in storage order, V in model order), positions < sink_len.
   const uint16_t* sink_k;
@@ -44,16 +46,29 @@ struct ChunkArgs {
   const float* base_sin;
   const float* step_cos;
   const float* step_sin;
+  // The steps transposed, [hp][step_stride]: offset i of pair p at p * step_stride + i.
+  const float* step_cos_t;
+  const float* step_sin_t;
+  int64_t step_stride;
   const float* q;           // [n_heads][head_dim], storage order (quantized) or model order (dense), rotated
+  // Quantized path: q_partner[p] = q[p + 8] for the first member p of a pair, -q[p - 8] for its partner,
+  // so that a key residual d at storage channel p moves the score by d (cos q[p] + sin q_partner[p]).
+  const float* q_partner;
   int64_t n_heads;
   float scale;
   float* m;                 // [n_heads] running max of scaled scores
   float* l;                 // [n_heads] running sum of exp
   float* acc;               // [n_heads][head_dim] running weighted V sum, model order
-  float* scratch;           // 2 * block_tokens * head_dim + (n_heads / n_kv) * (kMaxChunkTokens + head_dim) floats
+  float* scratch;           // kernel_scratch_floats() in src/kv_attention.cpp
+  // State kept across the chunks of one task (AVX-512 quantized path): task_state_floats_avx512()
+  // floats, initialized by the chunk with first_chunk set and folded into acc by finish_task_avx512().
+  float* vout;
+  bool first_chunk;
 };
 
 void chunk_avx512(const ChunkArgs& a);
+int64_t task_state_floats_avx512(int64_t n_kv, int64_t head_dim, int64_t n_heads);
+void finish_task_avx512(const ChunkArgs& a);
 void chunk_avx2(const ChunkArgs& a);
 void dense_chunk_avx512(const ChunkArgs& a);
 void dense_chunk_avx2(const ChunkArgs& a);

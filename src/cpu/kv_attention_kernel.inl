@@ -1,5 +1,7 @@
 // Decode attention over one page-sized chunk, written once over a SIMD trait S and included by the
 // AVX2 and AVX-512 translation units inside an anonymous namespace (kv_attention_kernel.hpp says why).
+// The AVX-512 unit uses the dense baseline and the softmax/accumulation helpers only: its quantized
+// kernel is token-parallel (kv_attention_avx512.cpp).
 //
 // S provides: L (lanes), V (vector type), Cb (codebook registers), load/store/set1/zero/fmadd/mul/max,
 // hsum, exp (vector, relative error < 2e-7 over the range softmax uses), codebook(const float*),
@@ -117,7 +119,7 @@ void chunk_impl(const ChunkArgs& a) {
   using V = typename S::V;
   constexpr int64_t L = S::L;
   constexpr int64_t hd = NV * L;
-  const int64_t half = hd / 2, group = a.n_heads / a.n_kv, n = a.n;
+  const int64_t group = a.n_heads / a.n_kv, n = a.n;
   constexpr int64_t hp = (hd / 2 + 15) / 16 * 16;
   float* cosv = a.scratch;                   // [n][hp]
   float* sinv = cosv + a.block_tokens * hp;
