@@ -337,6 +337,20 @@ py::dict export_pages(const KVCache& c, const std::vector<int>& seqs) {
   return d;
 }
 
+
+// The [batch, n_heads, head_dim] fp32 output of a decode attention call: a new array, or the caller's
+// `out` after checking its shape and that it does not overlap the queries it is computed from.
+py::array attention_output(py::object out_obj, const ArrayArg& q, int64_t batch, int64_t n_heads, int64_t hd,
+                           const std::string& fn) {
+  if (out_obj.is_none()) return float_array({batch, n_heads, hd});
+  ArrayArg a(out_obj, fn, "out");
+  a.dtype({"float32"}).ndim(3).contiguous().writeable().dim(0, batch, "batch, as q").dim(1, n_heads, "n_heads, as q")
+      .dim(2, hd, "head_dim, as q");
+  if (py::module_::import("numpy").attr("shares_memory")(a.array, q.array).cast<bool>())
+    throw py::value_error(fn + ": out must not overlap q");
+  return a.array;
+}
+
 py::array decode_attention(const KVCache& c, const std::vector<int>& seqs, py::handle q_obj, py::object out_obj,
                            std::optional<double> scale, bool query_has_rope, int threads,
                            const std::optional<std::string>& isa, int split_tokens) {
@@ -353,17 +367,7 @@ py::array decode_attention(const KVCache& c, const std::vector<int>& seqs, py::h
   kv::AttentionOptions o = attention_options(scale, threads, isa, fn);
   o.query_has_rope = query_has_rope;
   o.split_tokens = split_tokens;
-  py::array out;
-  if (out_obj.is_none()) {
-    out = float_array({batch, n_heads, hd});
-  } else {
-    ArrayArg a(out_obj, fn, "out");
-    a.dtype({"float32"}).ndim(3).contiguous().writeable().dim(0, batch, "batch, as q").dim(1, n_heads, "n_heads, as q")
-        .dim(2, hd, "head_dim, as q");
-    if (py::module_::import("numpy").attr("shares_memory")(a.array, q.array).cast<bool>())
-      throw py::value_error(fn + ": out must not overlap q");
-    out = a.array;
-  }
+  py::array out = attention_output(out_obj, q, batch, n_heads, hd, fn);
   const float* qp = q.as<float>();
   float* op = static_cast<float*>(out.mutable_data());
   {
@@ -397,15 +401,7 @@ py::array dense_attention(py::handle k_obj, py::handle v_obj, const std::vector<
     throw py::value_error(fn + ": q: dimension 1 (n_heads = " + std::to_string(n_heads) +
                           ") must be a positive multiple of k's " + std::to_string(n_kv) + " kv heads (GQA)");
   const kv::AttentionOptions o = attention_options(scale, threads, isa, fn);
-  py::array out;
-  if (out_obj.is_none()) {
-    out = float_array({batch, n_heads, hd});
-  } else {
-    ArrayArg a(out_obj, fn, "out");
-    a.dtype({"float32"}).ndim(3).contiguous().writeable().dim(0, batch, "batch, as q").dim(1, n_heads, "n_heads, as q")
-        .dim(2, hd, "head_dim, as q");
-    out = a.array;
-  }
+  py::array out = attention_output(out_obj, q, batch, n_heads, hd, fn);
   kv::DenseKv d;
   d.k = k.data();
   d.v = v.data();

@@ -246,6 +246,11 @@ def test_dense_attention_is_fp32_attention(nq):
     for isa in (None, "scalar"):
         got = nq.dense_decode_attention(k, v, lengths, q, isa=isa)
         np.testing.assert_allclose(got, expect, rtol=0, atol=1e-5, err_msg=f"isa={isa}")
+    out = np.empty_like(q)
+    assert nq.dense_decode_attention(k, v, lengths, q, out=out) is not None
+    np.testing.assert_allclose(out, expect, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="dense_decode_attention: out must not overlap q"):
+        nq.dense_decode_attention(k, v, lengths, q, out=q)
 
 
 def test_rope_angles(nq):
