@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from nuq_package import dense_weight, import_nuq
-from test_fisher_cli import find_generate
-from test_llama import read_llama2c, rmsnorm, rope
+from test_fisher_cli import find_generate, hf  # noqa: F401 (hf: the converted stories260K fixture)
+from test_llama import numpy_logits, read_llama2c
 from test_quantize_cli import assert_error, run
 
 
@@ -62,40 +62,6 @@ HF_KINDS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_
             "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
 
 
-def numpy_layer_inputs(w, cfg, tokens):
-    """The input of every linear layer of the NumPy float64 decoder of test_llama.py, per layer and kind."""
-    h, kvh, hd = cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
-    x = w["emb"][tokens]
-    t = len(tokens)
-    mask = np.triu(np.full((t, t), -np.inf), 1)
-    inputs = []
-    for layer in w["layers"]:
-        xb = rmsnorm(x, layer["attn_norm"], cfg["eps"])
-        q = rope((xb @ layer["q"].T).reshape(t, h, hd), cfg["theta"], cfg["interleaved"])
-        k = rope((xb @ layer["k"].T).reshape(t, kvh, hd), cfg["theta"], cfg["interleaved"])
-        v = (xb @ layer["v"].T).reshape(t, kvh, hd)
-        k, v = np.repeat(k, h // kvh, axis=1), np.repeat(v, h // kvh, axis=1)
-        att = np.einsum("thd,shd->hts", q, k) / np.sqrt(hd) + mask
-        att = np.exp(att - att.max(-1, keepdims=True))
-        att /= att.sum(-1, keepdims=True)
-        attn_out = np.einsum("hts,shd->thd", att, v).reshape(t, h * hd)
-        x = x + attn_out @ layer["o"].T
-        xf = rmsnorm(x, layer["ffn_norm"], cfg["eps"])
-        g = xf @ layer["gate"].T
-        act = (g / (1 + np.exp(-g))) * (xf @ layer["up"].T)
-        x = x + act @ layer["down"].T
-        inputs.append({"q": xb, "k": xb, "v": xb, "o": attn_out, "gate": xf, "up": xf, "down": act})
-    return inputs
-
-
-@pytest.fixture(scope="module")
-def hf(nuq_cli, shared_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ef") / "s260-hf"
-    r = run(nuq_cli, "convert", shared_data / "stories260K.bin", "--out", out)
-    assert r.returncode == 0, r.stderr
-    return out
-
-
 def test_calibrate_hessian_matches_numpy_and_drives_quantize(nuq, nuq_cli, shared_data, hf, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text((shared_data / "tinystories_valid.txt").read_text()[:300])  # one window
@@ -110,7 +76,8 @@ def test_calibrate_hessian_matches_numpy_and_drives_quantize(nuq, nuq_cli, share
     ids = [int(t) for t in r.stdout.split()]
     tokens = [1] + ids[:-1]  # BOS, then every token that predicts a next one (nuq eval's window)
     w, cfg = read_llama2c(shared_data / "stories260K.bin")
-    expected = numpy_layer_inputs(w, cfg, tokens)
+    expected = []
+    numpy_logits(w, cfg, tokens, layer_inputs=expected)
     acc = nuq.HessianAccumulator.load(str(hess))
     aliases = acc.aliases()
     resolve = lambda n: aliases.get(n, n)  # noqa: E731

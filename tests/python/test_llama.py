@@ -44,9 +44,10 @@ def rope(x, theta, interleaved):
     return out
 
 
-def numpy_logits(w, cfg, tokens):
+def numpy_logits(w, cfg, tokens, layer_inputs=None):
     """w: dict of float64 arrays with keys emb, final_norm, cls and per layer l: attn_norm, ffn_norm, q, k, v,
-    o, gate, up, down ([out, in] matrices)."""
+    o, gate, up, down ([out, in] matrices). layer_inputs: optional list that receives, per layer, the input
+    of every linear layer by kind."""
     h, kvh, hd = cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
     x = w["emb"][tokens]
     t = len(tokens)
@@ -60,10 +61,14 @@ def numpy_logits(w, cfg, tokens):
         att = np.einsum("thd,shd->hts", q, k) / np.sqrt(hd) + mask
         att = np.exp(att - att.max(-1, keepdims=True))
         att /= att.sum(-1, keepdims=True)
-        x = x + np.einsum("hts,shd->thd", att, v).reshape(t, h * hd) @ layer["o"].T
-        xb = rmsnorm(x, layer["ffn_norm"], cfg["eps"])
-        g = xb @ layer["gate"].T
-        x = x + ((g / (1 + np.exp(-g))) * (xb @ layer["up"].T)) @ layer["down"].T
+        attn_out = np.einsum("hts,shd->thd", att, v).reshape(t, h * hd)
+        x = x + attn_out @ layer["o"].T
+        xf = rmsnorm(x, layer["ffn_norm"], cfg["eps"])
+        g = xf @ layer["gate"].T
+        act = (g / (1 + np.exp(-g))) * (xf @ layer["up"].T)
+        x = x + act @ layer["down"].T
+        if layer_inputs is not None:
+            layer_inputs.append({"q": xb, "k": xb, "v": xb, "o": attn_out, "gate": xf, "up": xf, "down": act})
     return rmsnorm(x, w["final_norm"], cfg["eps"]) @ w["cls"].T
 
 
