@@ -249,6 +249,10 @@ int resolve_threads(int threads, int64_t rows) {
   return int(std::min<int64_t>(threads, std::max<int64_t>(rows, 1)));
 }
 
+// Rows per task of the Hessian-based passes: fixed, so that a row's arithmetic (blocked products
+// included) never depends on the thread count.
+constexpr int64_t kRowChunk = 64;
+
 void check_hessian(const double* h, int64_t cols, double damping, std::string_view name) {
   NUQ_CHECK(std::isfinite(damping) && damping >= 0, Errc::invalid_argument,
             "{}: Hessian damping {} must be finite and >= 0", name, damping);
@@ -314,7 +318,7 @@ std::vector<float> error_feedback_targets(const float* weight, int64_t ld, int64
   // matrix receives the block's errors as one product (GPTQ's lazy batch update), which is where the
   // O(rows·cols²) work goes. Rows are independent, so the matrix is cut into fixed chunks of rows:
   // the arithmetic of a row never depends on the thread count.
-  constexpr int64_t kBlock = 128, kRowChunk = 64;
+  constexpr int64_t kBlock = 128;
   // Ut[block][j, b] = U[i1 + b, i2 + j]: the B operand of the trailing update, [cols - i2, nb].
   std::vector<std::vector<float>> trailing;
   for (int64_t i1 = 0; i1 < cols; i1 += kBlock) {
@@ -332,7 +336,8 @@ std::vector<float> error_feedback_targets(const float* weight, int64_t ld, int64
     std::vector<float> w(std::size_t(m * cols));  // the chunk's rows, columns in processing order
     for (int64_t r = 0; r < m; ++r)
       for (int64_t i = 0; i < cols; ++i) w[r * cols + i] = weight[(r0 + r) * ld + order[i]];
-    std::vector<float> block(std::size_t(kBlock * m)), err(std::size_t(m * kBlock)), update, e(std::size_t{0} + std::size_t(m));
+    std::vector<float> block(std::size_t(kBlock * m)), err(std::size_t(m * kBlock)), update;
+    std::vector<float> e(static_cast<std::size_t>(m));  // one column's scaled errors
     for (int64_t i1 = 0, bi = 0; i1 < cols; i1 += kBlock, ++bi) {
       const int64_t i2 = std::min(cols, i1 + kBlock), nb = i2 - i1, rest = cols - i2;
       for (int64_t b = 0; b < nb; ++b)  // column-major copy: the sweep walks one column of all rows
@@ -345,7 +350,8 @@ std::vector<float> error_feedback_targets(const float* weight, int64_t ld, int64
           const int64_t row = r0 + r;
           const float x = col[r];
           targets[row * cols + c] = x;
-          const float q = kept[row * cols + c] ? x : books[row * groups + c / group].value[books[row * groups + c / group].nearest(x)];
+          const Codebook& cb = books[row * groups + c / group];
+          const float q = kept[row * cols + c] ? x : cb.value[cb.nearest(x)];
           e[r] = (x - q) * inv_diag;
           err[r * nb + b] = e[r];
         }
@@ -370,7 +376,6 @@ void measure_output_error(const float* weight, int64_t ld, const float* deltas, 
                           const double* hessian, int threads, std::vector<RowStats>& stats) {
   std::vector<float> h(std::size_t(cols * cols));
   for (int64_t i = 0; i < cols * cols; ++i) h[i] = float(hessian[i]);
-  constexpr int64_t kRowChunk = 64;
   parallel_rows((rows + kRowChunk - 1) / kRowChunk, threads, [&](int, int64_t chunk) {
     const int64_t r0 = chunk * kRowChunk, m = std::min(kRowChunk, rows - r0);
     std::vector<float> w(std::size_t(m * cols)), product(std::size_t(m * cols));
