@@ -484,15 +484,12 @@ PackedLinear quantize_linear(const float* weight, const float* sensitivity, int6
   // Error feedback needs every row's sparse mask and codebooks before the first column is rounded, so
   // it keeps them for the whole matrix; without it they live in per-thread scratch, one row at a time.
   const bool feedback = options.hessian != nullptr && options.error_feedback;
-  std::vector<double> hessian_diagonal;
-  if (options.hessian) {
-    check_hessian(options.hessian, cols, options.hessian_damping, name);
-    hessian_diagonal.resize(cols);
-    for (int64_t c = 0; c < cols; ++c) hessian_diagonal[c] = options.hessian[c * cols + c];
-  }
+  if (options.hessian) check_hessian(options.hessian, cols, options.hessian_damping, name);
   std::vector<float> column_weight;  // k-means weights from the Hessian diagonal when no sensitivities
-  if (options.hessian && options.method == QuantMethod::nuq && !cluster_weight)
-    column_weight.assign(hessian_diagonal.begin(), hessian_diagonal.end());
+  if (options.hessian && options.method == QuantMethod::nuq && !cluster_weight) {
+    column_weight.resize(cols);
+    for (int64_t c = 0; c < cols; ++c) column_weight[c] = float(options.hessian[c * cols + c]);
+  }
   std::vector<uint8_t> kept_all(feedback ? rows * cols : 0);
   std::vector<float> deltas(options.hessian ? rows * cols : 0);  // ŵ − w, for the output error figure
   std::vector<Codebook> books_all(feedback ? rows * groups : 0);

@@ -554,6 +554,7 @@ QuantizeCheckpointResult quantize_checkpoint(const CheckpointQuantizeOptions& op
               "the Hessian damping must be finite and >= 0, got {}", options.hessian_damping);
   }
   bool warned_missing_hessian = false;
+  std::set<std::pair<std::string, int64_t>> hessian_checked;  // (stored layer, cols) already read
 
   // ---- choose the layers and check everything that can be checked before hours of work ----
   std::vector<LayerJob> jobs;
@@ -654,11 +655,12 @@ QuantizeCheckpointResult quantize_checkpoint(const CheckpointQuantizeOptions& op
       if (hessian->has_layer(layer)) {
         // Read now, not at the layer's turn: a wrong width or a full matrix missing should fail before
         // any work; one layer's matrix is small next to its weights.
-        const std::vector<double> m = hessian->hessian_matrix(layer, t.shape[1]);
-        NUQ_CHECK(!m.empty(), Errc::invalid_argument,
-                  "{}: layer {} has only the diagonal of XᵀX; error feedback needs the full matrix (nuq calibrate "
-                  "--hessian)", options.hessian_path, in_quotes(layer));
+        // q/k/v (gate/up) resolve to one stored matrix: read and checked once.
         job.hessian_layer = hessian->resolve(layer);
+        if (hessian_checked.emplace(job.hessian_layer, t.shape[1]).second)
+          NUQ_CHECK(!hessian->hessian_matrix(layer, t.shape[1]).empty(), Errc::invalid_argument,
+                    "{}: layer {} has only the diagonal of XᵀX; error feedback needs the full matrix (nuq "
+                    "calibrate --hessian)", options.hessian_path, in_quotes(layer));
         job.options.hessian_damping = options.hessian_damping;
         job.options.error_feedback = options.error_feedback;
       } else if (!warned_missing_hessian) {
