@@ -99,7 +99,7 @@ void nuq_gemv(benchmark::State& state, Isa isa, nuq::cpu::Arithmetic arithmetic)
     return;
   }
   if (arithmetic == nuq::cpu::Arithmetic::int8 && !nuq::cpu::int8_kernel_supported()) {
-    state.SkipWithError("no int8 kernel on this CPU (needs AVX-512 VNNI and BITALG)");
+    state.SkipWithError("no int8 kernel on this CPU (needs AVX-512 VNNI and VBMI)");
     return;
   }
   static Cache<nuq::PackedLinear> cache;

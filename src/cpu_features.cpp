@@ -35,7 +35,6 @@ CpuFeatures detect() {
     f.avx512vl = f.avx512f && (b & (1u << 31));
     f.avx512vbmi = f.avx512f && (c & (1u << 1));
     f.avx512vnni = f.avx512f && (c & (1u << 11));
-    f.avx512bitalg = f.avx512f && (c & (1u << 12));
     unsigned a1, b1, c1, d1;
     if (__get_cpuid_count(7, 1, &a1, &b1, &c1, &d1)) f.avx512bf16 = f.avx512f && (a1 & (1u << 5));
   }

@@ -15,7 +15,6 @@ struct CpuFeatures {
   bool avx512vl = false;
   bool avx512vbmi = false;
   bool avx512vnni = false;
-  bool avx512bitalg = false;
   bool avx512bf16 = false;
 };
 

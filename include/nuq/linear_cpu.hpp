@@ -47,7 +47,7 @@ struct LinearOptions {
 // Columns per int8 activation block (one scale each).
 inline constexpr int64_t kInt8Block = 256;
 
-// Whether this CPU has the int8 kernel (AVX-512 F/BW/VL + VNNI + BITALG); elsewhere Arithmetic::int8
+// Whether this CPU has the int8 kernel (AVX-512 F/BW/VL + VNNI + VBMI); elsewhere Arithmetic::int8
 // runs a portable implementation of the same arithmetic.
 bool int8_kernel_supported();
 

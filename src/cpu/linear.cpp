@@ -42,9 +42,18 @@ namespace {
 
 using detail::KernelArgs;
 
-// Output rows per GEMV task: small enough to balance two threads on a shared machine, large enough
-// that the per-task overhead (an atomic increment) vanishes against ~16 rows of weights.
-constexpr int64_t kGemvRowsPerTask = 16;
+// Output rows per GEMV task. Threads take tasks in turn, so each task starts a new stream whose first
+// prefetch distance (NUQ_PREFETCH_BYTES, 16 KiB) of rows was prefetched by nobody; tasks of 16 rows
+// left ~3 of every 16 rows of a 14336-column layer to demand misses, which capped two threads at about
+// the bandwidth of one. A task therefore covers at least 256 KiB of weights (16 prefetch distances),
+// but the layer still splits into at least 16 tasks, to balance two threads on a shared machine.
+// Results do not depend on where tasks start (every row is summed the same way).
+int64_t gemv_rows_per_task(const format::PackedLinearView& w) {
+  constexpr int64_t kMinRows = 16, kMinTasks = 16, kMinTaskBytes = 256 * 1024;
+  const int64_t by_bytes = (kMinTaskBytes + w.row_stride() - 1) / w.row_stride();
+  const int64_t by_balance = (w.rows + kMinTasks - 1) / kMinTasks;
+  return std::max(kMinRows, std::min(by_bytes, by_balance));
+}
 // Rows dequantized per dense-path task, then multiplied as one Eigen GEMM. A constant (not a share of
 // the rows per thread) so that Eigen sees the same shapes, hence sums in the same order, for any
 // thread count.
@@ -157,12 +166,13 @@ struct GemvJob {
   Isa isa;
   int64_t scratch_floats;
   float* scratch;
+  int64_t rows_per_task;
 };
 
 void gemv_task(void* context, int64_t task, int worker) {
   const auto& job = *static_cast<const GemvJob*>(context);
-  const int64_t r0 = task * kGemvRowsPerTask;
-  const int64_t r1 = std::min(job.args.rows, r0 + kGemvRowsPerTask);
+  const int64_t r0 = task * job.rows_per_task;
+  const int64_t r1 = std::min(job.args.rows, r0 + job.rows_per_task);
   float* scratch = job.scratch + worker * job.scratch_floats;
   switch (job.isa) {
     case Isa::avx512: detail::gemv_rows_avx512(job.args, r0, r1, scratch); return;
@@ -173,7 +183,7 @@ void gemv_task(void* context, int64_t task, int worker) {
 
 void fused(const format::PackedLinearView& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t batch,
            Isa isa, int threads) {
-  GemvJob job{make_args(w), isa, 0, nullptr};
+  GemvJob job{make_args(w), isa, 0, nullptr, 0};
   job.args.x = x;
   job.args.ldx = ldx;
   job.args.y = y;
@@ -185,7 +195,8 @@ void fused(const format::PackedLinearView& w, const float* x, int64_t ldx, float
     job.args.aligned = detail::chunks_aligned(w.bits, lanes, w.cols, w.group_size);
     job.args.xr = reorder_activations(x, ldx, batch, w.cols, w.bits, lanes);
   }
-  const int64_t tasks = (w.rows + kGemvRowsPerTask - 1) / kGemvRowsPerTask;
+  job.rows_per_task = gemv_rows_per_task(w);
+  const int64_t tasks = (w.rows + job.rows_per_task - 1) / job.rows_per_task;
   const int participants = detail::max_participants(tasks, threads);
   // Row scratch is only touched by the scalar kernel and the unaligned-group path.
   const bool needs_scratch = isa == Isa::scalar || !job.args.aligned;
@@ -236,12 +247,13 @@ int64_t int8_position(int bits, int64_t cc) {
 
 struct Int8Job {
   detail::Int8Args args;
+  int64_t rows_per_task;
 };
 
 void int8_task(void* context, int64_t task, int /*worker*/) {
   const auto& job = *static_cast<const Int8Job*>(context);
-  const int64_t r0 = task * kGemvRowsPerTask;
-  detail::gemv_rows_int8_avx512(job.args, r0, std::min(job.args.layer.rows, r0 + kGemvRowsPerTask));
+  const int64_t r0 = task * job.rows_per_task;
+  detail::gemv_rows_int8_avx512(job.args, r0, std::min(job.args.layer.rows, r0 + job.rows_per_task));
 }
 
 void fused_int8(const format::PackedLinearView& w, const float* x, int64_t ldx, float* y, int64_t ldy,
@@ -282,8 +294,9 @@ void fused_int8(const format::PackedLinearView& w, const float* x, int64_t ldx, 
   g.xq = xq.data();
   g.xscale = xscale.data();
   g.xoffset = xoffset.data();
-  Int8Job job{g};
-  detail::parallel_for((w.rows + kGemvRowsPerTask - 1) / kGemvRowsPerTask, threads, int8_task, &job);
+  const int64_t rows_per_task = gemv_rows_per_task(w);
+  Int8Job job{g, rows_per_task};
+  detail::parallel_for((w.rows + rows_per_task - 1) / rows_per_task, threads, int8_task, &job);
 }
 
 struct DenseJob {
@@ -404,7 +417,7 @@ void linear_ref(const format::PackedLinearView& w, const float* x, int64_t ldx, 
 
 bool int8_kernel_supported() {
   const auto& f = nuq::detail::cpu_features();
-  return isa_supported(Isa::avx512) && f.avx512vnni && f.avx512bitalg;
+  return isa_supported(Isa::avx512) && f.avx512vnni && f.avx512vbmi;
 }
 
 void linear_int8_ref(const format::PackedLinearView& w, const float* x, int64_t ldx, float* y, int64_t ldy,

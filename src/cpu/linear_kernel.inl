@@ -124,10 +124,16 @@ inline void gemv_rows_aligned(const ::nuq::cpu::detail::KernelArgs& a, int64_t r
       }
       // The hardware prefetchers alone leave the loads waiting on DRAM (measured: about a quarter of
       // the read bandwidth at batch 1); asking for the data 16 KiB ahead (best of 1-64 KiB tried,
-      // docs/cpu-kernels.md) keeps enough misses in flight. Past the end of the row this fetches the
-      // following rows, which the next passes read.
-      __builtin_prefetch(lo + NUQ_PREFETCH_BYTES, 0, 3);
-      if constexpr (BITS == 3) __builtin_prefetch(hi + NUQ_PREFETCH_BYTES / 2, 0, 3);
+      // docs/cpu-kernels.md) keeps enough misses in flight. The distance counts from the end of the R
+      // rows of this pass (16 KiB past row i itself lands in rows the pass is already reading), so
+      // this fetches the rows of the next passes. Both 3-bit planes use the same distance, so that
+      // over consecutive passes the prefetched windows tile the matrix; half the distance for the
+      // 1-bit plane left a third of every row's lines to demand misses.
+      const int64_t ahead = R * a.stride + NUQ_PREFETCH_BYTES;
+      if (!tail) {
+        __builtin_prefetch(lo + ahead, 0, 3);
+        if constexpr (BITS == 3) __builtin_prefetch(hi + ahead, 0, 3);
+      }
       wlo[i] = S::load_words(lo);
       if constexpr (BITS == 3) whi[i] = S::template sll<2>(S::load_hi16(hi));  // top bit of step 0 at bit 2
     }

@@ -376,7 +376,7 @@ TEST(LinearCpuInt8, ReferenceStaysWithinTheRoundingBoundOfExact) {
 }
 
 TEST(LinearCpuInt8, KernelMatchesTheInt8ReferenceForAnyThreadCount) {
-  if (!nuq::cpu::int8_kernel_supported()) GTEST_SKIP() << "this CPU lacks AVX-512 VNNI/BITALG: no int8 kernel to test";
+  if (!nuq::cpu::int8_kernel_supported()) GTEST_SKIP() << "this CPU lacks AVX-512 VNNI/VBMI: no int8 kernel to test";
   for (const LayerSpec& spec : int8_specs()) {
     const TestLayer& t = layer_for(spec);
     const auto view = t.packed.view();
