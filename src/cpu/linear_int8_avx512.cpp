@@ -73,7 +73,8 @@ inline __m512i table_index_vector(TableMap m) {
   return _mm512_load_si512(idx);
 }
 
-// The 4 index maps of BITS, built once per thread: every row's tables are one vpermb of its codebook.
+// The 4 index maps of BITS, built once (a function-local static): every row's tables are then one vpermb
+// of its codebook each.
 template <int BITS>
 struct TableIndices {
   __m512i map[4];
