@@ -4,25 +4,30 @@
 //   nuq_generate --model stories260K.bin --tokenizer tok512.bin --prompt "Once upon a time" --steps 64
 //   nuq_generate --model quantized/SmolLM2/ --tokenizer SmolLM2.gguf --prompt "The capital of France is"
 //
+// --kv-calibration FILE (from `nuq kv-calibrate`) generates on a quantized KV cache (decode attention
+// over the quantized pages) and reports its bytes against fp32 and fp16 caches.
+//
 // --logits-out FILE --tokens 1,403,407 writes the logits of those tokens (fp32, [n, vocab]) instead;
 // the tests compare them with an independent NumPy implementation.
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <optional>
 #include <random>
 #include <sstream>
 #include <string>
 #include <vector>
 
 #include "nuq/error.hpp"
+#include "nuq/kv_cache.hpp"
 #include "nuq/llama.hpp"
 #include "nuq/tokenizer.hpp"
 
 namespace {
 
 struct Args {
-  std::string model, tokenizer, prompt = "Once upon a time", logits_out, tokens, tokenize;
+  std::string model, tokenizer, prompt = "Once upon a time", logits_out, tokens, tokenize, kv_calibration;
   int steps = 64, threads = 0;
   float temperature = 0.0f;
   bool decode_packed = false, int8 = false;
@@ -32,7 +37,8 @@ struct Args {
 [[noreturn]] void usage(const char* argv0) {
   std::fprintf(stderr,
                "usage: %s --model PATH [--tokenizer PATH] [--prompt TEXT] [--steps N] [--temperature T] [--seed S]\n"
-               "          [--threads N] [--decode-packed | --int8] [--logits-out FILE --tokens ID,ID,...] [--tokenizer PATH --tokenize FILE]\n",
+               "          [--threads N] [--decode-packed | --int8] [--kv-calibration FILE]\n"
+               "          [--logits-out FILE --tokens ID,ID,...] [--tokenizer PATH --tokenize FILE]\n",
                argv0);
   std::exit(2);
 }
@@ -61,6 +67,7 @@ Args parse(int argc, char** argv) {
     else if (k == "--logits-out") a.logits_out = v;
     else if (k == "--tokens") a.tokens = v;
     else if (k == "--tokenize") a.tokenize = v;
+    else if (k == "--kv-calibration") a.kv_calibration = v;
     else usage(argv[0]);
   }
   if (a.model.empty() && a.tokenize.empty()) usage(argv[0]);
@@ -91,13 +98,18 @@ int run(const Args& a) {
       a.model, {a.threads, a.decode_packed, a.int8 ? nuq::cpu::Arithmetic::int8 : nuq::cpu::Arithmetic::exact});
   const nuq::LlamaConfig& c = model->config();
   std::vector<float> hidden, logits;
+  std::optional<nuq::kv::Calibration> kv_calibration;
+  if (!a.kv_calibration.empty()) kv_calibration = nuq::kv::load_calibration(a.kv_calibration);
+  auto new_cache = [&](int64_t capacity) {
+    return kv_calibration ? model->new_cache(capacity, *kv_calibration) : model->new_cache(capacity);
+  };
 
   if (!a.logits_out.empty()) {
     std::vector<int32_t> ids;
     std::stringstream ss(a.tokens);
     for (std::string t; std::getline(ss, t, ',');) ids.push_back(int32_t(std::stol(t)));
     NUQ_CHECK(!ids.empty(), nuq::Errc::invalid_argument, "--logits-out needs --tokens");
-    auto cache = model->new_cache(int64_t(ids.size()));
+    auto cache = new_cache(int64_t(ids.size()));
     hidden.resize(ids.size() * std::size_t(c.dim));
     logits.resize(ids.size() * std::size_t(c.vocab_size));
     model->forward(ids.data(), int64_t(ids.size()), *cache, hidden.data());
@@ -115,7 +127,7 @@ int run(const Args& a) {
   std::vector<int32_t> ids{tok->bos()};
   for (int32_t id : tok->encode(a.prompt)) ids.push_back(id);
   const int64_t capacity = int64_t(ids.size()) + a.steps;
-  auto cache = model->new_cache(capacity);
+  auto cache = new_cache(capacity);
   hidden.resize(ids.size() * std::size_t(c.dim));
   logits.resize(std::size_t(c.vocab_size));
 
@@ -159,6 +171,17 @@ int run(const Args& a) {
   std::fprintf(stderr, "prompt: %zu tokens in %.3f s (%.1f tokens/s); generated %d tokens in %.3f s (%.1f tokens/s)\n",
                ids.size(), prefill, double(ids.size()) / prefill, generated, decode,
                generated ? double(generated) / decode : 0.0);
+  const double fp16_bytes = double(cache->length * c.n_layers * 2 * c.n_kv_heads * c.head_dim * 2);
+  if (kv_calibration)
+    std::fprintf(stderr,
+                 "KV cache: quantized (%d-bit keys / %d-bit values), %lld tokens in %lld bytes of pages and sink "
+                 "copies = %.1f%% of fp16 (%.0f bytes), %.1f%% of fp32 (%.0f bytes)\n",
+                 kv_calibration->layers[0].bits_k, kv_calibration->layers[0].bits_v, (long long)cache->length,
+                 (long long)cache->bytes(), 100.0 * double(cache->bytes()) / fp16_bytes, fp16_bytes,
+                 50.0 * double(cache->bytes()) / fp16_bytes, 2 * fp16_bytes);
+  else
+    std::fprintf(stderr, "KV cache: fp32, %lld tokens in %.0f bytes (%lld allocated for %lld)\n",
+                 (long long)cache->length, 2 * fp16_bytes, (long long)cache->bytes(), (long long)cache->capacity);
   return 0;
 }
 

@@ -197,15 +197,25 @@ int64_t kernel_scratch_floats(int64_t n_heads, int64_t hd, int64_t chunk) {
          16 * kMaxChunkTokens + 64;
 }
 
-void check_batch(const LayerCache::Impl& c, std::span<const int> seqs, const void* q, int64_t n_heads,
-                 const void* out) {
+// Checks the arguments; returns the number of tokens each batch row attends to.
+std::vector<int64_t> check_batch(const LayerCache::Impl& c, std::span<const int> seqs, const void* q, int64_t n_heads,
+                                 const void* out, const AttentionOptions& options) {
   NUQ_CHECK(!seqs.empty(), Errc::invalid_argument, "KV attention: empty batch");
   NUQ_CHECK(q != nullptr && out != nullptr, Errc::invalid_argument, "KV attention: query or output is null");
   NUQ_CHECK(n_heads > 0 && n_heads % c.n_kv == 0, Errc::invalid_argument,
             "KV attention: {} query heads are not a positive multiple of the cache's {} kv heads", n_heads, c.n_kv);
-  for (size_t b = 0; b < seqs.size(); ++b)
-    NUQ_CHECK(c.seq(seqs[b]).len > 0, Errc::invalid_argument, "KV attention: sequence {} (batch row {}) is empty",
-              seqs[b], b);
+  NUQ_CHECK(options.lengths.empty() || options.lengths.size() == seqs.size(), Errc::invalid_argument,
+            "KV attention: {} lengths for a batch of {} rows", options.lengths.size(), seqs.size());
+  std::vector<int64_t> lengths(seqs.size());
+  for (size_t b = 0; b < seqs.size(); ++b) {
+    const int64_t len = c.seq(seqs[b]).len;
+    NUQ_CHECK(len > 0, Errc::invalid_argument, "KV attention: sequence {} (batch row {}) is empty", seqs[b], b);
+    lengths[b] = options.lengths.empty() ? len : options.lengths[b];
+    NUQ_CHECK(lengths[b] >= 1 && lengths[b] <= len, Errc::invalid_argument,
+              "KV attention: batch row {} asks for the first {} tokens of sequence {}, which holds {}", b, lengths[b],
+              seqs[b], len);
+  }
+  return lengths;
 }
 
 }  // namespace
@@ -213,7 +223,7 @@ void check_batch(const LayerCache::Impl& c, std::span<const int> seqs, const voi
 void decode_attention_reference(const LayerCache& cache, std::span<const int> seqs, const float* q, int64_t n_heads,
                                 float* out, const AttentionOptions& options) {
   const auto& c = cache.impl();
-  check_batch(c, seqs, q, n_heads, out);
+  const std::vector<int64_t> lengths = check_batch(c, seqs, q, n_heads, out, options);
   const int64_t hd = c.hd, half = hd / 2, group = n_heads / c.n_kv;
   const double scale = options.scale > 0 ? options.scale : 1.0 / std::sqrt(double(hd));
   // Frequencies from the definition, and every angle from std::cos/sin of (position * frequency) in
@@ -233,7 +243,7 @@ void decode_attention_reference(const LayerCache& cache, std::span<const int> se
   std::vector<double> k(static_cast<size_t>(hd)), qv(static_cast<size_t>(hd));
   for (size_t bi = 0; bi < seqs.size(); ++bi) {
     const auto& s = c.seq(seqs[bi]);
-    const int64_t len = s.len;
+    const int64_t len = lengths[bi];
     std::vector<double> score(static_cast<size_t>(len * group));
     std::vector<std::vector<double>> acc(size_t(group), std::vector<double>(size_t(hd), 0.0));
     for (int64_t h = 0; h < c.n_kv; ++h) {
@@ -273,7 +283,7 @@ void decode_attention_reference(const LayerCache& cache, std::span<const int> se
 void decode_attention(const LayerCache& cache, std::span<const int> seqs, const float* q, int64_t n_heads,
                       float* out, const AttentionOptions& options) {
   const auto& c = cache.impl();
-  check_batch(c, seqs, q, n_heads, out);
+  const std::vector<int64_t> lengths = check_batch(c, seqs, q, n_heads, out, options);
   const cpu::Isa isa = resolve(options);
   NUQ_CHECK(options.split_tokens > 0 && options.split_tokens % c.block_tokens == 0, Errc::invalid_argument,
             "KV attention: split_tokens {} must be a positive multiple of the page size {}", options.split_tokens,
@@ -289,15 +299,12 @@ void decode_attention(const LayerCache& cache, std::span<const int> seqs, const 
   j.chunk = c.block_tokens;
   j.scratch_floats = kernel_scratch_floats(n_heads, hd, j.chunk);
   if (isa == cpu::Isa::avx512) j.task_state_floats = detail::task_state_floats_avx512(c.n_kv, hd, n_heads);
-  // Queries: rotated to their position (len - 1) with the kernels' own table, then permuted to the
+  // Queries: rotated to their position (lengths[b] - 1) with the kernels' own table, then permuted to the
   // keys' storage order so that q · k is the same sum.
   std::vector<float> qs(static_cast<size_t>(batch * n_heads * hd)), cs(static_cast<size_t>(half)), sn(static_cast<size_t>(half));
-  std::vector<int64_t> lengths(static_cast<size_t>(batch));
   for (int64_t b = 0; b < batch; ++b) {
-    const auto& s = c.seq(seqs[size_t(b)]);
-    j.seqs.push_back(&s);
-    lengths[size_t(b)] = s.len;
-    if (!options.query_has_rope) c.table.fill(s.len - 1, 1, cs.data(), sn.data());
+    j.seqs.push_back(&c.seq(seqs[size_t(b)]));
+    if (!options.query_has_rope) c.table.fill(lengths[size_t(b)] - 1, 1, cs.data(), sn.data());
     for (int64_t h = 0; h < n_heads; ++h) {
       std::vector<float> x(q + (b * n_heads + h) * hd, q + (b * n_heads + h + 1) * hd);
       if (!options.query_has_rope)
@@ -338,6 +345,8 @@ void dense_decode_attention(const DenseKv& kv, std::span<const int64_t> lengths,
   NUQ_CHECK(kv.n_kv_heads > 0 && n_heads > 0 && n_heads % kv.n_kv_heads == 0, Errc::invalid_argument,
             "dense attention: {} query heads are not a multiple of {} kv heads", n_heads, kv.n_kv_heads);
   NUQ_CHECK(!lengths.empty(), Errc::invalid_argument, "dense attention: empty batch");
+  NUQ_CHECK(options.lengths.empty(), Errc::invalid_argument,
+            "dense attention: AttentionOptions::lengths is for the quantized cache; pass the lengths argument");
   for (size_t b = 0; b < lengths.size(); ++b) {
     NUQ_CHECK(lengths[b] > 0, Errc::invalid_argument, "dense attention: batch row {} has length {}", b, lengths[b]);
     NUQ_CHECK(kv.head_stride >= lengths[b] * kv.head_dim, Errc::invalid_argument,

@@ -20,6 +20,7 @@
 #include "nuq/error.hpp"
 #include "nuq/gguf.hpp"
 #include "nuq/inspect.hpp"
+#include "nuq/kv_cache.hpp"
 #include "nuq/linear_cpu.hpp"
 #include "nuq/llama_grad.hpp"
 #include "nuq/mapped_file.hpp"
@@ -721,6 +722,42 @@ std::unique_ptr<LlamaModel::Cache> LlamaModel::new_cache(int64_t capacity) const
   return c;
 }
 
+struct LlamaModel::Cache::Quantized {
+  std::vector<kv::LayerCache> layers;
+  int seq = 0;  // the one sequence of every layer's cache
+};
+
+std::unique_ptr<LlamaModel::Cache> LlamaModel::new_cache(int64_t capacity, const kv::Calibration& calibration,
+                                                         int block_tokens) const {
+  const LlamaConfig& c = impl_->config;
+  NUQ_CHECK(capacity > 0, Errc::invalid_argument, "cache capacity must be positive, got {}", capacity);
+  NUQ_CHECK(int64_t(calibration.layers.size()) == c.n_layers, Errc::invalid_argument,
+            "KV calibration of {} layers for a model of {}", calibration.layers.size(), c.n_layers);
+  auto q = std::make_shared<Cache::Quantized>();
+  kv::CacheOptions options;
+  options.block_tokens = block_tokens;
+  options.rope = kv::Rope{c.rope, c.rope_theta, kv::RopeScaling::none, 1.0};
+  for (int64_t l = 0; l < c.n_layers; ++l) {
+    const kv::LayerCalibration& layer = calibration.layers[std::size_t(l)];
+    NUQ_CHECK(layer.n_kv_heads == c.n_kv_heads && layer.head_dim == c.head_dim, Errc::invalid_argument,
+              "KV calibration of layer {} is for {} kv heads of {} channels, the model has {} of {}", l,
+              layer.n_kv_heads, layer.head_dim, c.n_kv_heads, c.head_dim);
+    q->layers.emplace_back(layer, calibration, options);
+    q->seq = q->layers.back().add_sequence();
+  }
+  auto cache = std::make_unique<Cache>();
+  cache->capacity = capacity;
+  cache->quantized = std::move(q);
+  return cache;
+}
+
+int64_t LlamaModel::Cache::bytes() const {
+  if (!quantized) return int64_t(k.size() + v.size()) * int64_t(sizeof(float));
+  int64_t total = 0;
+  for (const kv::LayerCache& layer : quantized->layers) total += layer.allocated_bytes();
+  return total;
+}
+
 // ---- forward -------------------------------------------------------------------------------------------
 
 namespace {
@@ -768,6 +805,18 @@ void LlamaModel::forward(const int32_t* tokens, int64_t n, Cache& cache, float* 
   NUQ_CHECK(n > 0, Errc::invalid_argument, "forward: no tokens");
   NUQ_CHECK(cache.length + n <= cache.capacity, Errc::invalid_argument,
             "forward: {} more tokens do not fit a cache of {} holding {}", n, cache.capacity, cache.length);
+  if (cache.quantized) {
+    Cache::Quantized& qc = *cache.quantized;
+    const int64_t held = qc.layers.front().length(qc.seq);
+    NUQ_CHECK(cache.length == held || cache.length == 0, Errc::invalid_argument,
+              "forward: cache.length was set to {} but the quantized cache holds {} tokens; it can only restart at 0",
+              cache.length, held);
+    if (cache.length == 0 && held > 0)
+      for (kv::LayerCache& layer : qc.layers) {
+        layer.free_sequence(qc.seq);
+        qc.seq = layer.add_sequence();  // reuses the freed id and pages
+      }
+  }
   const int64_t D = c.dim, hd = c.head_dim, qd = c.n_heads * hd, kvd = c.n_kv_heads * hd, pos0 = cache.length;
   std::vector<float> x(std::size_t(n * D)), xb(std::size_t(n * std::max(D, qd))), q(std::size_t(n * qd)),
       k(std::size_t(n * kvd)), v(std::size_t(n * kvd)), att(std::size_t(n * qd)), g(std::size_t(n * c.hidden_dim)),
@@ -786,37 +835,53 @@ void LlamaModel::forward(const int32_t* tokens, int64_t n, Cache& cache, float* 
     m.apply(b.k, xb.data(), n, k.data());
     m.apply(b.v, xb.data(), n, v.data());
     if (m.kv_hook) m.kv_hook(l, pos0, n, k.data(), v.data());
-    apply_rope(q.data(), n, c.n_heads, hd, pos0, c.rope_theta, c.rope);
-    apply_rope(k.data(), n, c.n_kv_heads, hd, pos0, c.rope_theta, c.rope);
-    float* kc = cache.k.data() + l * cache.capacity * kvd;
-    float* vc = cache.v.data() + l * cache.capacity * kvd;
-    std::memcpy(kc + pos0 * kvd, k.data(), std::size_t(n * kvd) * 4);
-    std::memcpy(vc + pos0 * kvd, v.data(), std::size_t(n * kvd) * 4);
-    // Causal attention, one (token, head) pair per work item.
-    parallel_for(m.threads, n * c.n_heads, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> score(std::size_t(pos0 + n));
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t t = item / c.n_heads, h = item % c.n_heads, kvh = h / group, len = pos0 + t + 1;
-        const float* qh = &q[std::size_t(t * qd + h * hd)];
-        float mx = -INFINITY;
-        for (int64_t j = 0; j < len; ++j) {
-          const float* kj = kc + j * kvd + kvh * hd;
-          float s = 0;
-          for (int64_t i = 0; i < hd; ++i) s += qh[i] * kj[i];
-          score[std::size_t(j)] = s * scale;
-          mx = std::max(mx, score[std::size_t(j)]);
+    if (cache.quantized) {
+      // Keys and values stay pre-RoPE (the cache quantizes keys per channel before rotation; the kernels
+      // rotate keys and queries as they read them). Every query row is one batch row over the same
+      // sequence, cut to the positions up to its own: the causal mask of a prefill in one call.
+      kv::LayerCache& layer = cache.quantized->layers[std::size_t(l)];
+      const int seq = cache.quantized->seq;
+      layer.append(seq, k.data(), v.data(), n, m.threads);
+      const std::vector<int> rows(std::size_t(n), seq);
+      std::vector<int64_t> visible(static_cast<std::size_t>(n));
+      for (int64_t t = 0; t < n; ++t) visible[std::size_t(t)] = pos0 + t + 1;
+      kv::AttentionOptions options;
+      options.threads = m.threads;
+      options.lengths = visible;
+      kv::decode_attention(layer, rows, q.data(), c.n_heads, att.data(), options);
+    } else {
+      apply_rope(q.data(), n, c.n_heads, hd, pos0, c.rope_theta, c.rope);
+      apply_rope(k.data(), n, c.n_kv_heads, hd, pos0, c.rope_theta, c.rope);
+      float* kc = cache.k.data() + l * cache.capacity * kvd;
+      float* vc = cache.v.data() + l * cache.capacity * kvd;
+      std::memcpy(kc + pos0 * kvd, k.data(), std::size_t(n * kvd) * 4);
+      std::memcpy(vc + pos0 * kvd, v.data(), std::size_t(n * kvd) * 4);
+      // Causal attention, one (token, head) pair per work item.
+      parallel_for(m.threads, n * c.n_heads, 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> score(std::size_t(pos0 + n));
+        for (int64_t item = begin; item < end; ++item) {
+          const int64_t t = item / c.n_heads, h = item % c.n_heads, kvh = h / group, len = pos0 + t + 1;
+          const float* qh = &q[std::size_t(t * qd + h * hd)];
+          float mx = -INFINITY;
+          for (int64_t j = 0; j < len; ++j) {
+            const float* kj = kc + j * kvd + kvh * hd;
+            float s = 0;
+            for (int64_t i = 0; i < hd; ++i) s += qh[i] * kj[i];
+            score[std::size_t(j)] = s * scale;
+            mx = std::max(mx, score[std::size_t(j)]);
+          }
+          float sum = 0;
+          for (int64_t j = 0; j < len; ++j) sum += score[std::size_t(j)] = std::exp(score[std::size_t(j)] - mx);
+          float* out = &att[std::size_t(t * qd + h * hd)];
+          std::fill(out, out + hd, 0.0f);
+          for (int64_t j = 0; j < len; ++j) {
+            const float p = score[std::size_t(j)] / sum;
+            const float* vj = vc + j * kvd + kvh * hd;
+            for (int64_t i = 0; i < hd; ++i) out[i] += p * vj[i];
+          }
         }
-        float sum = 0;
-        for (int64_t j = 0; j < len; ++j) sum += score[std::size_t(j)] = std::exp(score[std::size_t(j)] - mx);
-        float* out = &att[std::size_t(t * qd + h * hd)];
-        std::fill(out, out + hd, 0.0f);
-        for (int64_t j = 0; j < len; ++j) {
-          const float p = score[std::size_t(j)] / sum;
-          const float* vj = vc + j * kvd + kvh * hd;
-          for (int64_t i = 0; i < hd; ++i) out[i] += p * vj[i];
-        }
-      }
-    });
+      });
+    }
     m.apply(b.o, att.data(), n, o.data());
     for (int64_t i = 0; i < n * D; ++i) x[std::size_t(i)] += o[std::size_t(i)];
     rms_norm(x.data(), b.ffn_norm.data(), n, D, c.norm_eps, xb.data());

@@ -173,11 +173,17 @@ struct AttentionOptions {
   bool query_has_rope = false;   // q already rotated to its position (else rotated here)
   int split_tokens = 1024;       // context split per task (a multiple of the page size); fixed, so
                                  // the merge order, hence the result, does not depend on threads
+  // Quantized cache only. Empty: each row attends to its whole sequence. Else one entry per batch row:
+  // row b attends to the first lengths[b] tokens of seqs[b] (1 <= lengths[b] <= length(seqs[b])), its
+  // query at position lengths[b] - 1. Rows may name the same sequence, so that one call serves every
+  // query of a causal prefill (rows pos0 + 1 .. pos0 + n over one sequence of pos0 + n tokens).
+  std::span<const int64_t> lengths;
 };
 
 // One decode step for a batch: sequence seqs[b] attends with query q[b] ([n_heads, head_dim], model
-// channel order, pre-RoPE unless query_has_rope; its position is length(seqs[b]) - 1) to all its cached
-// tokens. out: [batch, n_heads, head_dim] fp32. n_heads must be a multiple of n_kv_heads (GQA).
+// channel order, pre-RoPE unless query_has_rope; its position is length(seqs[b]) - 1, or
+// options.lengths[b] - 1) to all its cached tokens (or the first options.lengths[b]).
+// out: [batch, n_heads, head_dim] fp32. n_heads must be a multiple of n_kv_heads (GQA).
 void decode_attention(const LayerCache& cache, std::span<const int> seqs, const float* q, int64_t n_heads,
                       float* out, const AttentionOptions& options = {});
 // The same with bf16 query and output.

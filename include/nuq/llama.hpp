@@ -15,6 +15,10 @@
 
 namespace nuq {
 
+namespace kv {
+struct Calibration;  // include/nuq/kv_cache.hpp (which includes this header)
+}
+
 // How RoPE pairs the dimensions of a head. llama2.c and GGUF (llama.cpp permutes Q/K rows when it
 // converts) rotate adjacent pairs (2i, 2i+1); Hugging Face checkpoints rotate (i, i + head_dim/2).
 enum class RopeLayout { interleaved, half_split };
@@ -78,11 +82,22 @@ class LlamaModel {
   const std::string& embedded_tokenizer_path() const noexcept;
 
   struct Cache;  // per-sequence key/value cache
+  // fp32 keys and values for up to `capacity` tokens, attended by the decoder's own fp32 attention.
   std::unique_ptr<Cache> new_cache(int64_t capacity) const;
+  // A quantized KV cache (docs/kv-cache.md): one kv::LayerCache per layer with the given calibration
+  // (from `nuq kv-calibrate`) and pages of `block_tokens`, RoPE as the model's. forward() quantizes each
+  // step's pre-RoPE keys and values as it appends them (prefills in parallel) and attends with
+  // kv::decode_attention over the pages, every query of a multi-token step restricted to the positions
+  // up to its own. Pages are allocated as tokens arrive; `capacity` only bounds the length. Throws
+  // Errc::invalid_argument when the calibration does not fit the model (layers, kv heads, head_dim) or
+  // the head_dim is one the kernels do not support.
+  std::unique_ptr<Cache> new_cache(int64_t capacity, const kv::Calibration& calibration, int block_tokens = 32) const;
 
   // Runs `n` tokens at positions cache.length() .. + n - 1, appending their keys and values to the cache
   // (which must have room), and writes the final hidden states (after the last RMSNorm), [n, dim], to
-  // `hidden`. Throws nuq::Error for token ids outside the vocabulary or an overfull cache.
+  // `hidden`. Throws nuq::Error for token ids outside the vocabulary or an overfull cache. Setting
+  // cache.length to 0 starts a new sequence in the same cache; a quantized cache cannot be cut to any
+  // other length (forward() throws).
   void forward(const int32_t* tokens, int64_t n, Cache& cache, float* hidden) const;
   // Logits [n, vocab] from final hidden states [n, dim].
   void logits(const float* hidden, int64_t n, float* out) const;
@@ -110,7 +125,13 @@ class LlamaModel {
 struct LlamaModel::Cache {
   int64_t capacity = 0;
   int64_t length = 0;
-  std::vector<float> k, v;  // [layer][position][kv_head][head_dim]
+  std::vector<float> k, v;  // fp32 cache: [layer][position][kv_head][head_dim], RoPE applied; else empty
+  struct Quantized;         // per-layer kv::LayerCache, defined in llama.cpp
+  std::shared_ptr<Quantized> quantized;  // null for the fp32 cache; copies of a Cache share it
+
+  // Bytes that hold keys and values now: the fp32 arrays (sized for the whole capacity), or the quantized
+  // pages in use (the last one partly filled) plus the fp16 sink copies.
+  int64_t bytes() const;
 };
 
 }  // namespace nuq

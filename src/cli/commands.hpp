@@ -6,12 +6,16 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <string_view>
 #include <string>
 
 namespace nuq {
 class LlamaModel;
+namespace kv {
+struct Calibration;
+}
 }
 
 namespace nuq::cli {
@@ -32,12 +36,18 @@ void add_plan_command(CLI::App& app, Action& action);
 // `kv-calibrate`, and the --kv-* options of `eval` (kv_command.cpp, docs/kv-cache.md).
 void add_kv_calibrate_command(CLI::App& app, Action& action);
 struct KvEvalOptions {
-  std::string calibration, outliers, method = "nuq";
+  std::string calibration, outliers, method = "nuq", path;
   int bits = 0;
 };
 void add_kv_eval_options(CLI::App* cmd, KvEvalOptions& o);
-// Sets the model's KV hook as the options ask; returns a description of the cache (empty: unquantized).
-std::string install_kv_eval(LlamaModel& model, const KvEvalOptions& o);
+struct KvEval {
+  std::string description;  // empty: the fp32 cache
+  // Set for --kv-path kernel: the caller makes its caches with LlamaModel::new_cache(capacity, *calibration).
+  std::shared_ptr<const kv::Calibration> calibration;
+};
+// Sets up what the options ask: the model's KV hook (--kv-path roundtrip, --kv-method uniform) or the
+// calibration of quantized caches (--kv-path kernel).
+KvEval install_kv_eval(LlamaModel& model, const KvEvalOptions& o);
 
 // "71.2 MiB"
 std::string human_bytes(uint64_t n);

@@ -73,11 +73,12 @@ ModelAndText load_model_and_text(const std::string& model_path, std::string tok_
 // exactly once, from BOS and the tokens before it in its window. fn(w, begin, len, hidden) runs after
 // the window's forward pass; hidden holds the final states of its `len` inputs (BOS first). step > 0
 // feeds each window in forward calls of `step` tokens (as generation does) instead of one call.
+// `quantized_kv` runs the windows on a quantized KV cache with that calibration.
 template <class Fn>
 int64_t for_each_window(LlamaModel& model, const Tokenizer& tok, const std::vector<int32_t>& ids, int64_t ctx, Fn fn,
-                        int64_t step = 0) {
+                        int64_t step = 0, const kv::Calibration* quantized_kv = nullptr) {
   const int64_t per = ctx - 1, n = int64_t(ids.size()), windows = (n + per - 1) / per;
-  auto cache = model.new_cache(ctx);
+  auto cache = quantized_kv ? model.new_cache(ctx, *quantized_kv) : model.new_cache(ctx);
   std::vector<float> hidden(std::size_t(ctx * model.config().dim));
   for (int64_t w = 0; w < windows; ++w) {
     const int64_t begin = w * per, len = std::min(per, n - begin);
@@ -140,7 +141,8 @@ void add_eval_command(CLI::App& app, Action& action) {
       load.arithmetic = o->int8 ? cpu::Arithmetic::int8 : cpu::Arithmetic::exact;
       ModelAndText mt = load_model_and_text(o->model, o->tokenizer, o->text, 0, o->max_tokens, load);
       LlamaModel& model = *mt.model;
-      const std::string kv_cache = install_kv_eval(model, o->kv);
+      const KvEval kv = install_kv_eval(model, o->kv);
+      const std::string& kv_cache = kv.description;
       const Tokenizer& tok = *mt.tok;
       const std::vector<int32_t>& ids = mt.ids;
       const LlamaConfig& c = model.config();
@@ -172,7 +174,7 @@ void add_eval_command(CLI::App& app, Action& action) {
         else if (!o->quiet && !o->json && (w + 1) % 16 == 0)
           std::fprintf(stderr, "window %lld/%lld  perplexity so far %.4f\n", (long long)(w + 1), (long long)windows,
                        std::exp(nll / double(begin + len)));
-      }, o->step);
+      }, o->step, kv.calibration.get());
       if (tty) std::fprintf(stderr, "\r\033[K");
       const double seconds = seconds_since(t0);
       const double mean = nll / double(n);

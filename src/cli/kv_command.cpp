@@ -1,7 +1,10 @@
 // `nuq kv-calibrate` and the --kv-* options of `nuq eval`: the quantized KV cache (docs/kv-cache.md)
-// inside the decoder, through its KV hook (include/nuq/llama.hpp). Evaluation passes every key and
-// value through the cache's exact encode/decode (LayerCache::roundtrip) before RoPE and the decoder's
-// own attention, so the perplexity is that of the cache format.
+// inside the decoder. `--kv-path kernel` runs the decoder on real quantized caches
+// (LlamaModel::new_cache with a calibration: keys and values quantized as they are appended, attention by
+// kv::decode_attention); `--kv-path roundtrip` passes every key and value through the cache's exact
+// encode/decode (LayerCache::roundtrip) in the KV hook, before RoPE and the decoder's own fp32 attention.
+// Given the same keys and values both attend over the same codes; docs/kv-cache.md ("Through the
+// kernels") explains why full-model perplexities still differ by a fraction of a percent.
 #include <algorithm>
 #include <cmath>
 #include <fstream>
@@ -40,8 +43,11 @@ void uniform_per_token(float* x, int64_t vectors, int64_t width, int bits) {
 
 void add_kv_eval_options(CLI::App* cmd, KvEvalOptions& o) {
   cmd->add_option("--kv-calibration", o.calibration,
-                  "quantize the KV cache with this calibration (from `nuq kv-calibrate`): keys and values go "
-                  "through the cache's encode/decode before attention");
+                  "quantize the KV cache with this calibration (from `nuq kv-calibrate`)");
+  cmd->add_option("--kv-path", o.path,
+                  "with --kv-calibration: kernel (default; a real quantized cache, attention by the KV decode "
+                  "kernels) or roundtrip (keys and values encoded and decoded, then the decoder's fp32 attention)")
+      ->check(CLI::IsMember({"kernel", "roundtrip"}));
   cmd->add_option("--kv-bits", o.bits,
                   "KV bits: checked against --kv-calibration, or the width of --kv-method uniform")
       ->check(CLI::Range(2, 8));
@@ -50,23 +56,27 @@ void add_kv_eval_options(CLI::App* cmd, KvEvalOptions& o) {
       ->check(CLI::IsMember({"nuq", "uniform"}));
 }
 
-std::string install_kv_eval(LlamaModel& model, const KvEvalOptions& o) {
+KvEval install_kv_eval(LlamaModel& model, const KvEvalOptions& o) {
   const LlamaConfig& c = model.config();
   if (o.method == "uniform") {
     NUQ_CHECK(o.bits > 0, Errc::invalid_argument, "--kv-method uniform needs --kv-bits");
     NUQ_CHECK(o.calibration.empty(), Errc::invalid_argument, "--kv-method uniform takes no --kv-calibration");
+    NUQ_CHECK(o.path.empty(), Errc::invalid_argument,
+              "--kv-path applies to --kv-calibration; --kv-method uniform always quantizes in the KV hook");
     const int bits = o.bits;
     const int64_t hd = c.head_dim, n_kv = c.n_kv_heads;
     model.set_kv_hook([bits, hd, n_kv](int64_t, int64_t, int64_t n, float* k, float* v) {
       uniform_per_token(k, n * n_kv, hd, bits);
       uniform_per_token(v, n * n_kv, hd, bits);
     });
-    return fmt::format("uniform int{} per token (keys before RoPE), {} bytes/token/layer with fp16 scale and zero",
-                       bits, n_kv * 2 * (hd * bits / 8 + 4));
+    return {fmt::format("uniform int{} per token (keys before RoPE), {} bytes/token/layer with fp16 scale and zero",
+                        bits, n_kv * 2 * (hd * bits / 8 + 4)),
+            nullptr};
   }
   if (o.calibration.empty()) {
-    NUQ_CHECK(o.bits == 0 && o.outliers.empty(), Errc::invalid_argument,
-              "--kv-bits/--kv-outliers need --kv-calibration (from `nuq kv-calibrate`) or --kv-method uniform");
+    NUQ_CHECK(o.bits == 0 && o.outliers.empty() && o.path.empty(), Errc::invalid_argument,
+              "--kv-bits/--kv-outliers/--kv-path need --kv-calibration (from `nuq kv-calibrate`) or --kv-method "
+              "uniform");
     return {};
   }
   auto cal = std::make_shared<kv::Calibration>(kv::load_calibration(o.calibration));
@@ -89,15 +99,20 @@ std::string install_kv_eval(LlamaModel& model, const KvEvalOptions& o) {
               layer.bits_v);
     caches->emplace_back(layer, *cal, opt);
   }
-  model.set_kv_hook([caches](int64_t layer, int64_t pos0, int64_t n, float* k, float* v) {
-    (*caches)[size_t(layer)].roundtrip(pos0, n, k, v);
-  });
+  const bool kernel = o.path.empty() || o.path == "kernel";
+  if (!kernel)
+    model.set_kv_hook([caches](int64_t layer, int64_t pos0, int64_t n, float* k, float* v) {
+      (*caches)[size_t(layer)].roundtrip(pos0, n, k, v);
+    });
   const auto& first = caches->front();
-  return fmt::format("nuq {}-bit keys / {}-bit values, {}% outliers ({} slots), {} sink tokens{}, {} bytes/token/layer "
-                     "({:.1f}% of fp16)",
-                     cal->layers[0].bits_k, cal->layers[0].bits_v, cal->outlier_fraction * 100, first.layout().slots,
-                     cal->sink_tokens, cal->q_norm ? ", Q-Norm" : "", first.bytes_per_token(),
-                     100.0 * double(first.bytes_per_token()) / double(c.n_kv_heads * c.head_dim * 4));
+  return {fmt::format("nuq {}-bit keys / {}-bit values, {}% outliers ({} slots), {} sink tokens{}, {} bytes/token/layer "
+                      "({:.1f}% of fp16); {}",
+                      cal->layers[0].bits_k, cal->layers[0].bits_v, cal->outlier_fraction * 100, first.layout().slots,
+                      cal->sink_tokens, cal->q_norm ? ", Q-Norm" : "", first.bytes_per_token(),
+                      100.0 * double(first.bytes_per_token()) / double(c.n_kv_heads * c.head_dim * 4),
+                      kernel ? "quantized cache, decode attention kernels"
+                             : "encode/decode round trip, fp32 attention"),
+          kernel ? cal : nullptr};
 }
 
 void add_kv_calibrate_command(CLI::App& app, Action& action) {
