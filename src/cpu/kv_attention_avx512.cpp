@@ -89,24 +89,17 @@ const __m512i kLaneIds = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
 
 __mmask16 lanes_below(int64_t k) { return k >= 16 ? __mmask16(0xffff) : __mmask16((1u << k) - 1); }
 
-// Index of channel R of a 16-channel group, for 16 tokens: w0/w1 hold each token's group words
-// (docs/kv-cache.md, "Index packing"). Only bits 0-3 matter (vpermps); the tables repeat every 2^B
-// entries, so bits above the index may hold the next channel's.
+// Index of channel R of a 16-channel group at 2 or 4 bits, for 16 tokens: w0/w1 hold each token's
+// group words (docs/kv-cache.md, "Index packing"). Only bits 0-3 matter (vpermps); the tables repeat
+// every 2^B entries, so bits above the index may hold the next channel's. (3-bit keys are decoded in
+// key_pair, two channels per 16-bit shift.)
 template <int B, int R>
 __attribute__((always_inline)) inline __m512i key_index(__m512i w0, __m512i w1) {
-  if constexpr (B == 2) {
+  static_assert(B == 2 || B == 4, "3-bit key indices are decoded in key_pair");
+  if constexpr (B == 2)
     return _mm512_srli_epi32(w0, 2 * R);
-  } else if constexpr (B == 3) {
-    const __m512i lo = _mm512_srli_epi32(w0, 2 * R);
-    __m512i hi;
-    if constexpr (R >= 2)
-      hi = _mm512_srli_epi32(w1, R - 2);
-    else
-      hi = _mm512_slli_epi32(w1, 2 - R);
-    return _mm512_ternarylogic_epi32(hi, lo, _mm512_set1_epi32(3), 0xD8);  // bits 0-1 from lo, the rest from hi
-  } else {
+  else
     return _mm512_srli_epi32(R % 2 ? w1 : w0, 4 * (R / 2));
-  }
 }
 
 // The first kSlotsInLoop outlier slots of each token are added to the decoded keys inside the pair loop:
