@@ -150,19 +150,21 @@ class Engine {
   }
 
   // Forward (recording activations) and, when `grads` is set, backward. Returns the mean loss.
+  // With `teacher` ([n, vocab] logits) the loss is the distillation loss instead of the NLL of `tg`.
   double run(const int32_t* in, const int32_t* tg, int64_t n,
-             std::vector<std::array<std::vector<T>, kLlamaLinearKinds>>* grads) {
+             std::vector<std::array<std::vector<T>, kLlamaLinearKinds>>* grads, const float* teacher = nullptr) {
     const LlamaConfig& c = net_->c;
     NUQ_CHECK(n > 0, Errc::invalid_argument, "backward: no tokens");
     for (int64_t t = 0; t < n; ++t) {
       NUQ_CHECK(in[t] >= 0 && in[t] < c.vocab_size, Errc::invalid_argument,
                 "backward: input token {} at position {} is outside the vocabulary of {}", in[t], t, c.vocab_size);
-      NUQ_CHECK(tg[t] >= 0 && tg[t] < c.vocab_size, Errc::invalid_argument,
+      NUQ_CHECK(teacher || (tg[t] >= 0 && tg[t] < c.vocab_size), Errc::invalid_argument,
                 "backward: target token {} at position {} is outside the vocabulary of {}", tg[t], t, c.vocab_size);
     }
     n_ = n;
     forward(in);
-    const double loss = loss_and_dlogits(tg, grads != nullptr);
+    const double loss = teacher ? distillation_and_dlogits(teacher, grads != nullptr)
+                                : loss_and_dlogits(tg, grads != nullptr);
     if (grads) backward(*grads);
     return loss;
   }
@@ -276,6 +278,46 @@ class Engine {
     });
     double total = 0;
     for (double v : nll) total += v;
+    return total / double(n);
+  }
+
+  // Mean over positions of KL(p ‖ q), p = softmax(teacher logits), q = softmax(own logits); with `grad`,
+  // logits_ is replaced by ∂loss/∂logits = (q − p)/n. A teacher logit that is not finite throws.
+  double distillation_and_dlogits(const float* teacher, bool grad) {
+    const LlamaConfig& c = net_->c;
+    const int64_t n = n_, V = c.vocab_size;
+    resize(logits_, n * V);
+    ops_.gemm_nt(xf_.data(), n, c.dim, net_->classifier, V, c.dim, c.dim, logits_.data(), V);
+    std::vector<double> kl(static_cast<std::size_t>(n));
+    std::vector<int64_t> bad(static_cast<std::size_t>(n), -1);
+    ops_.parallel(n, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        T* l = logits_.data() + t * V;
+        const float* p = teacher + t * V;
+        double mq = double(l[0]), mp = double(p[0]);
+        for (int64_t v = 0; v < V; ++v) {
+          if (!std::isfinite(p[v])) bad[std::size_t(t)] = v;
+          mq = std::max(mq, double(l[v])), mp = std::max(mp, double(p[v]));
+        }
+        if (bad[std::size_t(t)] >= 0) continue;
+        double sq = 0, sp = 0;
+        for (int64_t v = 0; v < V; ++v) sq += std::exp(double(l[v]) - mq), sp += std::exp(double(p[v]) - mp);
+        const double lq = std::log(sq) + mq, lp = std::log(sp) + mp;
+        double sum = 0;
+        const double inv_n = 1.0 / double(n);
+        for (int64_t v = 0; v < V; ++v) {
+          const double log_p = double(p[v]) - lp, log_q = double(l[v]) - lq, pv = std::exp(log_p);
+          sum += pv * (log_p - log_q);
+          if (grad) l[v] = T((std::exp(log_q) - pv) * inv_n);
+        }
+        kl[std::size_t(t)] = sum;
+      }
+    });
+    for (int64_t t = 0; t < n; ++t)
+      NUQ_CHECK(bad[std::size_t(t)] < 0, Errc::invalid_argument,
+                "backward: the teacher's logit {} at position {} is not finite", bad[std::size_t(t)], t);
+    double total = 0;
+    for (double v : kl) total += v;
     return total / double(n);
   }
 
@@ -482,6 +524,18 @@ const LlamaWeights& LlamaBackward::weights() const noexcept { return impl_->weig
 void LlamaBackward::compute(const int32_t* inputs, const int32_t* targets, int64_t n, LlamaGradients& out) {
   out.loss = impl_->engine.run(inputs, targets, n, &out.linear);
   out.positions = n;
+}
+
+void LlamaBackward::compute_distillation(const int32_t* inputs, const float* teacher_logits, int64_t n,
+                                         LlamaGradients& out) {
+  NUQ_CHECK(teacher_logits, Errc::invalid_argument, "backward: no teacher logits");
+  out.loss = impl_->engine.run(inputs, inputs, n, &out.linear, teacher_logits);
+  out.positions = n;
+}
+
+double LlamaBackward::distillation_loss(const int32_t* inputs, const float* teacher_logits, int64_t n) {
+  NUQ_CHECK(teacher_logits, Errc::invalid_argument, "backward: no teacher logits");
+  return impl_->engine.run(inputs, inputs, n, nullptr, teacher_logits);
 }
 
 double LlamaBackward::loss(const int32_t* inputs, const int32_t* targets, int64_t n) {

@@ -84,6 +84,14 @@ class LlamaBackward {
   // vocabulary throw Errc::invalid_argument naming the position; so does n < 1.
   void compute(const int32_t* inputs, const int32_t* targets, int64_t n, LlamaGradients& out);
 
+  // Distillation: the loss is the mean over positions of KL(p_t ‖ q_t), p_t = softmax of the teacher's
+  // logits at position t (`teacher_logits`, [n, vocab] row-major, e.g. LlamaModel::logits of a reference
+  // model on the same inputs) and q_t = softmax of this model's; `out` receives its gradient. Makes a
+  // quantized model match its reference's whole next-token distribution rather than the text's one token.
+  // A non-finite teacher logit throws Errc::invalid_argument naming the position.
+  void compute_distillation(const int32_t* inputs, const float* teacher_logits, int64_t n, LlamaGradients& out);
+  double distillation_loss(const int32_t* inputs, const float* teacher_logits, int64_t n);
+
   // The loss alone (forward only), fp32 as above.
   double loss(const int32_t* inputs, const int32_t* targets, int64_t n);
 

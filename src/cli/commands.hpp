@@ -31,6 +31,8 @@ void add_convert_command(CLI::App& app, Action& action);
 void add_calibrate_command(CLI::App& app, Action& action);
 // `fisher`: the empirical Fisher diagonal from the decoder's backward pass (fisher_command.cpp).
 void add_fisher_command(CLI::App& app, Action& action);
+// `tune`: codebook tuning by distillation (fisher_command.cpp, include/nuq/codebook_tuning.hpp).
+void add_tune_command(CLI::App& app, Action& action);
 // `plan` and `stats merge` (docs/sensitivity.md).
 void add_plan_command(CLI::App& app, Action& action);
 // `kv-calibrate`, and the --kv-* options of `eval` (kv_command.cpp, docs/kv-cache.md).

@@ -1,6 +1,8 @@
 // `nuq fisher`: the empirical Fisher diagonal of every linear weight from the decoder's backward pass
 // (include/nuq/llama_grad.hpp), one gradient sample per window of text, written as a Fisher statistics
 // file (docs/sensitivity.md) that `nuq quantize --fisher`, `nuq plan --stats` and `nuq stats merge` read.
+// `nuq tune`: the other user of the backward pass, codebook tuning by distillation
+// (include/nuq/codebook_tuning.hpp).
 #include <fmt/format.h>
 
 #include <chrono>
@@ -10,6 +12,7 @@
 #include <sstream>
 
 #include "commands.hpp"
+#include "nuq/codebook_tuning.hpp"
 #include "nuq/error.hpp"
 #include "nuq/llama.hpp"
 #include "nuq/llama_grad.hpp"
@@ -42,6 +45,21 @@ std::string duration(double s) {
   if (s < 120) return fmt::format("{:.0f}s", s);
   if (s < 7200) return fmt::format("{:.0f}m{:02.0f}s", std::floor(s / 60), std::fmod(s, 60));
   return fmt::format("{:.0f}h{:02.0f}m", std::floor(s / 3600), std::fmod(s / 60, 60));
+}
+
+// --text after --skip-tokens and --max-tokens, checked against the model's vocabulary.
+std::vector<int32_t> calibration_tokens(const Tokenizer& tok, const std::string& tok_path, int64_t vocab,
+                                        const std::string& text, int64_t skip, int64_t max_tokens) {
+  NUQ_CHECK(skip >= 0 && max_tokens >= 0, Errc::invalid_argument, "--skip-tokens and --max-tokens must not be negative");
+  NUQ_CHECK(tok.vocab_size() <= vocab, Errc::invalid_argument, "{}: the tokenizer has {} tokens but the model only {}",
+            tok_path, tok.vocab_size(), vocab);
+  std::vector<int32_t> ids = tok.encode(slurp(text));
+  NUQ_CHECK(!ids.empty(), Errc::invalid_argument, "{}: the text has no tokens", text);
+  NUQ_CHECK(skip < int64_t(ids.size()), Errc::invalid_argument, "{}: cannot skip {} of its {} tokens", text, skip,
+            ids.size());
+  ids.erase(ids.begin(), ids.begin() + skip);
+  if (max_tokens > 0 && int64_t(ids.size()) > max_tokens) ids.resize(std::size_t(max_tokens));
+  return ids;
 }
 
 }  // namespace
@@ -78,22 +96,13 @@ void add_fisher_command(CLI::App& app, Action& action) {
       NUQ_CHECK(fs::is_directory(out_dir), Errc::invalid_argument, "{}: the directory {} does not exist", o->out,
                 out_dir.string());
       NUQ_CHECK(!fs::is_directory(o->out), Errc::invalid_argument, "{}: is a directory; --out names a file", o->out);
-      NUQ_CHECK(o->skip_tokens >= 0 && o->max_tokens >= 0, Errc::invalid_argument,
-                "--skip-tokens and --max-tokens must not be negative");
       const auto t0 = std::chrono::steady_clock::now();
       // Packed layers are decoded: gradients are taken with respect to the dense weights they stand for.
       auto model = LlamaModel::load(o->model, {o->threads, true});
       const std::string tok_path = tokenizer_path(*model, o->model, o->tokenizer);
       auto tok = Tokenizer::load(tok_path);
-      NUQ_CHECK(tok->vocab_size() <= model->config().vocab_size, Errc::invalid_argument,
-                "{}: the tokenizer has {} tokens but the model only {}", tok_path, tok->vocab_size(),
-                model->config().vocab_size);
-      std::vector<int32_t> ids = tok->encode(slurp(o->text));
-      NUQ_CHECK(!ids.empty(), Errc::invalid_argument, "{}: the text has no tokens", o->text);
-      NUQ_CHECK(o->skip_tokens < int64_t(ids.size()), Errc::invalid_argument,
-                "{}: cannot skip {} of its {} tokens", o->text, o->skip_tokens, ids.size());
-      ids.erase(ids.begin(), ids.begin() + o->skip_tokens);
-      if (o->max_tokens > 0 && int64_t(ids.size()) > o->max_tokens) ids.resize(std::size_t(o->max_tokens));
+      const std::vector<int32_t> ids = calibration_tokens(*tok, tok_path, model->config().vocab_size, o->text,
+                                                          o->skip_tokens, o->max_tokens);
       LlamaBackward backward(model->weights(), o->threads);
       const double load_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       if (!o->quiet)
@@ -115,6 +124,69 @@ void add_fisher_command(CLI::App& app, Action& action) {
       fmt::print("wrote {}: Fisher diagonal of {} weights over {} windows ({} tokens, mean loss {:.4f}) in {:.1f} s "
                  "({:.1f} s per window)\n",
                  o->out, acc.names().size(), r.windows, r.tokens, r.mean_loss, seconds, seconds / double(r.windows));
+      return 0;
+    };
+  });
+}
+
+void add_tune_command(CLI::App& app, Action& action) {
+  struct Options {
+    std::string model, reference, tokenizer, text, out;
+    int64_t max_tokens = 8192, skip_tokens = 0;
+    CodebookTuningOptions tuning;
+    bool quiet = false;
+  };
+  auto o = std::make_shared<Options>();
+  CLI::App* cmd = app.add_subcommand(
+      "tune", "Tune the codebooks of a nuq-packed checkpoint so that the quantized decoder's next-token "
+              "distribution matches its full-precision reference's on calibration text (distillation); same "
+              "format and size, indices unchanged");
+  cmd->add_option("model", o->model, "nuq-packed checkpoint (from nuq quantize)")->required();
+  cmd->add_option("--reference,-r", o->reference, "the full-precision checkpoint it was quantized from")->required();
+  cmd->add_option("--out,-o", o->out, "output directory (not the input's)")->required();
+  cmd->add_option("--tokenizer", o->tokenizer, "tokenizer (as for nuq eval; default: the reference's own)");
+  cmd->add_option("--text", o->text, "calibration text, tokenized as one string")->required();
+  cmd->add_option("--ctx", o->tuning.ctx, "window length in tokens, BOS included; one optimizer step per window")
+      ->capture_default_str()
+      ->check(CLI::Range(2, 1 << 16));
+  cmd->add_option("--max-tokens", o->max_tokens, "tokens of text to train on (0: all)")->capture_default_str();
+  cmd->add_option("--skip-tokens", o->skip_tokens,
+                  "start this many tokens into the text (keep calibration and evaluation text apart)")
+      ->capture_default_str();
+  cmd->add_option("--epochs", o->tuning.epochs, "passes over the windows")->capture_default_str()->check(CLI::Range(1, 1000));
+  cmd->add_option("--lr", o->tuning.learning_rate, "Adam step size relative to each codebook's RMS")
+      ->capture_default_str()
+      ->check(CLI::Range(1e-7, 1.0));
+  cmd->add_option("--threads,-j", o->tuning.threads, "worker threads (0: all cores)")->capture_default_str();
+  cmd->add_flag("--quiet,-q", o->quiet, "no progress output");
+  cmd->callback([o, &action] {
+    action = [o]() -> int {
+      // The tokenizer and text are checked before both models are loaded and the first step is taken.
+      std::string tok_path = o->tokenizer;
+      if (tok_path.empty()) {
+        auto reference = LlamaModel::load(o->reference, {1, false});
+        tok_path = tokenizer_path(*reference, o->reference, "");
+      }
+      auto tok = Tokenizer::load(tok_path);
+      const auto meta = LlamaModel::load(o->model, {1, false});
+      const std::vector<int32_t> ids = calibration_tokens(*tok, tok_path, meta->config().vocab_size, o->text,
+                                                          o->skip_tokens, o->max_tokens);
+      if (!o->quiet)
+        std::fprintf(stderr, "%s: %s; %zu tokens of %s in windows of %lld, %d epochs\n", o->model.c_str(),
+                     meta->description().c_str(), ids.size(), o->text.c_str(), (long long)o->tuning.ctx,
+                     o->tuning.epochs);
+      const auto t1 = std::chrono::steady_clock::now();
+      const CodebookTuningResult r =
+          tune_codebooks(o->model, o->reference, ids, tok->bos(), o->out, o->tuning, [&](const CodebookTuningProgress& p) {
+            if (o->quiet) return;
+            const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
+            std::fprintf(stderr, "step %lld/%lld (epoch %d)  KL %.5f  %.1f s  ETA %s\n", (long long)(p.step + 1),
+                         (long long)p.steps, p.epoch + 1, p.kl, p.seconds,
+                         duration(elapsed / double(p.step + 1) * double(p.steps - p.step - 1)).c_str());
+          });
+      fmt::print("wrote {}: {} codebook entries of {} layers tuned in {} steps on {} tokens; mean KL per position "
+                 "{:.5f} in the first epoch, {:.5f} in the last ({:.1f} s)\n",
+                 o->out, r.entries, r.layers, r.steps, r.tokens, r.first_epoch_kl, r.last_epoch_kl, r.seconds);
       return 0;
     };
   });

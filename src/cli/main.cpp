@@ -20,6 +20,7 @@ int main(int argc, char** argv) {
   nuq::cli::add_convert_command(app, action);
   nuq::cli::add_calibrate_command(app, action);
   nuq::cli::add_fisher_command(app, action);
+  nuq::cli::add_tune_command(app, action);
   nuq::cli::add_plan_command(app, action);
   nuq::cli::add_kv_calibrate_command(app, action);
   try {

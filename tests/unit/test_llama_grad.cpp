@@ -155,6 +155,75 @@ TEST(LlamaGrad, LossMatchesDecoderAndPublishedFigure) {
   EXPECT_NEAR(nuq::llama_loss_f64(s.model->weights(), in.data(), tg.data(), n), nll, 1e-5);
 }
 
+// Distillation, pinned by two identities: against a teacher whose distribution is one-hot on the text's
+// next token, KL(p ‖ q) is the NLL and its gradient the NLL's (which the finite-difference tests check);
+// against the model's own logits the loss and every gradient are zero. A soft teacher (the model's logits
+// scaled) gives the KL computed here from both sets of logits.
+TEST(LlamaGrad, DistillationMatchesNllForOneHotTeacherAndVanishesForItself) {
+  NEED_STORIES(s);
+  const int64_t n = 97;
+  std::vector<int32_t> in, tg;
+  window(s, n, in, tg);
+  const auto& c = s.model->config();
+  auto cache = s.model->new_cache(n);
+  std::vector<float> hidden(std::size_t(n * c.dim)), own(std::size_t(n * c.vocab_size));
+  s.model->forward(in.data(), n, *cache, hidden.data());
+  s.model->logits(hidden.data(), n, own.data());
+  nuq::LlamaBackward bw(s.model->weights(), 2);
+  nuq::LlamaGradients nll, kl;
+  bw.compute(in.data(), tg.data(), n, nll);
+
+  // exp(-200) underflows to 0 in double: p is exactly one-hot.
+  std::vector<float> onehot(own.size(), -200.f);
+  for (int64_t t = 0; t < n; ++t) onehot[std::size_t(t * c.vocab_size + tg[std::size_t(t)])] = 0.f;
+  bw.compute_distillation(in.data(), onehot.data(), n, kl);
+  EXPECT_NEAR(kl.loss, nll.loss, 1e-6);
+  for (std::size_t l = 0; l < kl.linear.size(); ++l)
+    for (int k = 0; k < nuq::kLlamaLinearKinds; ++k) {
+      const auto &a = kl.linear[l][std::size_t(k)], &b = nll.linear[l][std::size_t(k)];
+      ASSERT_EQ(a.size(), b.size());
+      double scale = 0, diff = 0;
+      for (std::size_t i = 0; i < a.size(); ++i) scale = std::max(scale, double(std::abs(b[i]))),
+                                                 diff = std::max(diff, double(std::abs(a[i] - b[i])));
+      EXPECT_GT(scale, 0.0);
+      EXPECT_LE(diff, 1e-5 * scale) << "layer " << l << " " << nuq::to_string(LlamaLinearKind(k));
+    }
+
+  bw.compute_distillation(in.data(), own.data(), n, kl);
+  EXPECT_NEAR(kl.loss, 0.0, 1e-6);
+  for (std::size_t l = 0; l < kl.linear.size(); ++l)
+    for (int k = 0; k < nuq::kLlamaLinearKinds; ++k) {
+      double diff = 0, scale = 0;
+      for (float v : kl.linear[l][std::size_t(k)]) diff = std::max(diff, double(std::abs(v)));
+      for (float v : nll.linear[l][std::size_t(k)]) scale = std::max(scale, double(std::abs(v)));
+      EXPECT_LE(diff, 1e-4 * scale) << "layer " << l << " " << nuq::to_string(LlamaLinearKind(k));
+    }
+
+  std::vector<float> soft(own.size());
+  for (std::size_t i = 0; i < own.size(); ++i) soft[i] = 0.5f * own[i];
+  double expected = 0;
+  for (int64_t t = 0; t < n; ++t) {
+    const float *p = &soft[std::size_t(t * c.vocab_size)], *q = &own[std::size_t(t * c.vocab_size)];
+    double mp = *std::max_element(p, p + c.vocab_size), mq = *std::max_element(q, q + c.vocab_size), sp = 0, sq = 0;
+    for (int64_t v = 0; v < c.vocab_size; ++v) sp += std::exp(p[v] - mp), sq += std::exp(q[v] - mq);
+    for (int64_t v = 0; v < c.vocab_size; ++v) {
+      const double lp = p[v] - mp - std::log(sp), lq = q[v] - mq - std::log(sq);
+      expected += std::exp(lp) * (lp - lq);
+    }
+  }
+  expected /= double(n);
+  EXPECT_GT(expected, 0.01);
+  EXPECT_NEAR(bw.distillation_loss(in.data(), soft.data(), n), expected, 1e-5 * expected + 1e-6);
+
+  soft[std::size_t(5 * c.vocab_size + 3)] = NAN;
+  try {
+    bw.compute_distillation(in.data(), soft.data(), n, kl);
+    ADD_FAILURE() << "a NaN teacher logit was accepted";
+  } catch (const nuq::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("logit 3 at position 5 is not finite"), std::string::npos) << e.what();
+  }
+}
+
 TEST(LlamaGrad, InterleavedRopeMatchesFiniteDifferences) {
   NEED_STORIES(s);
   ASSERT_EQ(s.model->config().rope, nuq::RopeLayout::interleaved);

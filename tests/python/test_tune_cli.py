@@ -1,0 +1,91 @@
+"""`nuq tune`: codebook tuning by distillation, on the real stories260K model.
+
+The tuned checkpoint must keep everything but the codebooks byte for byte, and it must be closer to the
+reference model than the untuned one on text it was not tuned on: the KL divergence of the next-token
+distributions, computed here in NumPy from the logits of both models."""
+import json
+
+import numpy as np
+import pytest
+
+from test_llama import generate, nuq_logits  # noqa: F401 (generate is a fixture)
+from test_quantize_cli import assert_error, dequantize, load_output, run, safetensors_metadata
+
+
+@pytest.fixture(scope="module")
+def models(nuq_cli, shared_data, tmp_path_factory):
+    work = tmp_path_factory.mktemp("tune")
+    r = run(nuq_cli, "convert", shared_data / "stories260K.bin", "--out", work / "hf")
+    assert r.returncode == 0, r.stderr
+    # 3-bit without statistics: a model far enough from its reference for tuning to matter.
+    r = run(nuq_cli, "quantize", work / "hf", "--out", work / "q3", "--bits", 3, "--quiet")
+    assert r.returncode == 0, r.stderr
+    return work
+
+
+def tune(nuq_cli, shared_data, model, reference, out, *extra):
+    return run(nuq_cli, "tune", model, "--reference", reference, "--out", out, "--tokenizer",
+               shared_data / "tok512.bin", "--text", shared_data / "tinystories_valid.txt", "--threads", 2, *extra)
+
+
+def mean_kl(p_logits, q_logits):
+    def log_softmax(x):
+        x = x.astype(np.float64)
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+    lp, lq = log_softmax(p_logits), log_softmax(q_logits)
+    return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
+
+
+def test_tuning_keeps_the_format_and_lowers_held_out_kl(nuq_cli, generate, shared_data, models, tmp_path):
+    out = tmp_path / "tuned"
+    r = tune(nuq_cli, shared_data, models / "q3", models / "hf", out, "--skip-tokens", 100000, "--max-tokens", 4088,
+             "--epochs", 3, "--lr", "2e-3")
+    assert r.returncode == 0, r.stderr
+    assert "step 24/24 (epoch 3)" in r.stderr and "tuned in 24 steps on 4088 tokens" in r.stdout
+    before, layers = load_output(models / "q3")
+    after, layers_after = load_output(out)
+    assert layers_after == layers and set(after) == set(before)
+    changed = 0
+    for name, t in before.items():
+        if name.endswith(".lut"):
+            assert after[name].dtype == np.float16 and after[name].shape == t.shape
+            changed += not np.array_equal(after[name], t)
+        else:  # indices, sparse part, norms, embedding: untouched
+            np.testing.assert_array_equal(after[name], t, err_msg=name)
+    assert changed == len(layers)
+    # The tuning is recorded; the companion files travel.
+    meta = json.loads(safetensors_metadata(out / "model.safetensors")["quantization_config"])
+    assert "distillation" in meta["extra"]["codebook_tuning"]
+    assert (out / "config.json").read_text() == (models / "q3" / "config.json").read_text()
+    # Entries move by a fraction of their codebook's scale, not wholesale.
+    for base, m in layers.items():
+        w0, _ = dequantize(before, base, m)
+        w1, _ = dequantize(after, base, m)
+        assert 0 < np.abs(w1 - w0).max() < 0.5 * np.abs(w0).max(), base
+
+    # Held out: the first 400 tokens of the text (tuning started at token 100000).
+    text = tmp_path / "held_out.txt"
+    text.write_text((shared_data / "tinystories_valid.txt").read_text()[:2000])
+    r = run(generate, "--tokenizer", shared_data / "tok512.bin", "--tokenize", text)
+    assert r.returncode == 0, r.stderr
+    ids = [1] + [int(x) for x in r.stdout.split()][:399]
+    assert len(ids) == 400
+    ref = nuq_logits(generate, models / "hf", ids, tmp_path, "ref.bin")
+    kl_before = mean_kl(ref, nuq_logits(generate, models / "q3", ids, tmp_path, "q3.bin"))
+    kl_after = mean_kl(ref, nuq_logits(generate, out, ids, tmp_path, "tuned.bin"))
+    print("held-out KL", kl_before, kl_after)
+    assert kl_after < 0.9 * kl_before, (kl_before, kl_after)
+
+
+def test_errors_are_named_and_nothing_is_overwritten(nuq_cli, shared_data, models, tmp_path):
+    q3 = models / "q3"
+    stamp = (q3 / "model.safetensors").stat().st_mtime_ns
+    assert_error(tune(nuq_cli, shared_data, q3, models / "hf", q3, "--max-tokens", 600), "is the input's")
+    assert (q3 / "model.safetensors").stat().st_mtime_ns == stamp
+    assert_error(tune(nuq_cli, shared_data, models / "hf", models / "hf", tmp_path / "o1", "--max-tokens", 600),
+                 "no nuq-packed layer")
+    assert_error(tune(nuq_cli, shared_data, q3, models / "hf", tmp_path / "o2", "--skip-tokens", 10 ** 9),
+                 "cannot skip")
+    assert_error(tune(nuq_cli, shared_data, q3, tmp_path / "missing.bin", tmp_path / "o3"), "missing.bin")
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
