@@ -10,6 +10,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <cstring>
 #include <chrono>
 #include <cmath>
 #include <filesystem>
@@ -23,6 +24,7 @@
 #include "nuq/llama_grad.hpp"
 #include "nuq/packed.hpp"
 #include "nuq/safetensors.hpp"
+#include "nuq/tensor.hpp"
 
 namespace nuq {
 namespace {
@@ -102,6 +104,64 @@ std::unique_ptr<TunedLayer> load_layer(const SafetensorsCheckpoint& ckpt, const 
   return L;
 }
 
+constexpr const char* kStateName = ".nuq-tune-state.safetensors";
+constexpr const char* kStateKey = "nuq_tune_state";
+
+// What a resumed run must share with the run that saved the state: the same inputs and settings give
+// the same sequence of steps, so a resumed run ends where an uninterrupted one would.
+std::string state_settings(const std::string& packed_path, const std::string& reference_path,
+                           const std::vector<int32_t>& ids, int32_t start, const CodebookTuningOptions& o) {
+  uint64_t h = 1469598103934665603ull;  // FNV-1a over the token ids
+  for (int32_t id : ids)
+    for (int b = 0; b < 4; ++b) h = (h ^ ((uint32_t(id) >> (8 * b)) & 0xffu)) * 1099511628211ull;
+  return fmt::format("{{\"model\": \"{}\", \"reference\": \"{}\", \"tokens\": {}, \"tokens_fnv1a\": \"{:016x}\", "
+                     "\"start\": {}, \"ctx\": {}, \"epochs\": {}, \"lr\": {}}}",
+                     fs::weakly_canonical(packed_path).string(), fs::weakly_canonical(reference_path).string(),
+                     ids.size(), h, start, o.ctx, o.epochs, o.learning_rate);
+}
+
+// The optimizer's whole state after `step` steps (fp32 entries and both moments of every layer, and
+// the KL sums so far), written atomically.
+void save_state(const fs::path& path, const std::string& settings, int64_t step, double first, double last,
+                const std::vector<std::unique_ptr<TunedLayer>>& layers) {
+  SafetensorsWriter w(path.string(), {{kStateKey, settings},
+                                      {"step", std::to_string(step)},
+                                      {"first_kl_sum", fmt::format("{:.17g}", first)},
+                                      {"last_kl_sum", fmt::format("{:.17g}", last)}});
+  for (const auto& L : layers)
+    for (const char* part : {".lut", ".m", ".v"}) w.declare(L->base + part, DType::F32, Shape{int64_t(L->lut.size())});
+  for (const auto& L : layers) {
+    w.write(L->base + ".lut", std::as_bytes(std::span<const float>(L->lut)));
+    w.write(L->base + ".m", std::as_bytes(std::span<const float>(L->m)));
+    w.write(L->base + ".v", std::as_bytes(std::span<const float>(L->v)));
+  }
+  w.finish();
+}
+
+// Restores a state saved with the same settings; returns the step it was saved after, or 0 when there is
+// none. A state saved with other settings is an error (naming the file), not silently discarded.
+int64_t load_state(const fs::path& path, const std::string& settings, double& first, double& last,
+                   std::vector<std::unique_ptr<TunedLayer>>& layers) {
+  if (!fs::exists(path)) return 0;
+  SafetensorsFile f(path.string());
+  const auto it = f.metadata().find(kStateKey);
+  NUQ_CHECK(it != f.metadata().end() && it->second == settings, Errc::invalid_argument,
+            "{}: an interrupted tuning with other inputs or settings is in this directory; repeat that run to finish "
+            "it, or delete the file to start over",
+            path.string());
+  for (auto& L : layers)
+    for (auto [part, dst] : {std::pair{".lut", &L->lut}, std::pair{".m", &L->m}, std::pair{".v", &L->v}}) {
+      const Buffer b = to_float32(f.tensor(L->base + part));
+      NUQ_CHECK(std::size_t(b.shape().numel()) == dst->size(), Errc::invalid_file, "{}: '{}{}' has the wrong size",
+                path.string(), L->base, part);
+      std::memcpy(dst->data(), b.data(), dst->size() * sizeof(float));
+    }
+  first = std::stod(f.metadata().at("first_kl_sum"));
+  last = std::stod(f.metadata().at("last_kl_sum"));
+  for (auto& L : layers) L->rebuild();
+  return std::stoll(f.metadata().at("step"));
+}
+
 }  // namespace
 
 CodebookTuningResult tune_codebooks(const std::string& packed_path, const std::string& reference_path,
@@ -169,7 +229,15 @@ CodebookTuningResult tune_codebooks(const std::string& packed_path, const std::s
   std::vector<int32_t> input;
   LlamaGradients g;
   double first = 0, last = 0;
-  for (int64_t step = 0; step < result.steps; ++step) {
+  std::error_code ec;
+  fs::create_directories(out_dir, ec);
+  NUQ_CHECK(!ec, Errc::io, "{}: cannot create: {}", out_dir.string(), ec.message());
+  const fs::path state_path = out_dir / kStateName;
+  const std::string settings = state_settings(packed_path, reference_path, ids, start, options);
+  result.resumed_steps = load_state(state_path, settings, first, last, layers);
+  NUQ_CHECK(result.resumed_steps <= result.steps, Errc::invalid_file, "{}: saved after step {} of {}",
+            state_path.string(), result.resumed_steps, result.steps);
+  for (int64_t step = result.resumed_steps; step < result.steps; ++step) {
     const auto t0 = std::chrono::steady_clock::now();
     const int epoch = int(step / windows);
     const int64_t wi = step % windows, begin = wi * per, len = std::min(per, total - begin);
@@ -185,17 +253,16 @@ CodebookTuningResult tune_codebooks(const std::string& packed_path, const std::s
     for (auto& L : layers) L->rebuild();
     if (epoch == 0) first += g.loss * double(len);
     if (epoch == options.epochs - 1) last += g.loss * double(len);
+    if (options.save_every > 0 && (step + 1) % options.save_every == 0 && step + 1 < result.steps)
+      save_state(state_path, settings, step + 1, first, last, layers);
     if (progress)
       progress({step, result.steps, epoch, g.loss,
-                std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()});
+                std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), result.resumed_steps});
   }
   result.first_epoch_kl = first / double(total);
   result.last_epoch_kl = last / double(total);
 
   // Write every file of the input, each packed layer's LUT replaced.
-  std::error_code ec;
-  fs::create_directories(out_dir, ec);
-  NUQ_CHECK(!ec, Errc::io, "{}: cannot create: {}", out_dir.string(), ec.message());
   std::map<std::string, const TunedLayer*> by_lut;
   for (const auto& L : layers) by_lut[L->base + format::kLutSuffix] = L.get();
   const std::string record = fmt::format(
@@ -247,6 +314,7 @@ CodebookTuningResult tune_codebooks(const std::string& packed_path, const std::s
       write_file_atomically((out_dir / name).string(), content);
       result.files.push_back(name);
     }
+  fs::remove(state_path, ec);
   result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_begin).count();
   return result;
 }

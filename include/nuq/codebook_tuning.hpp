@@ -24,6 +24,10 @@ struct CodebookTuningOptions {
   // learning_rate × scale per step at most.
   double learning_rate = 2e-3;
   int threads = 0;  // 0 = all cores
+  // Every this many steps the optimizer's state is saved (atomically) in the output directory as
+  // .nuq-tune-state.safetensors; a run started again with the same inputs and settings continues from
+  // it and, with the same thread count, writes the same bytes as an uninterrupted run. 0: never.
+  int64_t save_every = 8;
 };
 
 struct CodebookTuningProgress {
@@ -31,10 +35,12 @@ struct CodebookTuningProgress {
   int epoch = 0;
   double kl = 0;       // the window's mean KL divergence (nats per position) before this step's update
   double seconds = 0;  // this step's time
+  int64_t resumed_steps = 0;  // steps restored from a saved state before this run's first step
 };
 
 struct CodebookTuningResult {
   int64_t windows = 0, tokens = 0, steps = 0;
+  int64_t resumed_steps = 0;        // steps restored from a saved state instead of run
   int64_t layers = 0, entries = 0;  // packed layers tuned and LUT entries among them
   double first_epoch_kl = 0;        // mean KL per position over the first epoch (each window before it was trained on)
   double last_epoch_kl = 0;         // the same over the last epoch
@@ -48,7 +54,7 @@ struct CodebookTuningResult {
 // ctx − 1 tokens). Writes a checkpoint into `output_dir` (created if absent): every file of the input
 // with each packed layer's `.lut` replaced and the quantization_config's "extra" recording the tuning;
 // small files beside a directory input (config.json, tokenizer, quant_report.json) are copied. Files
-// are written atomically. Throws nuq::Error (invalid_argument) when the models do not match, the packed
+// are written atomically; an interrupted run resumes (CodebookTuningOptions::save_every). Throws nuq::Error (invalid_argument) when the models do not match, the packed
 // checkpoint has no packed layer, or the output would overwrite the input.
 CodebookTuningResult tune_codebooks(const std::string& packed_path, const std::string& reference_path,
                                     const std::vector<int32_t>& ids, int32_t start, const std::string& output_dir,

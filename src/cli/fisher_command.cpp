@@ -158,6 +158,10 @@ void add_tune_command(CLI::App& app, Action& action) {
       ->capture_default_str()
       ->check(CLI::Range(1e-7, 1.0));
   cmd->add_option("--threads,-j", o->tuning.threads, "worker threads (0: all cores)")->capture_default_str();
+  cmd->add_option("--save-every", o->tuning.save_every,
+                  "save the optimizer state every N steps, so that the same command run again resumes (0: never)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   cmd->add_flag("--quiet,-q", o->quiet, "no progress output");
   cmd->callback([o, &action] {
     action = [o]() -> int {
@@ -179,10 +183,13 @@ void add_tune_command(CLI::App& app, Action& action) {
       const CodebookTuningResult r =
           tune_codebooks(o->model, o->reference, ids, tok->bos(), o->out, o->tuning, [&](const CodebookTuningProgress& p) {
             if (o->quiet) return;
+            if (p.resumed_steps && p.step == p.resumed_steps)
+              std::fprintf(stderr, "resumed after step %lld from the saved state in %s\n", (long long)p.resumed_steps,
+                           o->out.c_str());
             const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
             std::fprintf(stderr, "step %lld/%lld (epoch %d)  KL %.5f  %.1f s  ETA %s\n", (long long)(p.step + 1),
                          (long long)p.steps, p.epoch + 1, p.kl, p.seconds,
-                         duration(elapsed / double(p.step + 1) * double(p.steps - p.step - 1)).c_str());
+                         duration(elapsed / double(p.step + 1 - p.resumed_steps) * double(p.steps - p.step - 1)).c_str());
           });
       fmt::print("wrote {}: {} codebook entries of {} layers tuned in {} steps on {} tokens; mean KL per position "
                  "{:.5f} in the first epoch, {:.5f} in the last ({:.1f} s)\n",

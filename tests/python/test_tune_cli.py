@@ -4,6 +4,8 @@ The tuned checkpoint must keep everything but the codebooks byte for byte, and i
 reference model than the untuned one on text it was not tuned on: the KL divergence of the next-token
 distributions, computed here in NumPy from the logits of both models."""
 import json
+import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -89,3 +91,34 @@ def test_errors_are_named_and_nothing_is_overwritten(nuq_cli, shared_data, model
                  "cannot skip")
     assert_error(tune(nuq_cli, shared_data, q3, tmp_path / "missing.bin", tmp_path / "o3"), "missing.bin")
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
+
+
+def test_killed_run_resumes_to_the_same_bytes(nuq_cli, shared_data, models, tmp_path):
+    args = ["--skip-tokens", 100000, "--max-tokens", 4088, "--epochs", 3, "--save-every", 2]
+    whole = tmp_path / "whole"
+    r = tune(nuq_cli, shared_data, models / "q3", models / "hf", whole, *args)
+    assert r.returncode == 0, r.stderr
+    assert not (whole / ".nuq-tune-state.safetensors").exists()
+
+    out = tmp_path / "resumed"
+    cmd = [str(nuq_cli), "tune", str(models / "q3"), "--reference", str(models / "hf"), "--out", str(out),
+           "--tokenizer", str(shared_data / "tok512.bin"), "--text", str(shared_data / "tinystories_valid.txt"),
+           "--threads", "2", *map(str, args)]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = out / ".nuq-tune-state.safetensors"
+    deadline = time.time() + 120
+    while not state.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    p.kill()
+    p.wait()
+    assert state.exists(), "the run ended before saving a state; nothing to resume"
+    assert not (out / "model.safetensors").exists()
+    # The state of other settings is named, not silently used or discarded.
+    assert_error(tune(nuq_cli, shared_data, models / "q3", models / "hf", out, *args, "--lr", "1e-3"),
+                 "an interrupted tuning with other inputs or settings")
+    assert state.exists()
+    r = run(nuq_cli, *cmd[1:])
+    assert r.returncode == 0, r.stderr
+    assert "resumed after step" in r.stderr
+    assert (out / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
+    assert not state.exists()
