@@ -31,14 +31,43 @@ namespace {
 
 namespace fs = std::filesystem;
 
-// One packed layer under tuning.
+// Values under Adam (β1 0.9, β2 0.999): fp32 masters with their moments, and each block of `block`
+// consecutive values has a scale (its initial RMS) that multiplies the step, so that a learning rate means
+// the same for codebooks and gains of any magnitude.
+struct AdamParams {
+  std::string key;  // names the values in the saved state
+  std::vector<float> value, m, v, scale;
+  int64_t block = 1;
+
+  void init(std::string k, std::vector<float> initial, int64_t block_size) {
+    key = std::move(k), value = std::move(initial), block = block_size;
+    m.assign(value.size(), 0.f), v.assign(value.size(), 0.f);
+    scale.resize(value.size() / std::size_t(block));
+    for (std::size_t s = 0; s < scale.size(); ++s) {
+      double sq = 0;
+      for (int64_t k2 = 0; k2 < block; ++k2) sq += double(value[s * std::size_t(block) + std::size_t(k2)]) * value[s * std::size_t(block) + std::size_t(k2)];
+      // An all-zero block (a zero row) still gets a step size, that of the smallest fp16 normal.
+      scale[s] = float(std::max(std::sqrt(sq / double(block)), 6.1e-5));
+    }
+  }
+
+  void step(const std::vector<double>& g, double lr, int64_t t) {
+    constexpr double b1 = 0.9, b2 = 0.999, eps = 1e-12;
+    const double c1 = 1 - std::pow(b1, double(t)), c2 = 1 - std::pow(b2, double(t));
+    for (std::size_t i = 0; i < value.size(); ++i) {
+      m[i] = float(b1 * m[i] + (1 - b1) * g[i]);
+      v[i] = float(b2 * v[i] + (1 - b2) * g[i] * g[i]);
+      value[i] -= float(lr * scale[i / std::size_t(block)] * (m[i] / c1) / (std::sqrt(v[i] / c2) + eps));
+    }
+  }
+};
+
+// One packed layer under tuning: the LUT entries are the parameters.
 struct TunedLayer {
   std::string base;
   int64_t rows = 0, cols = 0, group = 0, entries_per_group = 0;
   std::vector<uint8_t> index;  // [rows, cols]
-  std::vector<float> lut;      // fp32 master copy [rows, groups, entries]
-  std::vector<float> m, v;     // Adam moments
-  std::vector<float> scale;    // per (row, group): RMS of its initial entries
+  AdamParams lut;              // [rows, groups, entries]
   std::vector<float> weight;   // [rows, cols]: what the decoder runs on
   std::vector<std::pair<int64_t, float>> sparse;  // (flat position, fp16 value as fp32), added after the LUT
 
@@ -47,32 +76,50 @@ struct TunedLayer {
   // weight = fp16(lut)[index] + sparse: exactly the reference dequantizer's numbers.
   void rebuild() {
     const int64_t G = groups(), E = entries_per_group;
-    std::vector<float> rounded(lut.size());
-    for (std::size_t i = 0; i < lut.size(); ++i) rounded[i] = fp16_to_float(float_to_fp16(lut[i]));
+    std::vector<float> rounded(lut.value.size());
+    for (std::size_t i = 0; i < rounded.size(); ++i) rounded[i] = fp16_to_float(float_to_fp16(lut.value[i]));
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t c = 0; c < cols; ++c)
         weight[std::size_t(r * cols + c)] = rounded[std::size_t((r * G + c / group) * E + index[std::size_t(r * cols + c)])];
     for (const auto& [pos, value] : sparse) weight[std::size_t(pos)] += value;
   }
+
+  // ∂L/∂lut from ∂L/∂W: the sum over the weights that read each entry.
+  std::vector<double> fold(const std::vector<float>& grad_w) const {
+    const int64_t G = groups(), E = entries_per_group;
+    std::vector<double> g(lut.value.size(), 0.0);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c)
+        g[std::size_t((r * G + c / group) * E + index[std::size_t(r * cols + c)])] += double(grad_w[std::size_t(r * cols + c)]);
+    return g;
+  }
 };
 
-// Adam (β1 0.9, β2 0.999) on the entries, each step scaled by its codebook's RMS.
-void adam_step(TunedLayer& L, const std::vector<float>& grad_w, double lr, int64_t t) {
-  const int64_t G = L.groups(), E = L.entries_per_group;
-  std::vector<double> g(L.lut.size(), 0.0);
-  for (int64_t r = 0; r < L.rows; ++r)
-    for (int64_t c = 0; c < L.cols; ++c)
-      g[std::size_t((r * G + c / L.group) * E + L.index[std::size_t(r * L.cols + c)])] +=
-          double(grad_w[std::size_t(r * L.cols + c)]);
-  constexpr double b1 = 0.9, b2 = 0.999, eps = 1e-12;
-  const double c1 = 1 - std::pow(b1, double(t)), c2 = 1 - std::pow(b2, double(t));
-  for (std::size_t i = 0; i < L.lut.size(); ++i) {
-    L.m[i] = float(b1 * L.m[i] + (1 - b1) * g[i]);
-    L.v[i] = float(b2 * L.v[i] + (1 - b2) * g[i] * g[i]);
-    const double mh = L.m[i] / c1, vh = L.v[i] / c2;
-    L.lut[i] -= float(lr * L.scale[i / std::size_t(E)] * mh / (std::sqrt(vh) + eps));
+// An RMSNorm gain (a full-precision tensor of the checkpoint), tuned with the codebooks when asked.
+struct TunedGain {
+  DType dtype = DType::F32;  // as stored; the decoder runs on the value rounded to it
+  AdamParams gain;
+  std::vector<float> used;
+
+  void rebuild() {
+    used.resize(gain.value.size());
+    for (std::size_t i = 0; i < used.size(); ++i)
+      used[i] = dtype == DType::F16    ? fp16_to_float(float_to_fp16(gain.value[i]))
+                : dtype == DType::BF16 ? bf16_to_float(float_to_bf16(gain.value[i]))
+                                       : gain.value[i];
   }
-}
+  std::vector<std::byte> stored_bytes() const {
+    std::vector<std::byte> out(used.size() * dtype_size(dtype));
+    for (std::size_t i = 0; i < used.size(); ++i) {
+      if (dtype == DType::F32) std::memcpy(&out[i * 4], &used[i], 4);
+      else {
+        const uint16_t h = dtype == DType::F16 ? float_to_fp16(used[i]) : float_to_bf16(used[i]);
+        std::memcpy(&out[i * 2], &h, 2);
+      }
+    }
+    return out;
+  }
+};
 
 std::unique_ptr<TunedLayer> load_layer(const SafetensorsCheckpoint& ckpt, const std::string& base,
                                        const PackedTensorMeta& meta) {
@@ -83,16 +130,9 @@ std::unique_ptr<TunedLayer> load_layer(const SafetensorsCheckpoint& ckpt, const 
   L->entries_per_group = format::lut_entries(view.bits);
   L->index.resize(std::size_t(view.rows * view.cols));
   unpack_indices(view.qweight, view.rows, view.cols, view.bits, L->index.data());
-  const std::size_t n_lut = std::size_t(view.rows * view.groups() * L->entries_per_group);
-  L->lut.resize(n_lut), L->m.assign(n_lut, 0.f), L->v.assign(n_lut, 0.f);
-  for (std::size_t i = 0; i < n_lut; ++i) L->lut[i] = fp16_to_float(view.lut[i]);
-  L->scale.resize(n_lut / std::size_t(L->entries_per_group));
-  for (std::size_t s = 0; s < L->scale.size(); ++s) {
-    double sq = 0;
-    for (int64_t k = 0; k < L->entries_per_group; ++k) sq += double(L->lut[s * std::size_t(L->entries_per_group) + std::size_t(k)]) * L->lut[s * std::size_t(L->entries_per_group) + std::size_t(k)];
-    // A codebook of zeros (a zero row) still gets a step size from the smallest fp16 normal.
-    L->scale[s] = float(std::max(std::sqrt(sq / double(L->entries_per_group)), 6.1e-5));
-  }
+  std::vector<float> lut(std::size_t(view.rows * view.groups() * L->entries_per_group));
+  for (std::size_t i = 0; i < lut.size(); ++i) lut[i] = fp16_to_float(view.lut[i]);
+  L->lut.init(base + format::kLutSuffix, std::move(lut), L->entries_per_group);
   for (int64_t r = 0; r < view.rows; ++r)
     for (int32_t j = view.nnz ? view.sparse_row_ptr[r] : 0; j < (view.nnz ? view.sparse_row_ptr[r + 1] : 0); ++j) {
       const int64_t c = format::sparse_cols_are_u16(view.cols) ? int64_t(static_cast<const uint16_t*>(view.sparse_col_idx)[j])
@@ -102,6 +142,23 @@ std::unique_ptr<TunedLayer> load_layer(const SafetensorsCheckpoint& ckpt, const 
   L->weight.resize(std::size_t(view.rows * view.cols));
   L->rebuild();
   return L;
+}
+
+// A gain as the checkpoint stores it, after checking that it is the one the decoder loaded.
+std::unique_ptr<TunedGain> load_gain(const SafetensorsCheckpoint& ckpt, const std::string& name, const float* loaded,
+                                     int64_t dim) {
+  NUQ_CHECK(!name.empty() && ckpt.contains(name), Errc::invalid_argument,
+            "tune: the checkpoint has no RMSNorm gain tensor '{}' to tune", name);
+  const Buffer b = to_float32(ckpt.tensor(name));
+  NUQ_CHECK(b.shape().numel() == dim, Errc::invalid_file, "tune: '{}' has {} values, expected {}", name, b.shape().numel(), dim);
+  const float* v = reinterpret_cast<const float*>(b.data());
+  for (int64_t i = 0; i < dim; ++i)
+    NUQ_CHECK(v[i] == loaded[i], Errc::invalid_file, "tune: '{}' is not the gain the decoder loaded (entry {})", name, i);
+  auto G = std::make_unique<TunedGain>();
+  G->dtype = ckpt.info(name).dtype;
+  G->gain.init(name, std::vector<float>(v, v + dim), dim);
+  G->rebuild();
+  return G;
 }
 
 constexpr const char* kStateName = ".nuq-tune-state.safetensors";
@@ -115,25 +172,25 @@ std::string state_settings(const std::string& packed_path, const std::string& re
   for (int32_t id : ids)
     for (int b = 0; b < 4; ++b) h = (h ^ ((uint32_t(id) >> (8 * b)) & 0xffu)) * 1099511628211ull;
   return fmt::format("{{\"model\": \"{}\", \"reference\": \"{}\", \"tokens\": {}, \"tokens_fnv1a\": \"{:016x}\", "
-                     "\"start\": {}, \"ctx\": {}, \"epochs\": {}, \"lr\": {}}}",
+                     "\"start\": {}, \"ctx\": {}, \"epochs\": {}, \"lr\": {}, \"norms\": {}}}",
                      fs::weakly_canonical(packed_path).string(), fs::weakly_canonical(reference_path).string(),
-                     ids.size(), h, start, o.ctx, o.epochs, o.learning_rate);
+                     ids.size(), h, start, o.ctx, o.epochs, o.learning_rate, o.tune_norms);
 }
 
 // The optimizer's whole state after `step` steps (fp32 entries and both moments of every layer, and
 // the KL sums so far), written atomically.
 void save_state(const fs::path& path, const std::string& settings, int64_t step, double first, double last,
-                const std::vector<std::unique_ptr<TunedLayer>>& layers) {
+                const std::vector<AdamParams*>& params) {
   SafetensorsWriter w(path.string(), {{kStateKey, settings},
                                       {"step", std::to_string(step)},
                                       {"first_kl_sum", fmt::format("{:.17g}", first)},
                                       {"last_kl_sum", fmt::format("{:.17g}", last)}});
-  for (const auto& L : layers)
-    for (const char* part : {".lut", ".m", ".v"}) w.declare(L->base + part, DType::F32, Shape{int64_t(L->lut.size())});
-  for (const auto& L : layers) {
-    w.write(L->base + ".lut", std::as_bytes(std::span<const float>(L->lut)));
-    w.write(L->base + ".m", std::as_bytes(std::span<const float>(L->m)));
-    w.write(L->base + ".v", std::as_bytes(std::span<const float>(L->v)));
+  for (const AdamParams* p : params)
+    for (const char* part : {"/value", "/m", "/v"}) w.declare(p->key + part, DType::F32, Shape{int64_t(p->value.size())});
+  for (const AdamParams* p : params) {
+    w.write(p->key + "/value", std::as_bytes(std::span<const float>(p->value)));
+    w.write(p->key + "/m", std::as_bytes(std::span<const float>(p->m)));
+    w.write(p->key + "/v", std::as_bytes(std::span<const float>(p->v)));
   }
   w.finish();
 }
@@ -141,7 +198,7 @@ void save_state(const fs::path& path, const std::string& settings, int64_t step,
 // Restores a state saved with the same settings; returns the step it was saved after, or 0 when there is
 // none. A state saved with other settings is an error (naming the file), not silently discarded.
 int64_t load_state(const fs::path& path, const std::string& settings, double& first, double& last,
-                   std::vector<std::unique_ptr<TunedLayer>>& layers) {
+                   const std::vector<AdamParams*>& params) {
   if (!fs::exists(path)) return 0;
   SafetensorsFile f(path.string());
   const auto it = f.metadata().find(kStateKey);
@@ -149,16 +206,15 @@ int64_t load_state(const fs::path& path, const std::string& settings, double& fi
             "{}: an interrupted tuning with other inputs or settings is in this directory; repeat that run to finish "
             "it, or delete the file to start over",
             path.string());
-  for (auto& L : layers)
-    for (auto [part, dst] : {std::pair{".lut", &L->lut}, std::pair{".m", &L->m}, std::pair{".v", &L->v}}) {
-      const Buffer b = to_float32(f.tensor(L->base + part));
+  for (AdamParams* p : params)
+    for (auto [part, dst] : {std::pair{"/value", &p->value}, std::pair{"/m", &p->m}, std::pair{"/v", &p->v}}) {
+      const Buffer b = to_float32(f.tensor(p->key + part));
       NUQ_CHECK(std::size_t(b.shape().numel()) == dst->size(), Errc::invalid_file, "{}: '{}{}' has the wrong size",
-                path.string(), L->base, part);
+                path.string(), p->key, part);
       std::memcpy(dst->data(), b.data(), dst->size() * sizeof(float));
     }
   first = std::stod(f.metadata().at("first_kl_sum"));
   last = std::stod(f.metadata().at("last_kl_sum"));
-  for (auto& L : layers) L->rebuild();
   return std::stoll(f.metadata().at("step"));
 }
 
@@ -215,8 +271,22 @@ CodebookTuningResult tune_codebooks(const std::string& packed_path, const std::s
       layers.push_back(load_layer(ckpt, it->first, it->second));
       lw.data = layers.back()->weight.data();
       tuned_at[{b, k}] = layers.back().get();
-      result.entries += int64_t(layers.back()->lut.size());
+      result.entries += int64_t(layers.back()->lut.value.size());
     }
+  // Gains: per block {attention, feed-forward}, then the final one; the decoder runs on their copies.
+  std::vector<std::unique_ptr<TunedGain>> gains;
+  if (options.tune_norms) {
+    for (LlamaBlockWeights& bw : weights.blocks)
+      for (auto [name, ptr] : {std::pair{&bw.attn_norm_name, &bw.attn_norm}, std::pair{&bw.ffn_norm_name, &bw.ffn_norm}}) {
+        gains.push_back(load_gain(ckpt, *name, *ptr, cs.dim));
+        *ptr = gains.back()->used.data();
+      }
+    gains.push_back(load_gain(ckpt, weights.final_norm_name, weights.final_norm, cs.dim));
+    weights.final_norm = gains.back()->used.data();
+  }
+  std::vector<AdamParams*> params;
+  for (auto& L : layers) params.push_back(&L->lut);
+  for (auto& G : gains) params.push_back(&G->gain);
   NUQ_CHECK(!layers.empty(), Errc::invalid_argument,
             "{}: none of its packed layers is a linear layer of the decoder's blocks", packed_path);
   result.layers = int64_t(layers.size());
@@ -234,7 +304,9 @@ CodebookTuningResult tune_codebooks(const std::string& packed_path, const std::s
   NUQ_CHECK(!ec, Errc::io, "{}: cannot create: {}", out_dir.string(), ec.message());
   const fs::path state_path = out_dir / kStateName;
   const std::string settings = state_settings(packed_path, reference_path, ids, start, options);
-  result.resumed_steps = load_state(state_path, settings, first, last, layers);
+  result.resumed_steps = load_state(state_path, settings, first, last, params);
+  for (auto& L : layers) L->rebuild();
+  for (auto& G : gains) G->rebuild();
   NUQ_CHECK(result.resumed_steps <= result.steps, Errc::invalid_file, "{}: saved after step {} of {}",
             state_path.string(), result.resumed_steps, result.steps);
   for (int64_t step = result.resumed_steps; step < result.steps; ++step) {
@@ -249,12 +321,22 @@ CodebookTuningResult tune_codebooks(const std::string& packed_path, const std::s
     backward.compute_distillation(input.data(), logits.data(), len, g);
     NUQ_CHECK(std::isfinite(g.loss), Errc::invalid_argument, "tune: window {} (tokens {}..{}) has a loss of {}", wi, begin,
               begin + len - 1, g.loss);
-    for (const auto& [at, L] : tuned_at) adam_step(*L, g.linear[at.first][std::size_t(at.second)], options.learning_rate, step + 1);
+    // Cosine decay to zero after a linear warm-up over the first 5% of the steps: single-window gradients
+    // are noisy, and the shrinking steps average that noise out at the end.
+    const double warm = std::max<double>(1.0, 0.05 * double(result.steps));
+    const double lr = options.learning_rate * std::min(1.0, double(step + 1) / warm) * 0.5 *
+                      (1 + std::cos(3.14159265358979323846 * double(step) / double(result.steps)));
+    for (const auto& [at, L] : tuned_at) L->lut.step(L->fold(g.linear[at.first][std::size_t(at.second)]), lr, step + 1);
+    for (std::size_t i = 0; i < gains.size(); ++i) {
+      const std::vector<float>& gg = i + 1 == gains.size() ? g.final_norm : g.norms[i / 2][i % 2];
+      gains[i]->gain.step(std::vector<double>(gg.begin(), gg.end()), lr, step + 1);
+    }
     for (auto& L : layers) L->rebuild();
+    for (auto& G : gains) G->rebuild();
     if (epoch == 0) first += g.loss * double(len);
     if (epoch == options.epochs - 1) last += g.loss * double(len);
     if (options.save_every > 0 && (step + 1) % options.save_every == 0 && step + 1 < result.steps)
-      save_state(state_path, settings, step + 1, first, last, layers);
+      save_state(state_path, settings, step + 1, first, last, params);
     if (progress)
       progress({step, result.steps, epoch, g.loss,
                 std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), result.resumed_steps});
@@ -265,10 +347,13 @@ CodebookTuningResult tune_codebooks(const std::string& packed_path, const std::s
   // Write every file of the input, each packed layer's LUT replaced.
   std::map<std::string, const TunedLayer*> by_lut;
   for (const auto& L : layers) by_lut[L->base + format::kLutSuffix] = L.get();
+  std::map<std::string, const TunedGain*> by_gain;
+  for (const auto& G : gains) by_gain[G->gain.key] = G.get();
   const std::string record = fmt::format(
-      "distillation (mean KL per position) on {} tokens in windows of {}, {} epochs, Adam lr {} x codebook RMS; KL "
-      "{:.5f} -> {:.5f}",
-      total, options.ctx, options.epochs, options.learning_rate, result.first_epoch_kl, result.last_epoch_kl);
+      "distillation (mean KL per position) on {} tokens in windows of {}, {} epochs, Adam lr {} x RMS, cosine decay; "
+      "{}; KL {:.5f} -> {:.5f}",
+      total, options.ctx, options.epochs, options.learning_rate, gains.empty() ? "codebooks" : "codebooks and RMSNorm gains",
+      result.first_epoch_kl, result.last_epoch_kl);
   std::set<std::string> written;
   for (const auto& file : ckpt.files()) {
     std::map<std::string, std::string> metadata = file->metadata();
@@ -281,13 +366,17 @@ CodebookTuningResult tune_codebooks(const std::string& packed_path, const std::s
     SafetensorsWriter w((out_dir / name).string(), metadata);
     for (const SafetensorsTensorInfo& info : file->tensors()) w.declare(info.name, info.dtype, info.shape);
     for (const SafetensorsTensorInfo& info : file->tensors()) {
+      if (const auto gt = by_gain.find(info.name); gt != by_gain.end()) {
+        w.write(info.name, gt->second->stored_bytes());
+        continue;
+      }
       const auto it = by_lut.find(info.name);
       if (it == by_lut.end()) {
         w.write(info.name, file->tensor_bytes(info));
         continue;
       }
-      std::vector<uint16_t> lut16(it->second->lut.size());
-      for (std::size_t i = 0; i < lut16.size(); ++i) lut16[i] = float_to_fp16(it->second->lut[i]);
+      std::vector<uint16_t> lut16(it->second->lut.value.size());
+      for (std::size_t i = 0; i < lut16.size(); ++i) lut16[i] = float_to_fp16(it->second->lut.value[i]);
       NUQ_CHECK(info.nbytes() == lut16.size() * 2, Errc::invalid_file, "{}: '{}' has {} bytes, expected {}",
                 file->path(), info.name, info.nbytes(), lut16.size() * 2);
       w.write(info.name, std::as_bytes(std::span<const uint16_t>(lut16)));

@@ -924,6 +924,14 @@ LlamaWeights LlamaModel::weights() const {
                 ls[i]->name);
       bw.linear[std::size_t(i)] = {ls[i]->name, ls[i]->rows, ls[i]->cols, ls[i]->dense.data()};
     }
+    // The gains' tensor names, in the naming the linear layers show (llama2.c checkpoints have none).
+    const int64_t l = int64_t(w.blocks.size()) - 1;
+    for (const Naming* names : {&kHuggingFace, &kGguf})
+      if (b.q.name == names->block(l) + names->q) {
+        bw.attn_norm_name = names->block(l) + names->attn_norm;
+        bw.ffn_norm_name = names->block(l) + names->ffn_norm;
+        if (l == 0) w.final_norm_name = names->final_norm;
+      }
   }
   return w;
 }

@@ -98,9 +98,20 @@ void rms_forward(const T* x, const T* w, int64_t n, int64_t dim, double eps, T* 
   }
 }
 
-// dx += ∂(x·s(x)·w)/∂x applied to dy: s·w⊙dy − x·s³/dim·Σ(dy⊙w⊙x), per token.
+// dx += ∂(x·s(x)·w)/∂x applied to dy: s·w⊙dy − x·s³/dim·Σ(dy⊙w⊙x), per token; and, when dw is set,
+// dw = Σ_t dy⊙x·s (the gain's gradient), accumulated in double.
 template <class T>
-void rms_backward(const T* x, const double* s, const T* w, const T* dy, int64_t n, int64_t dim, T* dx) {
+void rms_backward(const T* x, const double* s, const T* w, const T* dy, int64_t n, int64_t dim, T* dx,
+                  std::vector<T>* dw = nullptr) {
+  if (dw) {
+    std::vector<double> acc(std::size_t(dim), 0.0);
+    for (int64_t t = 0; t < n; ++t) {
+      const double st = double(T(s[t]));  // the forward pass multiplied by s rounded to T
+      for (int64_t i = 0; i < dim; ++i) acc[std::size_t(i)] += double(dy[t * dim + i]) * double(x[t * dim + i]) * st;
+    }
+    dw->resize(std::size_t(dim));
+    for (int64_t i = 0; i < dim; ++i) (*dw)[std::size_t(i)] = T(acc[std::size_t(i)]);
+  }
   for (int64_t t = 0; t < n; ++t) {
     const T* xt = x + t * dim;
     const T* dyt = dy + t * dim;
@@ -148,6 +159,11 @@ class Engine {
     resize(cls_t_, c.vocab_size * c.dim);
     transpose(net_->classifier, c.vocab_size, c.dim, c.dim, cls_t_.data());
   }
+
+  // Gradients of the RMSNorm gains from the last backward pass: per layer {attention, feed-forward}, and
+  // the final norm's.
+  std::vector<std::array<std::vector<T>, 2>> norm_grads_;
+  std::vector<T> final_norm_grad_;
 
   // Forward (recording activations) and, when `grads` is set, backward. Returns the mean loss.
   // With `teacher` ([n, vocab] logits) the loss is the distillation loss instead of the NLL of `tg`.
@@ -352,7 +368,8 @@ class Engine {
     ops_.gemm_nt(logits_.data(), n, V, cls_t_.data(), D, V, V, dxf.data(), D);
     resize(dx_, n * D);
     std::fill(dx_.begin(), dx_.end(), T(0));
-    rms_backward(x_final_.data(), sf_.data(), net_->final_norm, dxf.data(), n, D, dx_.data());
+    norm_grads_.resize(std::size_t(c.n_layers));
+    rms_backward(x_final_.data(), sf_.data(), net_->final_norm, dxf.data(), n, D, dx_.data(), &final_norm_grad_);
     const T scale = T(1.0 / std::sqrt(double(hd)));
     std::vector<T> dxb(std::size_t(n * D));
     for (int64_t l = c.n_layers - 1; l >= 0; --l) {
@@ -377,7 +394,7 @@ class Engine {
       weight_grad(dbig2_.data(), F, xt_.data(), D, G[kUp]);
       input_grad(dbig_.data(), b.w[kGate], F, D, dxb.data(), false);
       input_grad(dbig2_.data(), b.w[kUp], F, D, dxb.data(), true);
-      rms_backward(A.x_mid.data(), A.s2.data(), b.ffn_norm, dxb.data(), n, D, dx_.data());
+      rms_backward(A.x_mid.data(), A.s2.data(), b.ffn_norm, dxb.data(), n, D, dx_.data(), &norm_grads_[std::size_t(l)][1]);
       // ---- attention: x_mid = x_in + o(attention(rope(q(xb1)), rope(k(xb1)), v(xb1)))
       resize(xt_, qd * n);
       transpose(A.att.data(), n, qd, qd, xt_.data());
@@ -430,7 +447,7 @@ class Engine {
       input_grad(dq_.data(), b.w[kQ], qd, D, dxb.data(), false);
       input_grad(dk_.data(), b.w[kK], kvd, D, dxb.data(), true);
       input_grad(dv_.data(), b.w[kV], kvd, D, dxb.data(), true);
-      rms_backward(A.x_in.data(), A.s1.data(), b.attn_norm, dxb.data(), n, D, dx_.data());
+      rms_backward(A.x_in.data(), A.s1.data(), b.attn_norm, dxb.data(), n, D, dx_.data(), &norm_grads_[std::size_t(l)][0]);
     }
   }
 };
@@ -524,6 +541,8 @@ const LlamaWeights& LlamaBackward::weights() const noexcept { return impl_->weig
 void LlamaBackward::compute(const int32_t* inputs, const int32_t* targets, int64_t n, LlamaGradients& out) {
   out.loss = impl_->engine.run(inputs, targets, n, &out.linear);
   out.positions = n;
+  out.norms = impl_->engine.norm_grads_;
+  out.final_norm = impl_->engine.final_norm_grad_;
 }
 
 void LlamaBackward::compute_distillation(const int32_t* inputs, const float* teacher_logits, int64_t n,
@@ -531,6 +550,8 @@ void LlamaBackward::compute_distillation(const int32_t* inputs, const float* tea
   NUQ_CHECK(teacher_logits, Errc::invalid_argument, "backward: no teacher logits");
   out.loss = impl_->engine.run(inputs, inputs, n, &out.linear, teacher_logits);
   out.positions = n;
+  out.norms = impl_->engine.norm_grads_;
+  out.final_norm = impl_->engine.final_norm_grad_;
 }
 
 double LlamaBackward::distillation_loss(const int32_t* inputs, const float* teacher_logits, int64_t n) {

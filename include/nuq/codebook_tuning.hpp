@@ -19,11 +19,13 @@ namespace nuq {
 
 struct CodebookTuningOptions {
   int64_t ctx = 512;  // window length in tokens, the start token included (the windows of `nuq eval`)
-  int epochs = 2;     // passes over the calibration windows; one Adam step per window
+  int epochs = 1;     // passes over the calibration windows; one Adam step per window
   // Adam's step size relative to each codebook's scale (the RMS of its entries): an entry moves by about
   // learning_rate × scale per step at most.
-  double learning_rate = 2e-3;
+  double learning_rate = 2e-4;
   int threads = 0;  // 0 = all cores
+  // Also tune the RMSNorm gains (full-precision tensors of the checkpoint, written in their stored dtype).
+  bool tune_norms = false;
   // Every this many steps the optimizer's state is saved (atomically) in the output directory as
   // .nuq-tune-state.safetensors; a run started again with the same inputs and settings continues from
   // it and, with the same thread count, writes the same bytes as an uninterrupted run. 0: never.

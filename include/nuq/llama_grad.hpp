@@ -38,6 +38,9 @@ struct LlamaLinearWeights {
 struct LlamaBlockWeights {
   const float* attn_norm = nullptr;  // [dim]
   const float* ffn_norm = nullptr;   // [dim]
+  // Checkpoint tensor names of the two gains ("model.layers.0.input_layernorm.weight", "blk.0.attn_norm.weight");
+  // empty when the checkpoint has no such names (llama2.c).
+  std::string attn_norm_name, ffn_norm_name;
   std::array<LlamaLinearWeights, kLlamaLinearKinds> linear;  // indexed by LlamaLinearKind
   LlamaLinearWeights& operator[](LlamaLinearKind k) { return linear[std::size_t(k)]; }
   const LlamaLinearWeights& operator[](LlamaLinearKind k) const { return linear[std::size_t(k)]; }
@@ -48,6 +51,7 @@ struct LlamaWeights {
   const float* embedding = nullptr;   // [vocab, dim]
   const float* classifier = nullptr;  // [vocab, dim]; the embedding itself when config.tied_classifier
   const float* final_norm = nullptr;  // [dim]
+  std::string final_norm_name;        // as the block gains' names
   std::vector<LlamaBlockWeights> blocks;
 };
 
@@ -56,6 +60,8 @@ struct LlamaGradients {
   double loss = 0;  // mean negative log-likelihood (natural log) over the scored positions
   int64_t positions = 0;
   std::vector<std::array<std::vector<float>, kLlamaLinearKinds>> linear;
+  std::vector<std::array<std::vector<float>, 2>> norms;  // per block: attention and feed-forward RMSNorm gains [dim]
+  std::vector<float> final_norm;                         // the final RMSNorm's gain [dim]
 };
 
 // The same in double precision (reference computations and gradient checks).

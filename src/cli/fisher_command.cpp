@@ -131,7 +131,8 @@ void add_fisher_command(CLI::App& app, Action& action) {
 
 void add_tune_command(CLI::App& app, Action& action) {
   struct Options {
-    std::string model, reference, tokenizer, text, out;
+    std::string model, reference, tokenizer, out;
+    std::vector<std::string> texts;
     int64_t max_tokens = 8192, skip_tokens = 0;
     CodebookTuningOptions tuning;
     bool quiet = false;
@@ -145,11 +146,14 @@ void add_tune_command(CLI::App& app, Action& action) {
   cmd->add_option("--reference,-r", o->reference, "the full-precision checkpoint it was quantized from")->required();
   cmd->add_option("--out,-o", o->out, "output directory (not the input's)")->required();
   cmd->add_option("--tokenizer", o->tokenizer, "tokenizer (as for nuq eval; default: the reference's own)");
-  cmd->add_option("--text", o->text, "calibration text, tokenized as one string")->required();
+  cmd->add_option("--text", o->texts,
+                  "calibration text, tokenized as one string; repeat to mix texts (their windows alternate, "
+                  "--skip-tokens and --max-tokens apply to each)")
+      ->required();
   cmd->add_option("--ctx", o->tuning.ctx, "window length in tokens, BOS included; one optimizer step per window")
       ->capture_default_str()
       ->check(CLI::Range(2, 1 << 16));
-  cmd->add_option("--max-tokens", o->max_tokens, "tokens of text to train on (0: all)")->capture_default_str();
+  cmd->add_option("--max-tokens", o->max_tokens, "tokens of each text to train on (0: all)")->capture_default_str();
   cmd->add_option("--skip-tokens", o->skip_tokens,
                   "start this many tokens into the text (keep calibration and evaluation text apart)")
       ->capture_default_str();
@@ -158,6 +162,7 @@ void add_tune_command(CLI::App& app, Action& action) {
       ->capture_default_str()
       ->check(CLI::Range(1e-7, 1.0));
   cmd->add_option("--threads,-j", o->tuning.threads, "worker threads (0: all cores)")->capture_default_str();
+  cmd->add_flag("--norms", o->tuning.tune_norms, "also tune the RMSNorm gains (kept in full precision)");
   cmd->add_option("--save-every", o->tuning.save_every,
                   "save the optimizer state every N steps, so that the same command run again resumes (0: never)")
       ->capture_default_str()
@@ -173,12 +178,36 @@ void add_tune_command(CLI::App& app, Action& action) {
       }
       auto tok = Tokenizer::load(tok_path);
       const auto meta = LlamaModel::load(o->model, {1, false});
-      const std::vector<int32_t> ids = calibration_tokens(*tok, tok_path, meta->config().vocab_size, o->text,
-                                                          o->skip_tokens, o->max_tokens);
-      if (!o->quiet)
+      // Several texts: their windows alternate (each text cut to whole windows), so that every part of the
+      // run, and the decaying steps at its end, sees all of them.
+      std::vector<std::vector<int32_t>> streams;
+      const std::size_t per = std::size_t(o->tuning.ctx - 1);
+      for (const std::string& text : o->texts) {
+        streams.push_back(
+            calibration_tokens(*tok, tok_path, meta->config().vocab_size, text, o->skip_tokens, o->max_tokens));
+        if (o->texts.size() == 1) break;
+        NUQ_CHECK(streams.back().size() >= per, Errc::invalid_argument,
+                  "{}: {} tokens after --skip-tokens, fewer than one window of {}; mixed texts need whole windows",
+                  text, streams.back().size(), per);
+        streams.back().resize(streams.back().size() / per * per);
+      }
+      std::vector<int32_t> ids;
+      for (std::size_t at = 0;; at += per) {
+        bool any = false;
+        for (const auto& st : streams)
+          if (at < st.size()) {
+            ids.insert(ids.end(), st.begin() + std::ptrdiff_t(at), st.begin() + std::ptrdiff_t(std::min(st.size(), at + per)));
+            any = true;
+          }
+        if (!any) break;
+      }
+      if (!o->quiet) {
+        std::string names;
+        for (const std::string& t : o->texts) names += (names.empty() ? "" : " + ") + t;
         std::fprintf(stderr, "%s: %s; %zu tokens of %s in windows of %lld, %d epochs\n", o->model.c_str(),
-                     meta->description().c_str(), ids.size(), o->text.c_str(), (long long)o->tuning.ctx,
+                     meta->description().c_str(), ids.size(), names.c_str(), (long long)o->tuning.ctx,
                      o->tuning.epochs);
+      }
       const auto t1 = std::chrono::steady_clock::now();
       const CodebookTuningResult r =
           tune_codebooks(o->model, o->reference, ids, tok->bos(), o->out, o->tuning, [&](const CodebookTuningProgress& p) {

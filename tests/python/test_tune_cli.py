@@ -122,3 +122,16 @@ def test_killed_run_resumes_to_the_same_bytes(nuq_cli, shared_data, models, tmp_
     assert "resumed after step" in r.stderr
     assert (out / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
     assert not state.exists()
+
+
+def test_mixed_texts_alternate_whole_windows(nuq_cli, shared_data, models, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("Once upon a time there was a cat.")
+    common = ["--reference", models / "hf", "--tokenizer", shared_data / "tok512.bin", "--threads", 2]
+    r = run(nuq_cli, "tune", models / "q3", *common, "--out", tmp_path / "mix", "--text",
+            shared_data / "tinystories_valid.txt", "--text", shared_data / "wikitext2_test.txt", "--max-tokens", 1200)
+    assert r.returncode == 0, r.stderr
+    # Each text cut to 2 whole windows of 511 tokens: 4 steps over 2044 tokens.
+    assert "2044 tokens of" in r.stderr and "tuned in 4 steps on 2044 tokens" in r.stdout
+    assert_error(run(nuq_cli, "tune", models / "q3", *common, "--out", tmp_path / "o", "--text", short, "--text",
+                     shared_data / "tinystories_valid.txt"), "short.txt", "fewer than one window")

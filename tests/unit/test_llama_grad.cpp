@@ -155,6 +155,46 @@ TEST(LlamaGrad, LossMatchesDecoderAndPublishedFigure) {
   EXPECT_NEAR(nuq::llama_loss_f64(s.model->weights(), in.data(), tg.data(), n), nll, 1e-5);
 }
 
+// The RMSNorm gains' gradients (fp32 backward) against central differences of the float64 loss: the
+// largest entry and two random ones of the attention and feed-forward gains of two layers and of the
+// final gain.
+TEST(LlamaGrad, NormGainGradientsMatchFiniteDifferences) {
+  NEED_STORIES(s);
+  std::vector<int32_t> in, tg;
+  window(s, 64, in, tg);
+  OwnedWeights ow(s.model->weights());
+  nuq::LlamaBackward bw(ow.w, 2);
+  nuq::LlamaGradients g;
+  bw.compute(in.data(), tg.data(), int64_t(in.size()), g);
+  const int64_t dim = ow.w.config.dim;
+  ASSERT_EQ(g.norms.size(), ow.w.blocks.size());
+  ASSERT_EQ(int64_t(g.final_norm.size()), dim);
+  std::mt19937_64 rng(11);
+  auto check = [&](const float* gain, const std::vector<float>& grad, const std::string& what) {
+    ASSERT_EQ(int64_t(grad.size()), dim) << what;
+    double gmax = 0;
+    int64_t imax = 0;
+    for (int64_t i = 0; i < dim; ++i)
+      if (std::abs(grad[std::size_t(i)]) > gmax) gmax = std::abs(grad[std::size_t(i)]), imax = i;
+    ASSERT_GT(gmax, 0.0) << what;
+    for (int64_t i : {imax, int64_t(rng() % uint64_t(dim)), int64_t(rng() % uint64_t(dim))}) {
+      float& w = const_cast<float&>(gain[i]);
+      const float w0 = w, up = float(double(w0) + 2e-3), down = float(double(w0) - 2e-3);
+      w = up;
+      const double lu = nuq::llama_loss_f64(ow.w, in.data(), tg.data(), int64_t(in.size()));
+      w = down;
+      const double ld = nuq::llama_loss_f64(ow.w, in.data(), tg.data(), int64_t(in.size()));
+      w = w0;
+      EXPECT_NEAR(grad[std::size_t(i)], (lu - ld) / (double(up) - double(down)), 2e-3 * gmax) << what << " entry " << i;
+    }
+  };
+  for (int64_t l : {1, 3}) {
+    check(ow.w.blocks[std::size_t(l)].attn_norm, g.norms[std::size_t(l)][0], "attn_norm " + std::to_string(l));
+    check(ow.w.blocks[std::size_t(l)].ffn_norm, g.norms[std::size_t(l)][1], "ffn_norm " + std::to_string(l));
+  }
+  check(ow.w.final_norm, g.final_norm, "final_norm");
+}
+
 // Distillation, pinned by two identities: against a teacher whose distribution is one-hot on the text's
 // next token, KL(p ‖ q) is the NLL and its gradient the NLL's (which the finite-difference tests check);
 // against the model's own logits the loss and every gradient are zero. A soft teacher (the model's logits
