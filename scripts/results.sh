@@ -65,6 +65,12 @@ if [[ " ${NUQ_RESULTS_MODELS:-stories260K smollm2} " == *" stories260K "* ]]; th
     label=${spec#*:}
     row "${label//"$work/"/}" "$work/s260-$name" "$tok" "${texts[@]}"
   done
+  # Codebook tuning by distillation (docs/quantization.md#codebook-tuning-nuq-tune) on 65 408 TinyStories tokens
+  # from token 100 000; this tiny model takes a larger step than the default.
+  "$nuq" tune "$work/s260-nuq3a45" --reference "$work/s260-hf" --tokenizer "$tok" --out "$work/s260-nuq3a45-tuned" \
+    --text "$data/tinystories_valid.txt" --skip-tokens 100000 --max-tokens 65408 --lr 5e-3 --norms --quiet >/dev/null
+  row "--bits 3 --sparse 0.45% activation-weighted, then \`nuq tune --lr 5e-3 --norms\`" "$work/s260-nuq3a45-tuned" \
+    "$tok" "${texts[@]}"
   echo
 fi
 
@@ -102,5 +108,15 @@ if [[ " ${NUQ_RESULTS_MODELS:-stories260K smollm2} " == *" smollm2 "* ]]; then
     quantize "smol-$name" "$gguf" ${spec#*:}
     label=${spec#*:}
     row "${label//"$work/"/}" "$work/smol-$name" "$gguf" "${texts[@]}"
+  done
+  # Codebook tuning by distillation (docs/quantization.md#codebook-tuning-nuq-tune) of two rows above, on
+  # 65 408 tokens of each text from token 100 000 (disjoint from the evaluated ones): ~25 minutes each.
+  args=(--text "$data/wikitext2_test.txt" --text "$data/tinystories_valid.txt" --skip-tokens 100000
+        --max-tokens 65408 --norms)
+  for spec in "nuq4h|--bits 4 --hessian" "nuq3fh45|--bits 3 --sparse 0.45% --fisher --hessian"; do
+    name=${spec%%|*}
+    echo "<!-- nuq tune smol-$name --reference $(basename "$gguf") --out smol-$name-tuned ${args[*]//"$data/"/} -->" >&2
+    "$nuq" tune "$work/smol-$name" --reference "$gguf" --out "$work/smol-$name-tuned" --quiet "${args[@]}" >/dev/null
+    row "${spec#*|}, then \`nuq tune --norms\`" "$work/smol-$name-tuned" "$gguf" "${texts[@]}"
   done
 fi

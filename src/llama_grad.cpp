@@ -271,12 +271,23 @@ class Engine {
     rms_forward(x_.data(), net_->final_norm, n, D, double(c.norm_eps), xf_.data(), sf_.data());
   }
 
+  // logits_ = final hidden states · classifierᵀ, [n, vocab].
+  void compute_logits() {
+    const LlamaConfig& c = net_->c;
+    resize(logits_, n_ * c.vocab_size);
+    ops_.gemm_nt(xf_.data(), n_, c.dim, net_->classifier, c.vocab_size, c.dim, c.dim, logits_.data(), c.vocab_size);
+  }
+
+  static double mean(const std::vector<double>& v) {
+    double total = 0;
+    for (double x : v) total += x;
+    return total / double(v.size());
+  }
+
   // Mean NLL; with `grad`, logits_ is replaced by ∂loss/∂logits = (softmax − onehot)/n.
   double loss_and_dlogits(const int32_t* tg, bool grad) {
-    const LlamaConfig& c = net_->c;
-    const int64_t n = n_, V = c.vocab_size;
-    resize(logits_, n * V);
-    ops_.gemm_nt(xf_.data(), n, c.dim, net_->classifier, V, c.dim, c.dim, logits_.data(), V);
+    const int64_t n = n_, V = net_->c.vocab_size;
+    compute_logits();
     std::vector<double> nll(static_cast<std::size_t>(n));
     ops_.parallel(n, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
@@ -292,18 +303,14 @@ class Engine {
         l[tg[t]] -= T(inv_n);
       }
     });
-    double total = 0;
-    for (double v : nll) total += v;
-    return total / double(n);
+    return mean(nll);
   }
 
   // Mean over positions of KL(p ‖ q), p = softmax(teacher logits), q = softmax(own logits); with `grad`,
   // logits_ is replaced by ∂loss/∂logits = (q − p)/n. A teacher logit that is not finite throws.
   double distillation_and_dlogits(const float* teacher, bool grad) {
-    const LlamaConfig& c = net_->c;
-    const int64_t n = n_, V = c.vocab_size;
-    resize(logits_, n * V);
-    ops_.gemm_nt(xf_.data(), n, c.dim, net_->classifier, V, c.dim, c.dim, logits_.data(), V);
+    const int64_t n = n_, V = net_->c.vocab_size;
+    compute_logits();
     std::vector<double> kl(static_cast<std::size_t>(n));
     std::vector<int64_t> bad(static_cast<std::size_t>(n), -1);
     ops_.parallel(n, [&](int64_t t0, int64_t t1) {
@@ -332,9 +339,7 @@ class Engine {
     for (int64_t t = 0; t < n; ++t)
       NUQ_CHECK(bad[std::size_t(t)] < 0, Errc::invalid_argument,
                 "backward: the teacher's logit {} at position {} is not finite", bad[std::size_t(t)], t);
-    double total = 0;
-    for (double v : kl) total += v;
-    return total / double(n);
+    return mean(kl);
   }
 
   // dW = dYᵀ·X with X given transposed (xt [cols, n]): dW [rows, cols].

@@ -133,7 +133,7 @@ void add_tune_command(CLI::App& app, Action& action) {
   struct Options {
     std::string model, reference, tokenizer, out;
     std::vector<std::string> texts;
-    int64_t max_tokens = 8192, skip_tokens = 0;
+    int64_t max_tokens = 65536, skip_tokens = 0;
     CodebookTuningOptions tuning;
     bool quiet = false;
   };
