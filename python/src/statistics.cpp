@@ -11,6 +11,7 @@
 #include "bindings.hpp"
 #include "interop.hpp"
 #include "nuq/bit_allocation.hpp"
+#include "nuq/codebook_tuning.hpp"
 #include "nuq/hutchinson.hpp"
 #include "nuq/quantize_checkpoint.hpp"
 #include "nuq/sensitivity.hpp"
@@ -223,6 +224,35 @@ py::dict quantize_checkpoint_py(const std::string& input, const std::string& out
   return d;
 }
 
+py::dict tune_codebooks_py(const std::string& packed, const std::string& reference, const std::vector<int32_t>& ids,
+                           int32_t start, const std::string& output_dir, int64_t ctx, int epochs, double lr, bool norms,
+                           int64_t save_every, int threads, py::object progress) {
+  CodebookTuningOptions o;
+  o.ctx = ctx, o.epochs = epochs, o.learning_rate = lr, o.tune_norms = norms, o.save_every = save_every,
+  o.threads = threads;
+  if (!progress.is_none() && !PyCallable_Check(progress.ptr()))
+    throw py::type_error("tune_codebooks: progress must be callable or None");
+  CallbackScope scope;
+  // Installed even without a user callback, so that Ctrl-C stops a long run between steps.
+  const auto on_step = [&scope, &progress](const CodebookTuningProgress& p) {
+    py::gil_scoped_acquire gil;
+    scope.call([&] {
+      if (progress.is_none()) return;
+      py::dict d;
+      d["step"] = p.step, d["steps"] = p.steps, d["epoch"] = p.epoch, d["kl"] = p.kl, d["seconds"] = p.seconds;
+      d["resumed_steps"] = p.resumed_steps;
+      progress(d);
+    });
+  };
+  const CodebookTuningResult r =
+      scope.run([&] { return tune_codebooks(packed, reference, ids, start, output_dir, o, on_step); });
+  py::dict d;
+  d["windows"] = r.windows, d["tokens"] = r.tokens, d["steps"] = r.steps, d["resumed_steps"] = r.resumed_steps;
+  d["layers"] = r.layers, d["entries"] = r.entries, d["first_epoch_kl"] = r.first_epoch_kl;
+  d["last_epoch_kl"] = r.last_epoch_kl, d["files"] = r.files, d["seconds"] = r.seconds;
+  return d;
+}
+
 }  // namespace
 
 void bind_statistics(py::module_& m) {
@@ -375,6 +405,23 @@ ValueError for an infeasible budget (naming the minimum size), an empty layer or
 }
 
 void bind_checkpoint_quantizer(py::module_& m) {
+  m.def("tune_codebooks", &tune_codebooks_py, py::arg("packed"), py::arg("reference"), py::arg("ids"),
+        py::arg("start"), py::arg("output_dir"), py::kw_only(), py::arg("ctx") = 512, py::arg("epochs") = 1,
+        py::arg("lr") = 2e-4, py::arg("norms") = false, py::arg("save_every") = 8, py::arg("threads") = 0,
+        py::arg("progress") = py::none(),
+        R"doc(Tune the codebooks of a packed checkpoint by distillation from its reference (the library behind
+`nuq tune`, docs/quantization.md#codebook-tuning-nuq-tune): Adam on the LUT entries (and with norms=True
+the RMSNorm gains) minimizing the mean KL divergence between the reference's and the quantized model's
+next-token distributions; indices, sparse part and sizes unchanged.
+
+packed: nuq-packed checkpoint (file or directory). reference: any checkpoint the decoder reads.
+ids: calibration token ids (a list or int32 array), cut into windows of `start` + ctx - 1 tokens.
+output_dir: created if absent, not the input's. lr: Adam step relative to each codebook's RMS (cosine
+decay after a 5% warm-up). save_every: steps between saved optimizer states; a call with the same
+arguments after an interruption resumes. progress: optional callable(dict) with step, steps, epoch, kl,
+seconds, resumed_steps; an exception it raises stops the run and propagates.
+Returns a dict: windows, tokens, steps, resumed_steps, layers, entries, first_epoch_kl, last_epoch_kl,
+files, seconds.)doc");
   m.def("quantize_checkpoint", &quantize_checkpoint_py, py::arg("input"), py::arg("output_dir"), py::arg("bits") = 4,
         py::kw_only(), py::arg("method") = "nuq", py::arg("group_size") = 0, py::arg("outlier_fraction") = 0.0,
         py::arg("sensitive_fraction") = 0.0, py::arg("outliers_per_row") = false, py::arg("fisher") = py::none(),

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 
+from conftest import find_binary
 from test_llama import generate, nuq_logits  # noqa: F401 (generate is a fixture)
 from test_quantize_cli import assert_error, dequantize, load_output, run, safetensors_metadata
 
@@ -135,3 +136,23 @@ def test_mixed_texts_alternate_whole_windows(nuq_cli, shared_data, models, tmp_p
     assert "2044 tokens of" in r.stderr and "tuned in 4 steps on 2044 tokens" in r.stdout
     assert_error(run(nuq_cli, "tune", models / "q3", *common, "--out", tmp_path / "o", "--text", short, "--text",
                      shared_data / "tinystories_valid.txt"), "short.txt", "fewer than one window")
+
+
+def test_python_binding_reports_progress_and_stops_on_its_exception(nuq_cli, shared_data, models, tmp_path):
+    from nuq_package import import_nuq
+    nuq = import_nuq()
+    r = run(find_binary("examples/nuq_generate"), "--tokenizer", shared_data / "tok512.bin", "--tokenize",
+            shared_data / "tinystories_valid.txt")
+    ids = np.array(r.stdout.split()[100000:100000 + 1022], dtype=np.int32)
+    seen = []
+    out = nuq.tune_codebooks(str(models / "q3"), str(models / "hf"), ids, 1, str(tmp_path / "py"), lr=2e-3,
+                             threads=2, progress=seen.append)
+    assert out["steps"] == 2 and out["tokens"] == 1022 and out["layers"] == 35
+    assert [d["step"] for d in seen] == [0, 1] and all(d["kl"] > 0 for d in seen)
+    assert out["first_epoch_kl"] == pytest.approx((seen[0]["kl"] * 511 + seen[1]["kl"] * 511) / 1022)
+
+    def stop(d):
+        raise KeyboardInterrupt("stop here")
+    with pytest.raises(KeyboardInterrupt, match="stop here"):
+        nuq.tune_codebooks(str(models / "q3"), str(models / "hf"), ids, 1, str(tmp_path / "py2"), progress=stop)
+    assert not (tmp_path / "py2" / "model.safetensors").exists()
