@@ -353,8 +353,12 @@ py::array attention_output(py::object out_obj, const ArrayArg& q, int64_t batch,
 
 py::array decode_attention(const KVCache& c, const std::vector<int>& seqs, py::handle q_obj, py::object out_obj,
                            std::optional<double> scale, bool query_has_rope, int threads,
-                           const std::optional<std::string>& isa, int split_tokens) {
+                           const std::optional<std::string>& isa, int split_tokens,
+                           const std::optional<std::vector<int64_t>>& lengths) {
   const std::string fn = "kv_decode_attention";
+  if (lengths && lengths->size() != seqs.size())
+    throw py::value_error(fn + ": lengths has " + std::to_string(lengths->size()) + " entries for " +
+                          std::to_string(seqs.size()) + " sequences");
   if (seqs.empty()) throw py::value_error(fn + ": seqs is empty");
   const int64_t batch = int64_t(seqs.size()), n_kv = c.cache.n_kv_heads(), hd = c.cache.head_dim();
   ArrayArg q(q_obj, fn, "q");
@@ -367,6 +371,7 @@ py::array decode_attention(const KVCache& c, const std::vector<int>& seqs, py::h
   kv::AttentionOptions o = attention_options(scale, threads, isa, fn);
   o.query_has_rope = query_has_rope;
   o.split_tokens = split_tokens;
+  if (lengths) o.lengths = *lengths;
   py::array out = attention_output(out_obj, q, batch, n_heads, hd, fn);
   const float* qp = q.as<float>();
   float* op = static_cast<float*>(out.mutable_data());
@@ -611,6 +616,7 @@ device pointer, and pass the dict to cuda_kv_decode_attention.)doc")
   m.def("kv_decode_attention", &decode_attention, py::arg("cache"), py::arg("seqs"), py::arg("q"), py::kw_only(),
         py::arg("out") = py::none(), py::arg("scale") = py::none(), py::arg("query_has_rope") = false,
         py::arg("threads") = 0, py::arg("isa") = py::none(), py::arg("split_tokens") = 1024,
+        py::arg("lengths") = py::none(),
         R"doc(One decode step of attention over the quantized cache (nuq::kv::decode_attention): sequence seqs[b]
 attends with query q[b] to all its cached tokens, without decompressing the cache.
 
@@ -624,6 +630,9 @@ scale: softmax scale, None for 1/sqrt(head_dim).
 threads: 0 = all hardware threads (the result does not depend on it). isa: None (best for this CPU),
   "avx512", "avx2" or "scalar" (the double-precision reference). split_tokens: context per task, a
   multiple of the page size.
+lengths: optional ints, one per row: row b attends to the first lengths[b] tokens of seqs[b] only, its
+  query at position lengths[b] - 1 (1 <= lengths[b] <= the sequence's length). Rows may repeat a
+  sequence, so that one call serves every query of a causal prefill.
 Returns float32 [batch, n_heads, head_dim].)doc");
   m.def("dense_decode_attention", &dense_attention, py::arg("k"), py::arg("v"), py::arg("lengths"), py::arg("q"),
         py::kw_only(), py::arg("out") = py::none(), py::arg("scale") = py::none(), py::arg("threads") = 0,

@@ -166,6 +166,26 @@ def test_attention_matches_numpy_over_the_cached_values(nq, group, layout, theta
     assert np.array_equal(reordered[::-1], one_thread)
 
 
+def test_lengths_cut_rows_to_prefixes_of_shared_sequences(nq):
+    # One call for every query of a causal prefill: rows repeat one sequence with growing lengths, and each
+    # equals the NumPy attention over that prefix (query at its own position).
+    cache, _ = make_cache(nq, rope_layout="half_split")
+    ids, _ = fill(cache, [70], 40)
+    k, v = cache.dequantize(ids[0])
+    lengths = [1, 2, 17, 33, 70]
+    q = np.random.default_rng(4).standard_normal((len(lengths), 4, cache.head_dim)).astype(np.float32)
+    got = nq.kv_decode_attention(cache, [ids[0]] * len(lengths), q, lengths=lengths)
+    for b, n in enumerate(lengths):
+        np.testing.assert_allclose(got[b], attention(q[b], k[:n], v[:n], "half_split"), rtol=0,
+                                   atol=2e-5 * np.abs(v).max(), err_msg=f"length {n}")
+    # The full length is the same as no lengths at all.
+    assert np.array_equal(got[-1], nq.kv_decode_attention(cache, ids, q[-1:])[0])
+    with pytest.raises(ValueError, match="lengths has 1 entries for 2 sequences"):
+        nq.kv_decode_attention(cache, [ids[0]] * 2, q[:2], lengths=[3])
+    with pytest.raises(ValueError, match="71"):
+        nq.kv_decode_attention(cache, ids, q[:1], lengths=[71])
+
+
 def test_scale_query_rope_and_out(nq):
     cache, _ = make_cache(nq, rope_layout="interleaved")
     ids, _ = fill(cache, [5, 33], 30)
