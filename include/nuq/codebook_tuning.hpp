@@ -44,7 +44,7 @@ struct CodebookTuningResult {
   int64_t windows = 0, tokens = 0, steps = 0;
   int64_t resumed_steps = 0;        // steps restored from a saved state instead of run
   int64_t layers = 0, entries = 0;  // packed layers tuned and LUT entries among them
-  double first_epoch_kl = 0;        // mean KL per position over the first epoch (each window before it was trained on)
+  double first_epoch_kl = 0;        // mean KL per position over the first epoch (each window before its step)
   double last_epoch_kl = 0;         // the same over the last epoch
   std::vector<std::string> files;   // written into the output directory, relative names
   double seconds = 0;
@@ -56,8 +56,9 @@ struct CodebookTuningResult {
 // ctx − 1 tokens). Writes a checkpoint into `output_dir` (created if absent): every file of the input
 // with each packed layer's `.lut` replaced and the quantization_config's "extra" recording the tuning;
 // small files beside a directory input (config.json, tokenizer, quant_report.json) are copied. Files
-// are written atomically; an interrupted run resumes (CodebookTuningOptions::save_every). Throws nuq::Error (invalid_argument) when the models do not match, the packed
-// checkpoint has no packed layer, or the output would overwrite the input.
+// are written atomically; an interrupted run resumes (CodebookTuningOptions::save_every). Throws
+// nuq::Error (invalid_argument) when the models do not match, the packed checkpoint has no packed layer,
+// or the output would overwrite the input.
 CodebookTuningResult tune_codebooks(const std::string& packed_path, const std::string& reference_path,
                                     const std::vector<int32_t>& ids, int32_t start, const std::string& output_dir,
                                     const CodebookTuningOptions& options = {},
