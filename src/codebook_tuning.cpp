@@ -392,15 +392,7 @@ CodebookTuningResult tune_codebooks(const std::string& packed_path, const std::s
       if (!e.is_regular_file() || written.count(name) || e.path().extension() == ".safetensors" ||
           e.file_size() > (64u << 20))
         continue;
-      std::string content(std::size_t(e.file_size()), '\0');
-      {
-        std::FILE* f = std::fopen(e.path().c_str(), "rb");
-        NUQ_CHECK(f, Errc::io, "{}: cannot open", e.path().string());
-        const std::size_t got = std::fread(content.data(), 1, content.size(), f);
-        std::fclose(f);
-        NUQ_CHECK(got == content.size(), Errc::io, "{}: short read", e.path().string());
-      }
-      write_file_atomically((out_dir / name).string(), content);
+      write_file_atomically((out_dir / name).string(), read_small_file(e.path().string(), "a companion file"));
       result.files.push_back(name);
     }
   fs::remove(state_path, ec);

@@ -228,19 +228,11 @@ struct PlanEntry {
   std::optional<bool> outliers_per_row;
 };
 
-std::string read_text_file(const std::string& path, std::string_view what) {
-  std::ifstream in(path, std::ios::binary);
-  NUQ_CHECK(in, Errc::io, "{}: cannot open {}: {}", path, what, std::strerror(errno));
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
 // {"layers": {name: {"bits": 3, "method": "nuq", "group_size": 0, "outlier_fraction": 0.004,
 //  "sensitive_fraction": 0.0005, "outliers_per_row": false}}}; every field optional, unknown ones refused
 // (a misspelt key would otherwise be silently ignored).
 std::map<std::string, PlanEntry> load_plan(const std::string& path) {
-  const Json j = Json::parse(read_text_file(path, "the plan"), nullptr, false);
+  const Json j = Json::parse(read_small_file(path, "the plan"), nullptr, false);
   NUQ_CHECK(!j.is_discarded() && j.is_object(), Errc::invalid_file, "{}: plan is not a JSON object", path);
   auto layers = j.find("layers");
   NUQ_CHECK(layers != j.end() && layers->is_object(), Errc::invalid_file,
@@ -717,7 +709,7 @@ QuantizeCheckpointResult quantize_checkpoint(const CheckpointQuantizeOptions& op
     if (!has_layers) fs::remove_all(partial);
   }
   if (fs::exists(partial)) {
-    const Json was = Json::parse(read_text_file(job_file.string(), "the saved job"), nullptr, false);
+    const Json was = Json::parse(read_small_file(job_file.string(), "the saved job"), nullptr, false);
     NUQ_CHECK(!was.is_discarded(), Errc::invalid_file, "{}: unreadable; rerun with --restart to discard the unfinished work",
               job_file.string());
     NUQ_CHECK(was == fingerprint, Errc::invalid_argument,
@@ -956,7 +948,7 @@ QuantizeCheckpointResult quantize_checkpoint(const CheckpointQuantizeOptions& op
   for (const char* name : kCompanionFiles) {
     const fs::path src = in.directory() / name;
     if (in.kind() == CheckpointKind::gguf || !fs::is_regular_file(src)) continue;
-    write_file_atomically((out_dir / name).string(), read_text_file(src.string(), "a companion file"));
+    write_file_atomically((out_dir / name).string(), read_small_file(src.string(), "a companion file"));
     result.files.push_back(name);
   }
   // Files of an earlier checkpoint in this directory (replaced with --force) that the new one does not have.

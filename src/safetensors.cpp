@@ -9,8 +9,10 @@
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <limits>
 #include <numeric>
+#include <sstream>
 #include <tuple>
 #include <utility>
 
@@ -783,6 +785,15 @@ void write_safetensors_index(const std::string& path,
     fail(Errc::invalid_argument, "{}: a tensor name, file name or metadata entry is not valid UTF-8", path);
   }
   write_file_atomically(path, text);
+}
+
+std::string read_small_file(const std::string& path, std::string_view what) {
+  std::ifstream in(path, std::ios::binary);
+  NUQ_CHECK(in, Errc::io, "{}: cannot open {}: {}", path, what, std::strerror(errno));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  NUQ_CHECK(!in.bad(), Errc::io, "{}: cannot read {}", path, what);
+  return ss.str();
 }
 
 void write_file_atomically(const std::string& path, std::string_view content) {

@@ -161,5 +161,8 @@ void write_safetensors_index(const std::string& path,
 // Writes a small file (JSON, text) with the writer's crash safety: a temporary file in the same
 // directory, flushed, then renamed onto `path`, so `path` holds either its old content or all of `content`.
 void write_file_atomically(const std::string& path, std::string_view content);
+// The whole content of a small file (JSON, text, a tokenizer). Throws Errc::io naming `path` and `what`
+// ("the plan", "a companion file") when it cannot be read.
+std::string read_small_file(const std::string& path, std::string_view what);
 
 }  // namespace nuq
