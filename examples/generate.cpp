@@ -22,6 +22,7 @@
 #include "nuq/error.hpp"
 #include "nuq/kv_cache.hpp"
 #include "nuq/llama.hpp"
+#include "nuq/safetensors.hpp"
 #include "nuq/tokenizer.hpp"
 
 namespace {
@@ -81,12 +82,8 @@ double since(std::chrono::steady_clock::time_point t0) {
 int run(const Args& a) {
   if (!a.tokenize.empty()) {
     // Token ids of a whole file, space-separated: for comparisons with reference tokenizers.
-    std::ifstream in(a.tokenize, std::ios::binary);
-    NUQ_CHECK(in, nuq::Errc::io, "{}: cannot open", a.tokenize);
-    std::stringstream ss;
-    ss << in.rdbuf();
     auto tok = nuq::Tokenizer::load(a.tokenizer);
-    for (int32_t id : tok->encode(ss.str())) std::printf("%d ", id);
+    for (int32_t id : tok->encode(nuq::read_small_file(a.tokenize, "the text"))) std::printf("%d ", id);
     std::printf("\n");
     return 0;
   }

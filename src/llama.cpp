@@ -8,11 +8,9 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <optional>
-#include <sstream>
 
 #include "cpu/thread_pool.hpp"
 #include "cpu_features.hpp"
@@ -190,14 +188,6 @@ struct Block {
   std::vector<float> attn_norm, ffn_norm;
   Linear q, k, v, o, gate, up, down;
 };
-
-std::string read_text(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  NUQ_CHECK(in, Errc::io, "{}: cannot open: {}", p.string(), std::strerror(errno));
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
 
 }  // namespace
 
@@ -607,7 +597,7 @@ std::unique_ptr<LlamaModel> LlamaModel::load(const std::string& path, const Llam
       const fs::path config_path = dir / "config.json";
       NUQ_CHECK(fs::exists(config_path), Errc::invalid_file,
                 "{}: no config.json next to the checkpoint (the decoder needs the model's hyperparameters)", path);
-      const Json j = Json::parse(read_text(config_path), nullptr, false);
+      const Json j = Json::parse(read_small_file(config_path.string(), "the model's config"), nullptr, false);
       NUQ_CHECK(j.is_object(), Errc::invalid_file, "{}: not a JSON object", config_path.string());
       m->config = config_from_hf(j, config_path.string());
     }

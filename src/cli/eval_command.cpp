@@ -7,10 +7,8 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
-#include <sstream>
 
 #include "commands.hpp"
 #include "nuq/error.hpp"
@@ -21,14 +19,6 @@
 
 namespace nuq::cli {
 namespace {
-
-std::string read_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  NUQ_CHECK(in, Errc::io, "{}: cannot open: {}", path, std::strerror(errno));
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
 
 double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -61,7 +51,7 @@ ModelAndText load_model_and_text(const std::string& model_path, std::string tok_
             "{}: the tokenizer has {} tokens but the model only {}", tok_path, r.tok->vocab_size(),
             r.model->config().vocab_size);
   r.load_seconds = seconds_since(t0);
-  r.ids = r.tok->encode(read_file(text_path));
+  r.ids = r.tok->encode(read_small_file(text_path, "the text"));
   NUQ_CHECK(skip >= 0 && skip < int64_t(r.ids.size()), Errc::invalid_argument,
             "{}: cannot skip {} of its {} tokens", text_path, skip, r.ids.size());
   r.ids.erase(r.ids.begin(), r.ids.begin() + skip);

@@ -7,9 +7,7 @@
 // kernels") explains why full-model perplexities still differ by a fraction of a percent.
 #include <algorithm>
 #include <cmath>
-#include <fstream>
 #include <memory>
-#include <sstream>
 #include <vector>
 
 #include <fmt/format.h>
@@ -19,6 +17,7 @@
 #include "nuq/half.hpp"
 #include "nuq/kv_cache.hpp"
 #include "nuq/llama.hpp"
+#include "nuq/safetensors.hpp"
 #include "nuq/tokenizer.hpp"
 
 namespace nuq::cli {
@@ -148,11 +147,7 @@ void add_kv_calibrate_command(CLI::App& app, Action& action) {
       NUQ_CHECK(!tok_path.empty(), Errc::invalid_argument, "{}: the checkpoint holds no tokenizer; pass --tokenizer",
                 o->model);
       auto tok = Tokenizer::load(tok_path);
-      std::ifstream in(o->text, std::ios::binary);
-      NUQ_CHECK(in.good(), Errc::io, "{}: cannot open", o->text);
-      std::stringstream ss;
-      ss << in.rdbuf();
-      auto ids = tok->encode(ss.str());
+      auto ids = tok->encode(read_small_file(o->text, "the text"));
       NUQ_CHECK(o->skip_tokens >= 0 && o->skip_tokens < int64_t(ids.size()), Errc::invalid_argument,
                 "{}: cannot skip {} of its {} tokens", o->text, o->skip_tokens, ids.size());
       ids.erase(ids.begin(), ids.begin() + o->skip_tokens);
