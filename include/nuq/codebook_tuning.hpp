@@ -1,9 +1,10 @@
 // Codebook tuning: after a checkpoint is quantized, its codebooks (the fp16 LUT entries) are moved by
 // gradient descent so that the quantized decoder's next-token distribution matches its full-precision
-// reference's (distillation, the mean KL divergence per position) on calibration text. The indices, the
-// sparse part and every size stay as they were: the result is the same packed format with the same bits
-// per weight, only better codebook values. docs/quantization.md ("Codebook tuning") has the method and
-// its measured effect.
+// reference's (distillation, the mean KL divergence per position) on calibration text. The sparse part
+// and every size stay as they were, and so do the indices unless tune_indices is set: the result is the
+// same packed format with the same bits per weight, only better codebook values (and, optionally, some
+// weights reading another entry). docs/quantization.md ("Codebook tuning") has the method and its
+// measured effect.
 //
 // Why: per-row k-means (even sensitivity-weighted, even with error feedback) places each codebook to
 // reconstruct its own layer's weights or outputs; the errors of all layers then add up through the
@@ -26,6 +27,15 @@ struct CodebookTuningOptions {
   int threads = 0;  // 0 = all cores
   // Also tune the RMSNorm gains (full-precision tensors of the checkpoint, written in their stored dtype).
   bool tune_norms = false;
+  // Also move weights between the entries of their codebook (the indices), by straight-through
+  // estimation: each weight keeps an fp32 offset from the entry it reads, trained by Adam on the weight's
+  // gradient (step index_learning_rate × the codebook's RMS), and reads whichever entry of its codebook is
+  // nearest to entry + offset after each step. Weights of the sparse part keep their index. The bits per
+  // weight do not change; only which entry each index names. Costs 12 bytes of state per packed weight.
+  // The step must stay small: a move is a whole gap between entries, and single-window gradients are
+  // mostly noise, so a step that lets many weights cross (2e-2 on stories260K) makes the model worse.
+  bool tune_indices = false;
+  double index_learning_rate = 2e-3;
   // Every this many steps the optimizer's state is saved (atomically) in the output directory as
   // .nuq-tune-state.safetensors; a run started again with the same inputs and settings continues from
   // it and, with the same thread count, writes the same bytes as an uninterrupted run. 0: never.
@@ -44,6 +54,7 @@ struct CodebookTuningResult {
   int64_t windows = 0, tokens = 0, steps = 0;
   int64_t resumed_steps = 0;        // steps restored from a saved state instead of run
   int64_t layers = 0, entries = 0;  // packed layers tuned and LUT entries among them
+  int64_t indices_changed = 0;      // with tune_indices: weights whose index differs from the input's
   double first_epoch_kl = 0;        // mean KL per position over the first epoch (each window before its step)
   double last_epoch_kl = 0;         // the same over the last epoch
   std::vector<std::string> files;   // written into the output directory, relative names

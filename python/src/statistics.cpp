@@ -226,9 +226,10 @@ py::dict quantize_checkpoint_py(const std::string& input, const std::string& out
 
 py::dict tune_codebooks_py(const std::string& packed, const std::string& reference, const std::vector<int32_t>& ids,
                            int32_t start, const std::string& output_dir, int64_t ctx, int epochs, double lr, bool norms,
-                           int64_t save_every, int threads, py::object progress) {
+                           bool indices, double index_lr, int64_t save_every, int threads, py::object progress) {
   CodebookTuningOptions o;
-  o.ctx = ctx, o.epochs = epochs, o.learning_rate = lr, o.tune_norms = norms, o.save_every = save_every,
+  o.ctx = ctx, o.epochs = epochs, o.learning_rate = lr, o.tune_norms = norms, o.tune_indices = indices,
+  o.index_learning_rate = index_lr, o.save_every = save_every,
   o.threads = threads;
   if (!progress.is_none() && !PyCallable_Check(progress.ptr()))
     throw py::type_error("tune_codebooks: progress must be callable or None");
@@ -250,6 +251,7 @@ py::dict tune_codebooks_py(const std::string& packed, const std::string& referen
   d["windows"] = r.windows, d["tokens"] = r.tokens, d["steps"] = r.steps, d["resumed_steps"] = r.resumed_steps;
   d["layers"] = r.layers, d["entries"] = r.entries, d["first_epoch_kl"] = r.first_epoch_kl;
   d["last_epoch_kl"] = r.last_epoch_kl, d["files"] = r.files, d["seconds"] = r.seconds;
+  d["indices_changed"] = r.indices_changed;
   return d;
 }
 
@@ -407,12 +409,13 @@ ValueError for an infeasible budget (naming the minimum size), an empty layer or
 void bind_checkpoint_quantizer(py::module_& m) {
   m.def("tune_codebooks", &tune_codebooks_py, py::arg("packed"), py::arg("reference"), py::arg("ids"),
         py::arg("start"), py::arg("output_dir"), py::kw_only(), py::arg("ctx") = 512, py::arg("epochs") = 1,
-        py::arg("lr") = 2e-4, py::arg("norms") = false, py::arg("save_every") = 8, py::arg("threads") = 0,
-        py::arg("progress") = py::none(),
+        py::arg("lr") = 2e-4, py::arg("norms") = false, py::arg("indices") = false, py::arg("index_lr") = 2e-3,
+        py::arg("save_every") = 8, py::arg("threads") = 0, py::arg("progress") = py::none(),
         R"doc(Tune the codebooks of a packed checkpoint by distillation from its reference (the library behind
 `nuq tune`, docs/quantization.md#codebook-tuning-nuq-tune): Adam on the LUT entries (and with norms=True
 the RMSNorm gains) minimizing the mean KL divergence between the reference's and the quantized model's
-next-token distributions; indices, sparse part and sizes unchanged.
+next-token distributions; sparse part and sizes unchanged. With indices=True each weight may also move
+to another entry of its codebook (straight-through offsets, Adam step index_lr x the codebook's RMS).
 
 packed: nuq-packed checkpoint (file or directory). reference: any checkpoint the decoder reads.
 ids: calibration token ids (a list or int32 array), cut into windows of `start` + ctx - 1 tokens.
@@ -421,7 +424,7 @@ decay after a 5% warm-up). save_every: steps between saved optimizer states; a c
 arguments after an interruption resumes. progress: optional callable(dict) with step, steps, epoch, kl,
 seconds, resumed_steps; an exception it raises stops the run and propagates.
 Returns a dict: windows, tokens, steps, resumed_steps, layers, entries, first_epoch_kl, last_epoch_kl,
-files, seconds.)doc");
+files, seconds, indices_changed.)doc");
   m.def("quantize_checkpoint", &quantize_checkpoint_py, py::arg("input"), py::arg("output_dir"), py::arg("bits") = 4,
         py::kw_only(), py::arg("method") = "nuq", py::arg("group_size") = 0, py::arg("outlier_fraction") = 0.0,
         py::arg("sensitive_fraction") = 0.0, py::arg("outliers_per_row") = false, py::arg("fisher") = py::none(),

@@ -6,16 +6,14 @@
 #include <fmt/format.h>
 
 #include <chrono>
-#include <cstring>
 #include <filesystem>
-#include <fstream>
-#include <sstream>
 
 #include "commands.hpp"
 #include "nuq/codebook_tuning.hpp"
 #include "nuq/error.hpp"
 #include "nuq/llama.hpp"
 #include "nuq/llama_grad.hpp"
+#include "nuq/safetensors.hpp"
 #include "nuq/sensitivity.hpp"
 #include "nuq/tokenizer.hpp"
 
@@ -23,14 +21,6 @@ namespace nuq::cli {
 namespace {
 
 namespace fs = std::filesystem;
-
-std::string slurp(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  NUQ_CHECK(in, Errc::io, "{}: cannot open: {}", path, std::strerror(errno));
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
 
 // The tokenizer `nuq eval` would use: --tokenizer, the model's own GGUF, or tokenizer.json beside it.
 std::string tokenizer_path(const LlamaModel& model, const std::string& model_path, std::string given) {
@@ -53,7 +43,7 @@ std::vector<int32_t> calibration_tokens(const Tokenizer& tok, const std::string&
   NUQ_CHECK(skip >= 0 && max_tokens >= 0, Errc::invalid_argument, "--skip-tokens and --max-tokens must not be negative");
   NUQ_CHECK(tok.vocab_size() <= vocab, Errc::invalid_argument, "{}: the tokenizer has {} tokens but the model only {}",
             tok_path, tok.vocab_size(), vocab);
-  std::vector<int32_t> ids = tok.encode(slurp(text));
+  std::vector<int32_t> ids = tok.encode(read_small_file(text, "the text"));
   NUQ_CHECK(!ids.empty(), Errc::invalid_argument, "{}: the text has no tokens", text);
   NUQ_CHECK(skip < int64_t(ids.size()), Errc::invalid_argument, "{}: cannot skip {} of its {} tokens", text, skip,
             ids.size());
@@ -163,6 +153,12 @@ void add_tune_command(CLI::App& app, Action& action) {
       ->check(CLI::Range(1e-7, 1.0));
   cmd->add_option("--threads,-j", o->tuning.threads, "worker threads (0: all cores)")->capture_default_str();
   cmd->add_flag("--norms", o->tuning.tune_norms, "also tune the RMSNorm gains (kept in full precision)");
+  cmd->add_flag("--indices", o->tuning.tune_indices,
+                "also move weights between the entries of their codebook (straight-through; same bits per weight)");
+  cmd->add_option("--index-lr", o->tuning.index_learning_rate,
+                  "with --indices: Adam step size of each weight's offset from its entry, relative to its codebook's RMS")
+      ->capture_default_str()
+      ->check(CLI::Range(1e-7, 1.0));
   cmd->add_option("--save-every", o->tuning.save_every,
                   "save the optimizer state every N steps, so that the same command run again resumes (0: never)")
       ->capture_default_str()
@@ -223,6 +219,8 @@ void add_tune_command(CLI::App& app, Action& action) {
       fmt::print("wrote {}: {} codebook entries of {} layers tuned in {} steps on {} tokens; mean KL per position "
                  "{:.5f} in the first epoch, {:.5f} in the last ({:.1f} s)\n",
                  o->out, r.entries, r.layers, r.steps, r.tokens, r.first_epoch_kl, r.last_epoch_kl, r.seconds);
+      if (o->tuning.tune_indices)
+        fmt::print("{} weights read a different codebook entry than before\n", r.indices_changed);
       return 0;
     };
   });
