@@ -118,5 +118,10 @@ if [[ " ${NUQ_RESULTS_MODELS:-stories260K smollm2} " == *" smollm2 "* ]]; then
     echo "<!-- nuq tune smol-$name --reference $(basename "$gguf") --out smol-$name-tuned ${args[*]//"$data/"/} -->" >&2
     "$nuq" tune "$work/smol-$name" --reference "$gguf" --out "$work/smol-$name-tuned" --quiet "${args[@]}" >/dev/null
     row "${spec#*|}, then \`nuq tune --norms\`" "$work/smol-$name-tuned" "$gguf" "${texts[@]}"
+    # ... and with the indices moving too (~30 minutes each).
+    echo "<!-- nuq tune smol-$name --reference $(basename "$gguf") --out smol-$name-tuned-idx ${args[*]//"$data/"/} --indices -->" >&2
+    "$nuq" tune "$work/smol-$name" --reference "$gguf" --out "$work/smol-$name-tuned-idx" --quiet "${args[@]}" \
+      --indices >/dev/null
+    row "${spec#*|}, then \`nuq tune --norms --indices\`" "$work/smol-$name-tuned-idx" "$gguf" "${texts[@]}"
   done
 fi
