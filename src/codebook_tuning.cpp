@@ -26,6 +26,8 @@
 #include "nuq/packed.hpp"
 #include "nuq/safetensors.hpp"
 #include "nuq/tensor.hpp"
+#include "cpu/thread_pool.hpp"
+#include "dense_ops.hpp"
 
 namespace nuq {
 namespace {
@@ -373,6 +375,10 @@ CodebookTuningResult tune_codebooks(const std::string& packed_path, const std::s
             "{}: none of its packed layers is a linear layer of the decoder's blocks", packed_path);
   result.layers = int64_t(layers.size());
   LlamaBackward backward(weights, options.threads);
+  const int threads = cpu::detail::resolve_threads(options.threads);
+  // (layer, (block, kind) of its gradient)
+  std::vector<std::pair<TunedLayer*, std::pair<std::size_t, std::size_t>>> updates;
+  for (const auto& [at, L] : tuned_at) updates.push_back({L, {at.first, std::size_t(at.second)}});
 
   const int64_t per = options.ctx - 1, total = int64_t(ids.size()), windows = (total + per - 1) / per;
   result.windows = windows, result.tokens = total, result.steps = windows * options.epochs;
@@ -409,19 +415,25 @@ CodebookTuningResult tune_codebooks(const std::string& packed_path, const std::s
     const double lr = options.learning_rate * std::min(1.0, double(step + 1) / warm) * 0.5 *
                       (1 + std::cos(3.14159265358979323846 * double(step) / double(result.steps)));
     const double index_lr = lr * options.index_learning_rate / options.learning_rate;
-    for (const auto& [at, L] : tuned_at) {
-      const std::vector<float>& grad_w = g.linear[at.first][std::size_t(at.second)];
-      L->lut.step(L->fold(grad_w), lr, step + 1);
-      if (options.tune_indices) {
-        L->offset.step(grad_w, index_lr, step + 1);
-        L->reassign();
+    // Layers are independent, so they update in parallel (each one's arithmetic, and so the result,
+    // does not depend on the thread count): folding, Adam and rebuilding touch every weight, which
+    // single-threaded took a large part of a step on SmolLM2.
+    detail::dense_parallel_for(threads, int64_t(updates.size()), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t u = begin; u < end; ++u) {
+        TunedLayer& L = *updates[std::size_t(u)].first;
+        const std::vector<float>& grad_w = g.linear[updates[std::size_t(u)].second.first][updates[std::size_t(u)].second.second];
+        L.lut.step(L.fold(grad_w), lr, step + 1);
+        if (options.tune_indices) {
+          L.offset.step(grad_w, index_lr, step + 1);
+          L.reassign();
+        }
+        L.rebuild();
       }
-    }
+    });
     for (std::size_t i = 0; i < gains.size(); ++i) {
       const std::vector<float>& gg = i + 1 == gains.size() ? g.final_norm : g.norms[i / 2][i % 2];
       gains[i]->gain.step(std::vector<double>(gg.begin(), gg.end()), lr, step + 1);
     }
-    for (auto& L : layers) L->rebuild();
     for (auto& G : gains) G->rebuild();
     if (epoch == 0) first += g.loss * double(len);
     if (epoch == options.epochs - 1) last += g.loss * double(len);
