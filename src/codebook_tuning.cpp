@@ -380,7 +380,7 @@ CodebookTuningResult tune_codebooks(const std::string& packed_path, const std::s
   std::vector<std::pair<TunedLayer*, std::pair<std::size_t, std::size_t>>> updates;
   for (const auto& [at, L] : tuned_at) updates.push_back({L, {at.first, std::size_t(at.second)}});
 
-  const int64_t per = options.ctx - 1, total = int64_t(ids.size()), windows = (total + per - 1) / per;
+  const int64_t total = int64_t(ids.size()), windows = window_count(total, options.ctx);
   result.windows = windows, result.tokens = total, result.steps = windows * options.epochs;
   auto cache = teacher->new_cache(options.ctx);
   std::vector<float> hidden(std::size_t(options.ctx * ct.dim)), logits(std::size_t(options.ctx * ct.vocab_size));
@@ -400,9 +400,8 @@ CodebookTuningResult tune_codebooks(const std::string& packed_path, const std::s
   for (int64_t step = result.resumed_steps; step < result.steps; ++step) {
     const auto t0 = std::chrono::steady_clock::now();
     const int epoch = int(step / windows);
-    const int64_t wi = step % windows, begin = wi * per, len = std::min(per, total - begin);
-    input.assign(1, start);
-    input.insert(input.end(), ids.begin() + begin, ids.begin() + begin + len - 1);
+    const int64_t wi = step % windows;
+    const auto [begin, len] = window_input(ids, start, options.ctx, wi, input);
     cache->length = 0;
     teacher->forward(input.data(), len, *cache, hidden.data());
     teacher->logits(hidden.data(), len, logits.data());

@@ -926,6 +926,21 @@ LlamaWeights LlamaModel::weights() const {
   return w;
 }
 
+int64_t window_count(int64_t tokens, int64_t ctx) {
+  NUQ_CHECK(ctx >= 2, Errc::invalid_argument, "the window length must be at least 2 tokens, got {}", ctx);
+  return (tokens + ctx - 2) / (ctx - 1);
+}
+
+TokenWindow window_input(const std::vector<int32_t>& ids, int32_t start, int64_t ctx, int64_t w,
+                         std::vector<int32_t>& input) {
+  const int64_t per = ctx - 1, begin = w * per, len = std::min(per, int64_t(ids.size()) - begin);
+  NUQ_CHECK(ctx >= 2 && w >= 0 && len > 0, Errc::invalid_argument, "window {} of {} tokens in windows of {}", w,
+            ids.size(), ctx);
+  input.assign(1, start);
+  input.insert(input.end(), ids.begin() + begin, ids.begin() + begin + len - 1);
+  return {begin, len};
+}
+
 namespace detail {
 
 void dense_parallel_for(int threads, int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {

@@ -591,16 +591,14 @@ FisherCollectResult collect_fisher(LlamaBackward& backward, const std::vector<in
   NUQ_CHECK(ctx >= 2, Errc::invalid_argument, "fisher: the window length must be at least 2 tokens, got {}", ctx);
   NUQ_CHECK(!ids.empty(), Errc::invalid_argument, "fisher: no tokens to run");
   const LlamaWeights& w = backward.weights();
-  const int64_t per = ctx - 1, total = int64_t(ids.size()), windows = (total + per - 1) / per;
+  const int64_t windows = window_count(int64_t(ids.size()), ctx);
   FisherCollectResult r;
   LlamaGradients g;
   double loss_sum = 0;
   std::vector<int32_t> input;
   for (int64_t wi = 0; wi < windows; ++wi) {
     const auto t0 = std::chrono::steady_clock::now();
-    const int64_t begin = wi * per, len = std::min(per, total - begin);
-    input.assign(1, start);
-    input.insert(input.end(), ids.begin() + begin, ids.begin() + begin + len - 1);
+    const auto [begin, len] = window_input(ids, start, ctx, wi, input);
     backward.compute(input.data(), ids.data() + begin, len, g);
     // Every gradient is checked before any is added, so a failing window leaves `acc` as it was.
     for (std::size_t l = 0; l < g.linear.size(); ++l)

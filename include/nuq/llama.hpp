@@ -122,6 +122,17 @@ class LlamaModel {
   std::unique_ptr<Impl> impl_;
 };
 
+// How `nuq eval`, `nuq fisher` and `nuq tune` cut a token stream into windows of `ctx` tokens: window w
+// predicts ids[begin, begin + len) with begin = w·(ctx − 1), each from `start` (BOS) followed by the
+// tokens before it in the window. window_input fills `input` with those len tokens and returns begin and
+// len; the last window may be shorter.
+struct TokenWindow {
+  int64_t begin = 0, len = 0;
+};
+int64_t window_count(int64_t tokens, int64_t ctx);
+TokenWindow window_input(const std::vector<int32_t>& ids, int32_t start, int64_t ctx, int64_t w,
+                         std::vector<int32_t>& input);
+
 struct LlamaModel::Cache {
   int64_t capacity = 0;
   int64_t length = 0;

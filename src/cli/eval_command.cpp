@@ -67,13 +67,12 @@ ModelAndText load_model_and_text(const std::string& model_path, std::string tok_
 template <class Fn>
 int64_t for_each_window(LlamaModel& model, const Tokenizer& tok, const std::vector<int32_t>& ids, int64_t ctx, Fn fn,
                         int64_t step = 0, const kv::Calibration* quantized_kv = nullptr) {
-  const int64_t per = ctx - 1, n = int64_t(ids.size()), windows = (n + per - 1) / per;
+  const int64_t windows = window_count(int64_t(ids.size()), ctx);
   auto cache = quantized_kv ? model.new_cache(ctx, *quantized_kv) : model.new_cache(ctx);
   std::vector<float> hidden(std::size_t(ctx * model.config().dim));
+  std::vector<int32_t> input;
   for (int64_t w = 0; w < windows; ++w) {
-    const int64_t begin = w * per, len = std::min(per, n - begin);
-    std::vector<int32_t> input{tok.bos()};
-    input.insert(input.end(), ids.begin() + begin, ids.begin() + begin + len - 1);
+    const auto [begin, len] = window_input(ids, tok.bos(), ctx, w, input);
     cache->length = 0;
     const int64_t m = int64_t(input.size()), chunk = step > 0 ? step : m;
     for (int64_t i = 0; i < m; i += chunk)
