@@ -131,7 +131,7 @@ void add_tune_command(CLI::App& app, Action& action) {
   CLI::App* cmd = app.add_subcommand(
       "tune", "Tune the codebooks of a nuq-packed checkpoint so that the quantized decoder's next-token "
               "distribution matches its full-precision reference's on calibration text (distillation); same "
-              "format and size, indices unchanged");
+              "format and size, indices unchanged unless --indices");
   cmd->add_option("model", o->model, "nuq-packed checkpoint (from nuq quantize)")->required();
   cmd->add_option("--reference,-r", o->reference, "the full-precision checkpoint it was quantized from")->required();
   cmd->add_option("--out,-o", o->out, "output directory (not the input's)")->required();
