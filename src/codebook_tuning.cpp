@@ -73,6 +73,7 @@ struct TunedLayer {
   std::string base;
   int64_t rows = 0, cols = 0, group = 0, entries_per_group = 0;
   int bits = 0;
+  std::size_t block = 0, kind = 0;  // where its gradient is in LlamaGradients::linear
   std::vector<uint8_t> index;  // [rows, cols]
   AdamParams lut;              // [rows, groups, entries]
   // With tune_indices: the straight-through weight is lut[index] + offset (fp32 masters), so it moves
@@ -338,7 +339,6 @@ CodebookTuningResult tune_codebooks(const std::string& packed_path, const std::s
   // The student's linear weights point at the tuned layers' buffers, which change in place every step.
   LlamaWeights weights = student->weights();
   std::vector<std::unique_ptr<TunedLayer>> layers;
-  std::map<std::pair<std::size_t, int>, TunedLayer*> tuned_at;
   CodebookTuningResult result;
   for (std::size_t b = 0; b < weights.blocks.size(); ++b)
     for (int k = 0; k < kLlamaLinearKinds; ++k) {
@@ -347,7 +347,7 @@ CodebookTuningResult tune_codebooks(const std::string& packed_path, const std::s
       if (it == packed.end()) continue;
       layers.push_back(load_layer(ckpt, it->first, it->second));
       lw.data = layers.back()->weight.data();
-      tuned_at[{b, k}] = layers.back().get();
+      layers.back()->block = b, layers.back()->kind = std::size_t(k);
       result.entries += int64_t(layers.back()->lut.value.size());
     }
   // Gains: per block {attention, feed-forward}, then the final one; the decoder runs on their copies.
@@ -376,9 +376,6 @@ CodebookTuningResult tune_codebooks(const std::string& packed_path, const std::s
   result.layers = int64_t(layers.size());
   LlamaBackward backward(weights, options.threads);
   const int threads = cpu::detail::resolve_threads(options.threads);
-  // (layer, (block, kind) of its gradient)
-  std::vector<std::pair<TunedLayer*, std::pair<std::size_t, std::size_t>>> updates;
-  for (const auto& [at, L] : tuned_at) updates.push_back({L, {at.first, std::size_t(at.second)}});
 
   const int64_t total = int64_t(ids.size()), windows = window_count(total, options.ctx);
   result.windows = windows, result.tokens = total, result.steps = windows * options.epochs;
@@ -415,12 +412,12 @@ CodebookTuningResult tune_codebooks(const std::string& packed_path, const std::s
                       (1 + std::cos(3.14159265358979323846 * double(step) / double(result.steps)));
     const double index_lr = lr * options.index_learning_rate / options.learning_rate;
     // Layers are independent, so they update in parallel (each one's arithmetic, and so the result,
-    // does not depend on the thread count): folding, Adam and rebuilding touch every weight, which
-    // single-threaded took a large part of a step on SmolLM2.
-    detail::dense_parallel_for(threads, int64_t(updates.size()), 1, [&](int64_t begin, int64_t end) {
+    // does not depend on the thread count): folding, Adam and rebuilding touch every weight (on
+    // SmolLM2 with --indices a step went from 5.4 to 5.1 s).
+    detail::dense_parallel_for(threads, int64_t(layers.size()), 1, [&](int64_t begin, int64_t end) {
       for (int64_t u = begin; u < end; ++u) {
-        TunedLayer& L = *updates[std::size_t(u)].first;
-        const std::vector<float>& grad_w = g.linear[updates[std::size_t(u)].second.first][updates[std::size_t(u)].second.second];
+        TunedLayer& L = *layers[std::size_t(u)];
+        const std::vector<float>& grad_w = g.linear[L.block][L.kind];
         L.lut.step(L.fold(grad_w), lr, step + 1);
         if (options.tune_indices) {
           L.offset.step(grad_w, index_lr, step + 1);
