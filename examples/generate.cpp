@@ -7,6 +7,9 @@
 // --kv-calibration FILE (from `nuq kv-calibrate`) generates on a quantized KV cache (decode attention
 // over the quantized pages) and reports its bytes against fp32 and fp16 caches.
 //
+// --device cuda (or cuda-bf16) runs the nuq-packed linear layers on the GPU (include/nuq/llama_cuda.hpp),
+// the rest of the decoder on the CPU; builds without CUDA refuse it.
+//
 // --logits-out FILE --tokens 1,403,407 writes the logits of those tokens (fp32, [n, vocab]) instead;
 // the tests compare them with an independent NumPy implementation.
 #include <chrono>
@@ -22,13 +25,17 @@
 #include "nuq/error.hpp"
 #include "nuq/kv_cache.hpp"
 #include "nuq/llama.hpp"
+#ifdef NUQ_WITH_CUDA
+#include "nuq/llama_cuda.hpp"
+#endif
 #include "nuq/safetensors.hpp"
 #include "nuq/tokenizer.hpp"
 
 namespace {
 
 struct Args {
-  std::string model, tokenizer, prompt = "Once upon a time", logits_out, tokens, tokenize, kv_calibration;
+  std::string model, tokenizer, prompt = "Once upon a time", logits_out, tokens, tokenize, kv_calibration,
+      device = "cpu";
   int steps = 64, threads = 0;
   float temperature = 0.0f;
   bool decode_packed = false, int8 = false;
@@ -38,7 +45,7 @@ struct Args {
 [[noreturn]] void usage(const char* argv0) {
   std::fprintf(stderr,
                "usage: %s --model PATH [--tokenizer PATH] [--prompt TEXT] [--steps N] [--temperature T] [--seed S]\n"
-               "          [--threads N] [--decode-packed | --int8] [--kv-calibration FILE]\n"
+               "          [--threads N] [--decode-packed | --int8] [--device cpu|cuda|cuda-bf16] [--kv-calibration FILE]\n"
                "          [--logits-out FILE --tokens ID,ID,...] [--tokenizer PATH --tokenize FILE]\n",
                argv0);
   std::exit(2);
@@ -69,6 +76,7 @@ Args parse(int argc, char** argv) {
     else if (k == "--tokens") a.tokens = v;
     else if (k == "--tokenize") a.tokenize = v;
     else if (k == "--kv-calibration") a.kv_calibration = v;
+    else if (k == "--device") a.device = v;
     else usage(argv[0]);
   }
   if (a.model.empty() && a.tokenize.empty()) usage(argv[0]);
@@ -91,8 +99,21 @@ int run(const Args& a) {
     std::fprintf(stderr, "error: --int8 applies to the packed kernels; it cannot be combined with --decode-packed\n");
     return 2;
   }
-  auto model = nuq::LlamaModel::load(
-      a.model, {a.threads, a.decode_packed, a.int8 ? nuq::cpu::Arithmetic::int8 : nuq::cpu::Arithmetic::exact});
+  nuq::LlamaLoadOptions load{a.threads, a.decode_packed,
+                              a.int8 ? nuq::cpu::Arithmetic::int8 : nuq::cpu::Arithmetic::exact};
+  if (a.device != "cpu") {
+    NUQ_CHECK(a.device == "cuda" || a.device == "cuda-bf16", nuq::Errc::invalid_argument,
+              "--device {}: expected cpu, cuda or cuda-bf16", a.device);
+    NUQ_CHECK(!a.decode_packed && !a.int8, nuq::Errc::invalid_argument,
+              "--device {} runs the packed layers on the GPU; --decode-packed and --int8 are CPU options", a.device);
+#ifdef NUQ_WITH_CUDA
+    load.linear_backend = nuq::cuda::make_linear_backend(
+        a.device == "cuda" ? nuq::cuda::ActivationType::f16 : nuq::cuda::ActivationType::bf16);
+#else
+    NUQ_CHECK(false, nuq::Errc::unsupported, "--device {}: this nuq_generate was built without CUDA", a.device);
+#endif
+  }
+  auto model = nuq::LlamaModel::load(a.model, load);
   const nuq::LlamaConfig& c = model->config();
   std::vector<float> hidden, logits;
   std::optional<nuq::kv::Calibration> kv_calibration;

@@ -173,6 +173,7 @@ struct Linear {
   int64_t rows = 0, cols = 0;
   std::vector<float> dense;  // [rows, cols]; empty when the packed kernels run `packed`
   std::optional<format::PackedLinearView> packed;  // into the checkpoint's mapping (Impl::keep_alive)
+  int64_t backend_id = -1;  // LinearBackend::add_layer's id when `packed` runs on Impl::backend
   uint64_t stored_bytes = 0;  // in the checkpoint (packed layers: every part counted)
 
   // W as fp32, decoded when packed (for exports).
@@ -205,12 +206,14 @@ struct LlamaModel::Impl {
   int threads = 1;
   cpu::Arithmetic arithmetic = cpu::Arithmetic::exact;
   std::shared_ptr<const void> keep_alive;  // the mapped checkpoint that packed layers point into
+  std::shared_ptr<LinearBackend> backend;  // runs the packed layers when set
 
   const float* classifier_weights() const { return config.tied_classifier ? embedding.data() : classifier.data(); }
 
   void apply(const Linear& l, const float* x, int64_t n, float* y) const {
     if (hook) hook(l.name, x, n, l.cols);
     const float* w = l.dense.data();
+    if (l.backend_id >= 0) return backend->run(l.backend_id, x, n, y);
     if (l.packed) {
       if (n <= cpu::kMaxFusedBatch) return cpu::linear(*l.packed, x, l.cols, y, l.rows, n, {threads, std::nullopt, arithmetic});
       // Prefill: decode the layer once (bit-identical to the reference dequantizer) and reuse the dense
@@ -538,6 +541,8 @@ void load_llama2c(const std::string& path, LlamaModel::Impl& m) {
 // ---- loading -------------------------------------------------------------------------------------------
 
 std::unique_ptr<LlamaModel> LlamaModel::load(const std::string& path, const LlamaLoadOptions& options) {
+  NUQ_CHECK(!(options.decode_packed && options.linear_backend), Errc::invalid_argument,
+            "{}: decode_packed decodes packed layers for the CPU; it cannot be combined with a linear backend", path);
   auto m = std::make_unique<Impl>();
   const bool is_dir = fs::is_directory(path);
   std::optional<CheckpointKind> kind;
@@ -610,6 +615,21 @@ std::unique_ptr<LlamaModel> LlamaModel::load(const std::string& path, const Llam
   const int threads = cpu::detail::resolve_threads(options.threads);
   m->threads = threads;
   m->arithmetic = options.arithmetic;
+  if (options.linear_backend) {
+    // Packed layers move to the backend (their host copies stay mapped, for exports); a checkpoint
+    // without packed layers runs entirely on the CPU, which the description says.
+    int64_t moved = 0;
+    for (Block& b : m->blocks)
+      for (Linear* l : {&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down})
+        if (l->packed) {
+          l->backend_id = options.linear_backend->add_layer(l->name, *l->packed);
+          ++moved;
+        }
+    if (moved > 0) {  // only safetensors checkpoints hold packed layers
+      m->backend = options.linear_backend;
+      m->description = "safetensors checkpoint, nuq-packed linear layers (" + m->backend->description() + ")";
+    }
+  }
   return std::unique_ptr<LlamaModel>(new LlamaModel(std::move(m)));
 }
 

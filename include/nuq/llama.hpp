@@ -50,6 +50,24 @@ using ActivationHook = std::function<void(const std::string& layer, const float*
 // place (e.g. pass them through a quantized KV cache's encoding, include/nuq/kv_cache.hpp).
 using KvHook = std::function<void(int64_t layer, int64_t pos0, int64_t n, float* k, float* v)>;
 
+// Runs the nuq-packed linear layers of a LlamaModel on another device (nuq::cuda::make_linear_backend,
+// include/nuq/llama_cuda.hpp); norms, RoPE, attention, the embedding and the classifier stay on the CPU.
+// Interfaces, not the CUDA types, cross this boundary so that the CPU library never depends on CUDA.
+class LinearBackend {
+ public:
+  virtual ~LinearBackend() = default;
+  // e.g. "CUDA device 0 (NVIDIA H100 80GB HBM3), fp16 activations"
+  virtual std::string description() const = 0;
+  // Copies one packed layer (host pointers, e.g. into the mapped checkpoint) to the device at load and
+  // returns the id run() takes. `name` is the layer's base name, used in error messages. Throws
+  // nuq::Error when the device cannot hold or run the layer.
+  virtual int64_t add_layer(const std::string& name, const format::PackedLinearView& w) = 0;
+  // y [n, rows] = x [n, cols] · Ŵᵀ for layer `id`; host fp32 arrays, row-major and contiguous. Returns
+  // once y is written. Throws nuq::Error (an activation outside the device's activation type, a device
+  // error).
+  virtual void run(int64_t id, const float* x, int64_t n, float* y) = 0;
+};
+
 struct LlamaLoadOptions {
   int threads = 0;  // 0 = all cores
   // nuq-packed layers: false runs them through the packed CPU kernels (nuq::cpu::linear, the weights stay
@@ -59,6 +77,9 @@ struct LlamaLoadOptions {
   // How packed layers multiply in the fused kernels (up to cpu::kMaxFusedBatch tokens per forward call,
   // i.e. generation); longer calls take the exact dense path whatever this says.
   cpu::Arithmetic arithmetic = cpu::Arithmetic::exact;
+  // Non-null: nuq-packed layers run there instead of on the CPU kernels (every call length; `arithmetic`
+  // then does not apply). Cannot be combined with decode_packed; full-precision layers stay on the CPU.
+  std::shared_ptr<LinearBackend> linear_backend = nullptr;
 };
 
 class LlamaModel {

