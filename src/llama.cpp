@@ -166,6 +166,91 @@ void matmul_rows(Simd s, const float* x, int64_t n, int64_t ldx, const float* w,
   }
 }
 
+// out[i] = Σ_j p[j] · v[j·ldv + i] for i < d: attention's P·V for one query and head, V rows contiguous.
+void weighted_sum_tail(const float* p, int64_t len, const float* v, int64_t ldv, int64_t i0, int64_t d, float* out) {
+  for (int64_t i = i0; i < d; ++i) {
+    float s = 0;
+    for (int64_t j = 0; j < len; ++j) s += p[j] * v[j * ldv + i];
+    out[i] = s;
+  }
+}
+
+__attribute__((target("avx512f,fma"))) void weighted_sum_avx512(const float* p, int64_t len, const float* v,
+                                                                  int64_t ldv, int64_t d, float* out) {
+  // Up to 64 output channels per pass stay in registers while the rows stream by.
+  for (int64_t i0 = 0; i0 < d; i0 += 64) {
+    __mmask16 m[4];
+    __m512 acc[4];
+    for (int c = 0; c < 4; ++c) {
+      const int64_t left = std::clamp<int64_t>(d - i0 - 16 * c, 0, 16);
+      m[c] = __mmask16((1u << left) - 1);
+      acc[c] = _mm512_setzero_ps();
+    }
+    for (int64_t j = 0; j < len; ++j) {
+      const __m512 pj = _mm512_set1_ps(p[j]);
+      const float* row = v + j * ldv + i0;
+      for (int c = 0; c < 4; ++c) acc[c] = _mm512_fmadd_ps(pj, _mm512_maskz_loadu_ps(m[c], row + 16 * c), acc[c]);
+    }
+    for (int c = 0; c < 4; ++c) _mm512_mask_storeu_ps(out + i0 + 16 * c, m[c], acc[c]);
+  }
+}
+
+__attribute__((target("avx2,fma"))) void weighted_sum_avx2(const float* p, int64_t len, const float* v, int64_t ldv,
+                                                           int64_t d, float* out) {
+  int64_t i0 = 0;
+  for (; i0 + 32 <= d; i0 += 32) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t j = 0; j < len; ++j) {
+      const __m256 pj = _mm256_set1_ps(p[j]);
+      for (int c = 0; c < 4; ++c) acc[c] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + j * ldv + i0 + 8 * c), acc[c]);
+    }
+    for (int c = 0; c < 4; ++c) _mm256_storeu_ps(out + i0 + 8 * c, acc[c]);
+  }
+  weighted_sum_tail(p, len, v, ldv, i0, d, out);
+}
+
+void weighted_sum(Simd s, const float* p, int64_t len, const float* v, int64_t ldv, int64_t d, float* out) {
+  switch (s) {
+    case Simd::avx512: return weighted_sum_avx512(p, len, v, ldv, d, out);
+    case Simd::avx2: return weighted_sum_avx2(p, len, v, ldv, d, out);
+    case Simd::scalar: return weighted_sum_tail(p, len, v, ldv, 0, d, out);
+  }
+}
+
+// Causal attention of n new tokens at positions pos0 .. pos0 + n − 1 over a cache of pos0 + n keys and
+// values ([position][kv head][head_dim], RoPE applied), written to att [n, n_heads · head_dim]. Work items
+// are (block of up to 16 tokens, head): the block's scores come from the dense tiles (each key row read
+// once per 4 tokens), then per token a softmax over its own prefix and P·V. Blocks are visited first,
+// last, second, second-to-last... so that the contiguous chunks parallel_for hands each thread carry
+// similar amounts of the triangular work.
+void causal_attention(Simd simd, int threads, const float* q, int64_t n, int64_t pos0, const float* kc,
+                      const float* vc, const LlamaConfig& c, float* att) {
+  const int64_t hd = c.head_dim, qd = c.n_heads * hd, kvd = c.n_kv_heads * hd, group = c.n_heads / c.n_kv_heads;
+  constexpr int64_t kBlock = 16;
+  const int64_t blocks = (n + kBlock - 1) / kBlock, ctx = pos0 + n;
+  const float scale = float(1.0 / std::sqrt(double(hd)));
+  parallel_for(threads, blocks * c.n_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(std::size_t(kBlock * ctx));
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t h = item % c.n_heads, k = item / c.n_heads, kvh = h / group;
+      const int64_t block = k % 2 == 0 ? k / 2 : blocks - 1 - k / 2;
+      const int64_t t0 = block * kBlock, t1 = std::min(n, t0 + kBlock), keys = pos0 + t1;
+      matmul_rows(simd, q + t0 * qd + h * hd, t1 - t0, qd, kc + kvh * hd, kvd, hd, 0, keys, scores.data(), ctx);
+      for (int64_t t = t0; t < t1; ++t) {
+        float* s = &scores[std::size_t((t - t0) * ctx)];
+        const int64_t len = pos0 + t + 1;
+        float mx = -INFINITY;
+        for (int64_t j = 0; j < len; ++j) mx = std::max(mx, s[j] *= scale);
+        float sum = 0;
+        for (int64_t j = 0; j < len; ++j) sum += s[j] = std::exp(s[j] - mx);
+        const float inv = 1.0f / sum;
+        for (int64_t j = 0; j < len; ++j) s[j] *= inv;
+        weighted_sum(simd, s, len, vc + kvh * hd, kvd, hd, att + t * qd + h * hd);
+      }
+    }
+  });
+}
+
 // ---- weights -------------------------------------------------------------------------------------------
 
 struct Linear {
@@ -836,8 +921,6 @@ void LlamaModel::forward(const int32_t* tokens, int64_t n, Cache& cache, float* 
               "forward: token {} at position {} is outside the vocabulary of {}", tokens[t], pos0 + t, c.vocab_size);
     std::memcpy(&x[std::size_t(t * D)], &m.embedding[std::size_t(tokens[t]) * std::size_t(D)], std::size_t(D) * 4);
   }
-  const int64_t group = c.n_heads / c.n_kv_heads;
-  const float scale = float(1.0 / std::sqrt(double(hd)));
   for (int64_t l = 0; l < c.n_layers; ++l) {
     const Block& b = m.blocks[std::size_t(l)];
     rms_norm(x.data(), b.attn_norm.data(), n, D, c.norm_eps, xb.data());
@@ -866,31 +949,7 @@ void LlamaModel::forward(const int32_t* tokens, int64_t n, Cache& cache, float* 
       float* vc = cache.v.data() + l * cache.capacity * kvd;
       std::memcpy(kc + pos0 * kvd, k.data(), std::size_t(n * kvd) * 4);
       std::memcpy(vc + pos0 * kvd, v.data(), std::size_t(n * kvd) * 4);
-      // Causal attention, one (token, head) pair per work item.
-      parallel_for(m.threads, n * c.n_heads, 1, [&](int64_t begin, int64_t end) {
-        std::vector<float> score(std::size_t(pos0 + n));
-        for (int64_t item = begin; item < end; ++item) {
-          const int64_t t = item / c.n_heads, h = item % c.n_heads, kvh = h / group, len = pos0 + t + 1;
-          const float* qh = &q[std::size_t(t * qd + h * hd)];
-          float mx = -INFINITY;
-          for (int64_t j = 0; j < len; ++j) {
-            const float* kj = kc + j * kvd + kvh * hd;
-            float s = 0;
-            for (int64_t i = 0; i < hd; ++i) s += qh[i] * kj[i];
-            score[std::size_t(j)] = s * scale;
-            mx = std::max(mx, score[std::size_t(j)]);
-          }
-          float sum = 0;
-          for (int64_t j = 0; j < len; ++j) sum += score[std::size_t(j)] = std::exp(score[std::size_t(j)] - mx);
-          float* out = &att[std::size_t(t * qd + h * hd)];
-          std::fill(out, out + hd, 0.0f);
-          for (int64_t j = 0; j < len; ++j) {
-            const float p = score[std::size_t(j)] / sum;
-            const float* vj = vc + j * kvd + kvh * hd;
-            for (int64_t i = 0; i < hd; ++i) out[i] += p * vj[i];
-          }
-        }
-      });
+      causal_attention(m.simd, m.threads, q.data(), n, pos0, kc, vc, c, att.data());
     }
     m.apply(b.o, att.data(), n, o.data());
     for (int64_t i = 0; i < n * D; ++i) x[std::size_t(i)] += o[std::size_t(i)];

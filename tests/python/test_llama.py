@@ -359,8 +359,9 @@ def test_smollm2_packed_checkpoints_evaluate_and_nuq_beats_rtn(nuq_cli, smollm2,
     # Fed 16 tokens per call, as in generation, the packed layers run the fused decode kernels instead of
     # the prefill path: the same numbers up to fp32 rounding. The int8 arithmetic (quantized activations
     # and codebooks) moves perplexity slightly, never by much (docs/cpu-kernels.md has the 2048-token
-    # figures).
-    short = ["--tokenizer", smollm2, "--text", shared_data / "wikitext2_test.txt", "--max-tokens", 255]
+    # figures). On 255 tokens the int8 perplexity moved by 2.3% when only the rounding of the fp32 attention
+    # changed (the codes of a few outlier activations flip); on 1022 tokens it stays within 0.5%.
+    short = ["--tokenizer", smollm2, "--text", shared_data / "wikitext2_test.txt", "--max-tokens", 1022]
     prefill = eval_json(nuq_cli, "--model", tmp_path / "nuq", *short)["perplexity"]
     stepped = eval_json(nuq_cli, "--model", tmp_path / "nuq", *short, "--step", 16)["perplexity"]
     int8 = eval_json(nuq_cli, "--model", tmp_path / "nuq", *short, "--int8")["perplexity"]
