@@ -124,4 +124,10 @@ if [[ " ${NUQ_RESULTS_MODELS:-stories260K smollm2} " == *" smollm2 "* ]]; then
       --indices >/dev/null
     row "${spec#*|}, then \`nuq tune --norms --indices\`" "$work/smol-$name-tuned-idx" "$gguf" "${texts[@]}"
   done
+  # Two epochs of the 4-bit run with indices (~40 minutes alone).
+  echo "<!-- nuq tune smol-nuq4h --reference $(basename "$gguf") --out smol-nuq4h-tuned-idx-e2 ${args[*]//"$data/"/} --indices --epochs 2 -->" >&2
+  "$nuq" tune "$work/smol-nuq4h" --reference "$gguf" --out "$work/smol-nuq4h-tuned-idx-e2" --quiet "${args[@]}" \
+    --indices --epochs 2 >/dev/null
+  row "--bits 4 --hessian, then \`nuq tune --norms --indices --epochs 2\`" "$work/smol-nuq4h-tuned-idx-e2" "$gguf" \
+    "${texts[@]}"
 fi
