@@ -110,7 +110,7 @@ int run(const Args& a) {
     load.linear_backend = nuq::cuda::make_linear_backend(
         a.device == "cuda" ? nuq::cuda::ActivationType::f16 : nuq::cuda::ActivationType::bf16);
 #else
-    NUQ_CHECK(false, nuq::Errc::unsupported, "--device {}: this nuq_generate was built without CUDA", a.device);
+    nuq::fail(nuq::Errc::unsupported, "--device {}: this nuq_generate was built without CUDA", a.device);
 #endif
   }
   auto model = nuq::LlamaModel::load(a.model, load);

@@ -71,7 +71,10 @@ class CudaLinearBackend final : public LinearBackend {
     description_ = "CUDA device " + std::to_string(device) + " (" + prop.name + "), " +
                    (type == ActivationType::f16 ? "fp16" : "bf16") + " activations";
     check_cuda(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
-    NUQ_CHECK(cublasCreate(&blas_) == CUBLAS_STATUS_SUCCESS, Errc::io, "CUDA linear backend: cublasCreate failed");
+    if (cublasCreate(&blas_) != CUBLAS_STATUS_SUCCESS) {
+      cudaStreamDestroy(stream_);  // a throwing constructor runs no destructor
+      fail(Errc::io, "CUDA linear backend: cublasCreate failed");
+    }
   }
   ~CudaLinearBackend() override {
     if (blas_) cublasDestroy(blas_);
@@ -83,7 +86,9 @@ class CudaLinearBackend final : public LinearBackend {
   int64_t add_layer(const std::string& name, const format::PackedLinearView& w) override {
     std::lock_guard lock(mutex_);
     check_cuda(cudaSetDevice(device_), "cudaSetDevice");
-    auto& l = *layers_.emplace_back(std::make_unique<DeviceLayer>());
+    // Added to layers_ only once it is complete: a failed upload leaves no half-copied layer behind.
+    auto owned = std::make_unique<DeviceLayer>();
+    DeviceLayer& l = *owned;
     l.name = name;
     l.view = w;
     const std::size_t entries = std::size_t(w.rows * w.groups()) << w.bits;
@@ -104,6 +109,7 @@ class CudaLinearBackend final : public LinearBackend {
     reserve_activations(l.view, 1);
     const Status s = can_implement_linear(l.view, x_dev_.get(), even(w.cols), y_dev_.get(), even(w.rows), 1);
     NUQ_CHECK(s.ok(), Errc::unsupported, "layer '{}': the CUDA kernels cannot run it: {}", name, s.message);
+    layers_.push_back(std::move(owned));
     return int64_t(layers_.size()) - 1;
   }
 
