@@ -15,6 +15,7 @@
 
 #include "nuq/half.hpp"
 #include "nuq/kv_cuda.hpp"
+#include "portable.cuh"
 
 namespace nuq::cuda {
 namespace {
@@ -22,11 +23,6 @@ namespace {
 constexpr int kWarps = 4;
 constexpr int kMaxGroup = 8;      // query heads per kv head held in registers
 constexpr int kMaxPerLane = 4;    // head_dim <= 128 channels over 32 lanes
-
-Status cuda_status(cudaError_t err, const char* what) {
-  if (err == cudaSuccess) return {};
-  return {StatusCode::cuda_error, std::string(what) + ": " + cudaGetErrorString(err)};
-}
 
 __device__ inline float load_fp16(const uint8_t* p) { return fp16_to_float(uint16_t(p[0] | (p[1] << 8))); }
 
@@ -59,7 +55,7 @@ __device__ inline Sizes sizes_of(const KvDeviceCache& c) {
 __global__ void __launch_bounds__(kWarps * 32)
     split_kernel(KvDeviceCache c, int n_heads, const uint16_t* __restrict__ q, float scale, int split_tokens,
                  int splits, float* __restrict__ ws) {
-  extern __shared__ float smem[];
+  float* smem = detail::dynamic_shared<float>();
   const int hd = c.head_dim, G = n_heads / c.n_kv_heads;
   float* qs = smem;                          // [G][hd], storage order, rotated
   float* kw = qs + G * hd;                   // [kWarps][hd]
@@ -92,48 +88,57 @@ __global__ void __launch_bounds__(kWarps * 32)
     for (int j = 0; j < kMaxPerLane; ++j) acc[g][j] = 0;
   }
   float* kbuf = kw + warp * hd;
-  for (int t = t0 + warp; t < t1; t += kWarps) {
-    const uint8_t* page = c.pages + int64_t(c.block_tables[int64_t(b) * c.max_blocks + t / c.block_tokens]) * c.page_stride;
+  // Warps take the split's tokens in turn. In the last round some warps may have no token left: they
+  // still run every shuffle and barrier of the round and only skip the work, so that all warps of the
+  // block execute the same sequence of warp operations (the emulated build requires it; kernels/emulation).
+  for (int round = t0; round < t1; round += kWarps) {
+    const int t = round + warp;
+    const bool live = t < t1;
+    const uint8_t* page = live ? c.pages + int64_t(c.block_tables[int64_t(b) * c.max_blocks + t / c.block_tokens]) * c.page_stride : nullptr;
     const int tin = t % c.block_tokens;
-    const uint8_t* krec = page + (int64_t(h) * c.block_tokens + tin) * sz.k_bytes;
-    const uint8_t* vrec = page + sz.v_region + (int64_t(h) * c.block_tokens + tin) * sz.v_bytes;
+    const uint8_t* krec = live ? page + (int64_t(h) * c.block_tokens + tin) * sz.k_bytes : nullptr;
+    const uint8_t* vrec = live ? page + sz.v_region + (int64_t(h) * c.block_tokens + tin) * sz.v_bytes : nullptr;
     const bool sink = t < c.sink_tokens;
     const int64_t sink_at = ((int64_t(b) * c.sink_tokens + t) * c.n_kv_heads + h) * hd;
-    for (int p = lane; p < hd; p += 32)
-      kbuf[p] = sink ? fp16_to_float(c.sink_k[sink_at + p])
-                     : fmaf(c.k_codebook[field(krec, p, c.bits_k)], c.k_scale[h * hd + p], c.k_offset[h * hd + p]);
+    if (live)
+      for (int p = lane; p < hd; p += 32)
+        kbuf[p] = sink ? fp16_to_float(c.sink_k[sink_at + p])
+                       : fmaf(c.k_codebook[field(krec, p, c.bits_k)], c.k_scale[h * hd + p], c.k_offset[h * hd + p]);
     __syncwarp();
-    if (!sink && lane == 0)
+    if (live && !sink && lane == 0)
       for (int s = 0; s < c.slots; ++s) kbuf[krec[sz.k_index + s]] += load_fp16(krec + sz.k_index + c.slots + 2 * s);
     __syncwarp();
     float part[kMaxGroup];
     for (int g = 0; g < kMaxGroup; ++g) part[g] = 0;
-    for (int p = lane; p < hd; p += 32) {
-      const int pair = p / 16 * 8 + p % 8;
-      const bool first = p % 16 < 8;
-      double sn, cs;
-      sincos(double(t) * c.rope_freq[pair], &sn, &cs);
-      const float x = kbuf[p], y = kbuf[first ? p + 8 : p - 8];
-      const float r = first ? x * float(cs) - y * float(sn) : y * float(sn) + x * float(cs);
-      for (int g = 0; g < G; ++g) part[g] += qs[g * hd + p] * r;
-    }
     float vrow[kMaxPerLane];
-    const float vs = sink ? 1.0f : load_fp16(vrec), vo = sink ? 0.0f : load_fp16(vrec + 2);
-    for (int j = 0; j < kMaxPerLane; ++j) {
-      const int ch = lane + 32 * j;
-      vrow[j] = 0;
-      if (ch >= hd) continue;
-      if (sink) {
-        vrow[j] = fp16_to_float(c.sink_v[sink_at + ch]);
-      } else {
-        vrow[j] = fmaf(c.v_codebook[field(vrec + 4, ch, c.bits_v)], vs, vo);
-        for (int s = 0; s < c.slots; ++s)
-          if (vrec[4 + sz.v_index + s] == ch) vrow[j] += load_fp16(vrec + 4 + sz.v_index + c.slots + 2 * s);
+    for (int j = 0; j < kMaxPerLane; ++j) vrow[j] = 0;
+    if (live) {
+      for (int p = lane; p < hd; p += 32) {
+        const int pair = p / 16 * 8 + p % 8;
+        const bool first = p % 16 < 8;
+        double sn, cs;
+        sincos(double(t) * c.rope_freq[pair], &sn, &cs);
+        const float x = kbuf[p], y = kbuf[first ? p + 8 : p - 8];
+        const float r = first ? x * float(cs) - y * float(sn) : y * float(sn) + x * float(cs);
+        for (int g = 0; g < G; ++g) part[g] += qs[g * hd + p] * r;
+      }
+      const float vs = sink ? 1.0f : load_fp16(vrec), vo = sink ? 0.0f : load_fp16(vrec + 2);
+      for (int j = 0; j < kMaxPerLane; ++j) {
+        const int ch = lane + 32 * j;
+        if (ch >= hd) continue;
+        if (sink) {
+          vrow[j] = fp16_to_float(c.sink_v[sink_at + ch]);
+        } else {
+          vrow[j] = fmaf(c.v_codebook[field(vrec + 4, ch, c.bits_v)], vs, vo);
+          for (int s = 0; s < c.slots; ++s)
+            if (vrec[4 + sz.v_index + s] == ch) vrow[j] += load_fp16(vrec + 4 + sz.v_index + c.slots + 2 * s);
+        }
       }
     }
     for (int g = 0; g < G; ++g) {
       float sum = part[g];
       for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+      if (!live) continue;
       const float score = sum * scale;
       const float m_new = fmaxf(m[g], score);
       const float corr = m[g] == -INFINITY ? 0.0f : __expf(m[g] - m_new);
@@ -238,11 +243,13 @@ Status kv_decode_attention(const KvDeviceCache& c, int batch, int n_heads, const
   const int splits = (max_length + split_tokens - 1) / split_tokens;
   const size_t shared = sizeof(float) * size_t(G * hd + kWarps * hd + 2 * kWarps * G + kWarps * G * hd);
   auto* ws = static_cast<float*>(workspace);
-  split_kernel<<<dim3(unsigned(splits), unsigned(c.n_kv_heads), unsigned(batch)), kWarps * 32, shared, stream>>>(
-      c, n_heads, q, scale, split_tokens, splits, ws);
-  if (Status s = cuda_status(cudaGetLastError(), "kv_decode_attention split launch"); !s.ok()) return s;
-  merge_kernel<<<unsigned(batch * n_heads), 128, 0, stream>>>(c, n_heads, splits, split_tokens, ws, out);
-  return cuda_status(cudaGetLastError(), "kv_decode_attention merge launch");
+  const dim3 grid(unsigned(splits), unsigned(c.n_kv_heads), unsigned(batch));
+  if (Status s = detail::launch("kv_decode_attention split launch", split_kernel, grid, kWarps * 32, shared, stream, c,
+                                n_heads, q, scale, split_tokens, splits, ws);
+      !s.ok())
+    return s;
+  return detail::launch("kv_decode_attention merge launch", merge_kernel, unsigned(batch * n_heads), 128, 0, stream, c,
+                        n_heads, splits, split_tokens, static_cast<const float*>(ws), out);
 }
 
 }  // namespace nuq::cuda

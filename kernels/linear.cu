@@ -19,18 +19,15 @@
 
 #include "nuq/cuda.hpp"
 #include "nuq/linear_cuda.hpp"
+#include "portable.cuh"
 
 namespace nuq::cuda {
 namespace {
 
+using detail::invalid;
+using detail::launch;
+
 constexpr int kWarpsPerBlock = 4;
-
-Status cuda_status(cudaError_t err, const char* what) {
-  if (err == cudaSuccess) return {};
-  return {StatusCode::cuda_error, std::string(what) + ": " + cudaGetErrorString(err)};
-}
-
-Status invalid(std::string message) { return {StatusCode::invalid_argument, std::move(message)}; }
 
 template <class T>
 struct Act;
@@ -231,9 +228,11 @@ Status launch_gemv(const GemvParams& p, int bits, cudaStream_t stream) {
   const bool grouped = p.groups > 1;
   const int maxb = p.batch <= 1 ? 1 : p.batch <= 2 ? 2 : p.batch <= 4 ? 4 : p.batch <= 8 ? 8 : 16;
   const dim3 grid(unsigned((p.rows + kWarpsPerBlock - 1) / kWarpsPerBlock)), block(kWarpsPerBlock * 32);
+  Status status;
   auto go = [&](auto bits_c, auto maxb_c, auto grouped_c) {
-    gemv_kernel<decltype(bits_c)::value, decltype(maxb_c)::value, decltype(grouped_c)::value, T>
-        <<<grid, block, 0, stream>>>(p);
+    status = launch("linear: GEMV launch",
+                    gemv_kernel<decltype(bits_c)::value, decltype(maxb_c)::value, decltype(grouped_c)::value, T>,
+                    grid, block, 0, stream, p);
   };
   auto with_maxb = [&](auto bits_c, auto grouped_c) {
     switch (maxb) {
@@ -253,7 +252,7 @@ Status launch_gemv(const GemvParams& p, int bits, cudaStream_t stream) {
     case 4: with_grouped(std::integral_constant<int, 4>{}); break;
     default: return invalid("linear: no GEMV kernel for " + std::to_string(bits) + " bits");
   }
-  return cuda_status(cudaGetLastError(), "linear: GEMV launch");
+  return status;
 }
 
 template <class T>
@@ -261,18 +260,16 @@ Status launch_dequantize(const GemvParams& p, int bits, int64_t r0, int64_t n, T
                          cudaStream_t stream) {
   const int64_t pieces = n * (p.padded * (bits == 4 ? 4 : 2) / 64);
   const unsigned blocks = unsigned(pieces / 256 + 1 < 65536 ? pieces / 256 + 1 : 65536);
+  Status s;
   switch (bits) {
-    case 2: dequantize_kernel<2, T><<<blocks, 256, 0, stream>>>(p, r0, n, out, ld); break;
-    case 3: dequantize_kernel<3, T><<<blocks, 256, 0, stream>>>(p, r0, n, out, ld); break;
-    case 4: dequantize_kernel<4, T><<<blocks, 256, 0, stream>>>(p, r0, n, out, ld); break;
+    case 2: s = launch("dequantize launch", dequantize_kernel<2, T>, blocks, 256, 0, stream, p, r0, n, out, ld); break;
+    case 3: s = launch("dequantize launch", dequantize_kernel<3, T>, blocks, 256, 0, stream, p, r0, n, out, ld); break;
+    case 4: s = launch("dequantize launch", dequantize_kernel<4, T>, blocks, 256, 0, stream, p, r0, n, out, ld); break;
     default: return invalid("dequantize: no kernel for " + std::to_string(bits) + " bits");
   }
-  if (Status s = cuda_status(cudaGetLastError(), "dequantize launch"); !s.ok()) return s;
-  if (p.nnz > 0) {
-    scatter_sparse_kernel<T><<<unsigned(n / 8 + 1 < 4096 ? n / 8 + 1 : 4096), 256, 0, stream>>>(p, r0, n, out, ld);
-    return cuda_status(cudaGetLastError(), "sparse scatter launch");
-  }
-  return {};
+  if (!s.ok() || p.nnz == 0) return s;
+  const unsigned scatter_blocks = unsigned(n / 8 + 1 < 4096 ? n / 8 + 1 : 4096);
+  return launch("sparse scatter launch", scatter_sparse_kernel<T>, scatter_blocks, 256, 0, stream, p, r0, n, out, ld);
 }
 
 Status check_layer(const format::PackedLinearView& w) {

@@ -7,14 +7,10 @@
 
 #include "nuq/cuda.hpp"
 #include "nuq/format.hpp"
+#include "portable.cuh"
 
 namespace nuq::cuda {
 namespace {
-
-Status cuda_status(cudaError_t err, const char* what) {
-  if (err == cudaSuccess) return {};
-  return {StatusCode::cuda_error, std::string(what) + ": " + cudaGetErrorString(err)};
-}
 
 // One thread per output index, grid-stride: this kernel exists for correctness checks and format
 // conversion, not for speed (the GEMV kernels decode whole words per thread).
@@ -59,8 +55,8 @@ Status unpack_indices(const uint8_t* packed, int64_t rows, int64_t cols, int bit
   constexpr int kThreads = 256;
   const int64_t blocks_needed = (rows * cols + kThreads - 1) / kThreads;
   const int blocks = int(blocks_needed < 65536 ? blocks_needed : 65536);
-  unpack_indices_kernel<<<blocks, kThreads, 0, stream>>>(packed, rows, cols, bits, out, out_row_stride);
-  return cuda_status(cudaGetLastError(), "unpack_indices launch");
+  return detail::launch("unpack_indices launch", unpack_indices_kernel, blocks, kThreads, 0, stream, packed, rows, cols,
+                        bits, out, out_row_stride);
 }
 
 }  // namespace nuq::cuda

@@ -8,6 +8,7 @@ debian_packages=(
   libeigen3-dev libfmt-dev libspdlog-dev nlohmann-json3-dev libcli11-dev
   libgtest-dev libgmock-dev libbenchmark-dev pybind11-dev
   clang-14 libclang-rt-14-dev
+  libtbb-dev  # the HIP CPU Runtime runs the emulated CUDA kernels' blocks on TBB
 )
 missing=()
 for p in "${debian_packages[@]}"; do

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Builds nuq and runs every test: the unit tests (ctest) and the Python tests (pytest) on a release
 # build, the same again under AddressSanitizer + UndefinedBehaviorSanitizer, and the libFuzzer targets
-# for a bounded time. CUDA sources are compiled whenever nvcc is present (for one architecture,
-# $NUQ_CUDA_ARCHS, default 90); CUDA tests report as skipped where there is no GPU.
+# for a bounded time. The CUDA kernels run in both builds, emulated on the CPU (NUQ_CUDA=EMULATED: the
+# HIP CPU Runtime from ../shared/third_party/hip-cpu or $NUQ_HIP_CPU_DIR; ctest label cuda-emulated, test
+# names prefixed "emulated."); they are also compiled by nvcc whenever it is present (build-nvcc, one
+# architecture, $NUQ_CUDA_ARCHS, default 90), where their GPU tests report as skipped without a GPU.
 #   NUQ_FUZZ_SECONDS   seconds per fuzz target (default 60; 0 skips fuzzing)
 #   NUQ_SKIP_ASAN=1    skip the sanitizer build (for quick local iterations; CI never sets it)
 #   NUQ_SKIP_TORCH=1   do not install PyTorch (its tests then report as skipped; CI never sets it)
@@ -15,15 +17,11 @@ bash scripts/install-deps.sh
 # Real checkpoints used by tests; tests skip with a reason if this fails (no network).
 bash scripts/fetch-models.sh || echo "warning: real models unavailable; tests that need them will be skipped"
 
-cuda_args=(-DNUQ_CUDA=AUTO)
 if ! command -v nvcc >/dev/null && [ -x /usr/local/cuda/bin/nvcc ]; then export PATH=/usr/local/cuda/bin:$PATH; fi
-if command -v nvcc >/dev/null; then
-  cuda_args=(-DNUQ_CUDA=ON "-DCMAKE_CUDA_ARCHITECTURES=${NUQ_CUDA_ARCHS:-90}")
-fi
 
-echo "== release build"
+echo "== release build (CUDA kernels emulated on the CPU)"
 cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DNUQ_BUILD_TESTS=ON -DNUQ_BUILD_BENCH=ON \
-  -DNUQ_BUILD_PYTHON=ON -DNUQ_BUILD_EXAMPLES=ON "${cuda_args[@]}"
+  -DNUQ_BUILD_PYTHON=ON -DNUQ_BUILD_EXAMPLES=ON -DNUQ_CUDA=EMULATED
 cmake --build build -j"$jobs"
 (cd build && ctest --output-on-failure -j"$jobs")
 # PyTorch for the nuq.torch tests: PyPI's torch wheel (the CPU-only one lives on download.pytorch.org,
@@ -35,16 +33,30 @@ if [ "${NUQ_SKIP_TORCH:-0}" != 1 ] && ! python3 -c "import torch" 2>/dev/null; t
     timeout 900 python3 -m pip install -q --no-cache-dir --break-system-packages torch ||
     echo "warning: PyTorch could not be installed; the torch tests will be skipped"
 fi
-NUQ_BUILD_DIR="$root/build" python3 -m pytest -q -rs tests/python
+# The tests marked `cuda` ran under ctest (emulated.pytest.cuda_decoder).
+NUQ_BUILD_DIR="$root/build" python3 -m pytest -q -rs -m "not cuda" tests/python
 
 if [ "${NUQ_SKIP_ASAN:-0}" != 1 ]; then
   echo "== AddressSanitizer + UndefinedBehaviorSanitizer build"
   cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DNUQ_SANITIZE=address,undefined \
-    -DNUQ_CUDA=OFF -DNUQ_BUILD_BENCH=OFF -DNUQ_BUILD_PYTHON=OFF -DNUQ_BUILD_EXAMPLES=ON
+    -DNUQ_CUDA=EMULATED -DNUQ_BUILD_BENCH=OFF -DNUQ_BUILD_PYTHON=OFF -DNUQ_BUILD_EXAMPLES=ON
   cmake --build build-asan -j"$jobs"
-  (cd build-asan && ctest --output-on-failure -j"$jobs" -LE install)
+  (cd build-asan && ASAN_OPTIONS=detect_leaks=1 ctest --output-on-failure -j"$jobs" -LE install)
   # The CLI, the decoder example and the reader/writer tools run instrumented under the Python tests too.
-  ASAN_OPTIONS=detect_leaks=1 NUQ_BUILD_DIR="$root/build-asan" python3 -m pytest -q tests/python
+  ASAN_OPTIONS=detect_leaks=1 NUQ_BUILD_DIR="$root/build-asan" python3 -m pytest -q -m "not cuda" tests/python
+fi
+
+if command -v nvcc >/dev/null; then
+  # The real CUDA library, its tests and benchmark, compiled by nvcc and linked against cudart and
+  # cuBLAS; without a GPU their tests report as skipped.
+  echo "== nvcc build (sm_${NUQ_CUDA_ARCHS:-90})"
+  cmake -S . -B build-nvcc -G Ninja -DCMAKE_BUILD_TYPE=Release -DNUQ_CUDA=ON \
+    "-DCMAKE_CUDA_ARCHITECTURES=${NUQ_CUDA_ARCHS:-90}" -DNUQ_BUILD_TESTS=ON -DNUQ_BUILD_BENCH=ON \
+    -DNUQ_BUILD_PYTHON=OFF -DNUQ_BUILD_EXAMPLES=ON
+  cmake --build build-nvcc -j"$jobs" --target nuq_cuda nuq_cuda_tests nuq_bench_linear_cuda nuq_cli nuq_generate
+  (cd build-nvcc && ctest --output-on-failure -j"$jobs" -L '^cuda$')
+else
+  echo "warning: nvcc not found: the CUDA kernels were not compiled for a GPU"
 fi
 
 fuzz_seconds=${NUQ_FUZZ_SECONDS:-60}
@@ -63,3 +75,4 @@ if [ "$fuzz_seconds" != 0 ]; then
   done
 fi
 echo "== all tests passed"
+echo "CUDA kernels: run emulated on the CPU (ctest label cuda-emulated, release and ASan+UBSan builds)$(command -v nvcc >/dev/null && echo ", compiled by nvcc for sm_${NUQ_CUDA_ARCHS:-90}"); not run on a GPU here"

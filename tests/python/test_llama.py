@@ -251,6 +251,7 @@ def test_device_option_refusals(nuq_cli, generate, tmp_path):
     assert r.returncode != 0 and "expected cpu, cuda or cuda-bf16" in r.stderr, r.stderr
 
 
+@pytest.mark.cuda
 def test_packed_layers_on_cuda_match_the_cpu_kernels(nuq_cli, generate, shared_data, tmp_path):
     reason = cuda_refusal(nuq_cli, tmp_path)
     if reason:
@@ -260,7 +261,7 @@ def test_packed_layers_on_cuda_match_the_cpu_kernels(nuq_cli, generate, shared_d
     r = run(nuq_cli, "quantize", hf, "--out", packed, "--bits", 3, "--sparse", "0.45%", "--quiet")
     assert r.returncode == 0, r.stderr
     args = ["--model", packed, "--tokenizer", shared_data / "tok512.bin", "--text",
-            shared_data / "tinystories_valid.txt", "--max-tokens", 2044]
+            shared_data / "tinystories_valid.txt", "--max-tokens", 1020]
     cpu = eval_json(nuq_cli, *args)
     # Activations are rounded to fp16 (unit roundoff 2^-11) or bf16 (2^-8) before every packed layer; the
     # prefill path also rounds the weights. Over 5 layers that moves the perplexity by well under 1% (fp16).

@@ -3,15 +3,19 @@
 // the sparse part, fp16 and bf16, the GEMV batches 1-16 and the prefill path above. Without a CUDA device
 // these tests report as skipped, never as passed; the argument checks run on the host regardless.
 //
-// Tolerance, per output: u_out·|y_ref| + u_w·S + 1e-5·S, where S = Σ_c (|dense| + |sparse|)·|x| and u is
-// the unit roundoff of the activation type (2^-11 fp16, 2^-8 bf16). The GEMV accumulates in fp32 from
-// exact fp16 codebook values (u_w = 0) and rounds once on output (u_out); the prefill path also rounds
-// every dense + sparse weight to the activation type before cuBLAS (u_w = u). The reference gets the same
-// rounded activations, so activation rounding is not part of the error.
+// Tolerance, per output: r(y_ref) + u_w·S + s·X + 1e-5·S, where S = Σ_c (|dense| + |sparse|)·|x|,
+// X = Σ_c |x|, u is the unit roundoff of the activation type (2^-11 fp16, 2^-8 bf16), s half its
+// smallest subnormal (2^-25 fp16, 2^-134 bf16), and r(v) = max(u·|v|, s) the largest error of rounding v
+// to the type: relative for normal numbers, half the (fixed) spacing in the subnormal range. The GEMV
+// accumulates in fp32 from exact fp16 codebook values and rounds once on output (r). The prefill path
+// also rounds every dense + sparse weight to the activation type before cuBLAS (u_w = u, plus s·X for
+// weights in the subnormal range); on the GEMV path u_w = 0 and the s·X term is dropped. The reference
+// gets the same rounded activations, so activation rounding is not part of the error.
 #include <cublas_v2.h>
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -30,6 +34,21 @@
 namespace {
 
 using nuq::cuda::ActivationType;
+
+struct Rounding {
+  double u, s;  // unit roundoff, half the smallest subnormal
+};
+Rounding rounding_of(ActivationType type) {
+  return type == ActivationType::bf16 ? Rounding{std::ldexp(1.0, -8), std::ldexp(1.0, -134)}
+                                      : Rounding{std::ldexp(1.0, -11), std::ldexp(1.0, -25)};
+}
+
+// The bound of the header comment for one output: y_ref, S = Σ|W||x| and X = Σ|x| over the row.
+double tolerance(ActivationType type, int64_t batch, double y_ref, double S, double X) {
+  const Rounding r = rounding_of(type);
+  const bool prefill = batch > nuq::cuda::kMaxGemvBatch;
+  return std::max(r.u * std::fabs(y_ref), r.s) + (prefill ? r.u * S + r.s * X : 0.0) + 1e-5 * S;
+}
 
 struct Spec {
   int64_t rows, cols;
@@ -76,7 +95,6 @@ class CudaLinear : public ::testing::TestWithParam<ActivationType> {
 TEST_P(CudaLinear, MatchesCpuReference) {
   const ActivationType type = GetParam();
   const bool bf16 = type == ActivationType::bf16;
-  const double u = bf16 ? std::ldexp(1.0, -8) : std::ldexp(1.0, -11);
   cublasHandle_t blas = nullptr;
   std::vector<Spec> specs;
   for (int bits : {2, 3, 4})
@@ -132,19 +150,20 @@ TEST_P(CudaLinear, MatchesCpuReference) {
       ASSERT_TRUE(status.ok()) << describe(s) << " batch=" << batch << ": " << status.message;
       std::vector<uint16_t> yh(size_t(batch * ldy));
       ASSERT_EQ(cudaMemcpy(yh.data(), dy, yh.size() * 2, cudaMemcpyDeviceToHost), cudaSuccess);
-      const double uw = batch > nuq::cuda::kMaxGemvBatch ? u : 0.0;
       for (int64_t b = 0; b < batch; ++b)
         for (int64_t r = 0; r < ldy; ++r) {
           if (r >= s.rows) {
             ASSERT_EQ(yh[size_t(b * ldy + r)], 0xFFFF) << "wrote into the ldy gap";
             continue;
           }
-          double scale = 0;
-          for (int64_t c = 0; c < s.cols; ++c)
+          double scale = 0, xsum = 0;
+          for (int64_t c = 0; c < s.cols; ++c) {
             scale += std::fabs(double(dense[size_t(r * s.cols + c)])) * std::fabs(double(xf[size_t(b * ldx + c)]));
+            xsum += std::fabs(double(xf[size_t(b * ldx + c)]));
+          }
           const double y = bf16 ? nuq::bf16_to_float(yh[size_t(b * ldy + r)]) : nuq::fp16_to_float(yh[size_t(b * ldy + r)]);
           const double want = ref[size_t(b * s.rows + r)];
-          ASSERT_LE(std::fabs(y - want), u * std::fabs(want) + (uw + 1e-5) * scale)
+          ASSERT_LE(std::fabs(y - want), tolerance(type, batch, want, scale, xsum))
               << describe(s) << " batch=" << batch << " b=" << b << " r=" << r << ": " << y << " vs " << want;
         }
       cudaFree(dx);
@@ -205,7 +224,6 @@ TEST(CudaLinearBackend, MatchesCpuReference) {
   if (nuq::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device: the decoder's CUDA path was not run";
   for (ActivationType type : {ActivationType::f16, ActivationType::bf16}) {
     const bool bf16 = type == ActivationType::bf16;
-    const double u = bf16 ? std::ldexp(1.0, -8) : std::ldexp(1.0, -11);
     auto backend = nuq::cuda::make_linear_backend(type);
     EXPECT_NE(backend->description().find(bf16 ? "bf16" : "fp16"), std::string::npos) << backend->description();
     const std::vector<Spec> specs = {{19, 111, 3, 111, true}, {111, 19, 2, 19, false}, {37, 4096, 4, 64, true},
@@ -228,14 +246,15 @@ TEST(CudaLinearBackend, MatchesCpuReference) {
                                    : nuq::fp16_to_float(nuq::float_to_fp16(normal(rng)));
         backend->run(int64_t(i), x.data(), batch, y.data());
         nuq::cpu::linear_ref(host, x.data(), s.cols, ref.data(), s.rows, batch);
-        const double uw = batch > nuq::cuda::kMaxGemvBatch ? u : 0.0;
         for (int64_t b = 0; b < batch; ++b)
           for (int64_t r = 0; r < s.rows; ++r) {
-            double scale = 0;
-            for (int64_t c = 0; c < s.cols; ++c)
+            double scale = 0, xsum = 0;
+            for (int64_t c = 0; c < s.cols; ++c) {
               scale += std::fabs(double(dense[size_t(r * s.cols + c)])) * std::fabs(double(x[size_t(b * s.cols + c)]));
+              xsum += std::fabs(double(x[size_t(b * s.cols + c)]));
+            }
             const double want = ref[size_t(b * s.rows + r)], got = y[size_t(b * s.rows + r)];
-            ASSERT_LE(std::fabs(got - want), u * std::fabs(want) + (uw + 1e-5) * scale)
+            ASSERT_LE(std::fabs(got - want), tolerance(type, batch, want, scale, xsum))
                 << describe(s) << (bf16 ? " bf16" : " fp16") << " batch=" << batch << " b=" << b << " r=" << r;
           }
       }
