@@ -371,19 +371,28 @@ cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* config, void (*kernel)(
 namespace nuq_emulation {
 inline void block_barrier() { ::hip::detail::Tile::this_tile().barrier(); }
 
+// Which of two scratch buffers this thread's next warp operation uses. Alternating lets one barrier per
+// operation suffice: a thread writes buffer p only after the barrier of the operation before, which
+// every thread reaches only once it has read buffer p for the operation before that. All lanes of a
+// warp run the same warp operations, so they agree on the parity. Threads of a block share this OS
+// thread, so thread_local arrays indexed by the thread are block-shared.
+inline unsigned next_parity() {
+  thread_local unsigned counts[1024];
+  return counts[linear_thread()]++ & 1u;
+}
+
 // One warp-wide exchange: every thread of the block publishes v, then reads the value of thread
 // `source` (its own when source < 0). HIP-CPU's own shuffles are not used: __shfl and __shfl_down
 // compare the absolute slot with the width, which returns the caller's value on lanes 32-63 of its
-// 64-wide groups. Threads of a block share this OS thread, so a thread_local array is block-shared.
+// 64-wide groups.
 template <class T>
 T exchange(T v, long source) {
-  thread_local std::unique_ptr<T[]> slots = std::make_unique<T[]>(1024);
+  thread_local std::unique_ptr<T[]> slots = std::make_unique<T[]>(2 * 1024);
   const unsigned me = linear_thread();
-  slots[me] = v;
+  T* buffer = slots.get() + 1024 * next_parity();
+  buffer[me] = v;
   block_barrier();
-  const T r = source < 0 ? v : slots[std::size_t(source)];
-  block_barrier();
-  return r;
+  return source < 0 ? v : buffer[std::size_t(source)];
 }
 // Lane `lane` of the caller's warp, or -1 for "keep your own value".
 inline long warp_thread(int lane) { return lane < 0 ? -1 : long(linear_thread() / kWarp * kWarp + unsigned(lane)); }
@@ -427,21 +436,65 @@ T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
 }
 inline unsigned __ballot_sync(unsigned mask, int predicate) {
   nuq_emulation::check_warp_op(mask, nuq_emulation::kWarp, "__ballot_sync");
+  thread_local std::unique_ptr<unsigned char[]> slots = std::make_unique<unsigned char[]>(2 * 1024);
+  const unsigned me = nuq_emulation::linear_thread(), first = me / nuq_emulation::kWarp * nuq_emulation::kWarp;
+  unsigned char* buffer = slots.get() + 1024 * nuq_emulation::next_parity();
+  buffer[me] = predicate != 0;
+  nuq_emulation::block_barrier();
   unsigned bits = 0;
-  // 32 exchanges would cost 64 yields; one exchange of the predicate per lane through a shared word
-  // costs two.
-  thread_local unsigned words[1024 / nuq_emulation::kWarp];
-  const unsigned me = nuq_emulation::linear_thread(), warp = me / nuq_emulation::kWarp;
-  if (me % nuq_emulation::kWarp == 0) words[warp] = 0;
-  nuq_emulation::block_barrier();
-  if (predicate) words[warp] |= 1u << (me % nuq_emulation::kWarp);
-  nuq_emulation::block_barrier();
-  bits = words[warp];
-  nuq_emulation::block_barrier();
+  for (int lane = 0; lane < nuq_emulation::kWarp; ++lane) bits |= unsigned(buffer[first + unsigned(lane)]) << lane;
   return bits;
 }
 inline int __any_sync(unsigned mask, int predicate) { return __ballot_sync(mask, predicate) != 0; }
 inline int __all_sync(unsigned mask, int predicate) { return __ballot_sync(mask, predicate) == 0xffffffffu; }
+
+// ---- tensor cores ---------------------------------------------------------------------------------
+
+namespace nuq_emulation {
+inline float bits16_to_float(std::uint16_t h, bool bf16) {
+  if (bf16) {
+    const std::uint32_t u = std::uint32_t(h) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+  return __half2float(__ushort_as_half(h));
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: the warp's fragments are gathered into whole
+// matrices by the PTX ISA's fragment table (kernels/portable.cuh repeats it), every lane computes its
+// four outputs, in fp32 with one rounding per multiply-add in k order (tensor cores sum the products
+// in an unspecified order; tests state tolerances that cover both).
+inline void mma_m16n8k16(bool bf16, float (&d)[4], const std::uint32_t (&a)[4], const std::uint32_t (&b)[2]) {
+  check_warp_op(0xffffffffu, kWarp, "mma.sync.m16n8k16");
+  struct Tiles {
+    float A[16][16];
+    float B[16][8];
+  };
+  // Two per warp, alternating as next_parity() explains.
+  thread_local std::unique_ptr<Tiles[]> tiles = std::make_unique<Tiles[]>(2 * 1024 / kWarp);
+  const unsigned me = linear_thread();
+  Tiles& m = tiles[2 * (me / kWarp) + next_parity()];
+  const int lane = int(me % kWarp), g = lane / 4, t = lane % 4;
+  for (int r = 0; r < 4; ++r) {
+    const int row = g + 8 * (r & 1), col = 2 * t + 8 * (r >> 1);
+    m.A[row][col] = bits16_to_float(std::uint16_t(a[r]), bf16);
+    m.A[row][col + 1] = bits16_to_float(std::uint16_t(a[r] >> 16), bf16);
+  }
+  for (int r = 0; r < 2; ++r) {
+    const int k = 2 * t + 8 * r;
+    m.B[k][g] = bits16_to_float(std::uint16_t(b[r]), bf16);
+    m.B[k + 1][g] = bits16_to_float(std::uint16_t(b[r] >> 16), bf16);
+  }
+  block_barrier();
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + 8 * (i >> 1), col = 2 * t + (i & 1);
+    float acc = d[i];
+    for (int k = 0; k < 16; ++k) acc = std::fma(m.A[row][k], m.B[k][col], acc);
+    d[i] = acc;
+  }
+}
+}  // namespace nuq_emulation
 
 template <class T>
 T __ldg(const T* p) {

@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <random>
 #include <vector>
 
 #include "nuq/half.hpp"
@@ -188,6 +189,85 @@ TEST(CudaEmulation, Bfloat16RoundsToNearestEven) {
       ASSERT_EQ(__bfloat162float(__ushort_as_bfloat16(got)), nuq::bf16_to_float(got));
     }
   }
+}
+
+// mma.m16n8k16 against a plain product. The fragment table below is transcribed from the PTX ISA
+// ("Matrix Fragments for mma.m16n8k16 with floating point type") independently of the emulation's:
+// groupID = lane >> 2, threadID_in_group = lane % 4; A element i of a lane sits at row groupID (+8 for
+// i in {2,3,6,7}) and column 2·tid + (i & 1) (+8 for i >= 4), registers holding elements (0,1), (2,3),
+// (4,5), (6,7); B element i at row 2·tid + (i & 1) (+8 for i >= 2), column groupID; C/D element i at
+// row groupID (+8 for i >= 2), column 2·tid + (i & 1).
+template <bool BF16>
+__global__ void mma_kernel(const uint16_t* a_bits, const uint16_t* b_bits, const float* c, float* d) {
+  const int lane = int(threadIdx.x), group = lane >> 2, tid = lane % 4;
+  uint32_t a[4], b[2];
+  for (int reg = 0; reg < 4; ++reg) {
+    uint32_t r = 0;
+    for (int half = 0; half < 2; ++half) {
+      const int i = 2 * reg + half;
+      const int row = group + ((i == 2 || i == 3 || i == 6 || i == 7) ? 8 : 0);
+      const int col = 2 * tid + (i & 1) + (i >= 4 ? 8 : 0);
+      r |= uint32_t(a_bits[row * 16 + col]) << (16 * half);
+    }
+    a[reg] = r;
+  }
+  for (int reg = 0; reg < 2; ++reg) {
+    uint32_t r = 0;
+    for (int half = 0; half < 2; ++half) {
+      const int i = 2 * reg + half;
+      const int row = 2 * tid + (i & 1) + (i >= 2 ? 8 : 0);
+      r |= uint32_t(b_bits[row * 8 + group]) << (16 * half);
+    }
+    b[reg] = r;
+  }
+  float acc[4];
+  for (int i = 0; i < 4; ++i) acc[i] = c[(group + (i >= 2 ? 8 : 0)) * 8 + 2 * tid + (i & 1)];
+  nuq::cuda::detail::mma_16816<BF16>(acc, a, b);
+  for (int i = 0; i < 4; ++i) d[(group + (i >= 2 ? 8 : 0)) * 8 + 2 * tid + (i & 1)] = acc[i];
+}
+
+template <bool BF16>
+void check_mma() {
+  std::mt19937 rng(BF16 ? 2 : 1);
+  std::normal_distribution<float> normal;
+  std::vector<uint16_t> a(256), b(128);
+  std::vector<float> af(256), bf(128), c(128);
+  auto round = [](float v, uint16_t& bits) {
+    bits = BF16 ? nuq::float_to_bf16(v) : nuq::float_to_fp16(v);
+    return BF16 ? nuq::bf16_to_float(bits) : nuq::fp16_to_float(bits);
+  };
+  for (int i = 0; i < 256; ++i) af[i] = round(normal(rng), a[i]);
+  for (int i = 0; i < 128; ++i) bf[i] = round(normal(rng), b[i]);
+  for (auto& v : c) v = normal(rng);
+  uint16_t *da = nullptr, *db = nullptr;
+  float *dc = nullptr, *dd = nullptr;
+  ASSERT_EQ(cudaMalloc(&da, 512), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&db, 256), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&dc, 512), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&dd, 512), cudaSuccess);
+  cudaMemcpy(da, a.data(), 512, cudaMemcpyHostToDevice);
+  cudaMemcpy(db, b.data(), 256, cudaMemcpyHostToDevice);
+  cudaMemcpy(dc, c.data(), 512, cudaMemcpyHostToDevice);
+  ASSERT_TRUE(launch("mma", mma_kernel<BF16>, 1, 32, 0, nullptr, da, db, dc, dd).ok());
+  std::vector<float> d(128);
+  cudaMemcpy(d.data(), dd, 512, cudaMemcpyDeviceToHost);
+  for (int row = 0; row < 16; ++row)
+    for (int col = 0; col < 8; ++col) {
+      double want = c[row * 8 + col], scale = std::fabs(want);
+      for (int k = 0; k < 16; ++k) {
+        want += double(af[row * 16 + k]) * bf[k * 8 + col];
+        scale += std::fabs(double(af[row * 16 + k]) * bf[k * 8 + col]);
+      }
+      // Products of 16-bit inputs are exact in fp32; 17 additions in fp32 round within 17·2^-24 of the sum.
+      EXPECT_NEAR(d[row * 8 + col], want, 17 * std::ldexp(scale, -24)) << "row " << row << " col " << col;
+    }
+  for (void* p : {static_cast<void*>(da), static_cast<void*>(db), static_cast<void*>(dc), static_cast<void*>(dd)})
+    cudaFree(p);
+}
+
+TEST(CudaEmulation, MmaFollowsThePtxFragmentTables) {
+  check_mma<false>();
+  check_mma<true>();
 }
 
 }  // namespace

@@ -1,0 +1,229 @@
+#!/usr/bin/env python3
+"""Static report of the machine code nvcc emits for nuq's CUDA kernels (docs/cuda-kernels.md, "SASS report").
+
+For every kernel instantiation in the given cubins: registers, local memory (stack, spills), shared
+memory, FP64 instructions, and for the kernels whose work per loop trip is known, the steady loop's
+instruction count per unit of work (per weight for the GEMV, per token-head for KV attention), with the
+widths of its loads. The steady loop is found without guesswork: kernels keep edges and tails out of
+it, so it is the one backward branch whose body holds the kernel's tensor-core or decode work (see
+KERNELS below); the report says which instructions it spans.
+
+Usage: sass_report.py --cubin sm_90=linear_sm90.cubin [--cubin ...] [--json out.json] [--check gemv,kv_decode]
+With --check the exit status is 1 when a kernel of the named families exceeds a budget of
+docs/cuda-kernels.md (on sm_90).
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+# Steady-loop budgets (thread-instructions per weight) at batch 1 from the H100 derivation in
+# docs/cuda-kernels.md, with ~20% left for issue inefficiency; batches 9-16 may cost 1.5x batch 1.
+GEMV_BUDGET = {2: 2.4, 3: 3.5, 4: 4.5}
+GEMV_BATCH_RATIO = 1.5
+
+INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P[0-9T]\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+FUNCTION = re.compile(r"Function : (\S+)")
+FP64 = re.compile(r"^(DADD|DMUL|DFMA|DSETP|DMNMX|F2F\.F64|F2F\.F32\.F64|I2F\.F64|F2I\.F64|DEPBAR_F64|MUFU\.RSQ64H|MUFU\.RCP64H)")
+
+
+def tool(name):
+    path = shutil.which(name)
+    if path:
+        return path
+    try:  # the PyPI wheels nvidia-cuda-cuobjdump / nvidia-cuda-nvdisasm
+        import nvidia  # noqa: F401
+        import pathlib
+        for root in nvidia.__path__:
+            for candidate in pathlib.Path(root).glob(f"*/bin/{name}"):
+                return str(candidate)
+    except ImportError:
+        pass
+    sys.exit(f"sass_report: {name} not found (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)")
+
+
+def demangle(names):
+    out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True, check=True).stdout
+    return out.splitlines()
+
+
+def resources(cuobjdump, cubin):
+    """Function -> {registers, stack, shared} from cuobjdump -res-usage."""
+    text = subprocess.run([cuobjdump, "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
+    usage, name = {}, None
+    for line in text.splitlines():
+        m = re.search(r"Function (\S+):", line)
+        if m:
+            name = m.group(1)
+            continue
+        m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", line)
+        if m and name:
+            usage[name] = dict(registers=int(m.group(1)), stack_bytes=int(m.group(2)),
+                               static_shared_bytes=int(m.group(3)), local_bytes=int(m.group(4)))
+    return usage
+
+
+def disassemble(cuobjdump, cubin):
+    """Function -> list of (address, opcode, operands)."""
+    text = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, check=True).stdout
+    functions, name = {}, None
+    for line in text.splitlines():
+        m = FUNCTION.search(line)
+        if m:
+            name = m.group(1)
+            functions[name] = []
+            continue
+        m = INSTRUCTION.search(line)
+        if m and name:
+            functions[name].append((int(m.group(1), 16), m.group(3), m.group(4)))
+    return functions
+
+
+def loops(code):
+    """(start index, end index) of every backward branch's body, innermost first."""
+    index = {addr: i for i, (addr, _, _) in enumerate(code)}
+    found = []
+    for i, (addr, op, args) in enumerate(code):
+        if op.startswith("BRA"):
+            m = re.search(r"0x([0-9a-f]+)", args)
+            if m and int(m.group(1), 16) <= addr and int(m.group(1), 16) in index:
+                found.append((index[int(m.group(1), 16)], i))
+    return sorted(found, key=lambda r: r[1] - r[0])
+
+
+def load_widths(body):
+    widths = {}
+    for _, op, _ in body:
+        if op.startswith(("LDG", "LDS", "LD.", "LDSM", "LDL")):
+            widths[op] = widths.get(op, 0) + 1
+    return widths
+
+
+# Kernel families: how to read the template arguments off the demangled name, which loop is the steady
+# one, and how much work one trip of it does per lane.
+def gemv_info(name):
+    m = re.search(r"gemv::gemv_kernel<(\d+), (\d+), (true|false), (true|false), (__half|__nv_bfloat16)>", name)
+    if not m:
+        return None
+    bits, tiles = int(m.group(1)), int(m.group(2))
+    return dict(family="gemv", bits=bits, batch=8 * tiles, grouped=m.group(3) == "true", vec16=m.group(4) == "true",
+                dtype="fp16" if m.group(5) == "__half" else "bf16",
+                # One trip: 16 rows x 512 columns over 32 lanes.
+                weights_per_trip=16 * 512 // 32, marker="HMMA")
+
+
+def kv_info(name):
+    if "kv_attention" not in name and "split_kernel" not in name and "kv_decode" not in name:
+        return None
+    m = re.search(r"<(\d+), (\d+), (\d+), (\d+)>", name)  # (bits, group, head_dim, tokens per trip) when templated
+    info = dict(family="kv_decode")
+    if m:
+        info.update(bits=int(m.group(1)), group=int(m.group(2)), head_dim=int(m.group(3)),
+                    token_heads_per_trip=int(m.group(4)))
+    return info
+
+
+def analyse(arch, cuobjdump, cubin):
+    usage = resources(cuobjdump, cubin)
+    code = disassemble(cuobjdump, cubin)
+    mangled = sorted(code)
+    rows = []
+    for raw, name in zip(mangled, demangle(mangled)):
+        body = code[raw]
+        entry = dict(arch=arch, kernel=name, instructions=len(body), **usage.get(raw, {}))
+        entry["fp64_instructions"] = sum(1 for _, op, _ in body if FP64.match(op))
+        info = gemv_info(name) or kv_info(name) or dict(family="other")
+        entry.update({k: v for k, v in info.items() if k not in ("marker",)})
+        marker = info.get("marker")
+        if "token_heads_per_trip" in info:
+            marker = "HMMA" if any(op.startswith("HMMA") for _, op, _ in body) else "FFMA"
+        if marker:
+            # The steady loop: the innermost loop holding the most marker instructions.
+            best = None
+            for start, end in loops(body):
+                n = sum(1 for _, op, _ in body[start:end + 1] if op.startswith(marker))
+                if n and (best is None or n > best[0]):
+                    best = (n, start, end)
+            if best:
+                n, start, end = best
+                trip = body[start:end + 1]
+                entry["steady_loop"] = dict(first=hex(trip[0][0]), last=hex(trip[-1][0]), instructions=len(trip),
+                                            marker_instructions=n, loads=load_widths(trip))
+                if "weights_per_trip" in info:
+                    entry["instructions_per_weight"] = round(len(trip) / info["weights_per_trip"], 3)
+                    entry["instructions_per_weight_per_batch_row"] = round(
+                        len(trip) / info["weights_per_trip"] / info["batch"], 3)
+                if "token_heads_per_trip" in info:
+                    entry["instructions_per_token_head"] = round(len(trip) / info["token_heads_per_trip"], 1)
+        rows.append(entry)
+    return rows
+
+
+def check(rows, families):
+    problems = []
+    for r in rows:
+        if r.get("arch") != "sm_90" or r["family"] not in families:
+            continue
+        if r.get("local_bytes", 0) or r.get("stack_bytes", 0):
+            if r["family"] in ("gemv", "kv_decode"):
+                problems.append(f"{r['kernel']}: {r.get('stack_bytes')} bytes of stack / {r.get('local_bytes')} local")
+        if r["family"] in ("gemv", "kv_decode") and r["fp64_instructions"]:
+            problems.append(f"{r['kernel']}: {r['fp64_instructions']} FP64 instructions")
+        if r["family"] == "gemv" and not r["grouped"] and r["vec16"]:
+            ipw = r.get("instructions_per_weight")
+            if ipw is None:
+                problems.append(f"{r['kernel']}: no steady loop found")
+                continue
+            base = next((b for b in rows if b.get("family") == "gemv" and b["arch"] == r["arch"] and b["bits"] == r["bits"]
+                         and b["batch"] == 8 and not b["grouped"] and b["vec16"] and b["dtype"] == r["dtype"]), None)
+            if ipw > GEMV_BUDGET[r["bits"]] * (GEMV_BATCH_RATIO if r["batch"] > 8 else 1.0):
+                problems.append(f"{r['kernel']}: {ipw} instructions per weight, budget {GEMV_BUDGET[r['bits']]}")
+            if base and r["batch"] > 8 and ipw > GEMV_BATCH_RATIO * base["instructions_per_weight"]:
+                problems.append(f"{r['kernel']}: {ipw} per weight, more than {GEMV_BATCH_RATIO}x batch 1's "
+                                f"{base['instructions_per_weight']}")
+    return problems
+
+
+def table(rows):
+    lines = ["| arch | kernel | regs | stack | fp64 | steady loop | instr/weight | loads in loop |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["family"] == "other":
+            continue
+        loop = r.get("steady_loop")
+        short = re.sub(r"nuq::cuda::(\(anonymous namespace\)::)?", "", r["kernel"]).replace("(nuq::cuda::gemv::Params)", "")
+        per = r.get("instructions_per_weight", r.get("instructions_per_token_head", ""))
+        loads = ", ".join(f"{k}×{v}" for k, v in sorted(loop["loads"].items())) if loop else ""
+        lines.append(f"| {r['arch']} | `{short}` | {r.get('registers')} | {r.get('stack_bytes')} | {r['fp64_instructions']} | "
+                     f"{loop['instructions'] if loop else ''} | {per} | {loads} |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cubin", action="append", required=True, help="ARCH=PATH of a cubin (e.g. sm_90=linear.cubin)")
+    ap.add_argument("--json", help="write the rows as JSON here")
+    ap.add_argument("--check", default="", help="comma-separated kernel families (gemv, kv_decode) whose budgets "
+                    "are enforced: exit 1 when one is exceeded")
+    args = ap.parse_args()
+    cuobjdump = tool("cuobjdump")
+    # cuobjdump -sass runs nvdisasm from PATH.
+    os.environ["PATH"] = os.path.dirname(tool("nvdisasm")) + os.pathsep + os.environ.get("PATH", "")
+    rows = []
+    for spec in args.cubin:
+        arch, _, path = spec.partition("=")
+        rows += analyse(arch, cuobjdump, path)
+    print(table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    problems = check(rows, set(filter(None, args.check.split(","))))
+    for p in problems:
+        print("over budget:", p, file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
