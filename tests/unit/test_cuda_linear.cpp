@@ -58,11 +58,14 @@ struct Spec {
   int bits;
   int64_t group;
   bool sparse;
+  // Activation rows that allow the GEMV's 16-byte loads (ldx a multiple of 8, no gap when cols is); the
+  // other specs leave a gap after each row and an odd ldx/2, which takes its narrow loads.
+  bool tight = false;
 };
 
 std::string describe(const Spec& s) {
   return "rows=" + std::to_string(s.rows) + " cols=" + std::to_string(s.cols) + " bits=" + std::to_string(s.bits) +
-         " group=" + std::to_string(s.group) + (s.sparse ? " sparse" : "");
+         " group=" + std::to_string(s.group) + (s.sparse ? " sparse" : "") + (s.tight ? " tight" : "");
 }
 
 nuq::PackedLinear make_layer(const Spec& s) {
@@ -106,6 +109,10 @@ TEST_P(CudaLinear, MatchesCpuReference) {
         for (int64_t cols : {1, 19, 111, 4097}) specs.push_back({rows, cols, bits, cols, sparse});
       specs.push_back({4097, 64, bits, 64, sparse});
       for (int64_t group : {64, 256}) specs.push_back({37, 4096, bits, group, sparse});
+      // The GEMV's steady loop with 16-byte loads: one round of 8 warps (4096 columns), and two rounds
+      // plus a checked step (8704 = 17 steps of 512) with rows that do not fill the last 16-row tile.
+      specs.push_back({37, 4096, bits, 4096, sparse, true});
+      specs.push_back({19, 8704, bits, 8704, sparse, true});
     }
   for (const Spec& s : specs) {
     const nuq::PackedLinear layer = make_layer(s);
@@ -125,7 +132,8 @@ TEST_P(CudaLinear, MatchesCpuReference) {
       dev.sparse_values = to_device(std::vector<uint16_t>(host.sparse_values, host.sparse_values + host.nnz));
     }
     for (int64_t batch : {1, 2, 3, 8, 13, 16, 17, 40}) {
-      const int64_t ldx = s.cols + (s.cols % 2 ? 1 : 2), ldy = s.rows + (s.rows % 2 ? 1 : 2);
+      const int64_t ldx = s.tight ? (s.cols + 7) / 8 * 8 : s.cols + (s.cols % 2 ? 1 : 2);
+      const int64_t ldy = s.rows + (s.rows % 2 ? 1 : 2);
       std::mt19937 rng{unsigned(batch)};
       std::normal_distribution<float> normal(0.0f, 1.0f);
       std::vector<uint16_t> xh(size_t(batch * ldx), 0);
