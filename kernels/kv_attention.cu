@@ -2,16 +2,22 @@
 //
 // Kernel 1: one block per (context split, kv head, sequence); its warps take the split's tokens in turn,
 // decode a key into shared memory (codebook, per-channel scale/offset, fp16 outlier residuals, fp16 sink),
-// rotate it (RoPE angles formed in double), score it against the G query heads of the kv head (warp
-// reductions), and fold value rows (dequantized per lane) into running softmax states kept in registers;
-// the warps' states are merged in warp order and written as the split's partial (max, sum, weighted sum).
-// Kernel 2 merges a sequence's splits in split order into fp16 outputs.
+// rotate it (RoPE from fp32 tables: page base times in-page step, no double precision), score it against
+// the G query heads of the kv head (warp reductions), and fold value rows (dequantized per lane) into
+// running softmax states kept in registers; the warps' states are merged in warp order and written as the
+// split's partial (max, sum, weighted sum). Kernel 2 merges a sequence's splits in split order into
+// fp16/bf16 outputs. Group size and head dimension are template arguments, so that the per-lane states are
+// registers (no local memory); the launcher is the one place where run-time values become them.
 //
-// NOT yet run on a GPU: compiled in CI only. What a GPU run must check is listed in docs/kv-cache.md.
+// NOT yet run on a GPU; run in CI under emulation. What a GPU run must check, and what is left to make it
+// fast (tensor cores for grouped queries, 16-byte record loads), is listed in docs/kv-cache.md.
 #include <cuda_runtime.h>
 
 #include <cmath>
 #include <string>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 #include "nuq/half.hpp"
 #include "nuq/kv_cuda.hpp"
@@ -22,7 +28,27 @@ namespace {
 
 constexpr int kWarps = 4;
 constexpr int kMaxGroup = 8;      // query heads per kv head held in registers
-constexpr int kMaxPerLane = 4;    // head_dim <= 128 channels over 32 lanes
+
+// 16-bit query and output values of either type, as bits.
+template <class T>
+__device__ __forceinline__ float to_float(uint16_t bits) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __bfloat162float(__ushort_as_bfloat16(bits));
+  return __half2float(__ushort_as_half(bits));
+}
+template <class T>
+__device__ __forceinline__ uint16_t from_float(float v) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+  return __half_as_ushort(__float2half_rn(v));
+}
+
+// cos and sin of RoPE pair `pair` at position t: the page base times the in-page step, in fp32.
+__device__ __forceinline__ void rope_at(const KvDeviceCache& c, int64_t t, int pair, int half, float& cs, float& sn) {
+  const int64_t page = t / c.block_tokens, step = t % c.block_tokens;
+  const float bc = c.rope_page_cos[page * half + pair], bs = c.rope_page_sin[page * half + pair];
+  const float sc = c.rope_step_cos[step * half + pair], ss = c.rope_step_sin[step * half + pair];
+  cs = fmaf(bc, sc, -bs * ss);
+  sn = fmaf(bs, sc, bc * ss);
+}
 
 __device__ inline float load_fp16(const uint8_t* p) { return fp16_to_float(uint16_t(p[0] | (p[1] << 8))); }
 
@@ -52,11 +78,15 @@ __device__ inline Sizes sizes_of(const KvDeviceCache& c) {
   return s;
 }
 
-__global__ void __launch_bounds__(kWarps * 32)
+// GMAX bounds the group size G = n_heads / n_kv_heads (1, 2, 4 or 8: per-lane states are GMAX registers).
+template <int GMAX, int HD, class T>
+__global__ void __launch_bounds__(kWarps * 32, 4)
     split_kernel(KvDeviceCache c, int n_heads, const uint16_t* __restrict__ q, float scale, int split_tokens,
                  int splits, float* __restrict__ ws) {
+  constexpr int kPerLane = (HD + 31) / 32;  // value channels lane + 32j of a lane
   float* smem = detail::dynamic_shared<float>();
-  const int hd = c.head_dim, G = n_heads / c.n_kv_heads;
+  constexpr int hd = HD;
+  const int G = n_heads / c.n_kv_heads;
   float* qs = smem;                          // [G][hd], storage order, rotated
   float* kw = qs + G * hd;                   // [kWarps][hd]
   float* wm = kw + kWarps * hd;              // [kWarps][G]
@@ -73,19 +103,21 @@ __global__ void __launch_bounds__(kWarps * 32)
     const int g = e / (hd / 2), pair = e % (hd / 2), blk = pair / 8, r = pair % 8;
     const int pa = 16 * blk + r, pb = pa + 8;
     const uint16_t* qh = q + (int64_t(b) * n_heads + h * G + g) * hd;
-    const float xa = fp16_to_float(qh[c.storage[pa]]), xb = fp16_to_float(qh[c.storage[pb]]);
-    double sn, cs;
-    sincos(double(len - 1) * c.rope_freq[pair], &sn, &cs);
-    qs[g * hd + pa] = xa * float(cs) - xb * float(sn);
-    qs[g * hd + pb] = xa * float(sn) + xb * float(cs);
+    const float xa = to_float<T>(qh[c.storage[pa]]), xb = to_float<T>(qh[c.storage[pb]]);
+    float cs, sn;
+    rope_at(c, len - 1, pair, hd / 2, cs, sn);
+    qs[g * hd + pa] = xa * cs - xb * sn;
+    qs[g * hd + pb] = xa * sn + xb * cs;
   }
   __syncthreads();
 
-  float m[kMaxGroup], l[kMaxGroup], acc[kMaxGroup][kMaxPerLane];
-  for (int g = 0; g < kMaxGroup; ++g) {
+  float m[GMAX], l[GMAX], acc[GMAX][kPerLane];
+#pragma unroll
+  for (int g = 0; g < GMAX; ++g) {
     m[g] = -INFINITY;
     l[g] = 0;
-    for (int j = 0; j < kMaxPerLane; ++j) acc[g][j] = 0;
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) acc[g][j] = 0;
   }
   float* kbuf = kw + warp * hd;
   // Warps take the split's tokens in turn. In the last round some warps may have no token left: they
@@ -108,22 +140,30 @@ __global__ void __launch_bounds__(kWarps * 32)
     if (live && !sink && lane == 0)
       for (int s = 0; s < c.slots; ++s) kbuf[krec[sz.k_index + s]] += load_fp16(krec + sz.k_index + c.slots + 2 * s);
     __syncwarp();
-    float part[kMaxGroup];
-    for (int g = 0; g < kMaxGroup; ++g) part[g] = 0;
-    float vrow[kMaxPerLane];
-    for (int j = 0; j < kMaxPerLane; ++j) vrow[j] = 0;
+    float part[GMAX];
+#pragma unroll
+    for (int g = 0; g < GMAX; ++g) part[g] = 0;
+    float vrow[kPerLane];
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) vrow[j] = 0;
     if (live) {
-      for (int p = lane; p < hd; p += 32) {
+#pragma unroll
+      for (int j = 0; j < kPerLane; ++j) {
+        const int p = lane + 32 * j;
+        if (p >= hd) continue;
         const int pair = p / 16 * 8 + p % 8;
         const bool first = p % 16 < 8;
-        double sn, cs;
-        sincos(double(t) * c.rope_freq[pair], &sn, &cs);
+        float cs, sn;
+        rope_at(c, t, pair, hd / 2, cs, sn);
         const float x = kbuf[p], y = kbuf[first ? p + 8 : p - 8];
-        const float r = first ? x * float(cs) - y * float(sn) : y * float(sn) + x * float(cs);
-        for (int g = 0; g < G; ++g) part[g] += qs[g * hd + p] * r;
+        const float r = first ? x * cs - y * sn : y * sn + x * cs;
+#pragma unroll
+        for (int g = 0; g < GMAX; ++g)
+          if (g < G) part[g] += qs[g * hd + p] * r;
       }
       const float vs = sink ? 1.0f : load_fp16(vrec), vo = sink ? 0.0f : load_fp16(vrec + 2);
-      for (int j = 0; j < kMaxPerLane; ++j) {
+#pragma unroll
+      for (int j = 0; j < kPerLane; ++j) {
         const int ch = lane + 32 * j;
         if (ch >= hd) continue;
         if (sink) {
@@ -135,8 +175,11 @@ __global__ void __launch_bounds__(kWarps * 32)
         }
       }
     }
-    for (int g = 0; g < G; ++g) {
+#pragma unroll
+    for (int g = 0; g < GMAX; ++g) {
+      if (g >= G) break;  // block-uniform: every warp runs the same shuffles
       float sum = part[g];
+#pragma unroll
       for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
       if (!live) continue;
       const float score = sum * scale;
@@ -144,18 +187,22 @@ __global__ void __launch_bounds__(kWarps * 32)
       const float corr = m[g] == -INFINITY ? 0.0f : __expf(m[g] - m_new);
       const float w = __expf(score - m_new);
       l[g] = l[g] * corr + w;
-      for (int j = 0; j < kMaxPerLane; ++j) acc[g][j] = acc[g][j] * corr + w * vrow[j];
+#pragma unroll
+      for (int j = 0; j < kPerLane; ++j) acc[g][j] = acc[g][j] * corr + w * vrow[j];
       m[g] = m_new;
     }
     __syncwarp();
   }
   // Merge the warps in order.
-  for (int g = 0; g < G; ++g) {
+#pragma unroll
+  for (int g = 0; g < GMAX; ++g) {
+    if (g >= G) break;
     if (lane == 0) {
       wm[warp * G + g] = m[g];
       wl[warp * G + g] = l[g];
     }
-    for (int j = 0; j < kMaxPerLane; ++j)
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j)
       if (lane + 32 * j < hd) wacc[(warp * G + g) * hd + lane + 32 * j] = acc[g][j];
   }
   __syncthreads();
@@ -179,6 +226,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
+template <class T>
 __global__ void merge_kernel(const KvDeviceCache c, int n_heads, int splits, int split_tokens, const float* __restrict__ ws,
                              uint16_t* __restrict__ out) {
   const int bh = blockIdx.x, b = bh / n_heads, hd = c.head_dim;
@@ -196,7 +244,7 @@ __global__ void merge_kernel(const KvDeviceCache c, int n_heads, int splits, int
       o += f * part[2 + ch];
     }
     // Values are in model order: the output channel is the value channel.
-    out[int64_t(bh) * hd + ch] = float_to_fp16(o / sum);
+    out[int64_t(bh) * hd + ch] = from_float<T>(o / sum);
   }
 }
 
@@ -226,30 +274,67 @@ Status can_implement_kv_decode(const KvDeviceCache& c, int batch, int n_heads, i
     return bad("page size " + std::to_string(c.block_tokens) + ", outlier slots " + std::to_string(c.slots) +
                " or sink tokens " + std::to_string(c.sink_tokens) + " out of range");
   if (!c.pages || !c.block_tables || !c.lengths || !c.k_scale || !c.k_offset || !c.k_codebook || !c.v_codebook ||
-      !c.storage || !c.rope_freq || (c.sink_tokens > 0 && (!c.sink_k || !c.sink_v)))
+      !c.storage || !c.rope_page_cos || !c.rope_page_sin || !c.rope_step_cos || !c.rope_step_sin ||
+      (c.sink_tokens > 0 && (!c.sink_k || !c.sink_v)))
     return bad("a null cache pointer");
+  if (c.rope_pages * c.block_tokens < max_length)
+    return bad("the RoPE tables cover " + std::to_string(c.rope_pages) + " pages of " + std::to_string(c.block_tokens) +
+               " tokens, fewer than max_length " + std::to_string(max_length));
   if (workspace_bytes < kv_decode_workspace_bytes(batch, n_heads, c.head_dim, max_length, split_tokens))
     return bad("workspace of " + std::to_string(workspace_bytes) + " bytes is too small (need " +
                std::to_string(kv_decode_workspace_bytes(batch, n_heads, c.head_dim, max_length, split_tokens)) + ")");
   return {};
 }
 
-Status kv_decode_attention(const KvDeviceCache& c, int batch, int n_heads, const uint16_t* q, uint16_t* out, float scale,
-                           int max_length, int split_tokens, void* workspace, int64_t workspace_bytes,
-                           cudaStream_t stream) {
-  if (Status s = can_implement_kv_decode(c, batch, n_heads, max_length, split_tokens, workspace_bytes); !s.ok()) return s;
-  if (!q || !out || !workspace) return {StatusCode::invalid_argument, "kv_decode_attention: null q, out or workspace"};
+namespace {
+
+// The one place where the run-time group size, head dimension and query type become template arguments.
+template <int GMAX, int HD, class T>
+Status launch_split(const KvDeviceCache& c, dim3 grid, size_t shared, cudaStream_t stream, int n_heads, const uint16_t* q,
+                    float scale, int split_tokens, int splits, float* ws) {
+  return detail::launch("kv_decode_attention split launch", split_kernel<GMAX, HD, T>, grid, kWarps * 32, shared, stream,
+                        c, n_heads, q, scale, split_tokens, splits, ws);
+}
+
+template <int GMAX, class T>
+Status launch_split_hd(const KvDeviceCache& c, dim3 grid, size_t shared, cudaStream_t stream, int n_heads,
+                       const uint16_t* q, float scale, int split_tokens, int splits, float* ws) {
+  switch (c.head_dim) {
+    case 64: return launch_split<GMAX, 64, T>(c, grid, shared, stream, n_heads, q, scale, split_tokens, splits, ws);
+    case 80: return launch_split<GMAX, 80, T>(c, grid, shared, stream, n_heads, q, scale, split_tokens, splits, ws);
+    case 96: return launch_split<GMAX, 96, T>(c, grid, shared, stream, n_heads, q, scale, split_tokens, splits, ws);
+    default: return launch_split<GMAX, 128, T>(c, grid, shared, stream, n_heads, q, scale, split_tokens, splits, ws);
+  }
+}
+
+template <class T>
+Status launch_decode(const KvDeviceCache& c, int batch, int n_heads, const uint16_t* q, uint16_t* out, float scale,
+                     int max_length, int split_tokens, float* ws, cudaStream_t stream) {
   const int G = n_heads / c.n_kv_heads, hd = c.head_dim;
   const int splits = (max_length + split_tokens - 1) / split_tokens;
   const size_t shared = sizeof(float) * size_t(G * hd + kWarps * hd + 2 * kWarps * G + kWarps * G * hd);
-  auto* ws = static_cast<float*>(workspace);
   const dim3 grid(unsigned(splits), unsigned(c.n_kv_heads), unsigned(batch));
-  if (Status s = detail::launch("kv_decode_attention split launch", split_kernel, grid, kWarps * 32, shared, stream, c,
-                                n_heads, q, scale, split_tokens, splits, ws);
-      !s.ok())
-    return s;
-  return detail::launch("kv_decode_attention merge launch", merge_kernel, unsigned(batch * n_heads), 128, 0, stream, c,
-                        n_heads, splits, split_tokens, static_cast<const float*>(ws), out);
+  Status s;
+  if (G <= 1) s = launch_split_hd<1, T>(c, grid, shared, stream, n_heads, q, scale, split_tokens, splits, ws);
+  else if (G <= 2) s = launch_split_hd<2, T>(c, grid, shared, stream, n_heads, q, scale, split_tokens, splits, ws);
+  else if (G <= 4) s = launch_split_hd<4, T>(c, grid, shared, stream, n_heads, q, scale, split_tokens, splits, ws);
+  else s = launch_split_hd<8, T>(c, grid, shared, stream, n_heads, q, scale, split_tokens, splits, ws);
+  if (!s.ok()) return s;
+  return detail::launch("kv_decode_attention merge launch", merge_kernel<T>, unsigned(batch * n_heads), 128, 0, stream,
+                        c, n_heads, splits, split_tokens, static_cast<const float*>(ws), out);
+}
+
+}  // namespace
+
+Status kv_decode_attention(const KvDeviceCache& c, int batch, int n_heads, const uint16_t* q, uint16_t* out, float scale,
+                           int max_length, int split_tokens, void* workspace, int64_t workspace_bytes,
+                           cudaStream_t stream, ActivationType type) {
+  if (Status s = can_implement_kv_decode(c, batch, n_heads, max_length, split_tokens, workspace_bytes); !s.ok()) return s;
+  if (!q || !out || !workspace) return {StatusCode::invalid_argument, "kv_decode_attention: null q, out or workspace"};
+  auto* ws = static_cast<float*>(workspace);
+  return type == ActivationType::bf16
+             ? launch_decode<__nv_bfloat16>(c, batch, n_heads, q, out, scale, max_length, split_tokens, ws, stream)
+             : launch_decode<__half>(c, batch, n_heads, q, out, scale, max_length, split_tokens, ws, stream);
 }
 
 }  // namespace nuq::cuda

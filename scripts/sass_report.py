@@ -116,14 +116,14 @@ def gemv_info(name):
 
 
 def kv_info(name):
-    if "kv_attention" not in name and "split_kernel" not in name and "kv_decode" not in name:
+    m = re.search(r"split_kernel<(\d+), (\d+), (__half|__nv_bfloat16)>", name)
+    if not m:
         return None
-    m = re.search(r"<(\d+), (\d+), (\d+), (\d+)>", name)  # (bits, group, head_dim, tokens per trip) when templated
-    info = dict(family="kv_decode")
-    if m:
-        info.update(bits=int(m.group(1)), group=int(m.group(2)), head_dim=int(m.group(3)),
-                    token_heads_per_trip=int(m.group(4)))
-    return info
+    # One trip of the token loop: one token of one kv head per warp, so 1/32 token-head per lane. Bits
+    # are a run-time value of this kernel (the loop decodes any width).
+    return dict(family="kv_decode", group=int(m.group(1)), head_dim=int(m.group(2)), bits=None,
+                dtype="fp16" if m.group(3) == "__half" else "bf16", token_heads_per_trip=1 / 32, marker="SHFL",
+                outermost=True)
 
 
 def analyse(arch, cuobjdump, cubin):
@@ -138,20 +138,22 @@ def analyse(arch, cuobjdump, cubin):
         info = gemv_info(name) or kv_info(name) or dict(family="other")
         entry.update({k: v for k, v in info.items() if k not in ("marker",)})
         marker = info.get("marker")
-        if "token_heads_per_trip" in info:
-            marker = "HMMA" if any(op.startswith("HMMA") for _, op, _ in body) else "FFMA"
         if marker:
-            # The steady loop: the innermost loop holding the most marker instructions.
+            # The steady loop: the innermost loop holding the most marker instructions (or, for kernels
+            # whose trip holds short inner loops, the outermost such loop; those inner loops are then
+            # counted once, as their static size: "inner_loops" says how many there are).
             best = None
             for start, end in loops(body):
                 n = sum(1 for _, op, _ in body[start:end + 1] if op.startswith(marker))
-                if n and (best is None or n > best[0]):
+                span = end - start
+                if n and (best is None or n > best[0] or (info.get("outermost") and span > best[2] - best[1])):
                     best = (n, start, end)
             if best:
                 n, start, end = best
                 trip = body[start:end + 1]
+                inner = sum(1 for a, b in loops(body) if start <= a and b < end)
                 entry["steady_loop"] = dict(first=hex(trip[0][0]), last=hex(trip[-1][0]), instructions=len(trip),
-                                            marker_instructions=n, loads=load_widths(trip))
+                                            marker_instructions=n, loads=load_widths(trip), inner_loops=inner)
                 if "weights_per_trip" in info:
                     entry["instructions_per_weight"] = round(len(trip) / info["weights_per_trip"], 3)
                     entry["instructions_per_weight_per_batch_row"] = round(

@@ -475,6 +475,36 @@ void LayerCache::roundtrip(int64_t pos0, int64_t n, float* k, float* v) const {
     }
 }
 
+namespace {
+
+// The fp32 RoPE tables of an export (kv_cache.hpp, Export::rope_page_cos): page bases from the same
+// double-precision rotation as the CPU kernels' (RopeTable::base), offsets from its fp32 steps.
+void export_rope(const LayerCache::Impl& c, LayerCache::Export& e) {
+  const int64_t half = c.hd / 2, bt = c.block_tokens, hp = c.table.padded_half();
+  int64_t longest = 1;
+  for (int32_t len : e.lengths) longest = std::max<int64_t>(longest, len);
+  const int64_t pages = (longest + bt - 1) / bt;
+  e.rope_page_cos.resize(size_t(pages * half));
+  e.rope_page_sin.resize(size_t(pages * half));
+  std::vector<double> bc(static_cast<size_t>(half)), bs(static_cast<size_t>(half));
+  for (int64_t p = 0; p < pages; ++p) {
+    c.table.base(p * bt, bc.data(), bs.data());
+    for (int64_t i = 0; i < half; ++i) {
+      e.rope_page_cos[size_t(p * half + i)] = float(bc[size_t(i)]);
+      e.rope_page_sin[size_t(p * half + i)] = float(bs[size_t(i)]);
+    }
+  }
+  e.rope_step_cos.resize(size_t(bt * half));
+  e.rope_step_sin.resize(size_t(bt * half));
+  for (int64_t t = 0; t < bt; ++t)
+    for (int64_t i = 0; i < half; ++i) {
+      e.rope_step_cos[size_t(t * half + i)] = c.table.step_cos()[t * hp + i];
+      e.rope_step_sin[size_t(t * half + i)] = c.table.step_sin()[t * hp + i];
+    }
+}
+
+}  // namespace
+
 LayerCache::Export LayerCache::export_pages(std::span<const int> seqs) const {
   const Impl& c = *impl_;
   Export e;
@@ -502,6 +532,7 @@ LayerCache::Export LayerCache::export_pages(std::span<const int> seqs) const {
   e.v_codebook.assign(c.v_cb, c.v_cb + 16);
   e.storage.assign(c.storage.begin(), c.storage.end());
   e.rope_freq = c.table.freq();
+  export_rope(c, e);
   return e;
 }
 

@@ -18,6 +18,9 @@ enum class StatusCode {
   cuda_error,        // the CUDA runtime reported an error (launch failure, no device...)
 };
 
+// The 16-bit floating-point type of activations (and queries, outputs) a launcher reads and writes.
+enum class ActivationType { f16, bf16 };
+
 struct Status {
   StatusCode code = StatusCode::ok;
   std::string message;  // empty when ok; otherwise names the argument or CUDA error

@@ -151,7 +151,12 @@ class LayerCache {
     std::vector<uint16_t> sink_k, sink_v;  // [batch][sink_tokens][n_kv_heads][head_dim]
     std::vector<float> k_scale, k_offset, k_codebook, v_codebook;  // codebooks padded to 16
     std::vector<int32_t> storage;
-    std::vector<double> rope_freq;
+    std::vector<double> rope_freq;  // [head_dim / 2] angle per position of each pair
+    // RoPE as fp32 rotations, for devices without fast double precision: cos/sin of every pair at the
+    // first position of each page up to the batch's longest sequence ([pages][head_dim / 2], formed in
+    // double on the host), and at each offset 0 .. block_tokens - 1 ([block_tokens][head_dim / 2]). The
+    // rotation at position t is the complex product of page t / block_tokens and offset t % block_tokens.
+    std::vector<float> rope_page_cos, rope_page_sin, rope_step_cos, rope_step_sin;
   };
   Export export_pages(std::span<const int> seqs) const;
 

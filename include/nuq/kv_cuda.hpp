@@ -3,7 +3,7 @@
 // (LayerCache::export_pages gives the host side of every array below). Launchers follow
 // include/nuq/cuda.hpp: device pointers, shapes and a stream in, a Status out, no host round trip.
 //
-// Status: compiled in CI, NOT yet run on a GPU (tests/unit/test_cuda_kv.cpp skips without one).
+// Status: run in CI emulated on the CPU (docs/cuda-kernels.md, "Emulated runs"), NOT yet run on a GPU.
 #pragma once
 
 #include <cstdint>
@@ -27,7 +27,13 @@ struct KvDeviceCache {
   const float* k_codebook = nullptr;  // 16 floats (padded)
   const float* v_codebook = nullptr;
   const int32_t* storage = nullptr;   // [head_dim] model channel at each key storage position
-  const double* rope_freq = nullptr;  // [head_dim / 2] angle per position of each pair
+  // RoPE as fp32 rotations (LayerCache::Export::rope_page_cos ...): no double precision on the device,
+  // which most GPUs run at 1/32-1/64 rate. rope_pages * block_tokens must cover every length.
+  const float* rope_page_cos = nullptr;  // [rope_pages][head_dim / 2]
+  const float* rope_page_sin = nullptr;
+  int64_t rope_pages = 0;
+  const float* rope_step_cos = nullptr;  // [block_tokens][head_dim / 2]
+  const float* rope_step_sin = nullptr;
 };
 
 // Scratch the launcher needs for the split partials.
@@ -36,10 +42,11 @@ int64_t kv_decode_workspace_bytes(int batch, int n_heads, int head_dim, int max_
 Status can_implement_kv_decode(const KvDeviceCache& cache, int batch, int n_heads, int max_length, int split_tokens,
                                int64_t workspace_bytes);
 
-// q: [batch][n_heads][head_dim] fp16, model channel order, pre-RoPE (rotated here to position
-// length - 1); out: the same shape, fp16. max_length bounds every lengths[b] (it sizes the grid).
+// q: [batch][n_heads][head_dim] fp16 or bf16 (`type`), model channel order, pre-RoPE (rotated here to
+// position length - 1); out: the same shape and type. max_length bounds every lengths[b] (it sizes the
+// grid).
 Status kv_decode_attention(const KvDeviceCache& cache, int batch, int n_heads, const uint16_t* q, uint16_t* out,
                            float scale, int max_length, int split_tokens, void* workspace, int64_t workspace_bytes,
-                           cudaStream_t stream);
+                           cudaStream_t stream, ActivationType type = ActivationType::f16);
 
 }  // namespace nuq::cuda

@@ -16,8 +16,6 @@ typedef struct cublasContext* cublasHandle_t;
 
 namespace nuq::cuda {
 
-enum class ActivationType { f16, bf16 };
-
 // Batches up to this size take the fused GEMV (weights read once for all batch rows).
 inline constexpr int64_t kMaxGemvBatch = 16;
 // Rows the prefill path dequantizes per cuBLAS call (bounds its workspace).

@@ -90,7 +90,11 @@ cuda::KvDeviceCache device_cache(const py::dict& d) {
   c.k_codebook = reinterpret_cast<const float*>(pointer("k_codebook"));
   c.v_codebook = reinterpret_cast<const float*>(pointer("v_codebook"));
   c.storage = reinterpret_cast<const int32_t*>(pointer("storage"));
-  c.rope_freq = reinterpret_cast<const double*>(pointer("rope_freq"));
+  c.rope_page_cos = reinterpret_cast<const float*>(pointer("rope_page_cos"));
+  c.rope_page_sin = reinterpret_cast<const float*>(pointer("rope_page_sin"));
+  c.rope_pages = integer("rope_pages");
+  c.rope_step_cos = reinterpret_cast<const float*>(pointer("rope_step_cos"));
+  c.rope_step_sin = reinterpret_cast<const float*>(pointer("rope_step_sin"));
   return c;
 }
 #endif

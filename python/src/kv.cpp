@@ -334,6 +334,12 @@ py::dict export_pages(const KVCache& c, const std::vector<int>& seqs) {
   d["v_codebook"] = view_of(raw->v_codebook.data(), "float32", 4, {int64_t(raw->v_codebook.size())}, owner, true);
   d["storage"] = view_of(raw->storage.data(), "int32", 4, {hd}, owner, true);
   d["rope_freq"] = view_of(raw->rope_freq.data(), "float64", 8, {hd / 2}, owner, true);
+  const int64_t rope_pages = int64_t(raw->rope_page_cos.size()) / (hd / 2);
+  d["rope_pages"] = rope_pages;
+  d["rope_page_cos"] = view_of(raw->rope_page_cos.data(), "float32", 4, {rope_pages, hd / 2}, owner, true);
+  d["rope_page_sin"] = view_of(raw->rope_page_sin.data(), "float32", 4, {rope_pages, hd / 2}, owner, true);
+  d["rope_step_cos"] = view_of(raw->rope_step_cos.data(), "float32", 4, {int64_t(c.cache.block_tokens()), hd / 2}, owner, true);
+  d["rope_step_sin"] = view_of(raw->rope_step_sin.data(), "float32", 4, {int64_t(c.cache.block_tokens()), hd / 2}, owner, true);
   return d;
 }
 
@@ -571,7 +577,10 @@ pages uint8 [n_pages, page_stride] (the whole pool), block_tables int32 [batch, 
 lengths int32 [batch], sink_k / sink_v float16 [batch, sink_tokens, n_kv_heads, head_dim] (keys in
 storage order), k_scale / k_offset float32 [n_kv_heads, head_dim] (storage order), k_codebook /
 v_codebook float32 [16] (padded), storage int32 [head_dim] (model channel of each key storage
-position), rope_freq float64 [head_dim / 2], and the ints page_stride, max_blocks, sink_tokens,
+position), rope_freq float64 [head_dim / 2] (per-pair angle per position), rope_page_cos / rope_page_sin
+float32 [rope_pages, head_dim / 2] and rope_step_cos / rope_step_sin float32 [block_tokens, head_dim / 2]
+(the fp32 RoPE rotations the kernel reads: page base times in-page step), and the ints rope_pages,
+page_stride, max_blocks, sink_tokens,
 n_kv_heads, head_dim, block_tokens, bits_k, bits_v, slots. Upload the arrays, replace each by its
 device pointer, and pass the dict to cuda_kv_decode_attention.)doc")
       .def_property_readonly("n_kv_heads", [](const KVCache& c) { return c.cache.n_kv_heads(); })

@@ -461,6 +461,11 @@ def test_export_pages_and_the_cuda_launcher(nq):
     storage = e["storage"]
     assert sorted(storage.tolist()) == list(range(64))
     np.testing.assert_allclose(e["rope_freq"], 20000.0 ** (-np.arange(32) / 32), rtol=1e-12)
+    # fp32 rotations: page bases (pages of 32 tokens up to the longest sequence, 40) times in-page steps.
+    assert e["rope_pages"] == 2 and e["rope_page_cos"].shape == (2, 32) and e["rope_step_sin"].shape == (32, 32)
+    pos = 32 + 5
+    c = e["rope_page_cos"][1] * e["rope_step_cos"][5] - e["rope_page_sin"][1] * e["rope_step_sin"][5]
+    np.testing.assert_allclose(c, np.cos(pos * e["rope_freq"]), atol=1e-6)
     k0 = originals[1][0][0]  # first token of the second sequence: the sink, keys in storage order
     assert np.array_equal(e["sink_k"][1, 0], k0[:, storage].astype(np.float16))
     assert np.array_equal(e["k_scale"], cal["k_scale"][:, storage])
@@ -477,8 +482,8 @@ def test_export_pages_and_the_cuda_launcher(nq):
     with pytest.raises(TypeError, match=r"cache\['pages'\] must be a device pointer .*upload the host array"):
         nq.cuda_kv_decode_attention(e, **args)
     fake = {key: (1 if isinstance(val, np.ndarray) else val) for key, val in e.items()}
-    with pytest.raises(ValueError, match="cache has no 'rope_freq'"):
-        nq.cuda_kv_decode_attention({key: val for key, val in fake.items() if key != "rope_freq"}, **args)
+    with pytest.raises(ValueError, match="cache has no 'rope_page_cos'"):
+        nq.cuda_kv_decode_attention({key: val for key, val in fake.items() if key != "rope_page_cos"}, **args)
     need = nq.cuda_kv_decode_workspace_bytes(2, 4, 64, 40)
     assert need > 0
     with pytest.raises(ValueError, match=f"workspace of 0 bytes is too small \\(need {need}\\)"):

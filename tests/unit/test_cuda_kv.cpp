@@ -4,8 +4,10 @@
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "nuq/half.hpp"
@@ -24,91 +26,141 @@ T* upload(const std::vector<T>& host) {
   return static_cast<T*>(d);
 }
 
-TEST(CudaKvDecode, MatchesCpuReference) {
-  if (nuq::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device: GPU KV decode not checked";
-  for (int64_t hd : {64, 80, 128}) {
-    SCOPED_TRACE(hd);
-    const int64_t n_kv = 2, group = 4, n_heads = n_kv * group, calib = 256;
-    std::mt19937_64 rng(static_cast<uint64_t>(hd));
-    std::normal_distribution<float> nd;
-    std::vector<float> k(size_t(calib * n_kv * hd)), v(k.size());
-    for (auto& x : k) x = nd(rng);
-    for (auto& x : v) x = nd(rng);
-    kv::CalibrationOptions co;
-    const auto layer = kv::calibrate_layer(k.data(), v.data(), nullptr, nullptr, calib, n_kv, hd, co);
-    kv::Calibration common;
-    kv::CacheOptions opt;
-    opt.rope.layout = hd == 80 ? nuq::RopeLayout::half_split : nuq::RopeLayout::interleaved;
-    kv::LayerCache cache(layer, common, opt);
-    const std::vector<int64_t> lens = {1, 17, 4097};
-    std::vector<int> seqs;
-    for (int64_t len : lens) {
-      std::vector<float> kk(size_t(len * n_kv * hd)), vv(kk.size());
-      for (auto& x : kk) x = nd(rng);
-      for (auto& x : vv) x = nd(rng);
-      seqs.push_back(cache.add_sequence());
-      cache.append(seqs.back(), kk.data(), vv.data(), len, 2);
-    }
-    std::vector<uint16_t> q16(size_t(int64_t(lens.size()) * n_heads * hd));
-    std::vector<float> q(q16.size());
-    for (size_t i = 0; i < q.size(); ++i) {
-      q16[i] = nuq::float_to_fp16(nd(rng) * 0.5f);
-      q[i] = nuq::fp16_to_float(q16[i]);
-    }
-    std::vector<float> ref(q.size());
-    kv::AttentionOptions ro;
-    ro.isa = nuq::cpu::Isa::scalar;
-    kv::decode_attention_reference(cache, seqs, q.data(), n_heads, ref.data(), ro);
+struct KvCase {
+  int64_t head_dim, n_kv, group;
+  int bits_k, bits_v;
+  std::vector<int64_t> lengths;
+  nuq::cuda::ActivationType type;
+  int sink_tokens = 1;
+};
 
-    const auto e = cache.export_pages(seqs);
-    nuq::cuda::KvDeviceCache d;
-    d.pages = upload(e.pages);
-    d.page_stride = e.page_stride;
-    d.block_tables = upload(e.block_tables);
-    d.max_blocks = e.max_blocks;
-    d.lengths = upload(e.lengths);
-    d.sink_k = upload(e.sink_k);
-    d.sink_v = upload(e.sink_v);
-    d.sink_tokens = cache.sink_tokens();
-    d.n_kv_heads = int(n_kv);
-    d.head_dim = int(hd);
-    d.block_tokens = cache.block_tokens();
-    d.bits_k = layer.bits_k;
-    d.bits_v = layer.bits_v;
-    d.slots = cache.layout().slots;
-    d.k_scale = upload(e.k_scale);
-    d.k_offset = upload(e.k_offset);
-    d.k_codebook = upload(e.k_codebook);
-    d.v_codebook = upload(e.v_codebook);
-    d.storage = upload(e.storage);
-    d.rope_freq = upload(e.rope_freq);
-    const int split = 512, max_len = 4097, batch = int(lens.size());
-    const int64_t ws_bytes = nuq::cuda::kv_decode_workspace_bytes(batch, int(n_heads), int(hd), max_len, split);
-    void* ws = nullptr;
-    ASSERT_EQ(cudaMalloc(&ws, size_t(ws_bytes)), cudaSuccess);
-    uint16_t* dq = upload(q16);
-    uint16_t* dout = upload(std::vector<uint16_t>(q16.size(), 0));
-    const auto status = nuq::cuda::kv_decode_attention(d, batch, int(n_heads), dq, dout, float(1.0 / std::sqrt(double(hd))),
-                                                       max_len, split, ws, ws_bytes, nullptr);
-    ASSERT_TRUE(status.ok()) << status.message;
-    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    std::vector<uint16_t> out16(q16.size());
-    cudaMemcpy(out16.data(), dout, out16.size() * 2, cudaMemcpyDeviceToHost);
-    // Outputs below ~2 in magnitude round to fp16 within 1e-3; fast exp and fp32 sums add far less.
-    double worst = 0;
-    for (size_t i = 0; i < ref.size(); ++i)
-      worst = std::max(worst, std::fabs(double(nuq::fp16_to_float(out16[i])) - ref[i]));
-    EXPECT_LT(worst, 5e-3);
-    for (const void* p : {static_cast<const void*>(d.pages), static_cast<const void*>(d.block_tables),
-                          static_cast<const void*>(d.lengths), static_cast<const void*>(d.sink_k),
-                          static_cast<const void*>(d.sink_v), static_cast<const void*>(d.k_scale),
-                          static_cast<const void*>(d.k_offset), static_cast<const void*>(d.k_codebook),
-                          static_cast<const void*>(d.v_codebook), static_cast<const void*>(d.storage),
-                          static_cast<const void*>(d.rope_freq), static_cast<const void*>(dq),
-                          static_cast<const void*>(dout), static_cast<const void*>(ws)})
-      cudaFree(const_cast<void*>(p));
-  }
+std::string describe(const KvCase& k) {
+  std::string s = "head_dim=" + std::to_string(k.head_dim) + " n_kv=" + std::to_string(k.n_kv) +
+                  " group=" + std::to_string(k.group) + " bits=" + std::to_string(k.bits_k) + "/" +
+                  std::to_string(k.bits_v) + " sink=" + std::to_string(k.sink_tokens) + " lengths=";
+  for (int64_t l : k.lengths) s += std::to_string(l) + ",";
+  return s + (k.type == nuq::cuda::ActivationType::bf16 ? " bf16" : " fp16");
 }
+
+// Outputs round to the query type (unit roundoff u); fp32 sums, the GPU's fast exp and fp32 RoPE add far
+// less than 2e-3 at these magnitudes (|out| < ~2).
+void check_case(const KvCase& kc) {
+  SCOPED_TRACE(describe(kc));
+  const bool bf16 = kc.type == nuq::cuda::ActivationType::bf16;
+  const int64_t hd = kc.head_dim, n_kv = kc.n_kv, n_heads = n_kv * kc.group, calib = 256;
+  std::mt19937_64 rng(static_cast<uint64_t>(hd * 131 + kc.group * 7 + kc.bits_k));
+  std::normal_distribution<float> nd;
+  std::vector<float> k(size_t(calib * n_kv * hd)), v(k.size());
+  for (auto& x : k) x = nd(rng);
+  for (auto& x : v) x = nd(rng);
+  kv::CalibrationOptions co;
+  co.bits_k = kc.bits_k;
+  co.bits_v = kc.bits_v;
+  co.sink_tokens = kc.sink_tokens;
+  const auto layer = kv::calibrate_layer(k.data(), v.data(), nullptr, nullptr, calib, n_kv, hd, co);
+  kv::Calibration common;
+  common.sink_tokens = kc.sink_tokens;
+  kv::CacheOptions opt;
+  opt.rope.layout = hd == 80 ? nuq::RopeLayout::half_split : nuq::RopeLayout::interleaved;
+  kv::LayerCache cache(layer, common, opt);
+  std::vector<int> seqs;
+  for (int64_t len : kc.lengths) {
+    std::vector<float> kk(size_t(len * n_kv * hd)), vv(kk.size());
+    for (auto& x : kk) x = nd(rng);
+    for (auto& x : vv) x = nd(rng);
+    seqs.push_back(cache.add_sequence());
+    cache.append(seqs.back(), kk.data(), vv.data(), len, 2);
+  }
+  const int batch = int(kc.lengths.size());
+  std::vector<uint16_t> q16(size_t(int64_t(batch) * n_heads * hd));
+  std::vector<float> q(q16.size());
+  for (size_t i = 0; i < q.size(); ++i) {
+    q16[i] = bf16 ? nuq::float_to_bf16(nd(rng) * 0.5f) : nuq::float_to_fp16(nd(rng) * 0.5f);
+    q[i] = bf16 ? nuq::bf16_to_float(q16[i]) : nuq::fp16_to_float(q16[i]);
+  }
+  std::vector<float> ref(q.size());
+  kv::AttentionOptions ro;
+  ro.isa = nuq::cpu::Isa::scalar;
+  kv::decode_attention_reference(cache, seqs, q.data(), n_heads, ref.data(), ro);
+
+  const auto e = cache.export_pages(seqs);
+  nuq::cuda::KvDeviceCache d;
+  d.pages = upload(e.pages);
+  d.page_stride = e.page_stride;
+  d.block_tables = upload(e.block_tables);
+  d.max_blocks = e.max_blocks;
+  d.lengths = upload(e.lengths);
+  d.sink_k = upload(e.sink_k);
+  d.sink_v = upload(e.sink_v);
+  d.sink_tokens = cache.sink_tokens();
+  d.n_kv_heads = int(n_kv);
+  d.head_dim = int(hd);
+  d.block_tokens = cache.block_tokens();
+  d.bits_k = layer.bits_k;
+  d.bits_v = layer.bits_v;
+  d.slots = cache.layout().slots;
+  d.k_scale = upload(e.k_scale);
+  d.k_offset = upload(e.k_offset);
+  d.k_codebook = upload(e.k_codebook);
+  d.v_codebook = upload(e.v_codebook);
+  d.storage = upload(e.storage);
+  d.rope_page_cos = upload(e.rope_page_cos);
+  d.rope_page_sin = upload(e.rope_page_sin);
+  d.rope_pages = int64_t(e.rope_page_cos.size()) / (hd / 2);
+  d.rope_step_cos = upload(e.rope_step_cos);
+  d.rope_step_sin = upload(e.rope_step_sin);
+  const int split = 512, max_len = int(*std::max_element(kc.lengths.begin(), kc.lengths.end()));
+  const int64_t ws_bytes = nuq::cuda::kv_decode_workspace_bytes(batch, int(n_heads), int(hd), max_len, split);
+  void* ws = nullptr;
+  ASSERT_EQ(cudaMalloc(&ws, size_t(ws_bytes)), cudaSuccess);
+  uint16_t* dq = upload(q16);
+  uint16_t* dout = upload(std::vector<uint16_t>(q16.size(), 0));
+  const auto status = nuq::cuda::kv_decode_attention(d, batch, int(n_heads), dq, dout, float(1.0 / std::sqrt(double(hd))),
+                                                     max_len, split, ws, ws_bytes, nullptr, kc.type);
+  ASSERT_TRUE(status.ok()) << status.message;
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  std::vector<uint16_t> out16(q16.size());
+  cudaMemcpy(out16.data(), dout, out16.size() * 2, cudaMemcpyDeviceToHost);
+  const double u = bf16 ? std::ldexp(1.0, -8) : std::ldexp(1.0, -11);
+  for (size_t i = 0; i < ref.size(); ++i) {
+    const double got = bf16 ? nuq::bf16_to_float(out16[i]) : nuq::fp16_to_float(out16[i]);
+    ASSERT_LE(std::fabs(got - ref[i]), u * std::fabs(ref[i]) + 2e-3) << "output " << i << ": " << got << " vs " << ref[i];
+  }
+  for (const void* p : {static_cast<const void*>(d.pages), static_cast<const void*>(d.block_tables),
+                        static_cast<const void*>(d.lengths), static_cast<const void*>(d.sink_k),
+                        static_cast<const void*>(d.sink_v), static_cast<const void*>(d.k_scale),
+                        static_cast<const void*>(d.k_offset), static_cast<const void*>(d.k_codebook),
+                        static_cast<const void*>(d.v_codebook), static_cast<const void*>(d.storage),
+                        static_cast<const void*>(d.rope_page_cos), static_cast<const void*>(d.rope_page_sin),
+                        static_cast<const void*>(d.rope_step_cos), static_cast<const void*>(d.rope_step_sin),
+                        static_cast<const void*>(dq), static_cast<const void*>(dout), static_cast<const void*>(ws)})
+    cudaFree(const_cast<void*>(p));
+}
+
+class CudaKvDecode : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (nuq::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device: GPU KV decode not checked";
+  }
+};
+
+using nuq::cuda::ActivationType;
+
+// Every supported head dimension (interleaved and half-split RoPE), paged batches of different lengths.
+TEST_F(CudaKvDecode, MatchesCpuReference) {
+  for (int64_t hd : {64, 80, 96, 128}) check_case({hd, 2, 4, 3, 3, {1, 17, 4097}, ActivationType::f16});
+}
+
+// GQA 1, 3 (SmolLM2) and 8, mixed widths, three sink tokens, bf16 queries and outputs.
+TEST_F(CudaKvDecode, GroupsWidthsSinksAndBf16) {
+  check_case({128, 4, 1, 2, 4, {1, 17, 4097}, ActivationType::f16});
+  check_case({64, 3, 3, 4, 2, {17, 300, 33}, ActivationType::bf16, 3});
+  check_case({128, 1, 8, 3, 3, {1, 17, 4097}, ActivationType::bf16});
+  check_case({96, 2, 2, 2, 2, {1000, 5}, ActivationType::f16, 0});
+}
+
+// A context past 32k tokens: positions where angles formed in fp32 would be off by ~1e-3 rad.
+TEST_F(CudaKvDecode, LongContext) { check_case({128, 2, 4, 3, 3, {33000, 5}, ActivationType::f16}); }
 
 TEST(CudaKvDecodeArgs, RefusalsNameTheProblem) {
   // Host-side checks: no device needed.
