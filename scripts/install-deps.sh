@@ -5,7 +5,7 @@ set -euo pipefail
 
 debian_packages=(
   build-essential cmake ninja-build git unzip
-  libeigen3-dev libfmt-dev libspdlog-dev nlohmann-json3-dev libcli11-dev
+  libeigen3-dev libfmt-dev nlohmann-json3-dev libcli11-dev
   libgtest-dev libgmock-dev libbenchmark-dev pybind11-dev
   clang-14 libclang-rt-14-dev
   libtbb-dev  # the HIP CPU Runtime runs the emulated CUDA kernels' blocks on TBB
