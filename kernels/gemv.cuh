@@ -24,7 +24,7 @@
 // s·256 + h·128 + (4g + t)·4, so the 32 lanes of a warp always read 32 different banks (no conflicts,
 // whatever the indices), and the byte address of a lookup is one PRMT: the index byte of the packed
 // row moved to address bits 8-15, the lane's bank offset in bits 0-7. Grouped codebooks change every
-// group of columns, so they are read as single values through the L1 cache instead.
+// group of columns, so lanes hold them in registers instead and look four weights up per PRMT.
 //
 // Steps whose columns all lie below `cols` run without checks (the steady loop the SASS report
 // measures); the last round of steps checks every column and index unit, and warps without a step in
@@ -254,30 +254,93 @@ __device__ __forceinline__ void decode_table(uint32_t& pair01, uint32_t& pair23,
   }
 }
 
-// The same from a grouped codebook in global memory (read through L1): four single values.
+// ---- decoding, grouped codebooks ------------------------------------------------------------------
+//
+// A lane's 128-column span is two packing units of 64 columns, and groups are multiples of 64 columns,
+// so each unit of a row meets exactly one codebook. The lane keeps it in registers as two byte planes
+// (the low bytes of the 2^b fp16/bf16 entries, then the high bytes) and looks four weights up at once
+// with PRMT, whose selector nibbles are the weights' indices: one PRMT per plane gives the low (high)
+// bytes of four weights, two more interleave them into the A registers' value pairs.
+
+template <int BITS>
+struct GroupCodebook {
+  uint32_t lo[BITS == 4 ? 4 : (BITS == 3 ? 2 : 1)], hi[BITS == 4 ? 4 : (BITS == 3 ? 2 : 1)];
+};
+
+// Loads entries [0, 2^BITS) (8-byte loads: luts are 8-byte aligned) and splits them into byte planes.
 template <int BITS, class T>
-__device__ __forceinline__ void decode_grouped(uint32_t& pair01, uint32_t& pair23, const Span<BITS>& s, int j,
-                                               const uint16_t* codebook) {
-  int idx[4];
-  if constexpr (BITS == 4) {
-    const uint32_t half = s.lo[j >> 1] >> (16 * (j & 1));
+__device__ __forceinline__ void load_group_codebook(GroupCodebook<BITS>& cb, const uint16_t* entries) {
+  constexpr int kWords = (1 << BITS) / 2;  // two entries per 32-bit word
+  uint32_t w[kWords];
 #pragma unroll
-    for (int c = 0; c < 4; ++c) idx[c] = int(half >> (4 * c)) & 15;
+  for (int i = 0; i < kWords; i += 2) {
+    const uint2 v = __ldg(reinterpret_cast<const uint2*>(entries) + i / 2);
+    w[i] = v.x, w[i + 1] = v.y;
+  }
+  if constexpr (kBf16<T>) {
+#pragma unroll
+    for (int i = 0; i < kWords; ++i) w[i] = weight_bits<T>(uint16_t(w[i])) | weight_bits<T>(uint16_t(w[i] >> 16)) << 16;
+  }
+#pragma unroll
+  for (int i = 0; i < kWords / 2; ++i) {
+    cb.lo[i] = __byte_perm(w[2 * i], w[2 * i + 1], 0x6420u);  // low bytes of entries 4i .. 4i + 3
+    cb.hi[i] = __byte_perm(w[2 * i], w[2 * i + 1], 0x7531u);
+  }
+}
+
+// Two k-tiles' selectors from a 16-bit value holding their two 8-bit quads of 2-bit fields (k-tile
+// 2m in the low byte): each 16-bit half becomes i0 | i1 << 4 | i2 << 8 | i3 << 12.
+__device__ __forceinline__ uint32_t spread_quads(uint32_t two_bytes_in_lanes) {
+  uint32_t x = (two_bytes_in_lanes | (two_bytes_in_lanes << 4)) & 0x0F0F0F0Fu;
+  return (x | (x << 2)) & 0x33333333u;
+}
+
+// The four weights (c0..c3) of a k-tile of one row: `sel` holds their indices in its four low nibbles
+// (only 3 bits of each are a PRMT byte index: 4-bit indices pick the plane half by bit 3).
+template <int BITS>
+__device__ __forceinline__ void lookup_group(uint32_t& pair01, uint32_t& pair23, const GroupCodebook<BITS>& cb,
+                                             uint32_t sel) {
+  uint32_t lo, hi;
+  if constexpr (BITS == 2) {
+    lo = __byte_perm(cb.lo[0], 0, sel);
+    hi = __byte_perm(cb.hi[0], 0, sel);
+  } else if constexpr (BITS == 3) {
+    lo = __byte_perm(cb.lo[0], cb.lo[1], sel);
+    hi = __byte_perm(cb.hi[0], cb.hi[1], sel);
   } else {
-    const uint32_t byte = s.lo[j >> 2] >> (8 * (j & 3));
+    const uint32_t s3 = sel & 0x7777u;
+    // Bytes of 0xFF where the index has bit 3 set: PRMT's sign mode replicates bit 7 of the chosen byte.
+    const uint32_t flags = sel & 0x8888u;
+    const uint32_t upper = __byte_perm(flags << 4, flags, 0xD9C8u);
+    lo = (__byte_perm(cb.lo[0], cb.lo[1], s3) & ~upper) | (__byte_perm(cb.lo[2], cb.lo[3], s3) & upper);
+    hi = (__byte_perm(cb.hi[0], cb.hi[1], s3) & ~upper) | (__byte_perm(cb.hi[2], cb.hi[3], s3) & upper);
+  }
+  pair01 = __byte_perm(lo, hi, 0x5140u);
+  pair23 = __byte_perm(lo, hi, 0x7362u);
+}
+
+// Index selectors of the 32 k-tiles of a span, two per word (k-tile 2m in the low half of word m).
+template <int BITS>
+__device__ __forceinline__ void group_selectors(uint32_t (&sel)[kKTiles / 2], const Span<BITS>& s) {
+  if constexpr (BITS == 4) {
 #pragma unroll
-    for (int c = 0; c < 4; ++c) idx[c] = int(byte >> (2 * c)) & 3;
+    for (int m = 0; m < kKTiles / 2; ++m) sel[m] = s.lo[m];  // the halfwords are already nibble indices
+  } else {
+#pragma unroll
+    for (int w = 0; w < 8; ++w) {
+      sel[2 * w] = spread_quads(__byte_perm(s.lo[w], 0, 0x4140u));
+      sel[2 * w + 1] = spread_quads(__byte_perm(s.lo[w], 0, 0x4342u));
+    }
     if constexpr (BITS == 3) {
-      const uint32_t nibble = s.hi[j >> 3] >> (4 * (j & 7));
+      // The 1-bit plane holds a nibble per k-tile; bit q of it is bit 2 of weight q's index.
 #pragma unroll
-      for (int c = 0; c < 4; ++c) idx[c] |= int((nibble >> c) & 1u) << 2;
+      for (int m = 0; m < kKTiles / 2; ++m) {
+        const uint32_t byte = __byte_perm(s.hi[m >> 2], 0, 0x4440u | uint32_t(m & 3));
+        const uint32_t z = (byte | (byte << 12)) & 0x000F000Fu;  // the two nibbles in the two halves
+        sel[m] |= ((z << 2) | (z << 5) | (z << 8) | (z << 11)) & 0x44444444u;
+      }
     }
   }
-  uint32_t v[4];
-#pragma unroll
-  for (int c = 0; c < 4; ++c) v[c] = weight_bits<T>(__ldg(codebook + idx[c]));
-  pair01 = v[0] | v[1] << 16;
-  pair23 = v[2] | v[3] << 16;
 }
 
 // ---- activations ----------------------------------------------------------------------------------
@@ -330,9 +393,14 @@ __device__ __forceinline__ void step(const Params& p, const Lane& L, const unsig
     load_span<BITS, VEC16, GUARDED>(span[h], p, p.qweight + int64_t(L.row_index[h]) * p.stride, col0,
                                     live && L.row_exists[h]);
   Prepared<BITS> q[2];
+  uint32_t sel[2][GROUPED ? kKTiles / 2 : 1];
+  GroupCodebook<BITS> cb[2];  // per row half, of the unit the k-tiles are in (loaded at its first one)
   if constexpr (!GROUPED) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) prepare<BITS>(q[h], span[h]);
+  } else {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) group_selectors<BITS>(sel[h], span[h]);
   }
   uint32_t x8[NT][4];  // activations of k-tiles j and j + 1 (j even)
 #pragma unroll
@@ -347,15 +415,22 @@ __device__ __forceinline__ void step(const Params& p, const Lane& L, const unsig
         }
       }
     }
+    if constexpr (GROUPED) {
+      if (j % (kKTiles / 2) == 0) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          // Units past `cols` (last round) would name a group past the row's last one.
+          int64_t group = (col0 + (j / (kKTiles / 2)) * kUnitCols) / p.group_size;
+          if constexpr (GUARDED) group = group < p.groups ? group : p.groups - 1;
+          load_group_codebook<BITS, T>(cb[h], p.lut + ((int64_t(L.row_index[h]) * p.groups + group) << BITS));
+        }
+      }
+    }
     uint32_t a[4];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       if constexpr (GROUPED) {
-        // Columns past `cols` (last round) would name a group past the row's last one.
-        int64_t group = (col0 + 4 * j) / p.group_size;
-        if constexpr (GUARDED) group = group < p.groups ? group : p.groups - 1;
-        decode_grouped<BITS, T>(a[h], a[h + 2], span[h], j,
-                                p.lut + ((int64_t(L.row_index[h]) * p.groups + group) << BITS));
+        lookup_group<BITS>(a[h], a[h + 2], cb[h], sel[h][j / 2] >> (16 * (j % 2)));
       } else {
         decode_table<BITS>(a[h], a[h + 2], q[h], j, table, L.lane_byte[h]);
       }

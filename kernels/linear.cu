@@ -136,9 +136,10 @@ Status launch_gemv(const Params& p, int bits, cudaStream_t stream) {
     constexpr bool G = decltype(grouped_c)::value, V = decltype(vec16_c)::value;
     return two_tiles ? launch_gemv_kernel<B, 2, G, V, T>(p, stream) : launch_gemv_kernel<B, 1, G, V, T>(p, stream);
   };
-  // Grouped codebooks read single values through L1; their index loads stay 8 bytes wide.
   auto with_layout = [&](auto bits_c) {
-    if (grouped) return with_tiles(bits_c, std::true_type{}, std::false_type{});
+    if (grouped)
+      return vec16 ? with_tiles(bits_c, std::true_type{}, std::true_type{})
+                   : with_tiles(bits_c, std::true_type{}, std::false_type{});
     return vec16 ? with_tiles(bits_c, std::false_type{}, std::true_type{})
                  : with_tiles(bits_c, std::false_type{}, std::false_type{});
   };
@@ -179,6 +180,8 @@ Status check_layer(const format::PackedLinearView& w) {
                    "layer has groups of " + std::to_string(w.group_size));
   if (w.qweight == nullptr || w.lut == nullptr) return invalid("linear: qweight or lut is null");
   if (reinterpret_cast<uintptr_t>(w.qweight) % 8 != 0) return invalid("linear: qweight is not 8-byte aligned");
+  if (w.groups() > 1 && reinterpret_cast<uintptr_t>(w.lut) % 8 != 0)
+    return invalid("linear: lut is not 8-byte aligned (grouped codebooks are read 8 bytes at a time)");
   if (w.nnz < 0) return invalid("linear: negative nnz " + std::to_string(w.nnz));
   if (w.nnz > 0 && (w.sparse_row_ptr == nullptr || w.sparse_col_idx == nullptr || w.sparse_values == nullptr))
     return invalid("linear: nnz is " + std::to_string(w.nnz) + " but a sparse array (row_ptr, col_idx, values) is null");

@@ -28,7 +28,7 @@ std::size_t linear_workspace_bytes(const format::PackedLinearView& w, int64_t ba
 // Explains why linear() would refuse these arguments (naming the shapes and values involved); ok() when
 // it can run them. Needs no device. Requirements beyond the format's: per-row codebooks or groups of a
 // multiple of 64 columns; ldx and ldy even and the activation/output pointers 4-byte aligned (pairs of
-// values are loaded and stored together); qweight 8-byte aligned.
+// values are loaded and stored together); qweight 8-byte aligned, and lut too when codebooks are grouped.
 Status can_implement_linear(const format::PackedLinearView& w, const void* x, int64_t ldx, const void* y,
                             int64_t ldy, int64_t batch);
 

@@ -113,6 +113,7 @@ TEST_P(CudaLinear, MatchesCpuReference) {
       // plus a checked step (8704 = 17 steps of 512) with rows that do not fill the last 16-row tile.
       specs.push_back({37, 4096, bits, 4096, sparse, true});
       specs.push_back({19, 8704, bits, 8704, sparse, true});
+      specs.push_back({19, 8704, bits, 128, sparse, true});  // grouped, 16-byte loads
     }
   for (const Spec& s : specs) {
     const nuq::PackedLinear layer = make_layer(s);
@@ -224,6 +225,13 @@ TEST(CudaLinearArgs, RefusalsNameTheProblem) {
   bad = w;
   bad.nnz = 3;
   EXPECT_NE(msg(bad, 96, 8, 1).find("sparse array"), std::string::npos);
+  bad = w;
+  bad.cols = 128;
+  bad.group_size = 64;
+  bad.lut = reinterpret_cast<const uint16_t*>(fake + 2);
+  EXPECT_NE(msg(bad, 128, 8, 1).find("lut is not 8-byte aligned"), std::string::npos);
+  bad.lut = reinterpret_cast<const uint16_t*>(fake + 8);
+  EXPECT_TRUE(nuq::cuda::can_implement_linear(bad, fake, 128, fake, 8, 1).ok());
   EXPECT_EQ(nuq::cuda::linear_workspace_bytes(w, 16), 0u);
   EXPECT_EQ(nuq::cuda::linear_workspace_bytes(w, 17), size_t(8 * 96 * 2));
 }
