@@ -45,19 +45,19 @@
 namespace nuq::cuda::gemv {
 
 inline constexpr int kWarps = 8;  // at most, per block
-
-// Warps per block for rows of `cols` columns: one per step up to kWarps, rounded up to a power of two
-// (the sparse part splits the tile's 16 rows evenly over them).
-inline int warps_for(int64_t cols) {
-  const int64_t steps = (cols + 511) / 512;
-  int w = 1;
-  while (w < kWarps && w < steps) w *= 2;
-  return w;
-}
 inline constexpr int kTileRows = 16;
 inline constexpr int kStepCols = 512;
 inline constexpr int kKTiles = kStepCols / 16;
 inline constexpr int kLaneCols = kStepCols / 4;
+
+// Warps per block for rows of `cols` columns: one per step up to kWarps, rounded up to a power of two
+// (the sparse part splits the tile's 16 rows evenly over them).
+inline int warps_for(int64_t cols) {
+  const int64_t steps = (cols + kStepCols - 1) / kStepCols;
+  int w = 1;
+  while (w < kWarps && w < steps) w *= 2;
+  return w;
+}
 inline constexpr int kUnitCols = 64;  // the packing unit of docs/format.md: a lane span is two of them
 
 struct Params {
