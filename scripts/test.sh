@@ -56,7 +56,7 @@ if command -v nvcc >/dev/null; then
   cmake --build build-nvcc -j"$jobs" --target nuq_cuda nuq_cuda_tests nuq_bench_linear_cuda nuq_cli nuq_generate
   (cd build-nvcc && ctest --output-on-failure -j"$jobs" -L '^cuda$')
   echo "== SASS report (instruction budgets, docs/cuda-kernels.md)"
-  bash scripts/sass-report.sh build-sass
+  NUQ_SASS_ARCHS=${NUQ_SASS_ARCHS:-90} bash scripts/sass-report.sh build-sass
 else
   echo "warning: nvcc not found: the CUDA kernels were not compiled for a GPU"
 fi
