@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda_bench.hpp"
 #include "nuq/half.hpp"
 #include "nuq/linear_cuda.hpp"
 
@@ -93,32 +94,6 @@ DeviceLayer random_layer(int64_t rows, int64_t cols, int bits, double sparse, ui
 void free_layer(DeviceLayer& l) {
   for (void* p : l.allocations) cudaFree(p);
   l.allocations.clear();
-}
-
-// Device-to-device copy bandwidth (bytes read + written per second), measured once.
-double copy_bandwidth() {
-  static double bw = [] {
-    const size_t bytes = size_t(1) << 30;
-    void *a = nullptr, *b = nullptr;
-    if (cudaMalloc(&a, bytes) != cudaSuccess || cudaMalloc(&b, bytes) != cudaSuccess) return 0.0;
-    cudaEvent_t e0, e1;
-    cudaEventCreate(&e0);
-    cudaEventCreate(&e1);
-    float best = 1e30f;
-    for (int i = 0; i < 5; ++i) {
-      cudaEventRecord(e0);
-      cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice);
-      cudaEventRecord(e1);
-      cudaEventSynchronize(e1);
-      float ms = 0;
-      cudaEventElapsedTime(&ms, e0, e1);
-      best = std::min(best, ms);
-    }
-    cudaFree(a);
-    cudaFree(b);
-    return 2.0 * double(bytes) / (double(best) * 1e-3);
-  }();
-  return bw;
 }
 
 int device_l2_bytes() {
@@ -198,8 +173,8 @@ void nuq_cuda_gemv(benchmark::State& state) {
   const double bytes = double(layers[0].bytes) + double(batch * (cols + rows) * 2);
   state.counters["bytes_per_s"] = bytes / t_nuq;
   state.counters["weights_per_s"] = double(rows * cols) / t_nuq;
-  state.counters["bw_fraction"] = bytes / t_nuq / copy_bandwidth();
-  state.counters["copy_bw_GBps"] = copy_bandwidth() / 1e9;
+  state.counters["bw_fraction"] = bytes / t_nuq / nuq::bench::copy_bandwidth();
+  state.counters["copy_bw_GBps"] = nuq::bench::copy_bandwidth() / 1e9;
   state.counters["cublas_us"] = t_cublas * 1e6;
   state.counters["speedup_vs_cublas"] = t_cublas / t_nuq;
   cudaEventDestroy(e0);

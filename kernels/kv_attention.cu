@@ -226,11 +226,12 @@ __global__ void __launch_bounds__(kWarps * 32, 4)
   }
 }
 
+// Shared by the quantized and the fp16 kernels: both write a split's partial as (max, sum, weighted sum).
 template <class T>
-__global__ void merge_kernel(const KvDeviceCache c, int n_heads, int splits, int split_tokens, const float* __restrict__ ws,
-                             uint16_t* __restrict__ out) {
-  const int bh = blockIdx.x, b = bh / n_heads, hd = c.head_dim;
-  const int len = c.lengths[b];
+__global__ void merge_kernel(const int32_t* __restrict__ lengths, int hd, int n_heads, int splits, int split_tokens,
+                             const float* __restrict__ ws, uint16_t* __restrict__ out) {
+  const int bh = blockIdx.x, b = bh / n_heads;
+  const int len = lengths[b];
   const float* src = ws + int64_t(bh) * splits * (hd + 2);
   for (int ch = threadIdx.x; ch < hd; ch += blockDim.x) {
     float mx = -INFINITY;
@@ -245,6 +246,113 @@ __global__ void merge_kernel(const KvDeviceCache c, int n_heads, int splits, int
     }
     // Values are in model order: the output channel is the value channel.
     out[int64_t(bh) * hd + ch] = from_float<T>(o / sum);
+  }
+}
+
+// ---- fp16/bf16 baseline ---------------------------------------------------------------------------
+//
+// Split-K flash decoding over an unquantized cache (keys already rotated), the baseline the quantized
+// kernel is benchmarked against (bench/bench_kv_cuda.cpp). A half-warp takes one token: each of its 16
+// lanes reads 8 channels of the key and the value row with one 16-byte load each, the scores of the G
+// query heads are summed by 4 shuffles, and running softmax states stay in the lanes. Partials go to
+// the same workspace as the quantized kernel's, merged by merge_kernel.
+template <int GMAX, int HD, class T>
+__global__ void __launch_bounds__(kWarps * 32, 4)
+    dense_split_kernel(DenseKvDevice kv, int n_heads, const uint16_t* __restrict__ q, float scale, int split_tokens,
+                       int splits, float* __restrict__ ws) {
+  constexpr int kSlots = 2 * kWarps;  // half-warps of the block
+  float* smem = detail::dynamic_shared<float>();
+  float* sm_m = smem;                    // [kSlots][GMAX]
+  float* sm_l = sm_m + kSlots * GMAX;    // [kSlots][GMAX]
+  float* sm_acc = sm_l + kSlots * GMAX;  // [kSlots][GMAX][HD]
+  const int G = n_heads / kv.n_kv_heads;
+  const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, half = lane / 16, sub = lane % 16;
+  const int slot = 2 * warp + half;
+  const bool active = 8 * sub < HD;  // lanes past the head dimension idle through the shuffles
+  const int len = kv.lengths[b];
+  const int t0 = split * split_tokens, t1 = min(len, t0 + split_tokens);
+
+  float qv[GMAX][8];
+#pragma unroll
+  for (int g = 0; g < GMAX; ++g)
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+      qv[g][i] = (g < G && active) ? to_float<T>(q[(int64_t(b) * n_heads + h * G + g) * HD + 8 * sub + i]) : 0.0f;
+  float m[GMAX], l[GMAX], acc[GMAX][8];
+#pragma unroll
+  for (int g = 0; g < GMAX; ++g) {
+    m[g] = -INFINITY;
+    l[g] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[g][i] = 0.0f;
+  }
+  const int64_t head_base = int64_t(b) * kv.seq_stride + int64_t(h) * kv.head_stride;
+  // Rounds of kSlots tokens; every warp runs every round's shuffles (idle slots skip the work).
+  for (int round = t0; round < t1; round += kSlots) {
+    const int t = round + slot;
+    const bool live = t < t1 && active;
+    uint4 kr = make_uint4(0, 0, 0, 0), vr = make_uint4(0, 0, 0, 0);
+    if (live) {
+      kr = __ldg(reinterpret_cast<const uint4*>(kv.k + head_base + int64_t(t) * HD + 8 * sub));
+      vr = __ldg(reinterpret_cast<const uint4*>(kv.v + head_base + int64_t(t) * HD + 8 * sub));
+    }
+    const uint32_t kw[4] = {kr.x, kr.y, kr.z, kr.w}, vw[4] = {vr.x, vr.y, vr.z, vr.w};
+    float kf[8], vf[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      kf[i] = to_float<T>(uint16_t(kw[i / 2] >> (16 * (i % 2))));
+      vf[i] = to_float<T>(uint16_t(vw[i / 2] >> (16 * (i % 2))));
+    }
+#pragma unroll
+    for (int g = 0; g < GMAX; ++g) {
+      if (g >= G) break;  // block-uniform
+      float sc = 0.0f;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) sc = fmaf(qv[g][i], kf[i], sc);
+#pragma unroll
+      for (int off = 8; off > 0; off /= 2) sc += __shfl_xor_sync(0xffffffffu, sc, off);
+      if (!(t < t1)) continue;
+      const float score = sc * scale;
+      const float m_new = fmaxf(m[g], score);
+      const float corr = m[g] == -INFINITY ? 0.0f : __expf(m[g] - m_new);
+      const float w = __expf(score - m_new);
+      l[g] = l[g] * corr + w;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[g][i] = fmaf(w, vf[i], acc[g][i] * corr);
+      m[g] = m_new;
+    }
+  }
+  // Merge the half-warps in order.
+#pragma unroll
+  for (int g = 0; g < GMAX; ++g) {
+    if (g >= G) break;
+    if (sub == 0) {
+      sm_m[slot * GMAX + g] = m[g];
+      sm_l[slot * GMAX + g] = l[g];
+    }
+    if (active)
+#pragma unroll
+      for (int i = 0; i < 8; ++i) sm_acc[(slot * GMAX + g) * HD + 8 * sub + i] = acc[g][i];
+  }
+  __syncthreads();
+  for (int e = int(threadIdx.x); e < G * HD; e += int(blockDim.x)) {
+    const int g = e / HD, ch = e % HD;
+    float mx = -INFINITY;
+    for (int w = 0; w < kSlots; ++w) mx = fmaxf(mx, sm_m[w * GMAX + g]);
+    float sum = 0.0f, o = 0.0f;
+    for (int w = 0; w < kSlots; ++w) {
+      if (sm_m[w * GMAX + g] == -INFINITY) continue;
+      const float f = __expf(sm_m[w * GMAX + g] - mx);
+      sum += f * sm_l[w * GMAX + g];
+      o += f * sm_acc[(w * GMAX + g) * HD + ch];
+    }
+    float* dst = ws + ((int64_t(b) * n_heads + h * G + g) * splits + split) * (HD + 2);
+    if (ch == 0) {
+      dst[0] = mx;
+      dst[1] = sum;
+    }
+    dst[2 + ch] = o;
   }
 }
 
@@ -321,10 +429,76 @@ Status launch_decode(const KvDeviceCache& c, int batch, int n_heads, const uint1
   else s = launch_split_hd<8, T>(c, grid, shared, stream, n_heads, q, scale, split_tokens, splits, ws);
   if (!s.ok()) return s;
   return detail::launch("kv_decode_attention merge launch", merge_kernel<T>, unsigned(batch * n_heads), 128, 0, stream,
-                        c, n_heads, splits, split_tokens, static_cast<const float*>(ws), out);
+                        c.lengths, c.head_dim, n_heads, splits, split_tokens, static_cast<const float*>(ws), out);
+}
+
+template <class T>
+Status launch_dense(const DenseKvDevice& kv, int batch, int n_heads, const uint16_t* q, uint16_t* out, float scale,
+                    int max_length, int split_tokens, float* ws, cudaStream_t stream) {
+  const int G = n_heads / kv.n_kv_heads;
+  const int gmax = G <= 1 ? 1 : G <= 2 ? 2 : G <= 4 ? 4 : 8;
+  const int splits = (max_length + split_tokens - 1) / split_tokens;
+  const size_t shared = sizeof(float) * size_t(2 * kWarps) * size_t(gmax) * size_t(2 + kv.head_dim);
+  const dim3 grid(unsigned(splits), unsigned(kv.n_kv_heads), unsigned(batch));
+  auto go = [&](auto gmax_c, auto hd_c) {
+    return detail::launch("dense_kv_decode_attention split launch",
+                          dense_split_kernel<decltype(gmax_c)::value, decltype(hd_c)::value, T>, grid, kWarps * 32,
+                          shared, stream, kv, n_heads, q, scale, split_tokens, splits, ws);
+  };
+  auto with_hd = [&](auto gmax_c) {
+    switch (kv.head_dim) {
+      case 64: return go(gmax_c, std::integral_constant<int, 64>{});
+      case 80: return go(gmax_c, std::integral_constant<int, 80>{});
+      case 96: return go(gmax_c, std::integral_constant<int, 96>{});
+      default: return go(gmax_c, std::integral_constant<int, 128>{});
+    }
+  };
+  Status s = gmax == 1   ? with_hd(std::integral_constant<int, 1>{})
+             : gmax == 2 ? with_hd(std::integral_constant<int, 2>{})
+             : gmax == 4 ? with_hd(std::integral_constant<int, 4>{})
+                         : with_hd(std::integral_constant<int, 8>{});
+  if (!s.ok()) return s;
+  return detail::launch("dense_kv_decode_attention merge launch", merge_kernel<T>, unsigned(batch * n_heads), 128, 0,
+                        stream, kv.lengths, kv.head_dim, n_heads, splits, split_tokens, static_cast<const float*>(ws),
+                        out);
 }
 
 }  // namespace
+
+Status can_implement_dense_kv_decode(const DenseKvDevice& kv, int batch, int n_heads, int max_length, int split_tokens,
+                                     int64_t workspace_bytes) {
+  auto bad = [](std::string m) { return Status{StatusCode::invalid_argument, "dense_kv_decode_attention: " + m}; };
+  if (kv.head_dim != 64 && kv.head_dim != 80 && kv.head_dim != 96 && kv.head_dim != 128)
+    return bad("head_dim " + std::to_string(kv.head_dim) + " is not supported (64, 80, 96, 128)");
+  if (kv.n_kv_heads <= 0 || n_heads <= 0 || n_heads % kv.n_kv_heads != 0 || n_heads / kv.n_kv_heads > kMaxGroup)
+    return bad(std::to_string(n_heads) + " query heads over " + std::to_string(kv.n_kv_heads) +
+               " kv heads (a multiple, at most " + std::to_string(kMaxGroup) + " per kv head)");
+  if (batch <= 0 || max_length <= 0 || split_tokens <= 0) return bad("batch, max_length and split_tokens must be positive");
+  if (!kv.k || !kv.v || !kv.lengths) return bad("a null k, v or lengths");
+  // 16-byte loads of 8 channels: rows and strides in multiples of 8 elements.
+  if (reinterpret_cast<uintptr_t>(kv.k) % 16 || reinterpret_cast<uintptr_t>(kv.v) % 16 || kv.seq_stride % 8 ||
+      kv.head_stride % 8)
+    return bad("k and v must be 16-byte aligned with strides of a multiple of 8 elements");
+  if (kv.head_stride < int64_t(max_length) * kv.head_dim)
+    return bad("head_stride " + std::to_string(kv.head_stride) + " cannot hold max_length " + std::to_string(max_length) +
+               " tokens");
+  if (workspace_bytes < kv_decode_workspace_bytes(batch, n_heads, kv.head_dim, max_length, split_tokens))
+    return bad("workspace of " + std::to_string(workspace_bytes) + " bytes is too small (need " +
+               std::to_string(kv_decode_workspace_bytes(batch, n_heads, kv.head_dim, max_length, split_tokens)) + ")");
+  return {};
+}
+
+Status dense_kv_decode_attention(const DenseKvDevice& kv, int batch, int n_heads, const uint16_t* q, uint16_t* out,
+                                 float scale, int max_length, int split_tokens, void* workspace, int64_t workspace_bytes,
+                                 cudaStream_t stream, ActivationType type) {
+  if (Status s = can_implement_dense_kv_decode(kv, batch, n_heads, max_length, split_tokens, workspace_bytes); !s.ok())
+    return s;
+  if (!q || !out || !workspace) return {StatusCode::invalid_argument, "dense_kv_decode_attention: null q, out or workspace"};
+  auto* ws = static_cast<float*>(workspace);
+  return type == ActivationType::bf16
+             ? launch_dense<__nv_bfloat16>(kv, batch, n_heads, q, out, scale, max_length, split_tokens, ws, stream)
+             : launch_dense<__half>(kv, batch, n_heads, q, out, scale, max_length, split_tokens, ws, stream);
+}
 
 Status kv_decode_attention(const KvDeviceCache& c, int batch, int n_heads, const uint16_t* q, uint16_t* out, float scale,
                            int max_length, int split_tokens, void* workspace, int64_t workspace_bytes,

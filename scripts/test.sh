@@ -53,7 +53,7 @@ if command -v nvcc >/dev/null; then
   cmake -S . -B build-nvcc -G Ninja -DCMAKE_BUILD_TYPE=Release -DNUQ_CUDA=ON \
     "-DCMAKE_CUDA_ARCHITECTURES=${NUQ_CUDA_ARCHS:-90}" -DNUQ_BUILD_TESTS=ON -DNUQ_BUILD_BENCH=ON \
     -DNUQ_BUILD_PYTHON=OFF -DNUQ_BUILD_EXAMPLES=ON
-  cmake --build build-nvcc -j"$jobs" --target nuq_cuda nuq_cuda_tests nuq_bench_linear_cuda nuq_cli nuq_generate
+  cmake --build build-nvcc -j"$jobs" --target nuq_cuda nuq_cuda_tests nuq_bench_linear_cuda nuq_bench_kv_cuda nuq_cli nuq_generate
   (cd build-nvcc && ctest --output-on-failure -j"$jobs" -L '^cuda$')
   echo "== SASS report (instruction budgets, docs/cuda-kernels.md)"
   NUQ_SASS_ARCHS=${NUQ_SASS_ARCHS:-90} bash scripts/sass-report.sh build-sass

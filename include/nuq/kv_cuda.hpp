@@ -49,4 +49,24 @@ Status kv_decode_attention(const KvDeviceCache& cache, int batch, int n_heads, c
                            float scale, int max_length, int split_tokens, void* workspace, int64_t workspace_bytes,
                            cudaStream_t stream, ActivationType type = ActivationType::f16);
 
+// The unquantized baseline (our own fp16/bf16 flash-decoding kernel, for benchmarks): keys already
+// rotated, K and V of sequence b, kv head h, token t at k + b * seq_stride + h * head_stride + t * head_dim
+// (elements of `type`, 16-byte aligned, strides multiples of 8); lengths [batch] on the device.
+struct DenseKvDevice {
+  const uint16_t* k = nullptr;
+  const uint16_t* v = nullptr;
+  int64_t seq_stride = 0, head_stride = 0;
+  int n_kv_heads = 0, head_dim = 0;
+  const int32_t* lengths = nullptr;
+};
+
+Status can_implement_dense_kv_decode(const DenseKvDevice& kv, int batch, int n_heads, int max_length, int split_tokens,
+                                     int64_t workspace_bytes);
+
+// q: [batch][n_heads][head_dim] already rotated; out: the same shape; both of `type`. Workspace as
+// kv_decode_workspace_bytes.
+Status dense_kv_decode_attention(const DenseKvDevice& kv, int batch, int n_heads, const uint16_t* q, uint16_t* out,
+                                 float scale, int max_length, int split_tokens, void* workspace, int64_t workspace_bytes,
+                                 cudaStream_t stream, ActivationType type = ActivationType::f16);
+
 }  // namespace nuq::cuda

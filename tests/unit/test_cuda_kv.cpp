@@ -162,6 +162,95 @@ TEST_F(CudaKvDecode, GroupsWidthsSinksAndBf16) {
 // A context past 32k tokens: positions where angles formed in fp32 would be off by ~1e-3 rad.
 TEST_F(CudaKvDecode, LongContext) { check_case({128, 2, 4, 3, 3, {33000, 5}, ActivationType::f16}); }
 
+// The fp16/bf16 baseline kernel against the CPU's unquantized attention on the same rounded values.
+void check_dense(int64_t hd, int64_t n_kv, int64_t group, const std::vector<int64_t>& lengths, ActivationType type) {
+  SCOPED_TRACE("dense head_dim=" + std::to_string(hd) + " group=" + std::to_string(group) +
+               (type == ActivationType::bf16 ? " bf16" : " fp16"));
+  const bool bf16 = type == ActivationType::bf16;
+  const int batch = int(lengths.size());
+  const int64_t n_heads = n_kv * group, max_len = *std::max_element(lengths.begin(), lengths.end());
+  const int64_t head_stride = (max_len + 3) / 4 * 4 * hd, seq_stride = n_kv * head_stride;
+  std::mt19937_64 rng(uint64_t(hd + 17 * group));
+  std::normal_distribution<float> nd;
+  auto round16 = [&](float x, uint16_t& bits) {
+    bits = bf16 ? nuq::float_to_bf16(x) : nuq::float_to_fp16(x);
+    return bf16 ? nuq::bf16_to_float(bits) : nuq::fp16_to_float(bits);
+  };
+  std::vector<uint16_t> k16(size_t(batch * seq_stride)), v16(k16.size()), q16(size_t(batch * n_heads * hd));
+  std::vector<float> kf(k16.size()), vf(k16.size()), qf(q16.size());
+  for (size_t i = 0; i < k16.size(); ++i) {
+    kf[i] = round16(nd(rng), k16[i]);
+    vf[i] = round16(nd(rng), v16[i]);
+  }
+  for (size_t i = 0; i < q16.size(); ++i) qf[i] = round16(0.5f * nd(rng), q16[i]);
+  kv::DenseKv ref_kv;
+  ref_kv.k = kf.data();
+  ref_kv.v = vf.data();
+  ref_kv.n_kv_heads = n_kv;
+  ref_kv.head_dim = hd;
+  ref_kv.seq_stride = seq_stride;
+  ref_kv.head_stride = head_stride;
+  std::vector<float> ref(qf.size());
+  kv::AttentionOptions ro;
+  ro.isa = nuq::cpu::Isa::scalar;
+  kv::dense_decode_attention(ref_kv, lengths, qf.data(), n_heads, ref.data(), ro);
+
+  std::vector<int32_t> lens32(lengths.begin(), lengths.end());
+  nuq::cuda::DenseKvDevice d;
+  d.k = upload(k16);
+  d.v = upload(v16);
+  d.seq_stride = seq_stride;
+  d.head_stride = head_stride;
+  d.n_kv_heads = int(n_kv);
+  d.head_dim = int(hd);
+  d.lengths = upload(lens32);
+  const int split = 256;
+  const int64_t ws_bytes = nuq::cuda::kv_decode_workspace_bytes(batch, int(n_heads), int(hd), int(max_len), split);
+  void* ws = nullptr;
+  ASSERT_EQ(cudaMalloc(&ws, size_t(ws_bytes)), cudaSuccess);
+  uint16_t* dq = upload(q16);
+  uint16_t* dout = upload(std::vector<uint16_t>(q16.size(), 0));
+  const auto status = nuq::cuda::dense_kv_decode_attention(d, batch, int(n_heads), dq, dout, float(1.0 / std::sqrt(double(hd))),
+                                                           int(max_len), split, ws, ws_bytes, nullptr, type);
+  ASSERT_TRUE(status.ok()) << status.message;
+  std::vector<uint16_t> out16(q16.size());
+  cudaMemcpy(out16.data(), dout, out16.size() * 2, cudaMemcpyDeviceToHost);
+  const double u = bf16 ? std::ldexp(1.0, -8) : std::ldexp(1.0, -11);
+  for (size_t i = 0; i < ref.size(); ++i) {
+    const double got = bf16 ? nuq::bf16_to_float(out16[i]) : nuq::fp16_to_float(out16[i]);
+    ASSERT_LE(std::fabs(got - ref[i]), u * std::fabs(ref[i]) + 2e-3) << "output " << i << ": " << got << " vs " << ref[i];
+  }
+  for (const void* p : {static_cast<const void*>(d.k), static_cast<const void*>(d.v), static_cast<const void*>(d.lengths),
+                        static_cast<const void*>(dq), static_cast<const void*>(dout), static_cast<const void*>(ws)})
+    cudaFree(const_cast<void*>(p));
+}
+
+TEST_F(CudaKvDecode, DenseBaselineMatchesCpuReference) {
+  check_dense(128, 2, 4, {1, 33, 700}, ActivationType::f16);
+  check_dense(64, 3, 3, {257, 5}, ActivationType::bf16);
+  check_dense(80, 1, 8, {100, 1000}, ActivationType::f16);
+  check_dense(96, 4, 1, {9, 513}, ActivationType::bf16);
+}
+
+TEST(CudaKvDecodeArgs, DenseRefusalsNameTheProblem) {
+  nuq::cuda::DenseKvDevice d;
+  d.head_dim = 128;
+  d.n_kv_heads = 2;
+  alignas(16) static uint16_t fake[64];
+  d.k = fake + 1;
+  d.v = fake;
+  d.lengths = reinterpret_cast<const int32_t*>(fake);
+  d.head_stride = 128 * 16;
+  auto s = nuq::cuda::can_implement_dense_kv_decode(d, 1, 4, 16, 256, 1 << 20);
+  EXPECT_NE(s.message.find("16-byte aligned"), std::string::npos) << s.message;
+  d.k = fake;
+  s = nuq::cuda::can_implement_dense_kv_decode(d, 1, 4, 17, 256, 1 << 20);
+  EXPECT_NE(s.message.find("cannot hold max_length 17"), std::string::npos) << s.message;
+  EXPECT_TRUE(nuq::cuda::can_implement_dense_kv_decode(d, 1, 4, 16, 256, 1 << 20).ok());
+  s = nuq::cuda::can_implement_dense_kv_decode(d, 1, 5, 16, 256, 1 << 20);
+  EXPECT_NE(s.message.find("5 query heads over 2 kv heads"), std::string::npos) << s.message;
+}
+
 TEST(CudaKvDecodeArgs, RefusalsNameTheProblem) {
   // Host-side checks: no device needed.
   nuq::cuda::KvDeviceCache c;
