@@ -5,6 +5,7 @@ on the public functions."""
 import ast
 import inspect
 import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import sys
 import pytest
 
 from conftest import ROOT, build_dir
-from nuq_package import import_nuq
+from nuq_package import import_nuq, installed
 
 TYPING = ROOT / "tests" / "python" / "typing"
 
@@ -24,14 +25,16 @@ def nuq():
 
 def mypy(*files):
     pytest.importorskip("mypy", reason="mypy is not installed (pip install mypy)")
-    env = dict(os.environ, MYPYPATH=str(build_dir() / "python"))
+    env = dict(os.environ)
+    if not installed():  # an installed nuq is found as a PEP 561 package, through its py.typed
+        env["MYPYPATH"] = str(build_dir() / "python")
     return subprocess.run([sys.executable, "-m", "mypy", "--strict", "--no-incremental", "--no-error-summary",
                            "--cache-dir", os.devnull, *map(str, files)],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
 
 
 def test_package_is_marked_typed(nuq):
-    package = build_dir() / "python" / "nuq"
+    package = pathlib.Path(nuq.__file__).parent
     assert (package / "py.typed").is_file() and (package / "_nuq.pyi").is_file()
 
 
@@ -51,7 +54,7 @@ def test_mypy_strict_reports_every_misuse():
 
 def stub_functions():
     """name -> parameter names, for the module-level functions and the methods (Class.method) of _nuq.pyi."""
-    tree = ast.parse((ROOT / "python" / "nuq" / "_nuq.pyi").read_text())
+    tree = ast.parse((ROOT / "python" / "nuq" / "_nuq.pyi").read_text())  # the source of the installed copy
     out, names = {}, set()
 
     def params(fn):
@@ -110,7 +113,8 @@ def test_stubs_match_the_compiled_module(nuq):
                 if isinstance(member, property):
                     assert key in stubs, f"property {key} has no stub"
                     continue
-                if attr.startswith("__") and attr not in ("__init__", "__contains__"):
+                # Private members are pybind11's own (e.g. _pybind11_conduit_v1_ in pybind11 >= 2.13).
+                if attr.startswith("_") and attr not in ("__init__", "__contains__"):
                     continue
                 func = getattr(obj, attr)
                 if not callable(func) or key not in stubs and attr == "__repr__":
