@@ -38,12 +38,12 @@ def test_package_is_marked_typed(nuq):
     assert (package / "py.typed").is_file() and (package / "_nuq.pyi").is_file()
 
 
-def test_mypy_strict_accepts_the_sample_script():
+def test_mypy_strict_accepts_the_sample_script(nuq):
     r = mypy(TYPING / "sample_api.py")
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_mypy_strict_reports_every_misuse():
+def test_mypy_strict_reports_every_misuse(nuq):
     r = mypy(TYPING / "sample_errors.py")
     source = (TYPING / "sample_errors.py").read_text().splitlines()
     expected = {i + 1 for i, line in enumerate(source) if re.search(r"#\s*error:", line)}
