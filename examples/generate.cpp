@@ -1,5 +1,6 @@
 // Text generation with nuq's LLaMA-family decoder: load a checkpoint (llama2.c, GGUF, safetensors, full
-// precision or nuq-packed), encode a prompt, sample greedily or with a temperature, report tokens/s.
+// precision or nuq-packed), encode a prompt, sample greedily or with a temperature, report tokens/s. The
+// generation itself is nuq::generate_text (include/nuq/model_tasks.hpp), which nuq.generate runs too.
 //
 //   nuq_generate --model stories260K.bin --tokenizer tok512.bin --prompt "Once upon a time" --steps 64
 //   nuq_generate --model quantized/SmolLM2/ --tokenizer SmolLM2.gguf --prompt "The capital of France is"
@@ -25,6 +26,7 @@
 #include "nuq/error.hpp"
 #include "nuq/kv_cache.hpp"
 #include "nuq/llama.hpp"
+#include "nuq/model_tasks.hpp"
 #ifdef NUQ_WITH_CUDA
 #include "nuq/llama_cuda.hpp"
 #endif
@@ -83,8 +85,16 @@ Args parse(int argc, char** argv) {
   return a;
 }
 
-double since(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+// CUDA linear backends for --device cuda / cuda-bf16 in a build with CUDA; empty otherwise.
+nuq::LinearBackendFactory backend_factory() {
+#ifdef NUQ_WITH_CUDA
+  return [](const std::string& device) -> std::shared_ptr<nuq::LinearBackend> {
+    return nuq::cuda::make_linear_backend(device == "cuda" ? nuq::cuda::ActivationType::f16
+                                                           : nuq::cuda::ActivationType::bf16);
+  };
+#else
+  return nullptr;
+#endif
 }
 
 int run(const Args& a) {
@@ -99,30 +109,27 @@ int run(const Args& a) {
     std::fprintf(stderr, "error: --int8 applies to the packed kernels; it cannot be combined with --decode-packed\n");
     return 2;
   }
-  nuq::LlamaLoadOptions load{a.threads, a.decode_packed,
-                              a.int8 ? nuq::cpu::Arithmetic::int8 : nuq::cpu::Arithmetic::exact};
-  if (a.device != "cpu") {
-    NUQ_CHECK(a.device == "cuda" || a.device == "cuda-bf16", nuq::Errc::invalid_argument,
-              "--device {}: expected cpu, cuda or cuda-bf16", a.device);
-    NUQ_CHECK(!a.decode_packed && !a.int8, nuq::Errc::invalid_argument,
-              "--device {} runs the packed layers on the GPU; --decode-packed and --int8 are CPU options", a.device);
-#ifdef NUQ_WITH_CUDA
-    load.linear_backend = nuq::cuda::make_linear_backend(
-        a.device == "cuda" ? nuq::cuda::ActivationType::f16 : nuq::cuda::ActivationType::bf16);
-#else
-    nuq::fail(nuq::Errc::unsupported, "--device {}: this nuq_generate was built without CUDA", a.device);
-#endif
-  }
-  auto model = nuq::LlamaModel::load(a.model, load);
-  const nuq::LlamaConfig& c = model->config();
-  std::vector<float> hidden, logits;
-  std::optional<nuq::kv::Calibration> kv_calibration;
-  if (!a.kv_calibration.empty()) kv_calibration = nuq::kv::load_calibration(a.kv_calibration);
-  auto new_cache = [&](int64_t capacity) {
-    return kv_calibration ? model->new_cache(capacity, *kv_calibration) : model->new_cache(capacity);
-  };
-
   if (!a.logits_out.empty()) {
+    nuq::LlamaLoadOptions load{a.threads, a.decode_packed,
+                                a.int8 ? nuq::cpu::Arithmetic::int8 : nuq::cpu::Arithmetic::exact};
+    if (a.device != "cpu") {
+      NUQ_CHECK(a.device == "cuda" || a.device == "cuda-bf16", nuq::Errc::invalid_argument,
+                "--device {}: expected cpu, cuda or cuda-bf16", a.device);
+      NUQ_CHECK(!a.decode_packed && !a.int8, nuq::Errc::invalid_argument,
+                "--device {} runs the packed layers on the GPU; --decode-packed and --int8 are CPU options", a.device);
+      const auto make = backend_factory();
+      NUQ_CHECK(make != nullptr, nuq::Errc::unsupported, "--device {}: this nuq_generate was built without CUDA",
+                a.device);
+      load.linear_backend = make(a.device);
+    }
+    auto model = nuq::LlamaModel::load(a.model, load);
+    const nuq::LlamaConfig& c = model->config();
+    std::vector<float> hidden, logits;
+    std::optional<nuq::kv::Calibration> kv_calibration;
+    if (!a.kv_calibration.empty()) kv_calibration = nuq::kv::load_calibration(a.kv_calibration);
+    auto new_cache = [&](int64_t capacity) {
+      return kv_calibration ? model->new_cache(capacity, *kv_calibration) : model->new_cache(capacity);
+    };
     std::vector<int32_t> ids;
     std::stringstream ss(a.tokens);
     for (std::string t; std::getline(ss, t, ',');) ids.push_back(int32_t(std::stol(t)));
@@ -138,68 +145,49 @@ int run(const Args& a) {
     return 0;
   }
 
-  std::string tok_path = a.tokenizer.empty() ? model->embedded_tokenizer_path() : a.tokenizer;
-  NUQ_CHECK(!tok_path.empty(), nuq::Errc::invalid_argument, "{}: no tokenizer inside the checkpoint; pass --tokenizer",
-            a.model);
-  auto tok = nuq::Tokenizer::load(tok_path);
-  std::vector<int32_t> ids{tok->bos()};
-  for (int32_t id : tok->encode(a.prompt)) ids.push_back(id);
-  const int64_t capacity = int64_t(ids.size()) + a.steps;
-  auto cache = new_cache(capacity);
-  hidden.resize(ids.size() * std::size_t(c.dim));
-  logits.resize(std::size_t(c.vocab_size));
-
-  std::fprintf(stderr, "%s: %s, %lld layers, dim %lld; linear layers %.3f bits/weight\n", a.model.c_str(),
-               model->description().c_str(), (long long)c.n_layers, (long long)c.dim, model->linear_bits_per_weight());
-  auto t0 = std::chrono::steady_clock::now();
-  model->forward(ids.data(), int64_t(ids.size()), *cache, hidden.data());
-  const double prefill = since(t0);
-  std::printf("%s", a.prompt.c_str());
-  std::fflush(stdout);
-  std::mt19937_64 rng(a.seed);
-  std::vector<float> probs(std::size_t(c.vocab_size));
-  const float* last = &hidden[(ids.size() - 1) * std::size_t(c.dim)];
-  t0 = std::chrono::steady_clock::now();
-  int generated = 0;
-  for (int step = 0; step < a.steps; ++step) {
-    model->logits(last, 1, logits.data());
-    int32_t next = 0;
-    if (a.temperature <= 0) {
-      for (int64_t v = 1; v < c.vocab_size; ++v)
-        if (logits[std::size_t(v)] > logits[std::size_t(next)]) next = int32_t(v);
+  nuq::GenerateOptions g;
+  g.model = a.model;
+  g.tokenizer = a.tokenizer;
+  g.prompt = a.prompt;
+  g.steps = a.steps;
+  g.temperature = a.temperature;
+  g.seed = a.seed;
+  g.threads = a.threads;
+  g.decode_packed = a.decode_packed;
+  g.int8 = a.int8;
+  g.device = a.device;
+  g.make_backend = backend_factory();
+  g.kv_calibration = a.kv_calibration;
+  const nuq::GenerateResult r = nuq::generate_text(g, [&](const nuq::GenerateProgress& p) {
+    using Stage = nuq::GenerateProgress::Stage;
+    if (p.stage == Stage::loaded) {
+      const nuq::LlamaConfig& c = p.model->config();
+      std::fprintf(stderr, "%s: %s, %lld layers, dim %lld; linear layers %.3f bits/weight\n", a.model.c_str(),
+                   p.model->description().c_str(), (long long)c.n_layers, (long long)c.dim,
+                   p.model->linear_bits_per_weight());
+    } else if (p.stage == Stage::prefilled) {
+      std::printf("%s", a.prompt.c_str());
     } else {
-      float mx = logits[0];
-      for (float l : logits) mx = std::max(mx, l);
-      double sum = 0;
-      for (int64_t v = 0; v < c.vocab_size; ++v) sum += probs[std::size_t(v)] = std::exp((logits[std::size_t(v)] - mx) / a.temperature);
-      double r = std::uniform_real_distribution<double>(0, sum)(rng);
-      for (next = 0; next + 1 < c.vocab_size && (r -= probs[std::size_t(next)]) > 0; ++next) {
-      }
+      std::printf("%s", p.piece.c_str());
     }
-    if (next == tok->eos()) break;
-    std::printf("%s", tok->decode(next).c_str());
     std::fflush(stdout);
-    ++generated;
-    if (cache->length == cache->capacity) break;
-    model->forward(&next, 1, *cache, hidden.data());
-    last = hidden.data();
-  }
-  const double decode = since(t0);
+  });
   std::printf("\n");
+  const int generated = int(r.ids.size());
   std::fprintf(stderr, "prompt: %zu tokens in %.3f s (%.1f tokens/s); generated %d tokens in %.3f s (%.1f tokens/s)\n",
-               ids.size(), prefill, double(ids.size()) / prefill, generated, decode,
-               generated ? double(generated) / decode : 0.0);
-  const double fp16_bytes = double(cache->length * c.n_layers * 2 * c.n_kv_heads * c.head_dim * 2);
-  if (kv_calibration)
+               r.prompt_ids.size(), r.prefill_seconds, double(r.prompt_ids.size()) / r.prefill_seconds, generated,
+               r.decode_seconds, generated ? double(generated) / r.decode_seconds : 0.0);
+  if (r.quantized_cache)
     std::fprintf(stderr,
                  "KV cache: quantized (%d-bit keys / %d-bit values), %lld tokens in %lld bytes of pages and sink "
                  "copies = %.1f%% of fp16 (%.0f bytes), %.1f%% of fp32 (%.0f bytes)\n",
-                 kv_calibration->layers[0].bits_k, kv_calibration->layers[0].bits_v, (long long)cache->length,
-                 (long long)cache->bytes(), 100.0 * double(cache->bytes()) / fp16_bytes, fp16_bytes,
-                 50.0 * double(cache->bytes()) / fp16_bytes, 2 * fp16_bytes);
+                 r.kv_bits_k, r.kv_bits_v, (long long)r.cache_tokens, (long long)r.cache_bytes,
+                 100.0 * double(r.cache_bytes) / r.cache_fp16_bytes, r.cache_fp16_bytes,
+                 50.0 * double(r.cache_bytes) / r.cache_fp16_bytes, 2 * r.cache_fp16_bytes);
   else
     std::fprintf(stderr, "KV cache: fp32, %lld tokens in %.0f bytes (%lld allocated for %lld)\n",
-                 (long long)cache->length, 2 * fp16_bytes, (long long)cache->bytes(), (long long)cache->capacity);
+                 (long long)r.cache_tokens, 2 * r.cache_fp16_bytes, (long long)r.cache_bytes,
+                 (long long)r.cache_capacity);
   return 0;
 }
 

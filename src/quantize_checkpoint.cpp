@@ -451,7 +451,7 @@ bool matches_any(const std::vector<std::regex>& res, const std::string& name) {
   return false;
 }
 
-std::vector<std::regex> compile_patterns(const std::vector<std::string>& patterns, std::string_view flag) {
+std::vector<std::regex> compile_patterns(const std::vector<std::string>& patterns, const std::string& flag) {
   std::vector<std::regex> out;
   for (const std::string& p : patterns) {
     try {
@@ -521,15 +521,18 @@ QuantizeCheckpointResult quantize_checkpoint(const CheckpointQuantizeOptions& op
   NUQ_CHECK(!options.output_dir.empty(), Errc::invalid_argument, "no output directory given");
   NUQ_CHECK(format::is_supported_bits(options.layer.bits), Errc::invalid_argument,
             "bits must be 2, 3 or 4, got {}", options.layer.bits);
-  check_fraction(options.layer.outlier_fraction, "the outlier fraction");
-  check_fraction(options.layer.sensitive_fraction, "the sensitive fraction");
+  const ArgStyle style = options.arg_style;
+  check_fraction(options.layer.outlier_fraction,
+                 style == ArgStyle::cli ? "the outlier fraction" : "outlier_fraction");
+  check_fraction(options.layer.sensitive_fraction,
+                 style == ArgStyle::cli ? "the sensitive fraction" : "sensitive_fraction");
   NUQ_CHECK(options.max_shard_bytes > 0, Errc::invalid_argument, "the maximum shard size must be positive");
 
   const InputCheckpoint in(options.input);
   NUQ_CHECK(!in.already_quantized(), Errc::invalid_argument,
             "{}: this checkpoint is already quantized (it has quantization_config metadata)", options.input);
-  const auto include = compile_patterns(options.include, "--include");
-  const auto exclude = compile_patterns(options.exclude, "--exclude");
+  const auto include = compile_patterns(options.include, arg_name(style, "--include", "include"));
+  const auto exclude = compile_patterns(options.exclude, arg_name(style, "--exclude", "exclude"));
   std::map<std::string, PlanEntry> plan;
   if (!options.plan_path.empty()) plan = load_plan(options.plan_path);
   std::set<std::string> plan_used;
@@ -540,10 +543,12 @@ QuantizeCheckpointResult quantize_checkpoint(const CheckpointQuantizeOptions& op
   if (!options.hessian_path.empty()) {
     hessian = std::make_unique<StatisticsFile>(options.hessian_path);
     NUQ_CHECK(hessian->kind() == StatsKind::hessian && !hessian->is_calibrate_output(), Errc::invalid_argument,
-              "{}: --hessian needs the full XᵀX statistics of `nuq calibrate --hessian` (this file holds {})",
-              options.hessian_path, hessian->is_calibrate_output() ? "per-column means only" : "Fisher statistics");
+              "{}: {} needs the full XᵀX statistics of {} (this file holds {})", options.hessian_path,
+              arg_name(style, "--hessian", "hessian"),
+              arg_name(style, "`nuq calibrate --hessian`", "nuq.calibrate(..., hessian=...)"), hessian->is_calibrate_output() ? "per-column means only" : "Fisher statistics");
     NUQ_CHECK(std::isfinite(options.hessian_damping) && options.hessian_damping >= 0, Errc::invalid_argument,
-              "the Hessian damping must be finite and >= 0, got {}", options.hessian_damping);
+              "{} must be finite and >= 0, got {}", arg_name(style, "the Hessian damping", "damping"),
+              options.hessian_damping);
   }
   bool warned_missing_hessian = false;
   std::set<std::pair<std::string, int64_t>> hessian_checked;  // (stored layer, cols) already read
@@ -568,7 +573,8 @@ QuantizeCheckpointResult quantize_checkpoint(const CheckpointQuantizeOptions& op
     }
     bool quantize;
     if (matches_any(exclude, t.name)) {
-      if (entry) result.warnings.push_back(fmt::format("{} is in the plan but excluded by --exclude: kept unquantized", t.name));
+      if (entry) result.warnings.push_back(fmt::format("{} is in the plan but excluded by {}: kept unquantized", t.name,
+                                                                arg_name(style, "--exclude", "exclude")));
       quantize = false;
     } else if (entry) {
       NUQ_CHECK(t.shape.rank() == 2, Errc::invalid_argument, "{}: plan entry {} names a tensor of shape {}; only 2-D weights are quantized",
@@ -582,8 +588,8 @@ QuantizeCheckpointResult quantize_checkpoint(const CheckpointQuantizeOptions& op
     if (!quantize) continue;
     NUQ_CHECK(t.floating, Errc::unsupported,
               "{}: tensor {} has dtype {}; nuq quantizes F32, F16 and BF16 weights (and decodable GGUF types). "
-              "Leave it out with --exclude",
-              options.input, in_quotes(t.name), t.dtype);
+              "Leave it out with {}",
+              options.input, in_quotes(t.name), t.dtype, arg_name(style, "--exclude", "exclude"));
     LayerJob job;
     job.tensor = i;
     job.base = base;
@@ -669,8 +675,8 @@ QuantizeCheckpointResult quantize_checkpoint(const CheckpointQuantizeOptions& op
     NUQ_CHECK(plan_used.count(name), Errc::invalid_argument, "{}: plan names {}, which is not a tensor of {}",
               options.plan_path, in_quotes(name), options.input);
   NUQ_CHECK(!jobs.empty(), Errc::invalid_argument,
-            "{}: no tensor selected for quantization (the default rule takes {}; use --include to choose others)",
-            options.input, default_quantize_rule_text());
+            "{}: no tensor selected for quantization (the default rule takes {}; use {} to choose others)",
+            options.input, default_quantize_rule_text(), arg_name(style, "--include", "include"));
 
   // ---- the output directory: refuse to clobber, resume or start the partial directory ----
   const fs::path out_dir(options.output_dir);
@@ -692,7 +698,8 @@ QuantizeCheckpointResult quantize_checkpoint(const CheckpointQuantizeOptions& op
   const bool complete_exists = !fs::exists(partial) && (fs::exists(out_dir / kSingleFileName) ||
                                                          fs::exists(out_dir / kIndexFileName));
   NUQ_CHECK(!complete_exists || options.force, Errc::invalid_argument,
-            "{} already holds a quantized checkpoint; pass --force to replace it", options.output_dir);
+            "{} already holds a quantized checkpoint; pass {} to replace it", options.output_dir,
+            flag_name(style, "--force", "force"));
   if (options.restart) fs::remove_all(partial);
 
   const Json fingerprint = job_fingerprint(in, jobs, options.fisher_path, fisher.get(), options.hessian_path, tool);
@@ -710,12 +717,12 @@ QuantizeCheckpointResult quantize_checkpoint(const CheckpointQuantizeOptions& op
   }
   if (fs::exists(partial)) {
     const Json was = Json::parse(read_small_file(job_file.string(), "the saved job"), nullptr, false);
-    NUQ_CHECK(!was.is_discarded(), Errc::invalid_file, "{}: unreadable; rerun with --restart to discard the unfinished work",
-              job_file.string());
+    NUQ_CHECK(!was.is_discarded(), Errc::invalid_file, "{}: unreadable; rerun with {} to discard the unfinished work",
+              job_file.string(), flag_name(style, "--restart", "restart"));
     NUQ_CHECK(was == fingerprint, Errc::invalid_argument,
               "{} holds unfinished work from a run with different input or settings (first difference: {}); "
-              "rerun with the same settings to resume it, or with --restart to discard it",
-              options.output_dir, first_difference(was, fingerprint));
+              "rerun with the same settings to resume it, or with {} to discard it",
+              options.output_dir, first_difference(was, fingerprint), flag_name(style, "--restart", "restart"));
   } else {
     fs::create_directories(partial, ec);
     NUQ_CHECK(!ec, Errc::io, "{}: cannot create {}: {}", options.output_dir, partial.string(), ec.message());
@@ -966,7 +973,7 @@ QuantizeCheckpointResult quantize_checkpoint(const CheckpointQuantizeOptions& op
   fs::remove_all(done, ec);
 
   result.seconds = seconds_since(t0);
-  report(CheckpointQuantizeProgress::Stage::done, n_jobs, n_jobs, "", 0, nullptr);
+  report(CheckpointQuantizeProgress::Stage::done, n_jobs, n_jobs, options.output_dir, 0, nullptr);
   return result;
 }
 

@@ -4,6 +4,7 @@
 
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <utility>
 
 #include <fmt/format.h>
@@ -30,6 +31,19 @@ class Error : public std::runtime_error {
  private:
   Errc code_;
 };
+
+// Who is calling, so that messages name an option the way the caller spelled it: `--skip-tokens` on
+// the command line, `skip_tokens` from Python (a flag: `--force` there, `force=True` here).
+enum class ArgStyle { cli, python };
+
+// The option's name in `style`: arg_name(style, "--sparse", "outlier_fraction").
+inline std::string arg_name(ArgStyle style, std::string_view cli, std::string_view python) {
+  return std::string(style == ArgStyle::cli ? cli : python);
+}
+// A boolean flag as the caller turns it on: "--force" / "force=True".
+inline std::string flag_name(ArgStyle style, std::string_view cli, std::string_view python) {
+  return style == ArgStyle::cli ? std::string(cli) : std::string(python) + "=True";
+}
 
 template <class... Args>
 [[noreturn]] void fail(Errc code, fmt::format_string<Args...> format, Args&&... args) {

@@ -11,6 +11,7 @@
 #include <string_view>
 #include <vector>
 
+#include "nuq/error.hpp"
 #include "nuq/quantize.hpp"
 #include "nuq/tensor.hpp"
 
@@ -47,11 +48,11 @@ struct QuantizedTensorRecord {
 
 struct CheckpointQuantizeProgress {
   enum class Stage {
-    start,      // about to quantize `name` (tensor_index of tensor_count)
+    start,      // about to quantize `name` (tensor_index of tensor_count): once per tensor, before its work
     quantized,  // `name` was quantized now; `layer` is set
     resumed,    // `name` was found already quantized in the partial directory; `layer` is set
     assemble,   // writing output file `name` (tensor_index = file number, tensor_count = files)
-    done,       // everything written
+    done,       // everything written; `name` is the output directory
   };
   Stage stage = Stage::start;
   int64_t tensor_index = 0;  // 0-based, among the tensors to quantize
@@ -87,6 +88,7 @@ struct CheckpointQuantizeOptions {
   bool force = false;       // replace a complete checkpoint already in output_dir
   bool restart = false;     // discard unfinished work in output_dir/.nuq-partial instead of resuming it
   std::string tool_version; // recorded in the metadata ("extra"); empty = the library version
+  ArgStyle arg_style = ArgStyle::cli;  // how messages name the options above (--force or force=True)
   std::function<void(const CheckpointQuantizeProgress&)> progress;  // called from the calling thread
 };
 

@@ -4,7 +4,9 @@ The heavy lifting happens in the C++ library; this package re-exports its bindin
 go in and come out without copies: NumPy arrays, and any object exposing DLPack or the buffer protocol
 (PyTorch CPU tensors, for instance), are read in place; results are NumPy arrays, and the arrays of a
 PackedLayer or Checkpoint view nuq's own memory. KVCache is the quantized KV cache of one attention
-layer, with kv_decode_attention over it. docs/python.md is the quickstart.
+layer, with kv_decode_attention over it. calibrate, fisher, evaluate, generate and convert run whole
+LLaMA-family models over a text, like the `nuq` command-line tool (and with the same C++ code);
+quantize_checkpoint and tune_codebooks turn them into packed checkpoints. docs/python.md is the quickstart.
 
 `nuq.torch` (imported on demand: it needs PyTorch) adds QuantLinear, load_quantized and collect_fisher.
 """
@@ -18,7 +20,6 @@ from ._nuq import (
     PackedLayer,
     __version__,
     allocate_bits,
-    calibrate_kv_layer,
     cuda_device_count,
     cuda_kv_decode_attention,
     cuda_kv_decode_workspace_bytes,
@@ -37,17 +38,49 @@ from ._nuq import (
     minimum_bytes,
     pack_indices,
     pareto_frontier,
-    quantize,
-    quantize_checkpoint,
-    tune_codebooks,
     row_bytes,
     save_kv_calibration,
     unpack_indices,
     write_checkpoint,
 )
 from ._cli import cli_path
+from ._progress import ProgressArg, ProgressEvent
+from ._tasks import (
+    CalibrateResult,
+    ConvertResult,
+    EvalResult,
+    FisherResult,
+    GenerateResult,
+    LayerRecord,
+    QuantizeCheckpointResult,
+    TuneResult,
+    calibrate,
+    calibrate_kv_layer,
+    convert,
+    evaluate,
+    fisher,
+    generate,
+    quantize,
+    quantize_checkpoint,
+    tune_codebooks,
+)
 
 __all__ = [
+    "CalibrateResult",
+    "ConvertResult",
+    "EvalResult",
+    "FisherResult",
+    "GenerateResult",
+    "LayerRecord",
+    "ProgressArg",
+    "ProgressEvent",
+    "QuantizeCheckpointResult",
+    "TuneResult",
+    "calibrate",
+    "convert",
+    "evaluate",
+    "fisher",
+    "generate",
     "FORMAT_VERSION",
     "HAS_CUDA",
     "Checkpoint",

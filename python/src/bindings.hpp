@@ -9,4 +9,5 @@ void bind_statistics(pybind11::module_& m);  // statistics.cpp: accumulators, Hu
 void bind_checkpoint_quantizer(pybind11::module_& m);  // statistics.cpp: quantize_checkpoint
 void bind_kv(pybind11::module_& m);          // kv.cpp: KV-cache calibration
 void bind_cuda(pybind11::module_& m);        // cuda.cpp: CUDA launchers over device pointers
+void bind_tasks(pybind11::module_& m);       // tasks.cpp: calibrate, fisher, evaluate, generate, convert
 }  // namespace nuq::python

@@ -14,6 +14,7 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <exception>
 #include <string>
 #include <vector>
 
@@ -67,5 +68,41 @@ struct ArrayArg {
 // `dtype` is a NumPy dtype name; itemsize must match it.
 py::array view_of(const void* data, const char* dtype, std::size_t itemsize, const std::vector<int64_t>& shape,
                   py::handle base, bool writeable = false);
+
+// Python callbacks from C++ that runs without the GIL. Every long-running binding installs one, even
+// without a user callback, so that Ctrl-C (KeyboardInterrupt) stops it at the next callback.
+//
+// Thrown through nuq code to unwind it when a callback raised; deliberately not a std::exception, so
+// that nothing in between mistakes it for a nuq failure.
+struct CallbackRaised {};
+
+// Collects the first Python exception raised by a callback; run() re-raises it unchanged once the C++
+// call has unwound and the GIL is held again.
+struct CallbackScope {
+  std::exception_ptr error;
+
+  // Call from a callback, with the GIL held, around the Python call.
+  template <class F>
+  void call(F&& f) {
+    try {
+      // Ctrl-C while nuq works is delivered here: the work stops at the next callback.
+      if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+      f();
+    } catch (py::error_already_set&) {
+      error = std::current_exception();
+      throw CallbackRaised{};
+    }
+  }
+
+  template <class F>
+  auto run(F&& f) {
+    try {
+      py::gil_scoped_release release;
+      return f();
+    } catch (const CallbackRaised&) {
+      std::rethrow_exception(error);
+    }
+  }
+};
 
 }  // namespace nuq::python

@@ -119,6 +119,7 @@ Returns a uint8 array of shape [rows, cols].)doc");
   nuq::python::bind_checkpoint_quantizer(m);
   nuq::python::bind_cuda(m);
   nuq::python::bind_kv(m);
+  nuq::python::bind_tasks(m);
   m.def("inspect", &inspect, py::arg("path"), py::arg("full_check") = false,
         "Summarize a checkpoint (safetensors file or directory, GGUF file): a dict with path, kind, "
         "total_bytes, metadata (str -> str) and tensors (list of dicts: name, dtype, shape, bytes).");

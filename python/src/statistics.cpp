@@ -36,41 +36,6 @@ Shape shape_of(const ArrayArg& a) {
   return s;
 }
 
-// ---- Python callbacks from C++ that runs without the GIL ---------------------------------------------
-
-// Thrown through nuq code to unwind it when a callback raised; deliberately not a std::exception, so
-// that nothing in between mistakes it for a nuq failure.
-struct CallbackRaised {};
-
-// Collects the first Python exception raised by a callback; run() re-raises it unchanged once the C++
-// call has unwound and the GIL is held again.
-struct CallbackScope {
-  std::exception_ptr error;
-
-  // Call from a callback, with the GIL held, around the Python call.
-  template <class F>
-  void call(F&& f) {
-    try {
-      // Ctrl-C while nuq works is delivered here: the work stops at the next callback.
-      if (PyErr_CheckSignals() != 0) throw py::error_already_set();
-      f();
-    } catch (py::error_already_set&) {
-      error = std::current_exception();
-      throw CallbackRaised{};
-    }
-  }
-
-  template <class F>
-  auto run(F&& f) {
-    try {
-      py::gil_scoped_release release;
-      return f();
-    } catch (const CallbackRaised&) {
-      std::rethrow_exception(error);
-    }
-  }
-};
-
 // ---- accumulators --------------------------------------------------------------------------------------
 
 void fisher_add(FisherAccumulator& acc, const std::string& name, py::handle grad_obj) {
@@ -187,6 +152,7 @@ py::dict quantize_checkpoint_py(const std::string& input, const std::string& out
   o.threads = threads;
   o.force = force;
   o.restart = restart;
+  o.arg_style = ArgStyle::python;
   if (!progress.is_none() && !PyCallable_Check(progress.ptr()))
     throw py::type_error("quantize_checkpoint: progress must be callable or None");
   CallbackScope scope;

@@ -11,12 +11,8 @@
 #include <string_view>
 #include <string>
 
-namespace nuq {
-class LlamaModel;
-namespace kv {
-struct Calibration;
-}
-}
+#include "nuq/model_tasks.hpp"
+
 
 namespace nuq::cli {
 
@@ -37,19 +33,11 @@ void add_tune_command(CLI::App& app, Action& action);
 void add_plan_command(CLI::App& app, Action& action);
 // `kv-calibrate`, and the --kv-* options of `eval` (kv_command.cpp, docs/kv-cache.md).
 void add_kv_calibrate_command(CLI::App& app, Action& action);
-struct KvEvalOptions {
-  std::string calibration, outliers, method = "nuq", path;
-  int bits = 0;
-};
-void add_kv_eval_options(CLI::App* cmd, KvEvalOptions& o);
-struct KvEval {
-  std::string description;  // empty: the fp32 cache
-  // Set for --kv-path kernel: the caller makes its caches with LlamaModel::new_cache(capacity, *calibration).
-  std::shared_ptr<const kv::Calibration> calibration;
-};
-// Sets up what the options ask: the model's KV hook (--kv-path roundtrip, --kv-method uniform) or the
-// calibration of quantized caches (--kv-path kernel).
-KvEval install_kv_eval(LlamaModel& model, const KvEvalOptions& o);
+// The --kv-* options of `eval`, filling `o` (KvCacheOptions, include/nuq/model_tasks.hpp) except the
+// outlier fraction, which `outliers` receives as written ("1%").
+void add_kv_eval_options(CLI::App* cmd, KvCacheOptions& o, std::string& outliers);
+// Makes CUDA linear backends in a build with CUDA; empty otherwise.
+LinearBackendFactory cuda_backend_factory();
 
 // "71.2 MiB"
 std::string human_bytes(uint64_t n);

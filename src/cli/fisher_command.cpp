@@ -13,6 +13,7 @@
 #include "nuq/error.hpp"
 #include "nuq/llama.hpp"
 #include "nuq/llama_grad.hpp"
+#include "nuq/model_tasks.hpp"
 #include "nuq/safetensors.hpp"
 #include "nuq/sensitivity.hpp"
 #include "nuq/tokenizer.hpp"
@@ -22,98 +23,56 @@ namespace {
 
 namespace fs = std::filesystem;
 
-// The tokenizer `nuq eval` would use: --tokenizer, the model's own GGUF, or tokenizer.json beside it.
-std::string tokenizer_path(const LlamaModel& model, const std::string& model_path, std::string given) {
-  if (!given.empty()) return given;
-  if (!model.embedded_tokenizer_path().empty()) return model.embedded_tokenizer_path();
-  const fs::path dir = fs::is_directory(model_path) ? fs::path(model_path) : fs::path(model_path).parent_path();
-  if (fs::exists(dir / "tokenizer.json")) return (dir / "tokenizer.json").string();
-  throw Error(Errc::invalid_argument, fmt::format("{}: the checkpoint holds no tokenizer; pass --tokenizer", model_path));
-}
-
 std::string duration(double s) {
   if (s < 120) return fmt::format("{:.0f}s", s);
   if (s < 7200) return fmt::format("{:.0f}m{:02.0f}s", std::floor(s / 60), std::fmod(s, 60));
   return fmt::format("{:.0f}h{:02.0f}m", std::floor(s / 3600), std::fmod(s / 60, 60));
 }
 
-// --text after --skip-tokens and --max-tokens, checked against the model's vocabulary.
-std::vector<int32_t> calibration_tokens(const Tokenizer& tok, const std::string& tok_path, int64_t vocab,
-                                        const std::string& text, int64_t skip, int64_t max_tokens) {
-  NUQ_CHECK(skip >= 0 && max_tokens >= 0, Errc::invalid_argument, "--skip-tokens and --max-tokens must not be negative");
-  NUQ_CHECK(tok.vocab_size() <= vocab, Errc::invalid_argument, "{}: the tokenizer has {} tokens but the model only {}",
-            tok_path, tok.vocab_size(), vocab);
-  std::vector<int32_t> ids = tok.encode(read_small_file(text, "the text"));
-  NUQ_CHECK(!ids.empty(), Errc::invalid_argument, "{}: the text has no tokens", text);
-  NUQ_CHECK(skip < int64_t(ids.size()), Errc::invalid_argument, "{}: cannot skip {} of its {} tokens", text, skip,
-            ids.size());
-  ids.erase(ids.begin(), ids.begin() + skip);
-  if (max_tokens > 0 && int64_t(ids.size()) > max_tokens) ids.resize(std::size_t(max_tokens));
-  return ids;
-}
-
 }  // namespace
 
 void add_fisher_command(CLI::App& app, Action& action) {
   struct Options {
-    std::string model, tokenizer, text, out;
-    int64_t ctx = 512, max_tokens = 16384, skip_tokens = 0;
-    int threads = 0;
+    FisherOptions fisher;
     bool quiet = false;
   };
   auto o = std::make_shared<Options>();
+  FisherOptions& f = o->fisher;
   CLI::App* cmd = app.add_subcommand(
       "fisher", "Empirical Fisher diagonal (mean squared gradient of each window's mean next-token loss) of every "
                 "linear weight, from a backward pass through the decoder, written as a statistics file for `nuq "
                 "quantize --fisher` and `nuq plan --stats`");
-  cmd->add_option("--model,-m", o->model, "checkpoint (the one to be quantized, for matching tensor names)")->required();
-  cmd->add_option("--tokenizer", o->tokenizer, "tokenizer (as for nuq eval)");
-  cmd->add_option("--text", o->text, "calibration text, tokenized as one string")->required();
-  cmd->add_option("--out,-o", o->out, "output .safetensors file (written atomically)")->required();
-  cmd->add_option("--ctx", o->ctx, "window length in tokens, BOS included; one gradient sample per window")
+  cmd->add_option("--model,-m", f.model, "checkpoint (the one to be quantized, for matching tensor names)")->required();
+  cmd->add_option("--tokenizer", f.tokenizer, "tokenizer (as for nuq eval)");
+  cmd->add_option("--text", f.text, "calibration text, tokenized as one string")->required();
+  cmd->add_option("--out,-o", f.out, "output .safetensors file (written atomically)")->required();
+  cmd->add_option("--ctx", f.ctx, "window length in tokens, BOS included; one gradient sample per window")
       ->capture_default_str()
       ->check(CLI::Range(2, 1 << 16));
-  cmd->add_option("--max-tokens", o->max_tokens, "tokens of text to run (0: all)")->capture_default_str();
-  cmd->add_option("--skip-tokens", o->skip_tokens,
+  cmd->add_option("--max-tokens", f.max_tokens, "tokens of text to run (0: all)")->capture_default_str();
+  cmd->add_option("--skip-tokens", f.skip_tokens,
                   "start this many tokens into the text (keep calibration and evaluation text apart)")
       ->capture_default_str();
-  cmd->add_option("--threads,-j", o->threads, "worker threads (0: all cores)")->capture_default_str();
+  cmd->add_option("--threads,-j", f.threads, "worker threads (0: all cores)")->capture_default_str();
   cmd->add_flag("--quiet,-q", o->quiet, "no progress output");
   cmd->callback([o, &action] {
     action = [o]() -> int {
-      // Fail before hours of compute, not at the end, when the output cannot be written.
-      const fs::path out_dir = fs::absolute(o->out).parent_path();
-      NUQ_CHECK(fs::is_directory(out_dir), Errc::invalid_argument, "{}: the directory {} does not exist", o->out,
-                out_dir.string());
-      NUQ_CHECK(!fs::is_directory(o->out), Errc::invalid_argument, "{}: is a directory; --out names a file", o->out);
-      const auto t0 = std::chrono::steady_clock::now();
-      // Packed layers are decoded: gradients are taken with respect to the dense weights they stand for.
-      auto model = LlamaModel::load(o->model, {o->threads, true});
-      const std::string tok_path = tokenizer_path(*model, o->model, o->tokenizer);
-      auto tok = Tokenizer::load(tok_path);
-      const std::vector<int32_t> ids = calibration_tokens(*tok, tok_path, model->config().vocab_size, o->text,
-                                                          o->skip_tokens, o->max_tokens);
-      LlamaBackward backward(model->weights(), o->threads);
-      const double load_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      if (!o->quiet)
-        std::fprintf(stderr, "%s: %s, %lld layers; %zu tokens of %s in windows of %lld (loaded in %.1f s)\n",
-                     o->model.c_str(), model->description().c_str(), (long long)model->config().n_layers, ids.size(),
-                     o->text.c_str(), (long long)o->ctx, load_seconds);
-      FisherAccumulator acc;
-      const auto t1 = std::chrono::steady_clock::now();
-      const FisherCollectResult r = collect_fisher(
-          backward, ids, tok->bos(), o->ctx, acc, [&](int64_t w, int64_t windows, double loss, double seconds) {
-            if (o->quiet) return;
-            const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
-            std::fprintf(stderr, "window %lld/%lld  loss %.4f  %.1f s  ETA %s\n", (long long)(w + 1),
-                         (long long)windows, loss, seconds,
-                         duration(elapsed / double(w + 1) * double(windows - w - 1)).c_str());
-          });
-      acc.save(o->out);
-      const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
+      const FisherOptions& f = o->fisher;
+      const FisherResult r = compute_fisher(f, [&](const TextTaskProgress& p) {
+        if (o->quiet) return;
+        if (p.stage == TextTaskProgress::Stage::loaded) {
+          std::fprintf(stderr, "%s: %s, %lld layers; %lld tokens of %s in windows of %lld (loaded in %.1f s)\n",
+                       f.model.c_str(), p.model->description().c_str(), (long long)p.model->config().n_layers,
+                       (long long)p.tokens, f.text.c_str(), (long long)f.ctx, p.load_seconds);
+          return;
+        }
+        std::fprintf(stderr, "window %lld/%lld  loss %.4f  %.1f s  ETA %s\n", (long long)(p.window + 1),
+                     (long long)p.windows, p.value, p.window_seconds,
+                     duration(p.elapsed_seconds / double(p.window + 1) * double(p.windows - p.window - 1)).c_str());
+      });
       fmt::print("wrote {}: Fisher diagonal of {} weights over {} windows ({} tokens, mean loss {:.4f}) in {:.1f} s "
                  "({:.1f} s per window)\n",
-                 o->out, acc.names().size(), r.windows, r.tokens, r.mean_loss, seconds, seconds / double(r.windows));
+                 f.out, r.weights, r.windows, r.tokens, r.mean_loss, r.seconds, r.seconds / double(r.windows));
       return 0;
     };
   });
@@ -170,7 +129,7 @@ void add_tune_command(CLI::App& app, Action& action) {
       std::string tok_path = o->tokenizer;
       if (tok_path.empty()) {
         auto reference = LlamaModel::load(o->reference, {1, false});
-        tok_path = tokenizer_path(*reference, o->reference, "");
+        tok_path = find_tokenizer(*reference, o->reference, "", ArgStyle::cli);
       }
       auto tok = Tokenizer::load(tok_path);
       const auto meta = LlamaModel::load(o->model, {1, false});
@@ -180,7 +139,8 @@ void add_tune_command(CLI::App& app, Action& action) {
       const std::size_t per = std::size_t(o->tuning.ctx - 1);
       for (const std::string& text : o->texts) {
         streams.push_back(
-            calibration_tokens(*tok, tok_path, meta->config().vocab_size, text, o->skip_tokens, o->max_tokens));
+            calibration_tokens(*tok, tok_path, meta->config().vocab_size, text, o->skip_tokens, o->max_tokens,
+                               ArgStyle::cli));
         if (o->texts.size() == 1) break;
         NUQ_CHECK(streams.back().size() >= per, Errc::invalid_argument,
                   "{}: {} tokens after --skip-tokens, fewer than one window of {}; mixed texts need whole windows",

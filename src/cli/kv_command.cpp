@@ -1,5 +1,5 @@
-// `nuq kv-calibrate` and the --kv-* options of `nuq eval`: the quantized KV cache (docs/kv-cache.md)
-// inside the decoder. `--kv-path kernel` runs the decoder on real quantized caches
+// `nuq kv-calibrate` and the --kv-* options of `nuq eval` (install_kv_cache in src/model_tasks.cpp): the
+// quantized KV cache (docs/kv-cache.md) inside the decoder. `--kv-path kernel` runs the decoder on real quantized caches
 // (LlamaModel::new_cache with a calibration: keys and values quantized as they are appended, attention by
 // kv::decode_attention); `--kv-path roundtrip` passes every key and value through the cache's exact
 // encode/decode (LayerCache::roundtrip) in the KV hook, before RoPE and the decoder's own fp32 attention.
@@ -21,26 +21,8 @@
 #include "nuq/tokenizer.hpp"
 
 namespace nuq::cli {
-namespace {
 
-kv::Rope rope_of(const LlamaConfig& c) { return kv::Rope{c.rope, c.rope_theta, kv::RopeScaling::none, 1.0}; }
-
-// The baseline KVQuant compares with: asymmetric uniform b-bit quantization of each (token, kv head)
-// vector between its own minimum and maximum, no outliers, no sink.
-void uniform_per_token(float* x, int64_t vectors, int64_t width, int bits) {
-  const float levels = float((1 << bits) - 1);
-  for (int64_t r = 0; r < vectors; ++r) {
-    float* p = x + r * width;
-    const auto [lo, hi] = std::minmax_element(p, p + width);
-    const float a = *lo, step = (*hi - *lo) / levels;
-    if (!(step > 0)) continue;
-    for (int64_t i = 0; i < width; ++i) p[i] = a + std::nearbyint((p[i] - a) / step) * step;
-  }
-}
-
-}  // namespace
-
-void add_kv_eval_options(CLI::App* cmd, KvEvalOptions& o) {
+void add_kv_eval_options(CLI::App* cmd, KvCacheOptions& o, std::string& outliers) {
   cmd->add_option("--kv-calibration", o.calibration,
                   "quantize the KV cache with this calibration (from `nuq kv-calibrate`)");
   cmd->add_option("--kv-path", o.path,
@@ -50,68 +32,9 @@ void add_kv_eval_options(CLI::App* cmd, KvEvalOptions& o) {
   cmd->add_option("--kv-bits", o.bits,
                   "KV bits: checked against --kv-calibration, or the width of --kv-method uniform")
       ->check(CLI::Range(2, 8));
-  cmd->add_option("--kv-outliers", o.outliers, "KV outlier fraction (e.g. 1%), checked against --kv-calibration");
+  cmd->add_option("--kv-outliers", outliers, "KV outlier fraction (e.g. 1%), checked against --kv-calibration");
   cmd->add_option("--kv-method", o.method, "nuq (default, needs --kv-calibration) or uniform (int per token)")
       ->check(CLI::IsMember({"nuq", "uniform"}));
-}
-
-KvEval install_kv_eval(LlamaModel& model, const KvEvalOptions& o) {
-  const LlamaConfig& c = model.config();
-  if (o.method == "uniform") {
-    NUQ_CHECK(o.bits > 0, Errc::invalid_argument, "--kv-method uniform needs --kv-bits");
-    NUQ_CHECK(o.calibration.empty(), Errc::invalid_argument, "--kv-method uniform takes no --kv-calibration");
-    NUQ_CHECK(o.path.empty(), Errc::invalid_argument,
-              "--kv-path applies to --kv-calibration; --kv-method uniform always quantizes in the KV hook");
-    const int bits = o.bits;
-    const int64_t hd = c.head_dim, n_kv = c.n_kv_heads;
-    model.set_kv_hook([bits, hd, n_kv](int64_t, int64_t, int64_t n, float* k, float* v) {
-      uniform_per_token(k, n * n_kv, hd, bits);
-      uniform_per_token(v, n * n_kv, hd, bits);
-    });
-    return {fmt::format("uniform int{} per token (keys before RoPE), {} bytes/token/layer with fp16 scale and zero",
-                        bits, n_kv * 2 * (hd * bits / 8 + 4)),
-            nullptr};
-  }
-  if (o.calibration.empty()) {
-    NUQ_CHECK(o.bits == 0 && o.outliers.empty() && o.path.empty(), Errc::invalid_argument,
-              "--kv-bits/--kv-outliers/--kv-path need --kv-calibration (from `nuq kv-calibrate`) or --kv-method "
-              "uniform");
-    return {};
-  }
-  auto cal = std::make_shared<kv::Calibration>(kv::load_calibration(o.calibration));
-  NUQ_CHECK(int64_t(cal->layers.size()) == c.n_layers, Errc::invalid_argument,
-            "{}: calibration of {} layers for a model of {}", o.calibration, cal->layers.size(), c.n_layers);
-  if (!o.outliers.empty()) {
-    const double f = parse_percent(o.outliers, "--kv-outliers");
-    NUQ_CHECK(std::fabs(f - cal->outlier_fraction) < 1e-9, Errc::invalid_argument,
-              "--kv-outliers {} differs from the calibration's {}%", o.outliers, cal->outlier_fraction * 100);
-  }
-  auto caches = std::make_shared<std::vector<kv::LayerCache>>();
-  kv::CacheOptions opt;
-  opt.rope = rope_of(c);
-  for (const auto& layer : cal->layers) {
-    NUQ_CHECK(layer.n_kv_heads == c.n_kv_heads && layer.head_dim == c.head_dim, Errc::invalid_argument,
-              "{}: calibrated for {} kv heads of {} channels, the model has {} of {}", o.calibration,
-              layer.n_kv_heads, layer.head_dim, c.n_kv_heads, c.head_dim);
-    NUQ_CHECK(o.bits == 0 || (layer.bits_k == o.bits && layer.bits_v == o.bits), Errc::invalid_argument,
-              "--kv-bits {} differs from the calibration's {}-bit keys / {}-bit values", o.bits, layer.bits_k,
-              layer.bits_v);
-    caches->emplace_back(layer, *cal, opt);
-  }
-  const bool kernel = o.path.empty() || o.path == "kernel";
-  if (!kernel)
-    model.set_kv_hook([caches](int64_t layer, int64_t pos0, int64_t n, float* k, float* v) {
-      (*caches)[size_t(layer)].roundtrip(pos0, n, k, v);
-    });
-  const auto& first = caches->front();
-  return {fmt::format("nuq {}-bit keys / {}-bit values, {}% outliers ({} slots), {} sink tokens{}, {} bytes/token/layer "
-                      "({:.1f}% of fp16); {}",
-                      cal->layers[0].bits_k, cal->layers[0].bits_v, cal->outlier_fraction * 100, first.layout().slots,
-                      cal->sink_tokens, cal->q_norm ? ", Q-Norm" : "", first.bytes_per_token(),
-                      100.0 * double(first.bytes_per_token()) / double(c.n_kv_heads * c.head_dim * 4),
-                      kernel ? "quantized cache, decode attention kernels"
-                             : "encode/decode round trip, fp32 attention"),
-          kernel ? cal : nullptr};
 }
 
 void add_kv_calibrate_command(CLI::App& app, Action& action) {

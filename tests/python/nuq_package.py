@@ -1,5 +1,7 @@
 """Imports the nuq Python package that CMake assembled in $NUQ_BUILD_DIR/python (tests skip, with the
-reason, when the build has no Python extension), and an independent NumPy decoder of the packed format."""
+reason, when the build has no Python extension; NUQ_TEST_INSTALLED=1 takes the installed one instead),
+and an independent NumPy decoder of the packed format."""
+import os
 import sys
 
 import numpy as np
@@ -8,7 +10,17 @@ import pytest
 from conftest import build_dir
 
 
+def installed():
+    """NUQ_TEST_INSTALLED=1: test the nuq that `pip install .` put into this Python, not the build tree's
+    (e.g. `NUQ_TEST_INSTALLED=1 venv/bin/python -m pytest tests/python/test_quickstart.py`)."""
+    return os.environ.get("NUQ_TEST_INSTALLED") == "1"
+
+
 def import_nuq():
+    if installed():
+        import nuq
+
+        return nuq
     path = build_dir() / "python"
     if not (path / "nuq").is_dir() or not any((path / "nuq").glob("_nuq*.so")):
         pytest.skip(f"the Python extension was not built in {build_dir()} (NUQ_BUILD_PYTHON=OFF)")

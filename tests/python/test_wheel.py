@@ -8,8 +8,10 @@ the build tools are kept in $NUQ_WHEEL_CACHE (default build-wheel/ in the projec
 Set NUQ_SKIP_WHEEL_TEST=1 to skip it in quick local iterations."""
 import os
 import pathlib
+import re
 import subprocess
 import sys
+import zipfile
 
 import pytest
 
@@ -45,6 +47,14 @@ def test_pip_wheel_installs_and_runs(tmp_path):
          "-C", f"build-dir={CACHE / 'cmake'}", "-C", "cmake.define.NUQ_CUDA=OFF"], timeout=1800)
     wheels = list(dist.glob("nuq-*.whl"))
     assert len(wheels) == 1, wheels
+    with zipfile.ZipFile(wheels[0]) as z:
+        files = set(z.namelist())
+        # Typed (PEP 561): the marker and the stubs of the compiled module travel with the package.
+        assert {"nuq/py.typed", "nuq/_nuq.pyi", "nuq/_tasks.py"} <= files, sorted(files)
+        metadata = z.read(next(f for f in files if f.endswith(".dist-info/METADATA"))).decode()
+    requires = re.findall(r"^Requires-Dist: ([A-Za-z0-9_.-]+)(.*)$", metadata, flags=re.M)
+    required = {name.lower() for name, rest in requires if "extra ==" not in rest}
+    assert {"numpy", "safetensors"} <= required, requires
 
     target = tmp_path / "venv"
     run([sys.executable, "-m", "venv", "--system-site-packages", target])  # NumPy from the host

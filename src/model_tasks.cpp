@@ -1,0 +1,593 @@
+// Calibration, Fisher statistics, perplexity and generation over a text (include/nuq/model_tasks.hpp),
+// moved here from the `nuq` subcommands so that the Python bindings run the same code.
+#include "nuq/model_tasks.hpp"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <random>
+
+#include "nuq/kv_cache.hpp"
+#include "nuq/llama_grad.hpp"
+#include "nuq/safetensors.hpp"
+#include "nuq/sensitivity.hpp"
+#include "nuq/tokenizer.hpp"
+
+namespace nuq {
+namespace {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+// "--device cuda" / "device='cuda'": an option together with the value it was given.
+std::string option_value(ArgStyle style, std::string_view cli, std::string_view python, const std::string& value) {
+  return style == ArgStyle::cli ? fmt::format("{} {}", cli, value) : fmt::format("{}='{}'", python, value);
+}
+
+// ---- loading -----------------------------------------------------------------------------------------
+
+struct ModelAndText {
+  std::unique_ptr<LlamaModel> model;
+  std::unique_ptr<Tokenizer> tok;
+  std::vector<int32_t> ids;
+  double load_seconds = 0;
+};
+
+// Loads the model and its tokenizer and tokenizes the text as one string, keeping tokens [skip, skip + max)
+// (max <= 0: all), as `nuq eval` and `nuq calibrate` always have.
+ModelAndText load_model_and_text(const std::string& model_path, const std::string& tokenizer,
+                                 const std::string& text_path, int64_t skip, int64_t max_tokens,
+                                 const LlamaLoadOptions& load, ArgStyle style) {
+  ModelAndText r;
+  const auto t0 = Clock::now();
+  r.model = LlamaModel::load(model_path, load);
+  const std::string tok_path = find_tokenizer(*r.model, model_path, tokenizer, style);
+  r.tok = Tokenizer::load(tok_path);
+  NUQ_CHECK(r.tok->vocab_size() <= r.model->config().vocab_size, Errc::invalid_argument,
+            "{}: the tokenizer has {} tokens but the model only {}", tok_path, r.tok->vocab_size(),
+            r.model->config().vocab_size);
+  r.load_seconds = seconds_since(t0);
+  r.ids = r.tok->encode(read_small_file(text_path, "the text"));
+  NUQ_CHECK(skip >= 0 && skip < int64_t(r.ids.size()), Errc::invalid_argument,
+            "{}: cannot skip {} of its {} tokens", text_path, skip, r.ids.size());
+  r.ids.erase(r.ids.begin(), r.ids.begin() + skip);
+  if (max_tokens > 0 && int64_t(r.ids.size()) > max_tokens) r.ids.resize(std::size_t(max_tokens));
+  return r;
+}
+
+// Window w holds BOS followed by text tokens [w·(ctx−1), (w+1)·(ctx−1)); every text token is predicted
+// exactly once, from BOS and the tokens before it in its window. fn(w, windows, begin, len, hidden) runs
+// after the window's forward pass; hidden holds the final states of its `len` inputs (BOS first). step > 0
+// feeds each window in forward calls of `step` tokens (as generation does) instead of one call.
+// `quantized_kv` runs the windows on a quantized KV cache with that calibration.
+template <class Fn>
+int64_t for_each_window(LlamaModel& model, const Tokenizer& tok, const std::vector<int32_t>& ids, int64_t ctx, Fn fn,
+                        int64_t step = 0, const kv::Calibration* quantized_kv = nullptr) {
+  const int64_t windows = window_count(int64_t(ids.size()), ctx);
+  auto cache = quantized_kv ? model.new_cache(ctx, *quantized_kv) : model.new_cache(ctx);
+  std::vector<float> hidden(std::size_t(ctx * model.config().dim));
+  std::vector<int32_t> input;
+  for (int64_t w = 0; w < windows; ++w) {
+    const auto [begin, len] = window_input(ids, tok.bos(), ctx, w, input);
+    cache->length = 0;
+    const int64_t m = int64_t(input.size()), chunk = step > 0 ? step : m;
+    for (int64_t i = 0; i < m; i += chunk)
+      model.forward(input.data() + i, std::min(chunk, m - i), *cache, hidden.data() + i * model.config().dim);
+    fn(w, windows, begin, len, hidden.data());
+  }
+  return windows;
+}
+
+void check_context(int64_t ctx, int64_t max_ctx, ArgStyle style) {
+  NUQ_CHECK(ctx >= 2 && ctx <= max_ctx, Errc::invalid_argument, "{} must be in [2, {}], got {}",
+            arg_name(style, "--ctx", "ctx"), max_ctx, ctx);
+}
+
+// Reports the loaded stage and times the windows.
+struct TextTaskReporter {
+  const TextTaskCallback& callback;
+  TextTaskProgress p;
+  Clock::time_point start, window_start;
+
+  TextTaskReporter(const TextTaskCallback& cb, const LlamaModel& model, int64_t windows, int64_t tokens,
+                   double load_seconds)
+      : callback(cb) {
+    p.model = &model;
+    p.windows = windows;
+    p.tokens = tokens;
+    p.load_seconds = load_seconds;
+    if (callback) callback(p);
+    start = window_start = Clock::now();
+  }
+
+  void window(int64_t w, int64_t tokens_done, double value, double window_seconds = -1) {
+    const auto now = Clock::now();
+    p.stage = TextTaskProgress::Stage::window;
+    p.window = w;
+    p.tokens_done = tokens_done;
+    p.value = value;
+    p.window_seconds = window_seconds >= 0 ? window_seconds : std::chrono::duration<double>(now - window_start).count();
+    p.elapsed_seconds = std::chrono::duration<double>(now - start).count();
+    window_start = now;
+    if (callback) callback(p);
+  }
+};
+
+void check_device(const std::string& device, bool decode_packed, bool int8, ArgStyle style) {
+  NUQ_CHECK(device == "cpu" || device == "cuda" || device == "cuda-bf16", Errc::invalid_argument,
+            "{}: expected cpu, cuda or cuda-bf16", option_value(style, "--device", "device", device));
+  if (device == "cpu") return;
+  NUQ_CHECK(!decode_packed && !int8, Errc::invalid_argument,
+            "{} runs the packed layers on the GPU; {} and {} are CPU options",
+            option_value(style, "--device", "device", device), flag_name(style, "--decode-packed", "decode_packed"),
+            flag_name(style, "--int8", "int8"));
+}
+
+// The load options of evaluate/generate: arithmetic, and the backend for a device other than the CPU.
+LlamaLoadOptions load_options(int threads, bool decode_packed, bool int8, const std::string& device,
+                              const LinearBackendFactory& make_backend, ArgStyle style) {
+  NUQ_CHECK(!(int8 && decode_packed), Errc::invalid_argument,
+            "{} applies to the packed kernels; it cannot be combined with {}", flag_name(style, "--int8", "int8"),
+            flag_name(style, "--decode-packed", "decode_packed"));
+  check_device(device, decode_packed, int8, style);
+  LlamaLoadOptions load;
+  load.threads = threads;
+  load.decode_packed = decode_packed;
+  load.arithmetic = int8 ? cpu::Arithmetic::int8 : cpu::Arithmetic::exact;
+  if (device != "cpu") {
+    NUQ_CHECK(make_backend != nullptr, Errc::unsupported, "{}: this nuq was built without CUDA",
+              option_value(style, "--device", "device", device));
+    load.linear_backend = make_backend(device);
+  }
+  return load;
+}
+
+kv::Rope rope_of(const LlamaConfig& c) { return kv::Rope{c.rope, c.rope_theta, kv::RopeScaling::none, 1.0}; }
+
+// The baseline KVQuant compares with: asymmetric uniform b-bit quantization of each (token, kv head)
+// vector between its own minimum and maximum, no outliers, no sink.
+void uniform_per_token(float* x, int64_t vectors, int64_t width, int bits) {
+  const float levels = float((1 << bits) - 1);
+  for (int64_t r = 0; r < vectors; ++r) {
+    float* p = x + r * width;
+    const auto [lo, hi] = std::minmax_element(p, p + width);
+    const float a = *lo, step = (*hi - *lo) / levels;
+    if (!(step > 0)) continue;
+    for (int64_t i = 0; i < width; ++i) p[i] = a + std::nearbyint((p[i] - a) / step) * step;
+  }
+}
+
+// ---- calibrate: the activation hook's statistics -------------------------------------------------------
+
+// Collects, for every linear layer's input, the sum of x² per column and (optionally) the full XᵀX.
+class ActivationStatistics {
+ public:
+  explicit ActivationStatistics(bool full) : full_(full) {}
+
+  void add(const std::string& layer, const float* x, int64_t n, int64_t cols) {
+    auto& s = sums_[layer];
+    s.resize(std::size_t(cols), 0.0);
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t c = 0; c < cols; ++c) {
+        const double v = x[t * cols + c];
+        NUQ_CHECK(std::isfinite(v), Errc::invalid_argument, "calibration: the input of {} is {} at token {}", layer,
+                  v, t);
+        s[std::size_t(c)] += v * v;
+      }
+    tokens_[layer] += n;
+    if (full_) add_hessian(layer, x, n, cols);
+  }
+
+  // Writes the per-column means; returns the number of layers.
+  int64_t save_means(const std::string& path, const std::map<std::string, std::string>& metadata) const {
+    std::vector<std::vector<float>> data;
+    std::vector<std::pair<std::string, ConstTensorView>> views;
+    data.reserve(sums_.size());
+    for (const auto& [layer, s] : sums_) {
+      std::vector<float> mean(s.size());
+      for (std::size_t c = 0; c < s.size(); ++c) mean[c] = float(s[c] / double(tokens_.at(layer)));
+      data.push_back(std::move(mean));
+      views.emplace_back(layer + ".weight", ConstTensorView(reinterpret_cast<const std::byte*>(data.back().data()),
+                                                            DType::F32, Shape{int64_t(s.size())}));
+    }
+    write_safetensors(path, views, metadata);
+    return int64_t(views.size());
+  }
+
+  const HessianAccumulator& hessian() const { return hessian_; }
+
+ private:
+  // q/k/v (and gate/up) are applied to one input; storing its XᵀX once saves 2/3 of the rank updates
+  // and of the file. Compared by contents: the decoder reuses its buffers.
+  void add_hessian(const std::string& layer, const float* x, int64_t n, int64_t cols) {
+    const bool same_input = !last_layer_.empty() && last_n_ == n && last_cols_ == cols &&
+                            std::memcmp(last_x_.data(), x, std::size_t(n * cols) * sizeof(float)) == 0;
+    if (hessian_.contains(layer) && hessian_.resolve(layer) != layer) {
+      NUQ_CHECK(same_input && hessian_.resolve(last_layer_) == hessian_.resolve(layer), Errc::internal,
+                "calibration: {} shared the input of {} in the first window but not now", layer,
+                hessian_.resolve(layer));
+    } else if (same_input && !hessian_.contains(layer)) {
+      hessian_.alias(layer, hessian_.resolve(last_layer_));
+    } else {
+      hessian_.add(layer, x, n, cols, cols);
+    }
+    last_x_.assign(x, x + n * cols);
+    last_n_ = n;
+    last_cols_ = cols;
+    last_layer_ = layer;
+  }
+
+  bool full_;
+  // Sums in double: a long calibration run adds up millions of squares per column.
+  std::map<std::string, std::vector<double>> sums_;
+  std::map<std::string, int64_t> tokens_;
+  HessianAccumulator hessian_;
+  // The input the hook saw last (a copy), to recognize layers fed the same activations.
+  std::vector<float> last_x_;
+  int64_t last_n_ = 0, last_cols_ = 0;
+  std::string last_layer_;
+};
+
+// ---- evaluate ----------------------------------------------------------------------------------------
+
+// Adds −log softmax(logits)[target] of the window's `len` positions to `nll`, kLogitRows rows at a time
+// (the logits of a whole window would be ctx × vocab floats).
+class NllAccumulator {
+ public:
+  explicit NllAccumulator(const LlamaModel& model)
+      : model_(model), logits_(std::size_t(kLogitRows * model.config().vocab_size)) {}
+
+  void add(const float* hidden, int64_t len, const int32_t* targets) {
+    const LlamaConfig& c = model_.config();
+    for (int64_t r = 0; r < len; r += kLogitRows) {
+      const int64_t rows = std::min(kLogitRows, len - r);
+      model_.logits(hidden + r * c.dim, rows, logits_.data());
+      for (int64_t i = 0; i < rows; ++i) {
+        const float* l = &logits_[std::size_t(i * c.vocab_size)];
+        double mx = l[0];
+        for (int64_t v = 1; v < c.vocab_size; ++v) mx = std::max(mx, double(l[v]));
+        double sum = 0;
+        for (int64_t v = 0; v < c.vocab_size; ++v) sum += std::exp(double(l[v]) - mx);
+        nll += std::log(sum) + mx - double(l[targets[r + i]]);
+      }
+    }
+  }
+
+  double nll = 0;
+
+ private:
+  static constexpr int64_t kLogitRows = 16;
+  const LlamaModel& model_;
+  std::vector<float> logits_;
+};
+
+// ---- generate ----------------------------------------------------------------------------------------
+
+int32_t sample(const std::vector<float>& logits, float temperature, std::mt19937_64& rng, std::vector<float>& probs) {
+  const int64_t vocab = int64_t(logits.size());
+  int32_t next = 0;
+  if (temperature <= 0) {
+    for (int64_t v = 1; v < vocab; ++v)
+      if (logits[std::size_t(v)] > logits[std::size_t(next)]) next = int32_t(v);
+    return next;
+  }
+  float mx = logits[0];
+  for (float l : logits) mx = std::max(mx, l);
+  double sum = 0;
+  for (int64_t v = 0; v < vocab; ++v)
+    sum += probs[std::size_t(v)] = std::exp((logits[std::size_t(v)] - mx) / temperature);
+  double r = std::uniform_real_distribution<double>(0, sum)(rng);
+  for (next = 0; next + 1 < vocab && (r -= probs[std::size_t(next)]) > 0; ++next) {
+  }
+  return next;
+}
+
+}  // namespace
+
+std::string find_tokenizer(const LlamaModel& model, const std::string& model_path, const std::string& given,
+                           ArgStyle style) {
+  if (!given.empty()) return given;
+  if (!model.embedded_tokenizer_path().empty()) return model.embedded_tokenizer_path();
+  const fs::path dir = fs::is_directory(model_path) ? fs::path(model_path) : fs::path(model_path).parent_path();
+  if (fs::exists(dir / "tokenizer.json")) return (dir / "tokenizer.json").string();
+  fail(Errc::invalid_argument, "{}: the checkpoint holds no tokenizer; pass {}", model_path,
+       arg_name(style, "--tokenizer", "tokenizer=..."));
+}
+
+CalibrateResult calibrate_activations(const CalibrateOptions& o, const TextTaskCallback& progress) {
+  const ArgStyle style = o.arg_style;
+  check_context(o.ctx, 1 << 20, style);
+  NUQ_CHECK(!o.out.empty(), Errc::invalid_argument, "{} is required", arg_name(style, "--out", "out"));
+  NUQ_CHECK(o.hessian.empty() || fs::path(o.hessian) != fs::path(o.out), Errc::invalid_argument,
+            "{} and {} name the same file {}", arg_name(style, "--hessian", "hessian"), arg_name(style, "--out", "out"),
+            o.out);
+  LlamaLoadOptions load;
+  load.threads = o.threads;
+  ModelAndText mt = load_model_and_text(o.model, o.tokenizer, o.text, o.skip_tokens, o.max_tokens, load, style);
+  ActivationStatistics stats(!o.hessian.empty());
+  mt.model->set_activation_hook(
+      [&stats](const std::string& layer, const float* x, int64_t n, int64_t cols) { stats.add(layer, x, n, cols); });
+  CalibrateResult r;
+  r.tokens = int64_t(mt.ids.size());
+  TextTaskReporter report(progress, *mt.model, window_count(r.tokens, o.ctx), r.tokens, mt.load_seconds);
+  const auto t0 = Clock::now();
+  r.windows = for_each_window(*mt.model, *mt.tok, mt.ids, o.ctx,
+                              [&](int64_t w, int64_t, int64_t begin, int64_t len, const float*) {
+                                report.window(w, begin + len, 0);
+                              });
+  r.seconds = seconds_since(t0);
+  r.layers = stats.save_means(o.out, {{"nuq_statistics", "activation_mean_square"},
+                                      {"tokens", std::to_string(mt.ids.size())},
+                                      {"text", fs::path(o.text).filename().string()},
+                                      {"skip_tokens", std::to_string(o.skip_tokens)}});
+  if (!o.hessian.empty()) {
+    stats.hessian().save(o.hessian);
+    r.hessian_inputs = int64_t(stats.hessian().names().size());
+    r.hessian_layers = r.hessian_inputs + int64_t(stats.hessian().aliases().size());
+  }
+  return r;
+}
+
+std::vector<int32_t> calibration_tokens(const Tokenizer& tok, const std::string& tok_path, int64_t vocab,
+                                        const std::string& text, int64_t skip, int64_t max_tokens, ArgStyle style) {
+  NUQ_CHECK(skip >= 0 && max_tokens >= 0, Errc::invalid_argument, "{} and {} must not be negative",
+            arg_name(style, "--skip-tokens", "skip_tokens"), arg_name(style, "--max-tokens", "max_tokens"));
+  NUQ_CHECK(tok.vocab_size() <= vocab, Errc::invalid_argument, "{}: the tokenizer has {} tokens but the model only {}",
+            tok_path, tok.vocab_size(), vocab);
+  std::vector<int32_t> ids = tok.encode(read_small_file(text, "the text"));
+  NUQ_CHECK(!ids.empty(), Errc::invalid_argument, "{}: the text has no tokens", text);
+  NUQ_CHECK(skip < int64_t(ids.size()), Errc::invalid_argument, "{}: cannot skip {} of its {} tokens", text, skip,
+            ids.size());
+  ids.erase(ids.begin(), ids.begin() + skip);
+  if (max_tokens > 0 && int64_t(ids.size()) > max_tokens) ids.resize(std::size_t(max_tokens));
+  return ids;
+}
+
+FisherResult compute_fisher(const FisherOptions& o, const TextTaskCallback& progress) {
+  const ArgStyle style = o.arg_style;
+  check_context(o.ctx, 1 << 16, style);
+  const std::string out_flag = arg_name(style, "--out", "out");
+  NUQ_CHECK(!o.out.empty(), Errc::invalid_argument, "{} is required", out_flag);
+  // Fail before hours of compute, not at the end, when the output cannot be written.
+  const fs::path out_dir = fs::absolute(o.out).parent_path();
+  NUQ_CHECK(fs::is_directory(out_dir), Errc::invalid_argument, "{}: the directory {} does not exist", o.out,
+            out_dir.string());
+  NUQ_CHECK(!fs::is_directory(o.out), Errc::invalid_argument, "{}: is a directory; {} names a file", o.out, out_flag);
+  const auto t0 = Clock::now();
+  // Packed layers are decoded: gradients are taken with respect to the dense weights they stand for.
+  auto model = LlamaModel::load(o.model, {o.threads, true});
+  const std::string tok_path = find_tokenizer(*model, o.model, o.tokenizer, style);
+  auto tok = Tokenizer::load(tok_path);
+  const std::vector<int32_t> ids =
+      calibration_tokens(*tok, tok_path, model->config().vocab_size, o.text, o.skip_tokens, o.max_tokens, style);
+  LlamaBackward backward(model->weights(), o.threads);
+  FisherResult result;
+  result.load_seconds = seconds_since(t0);
+  FisherAccumulator acc;
+  TextTaskReporter report(progress, *model, window_count(int64_t(ids.size()), o.ctx), int64_t(ids.size()),
+                          result.load_seconds);
+  const auto t1 = Clock::now();
+  const FisherCollectResult r =
+      collect_fisher(backward, ids, tok->bos(), o.ctx, acc, [&](int64_t w, int64_t, double loss, double seconds) {
+        report.window(w, std::min(int64_t(ids.size()), (w + 1) * (o.ctx - 1)), loss, seconds);
+      });
+  acc.save(o.out);
+  result.seconds = seconds_since(t1);
+  result.weights = int64_t(acc.names().size());
+  result.windows = r.windows;
+  result.tokens = r.tokens;
+  result.mean_loss = r.mean_loss;
+  return result;
+}
+
+KvCacheSetup install_kv_cache(LlamaModel& model, const KvCacheOptions& o, ArgStyle style) {
+  const LlamaConfig& c = model.config();
+  const auto name = [style](std::string_view cli, std::string_view python) { return arg_name(style, cli, python); };
+  const bool outliers_given = o.outlier_fraction >= 0;
+  NUQ_CHECK(o.method == "nuq" || o.method == "uniform", Errc::invalid_argument, "{}: expected nuq or uniform",
+            option_value(style, "--kv-method", "kv_method", o.method));
+  NUQ_CHECK(o.path.empty() || o.path == "kernel" || o.path == "roundtrip", Errc::invalid_argument,
+            "{}: expected kernel or roundtrip", option_value(style, "--kv-path", "kv_path", o.path));
+  NUQ_CHECK(o.bits == 0 || (o.bits >= 2 && o.bits <= 8), Errc::invalid_argument, "{} must be in [2, 8], got {}",
+            name("--kv-bits", "kv_bits"), o.bits);
+  if (o.method == "uniform") {
+    const std::string uniform = option_value(style, "--kv-method", "kv_method", "uniform");
+    NUQ_CHECK(o.bits > 0, Errc::invalid_argument, "{} needs {}", uniform, name("--kv-bits", "kv_bits"));
+    NUQ_CHECK(o.calibration.empty(), Errc::invalid_argument, "{} takes no {}", uniform,
+              name("--kv-calibration", "kv_calibration"));
+    NUQ_CHECK(o.path.empty(), Errc::invalid_argument, "{} applies to {}; {} always quantizes in the KV hook",
+              name("--kv-path", "kv_path"), name("--kv-calibration", "kv_calibration"), uniform);
+    const int bits = o.bits;
+    const int64_t hd = c.head_dim, n_kv = c.n_kv_heads;
+    model.set_kv_hook([bits, hd, n_kv](int64_t, int64_t, int64_t n, float* k, float* v) {
+      uniform_per_token(k, n * n_kv, hd, bits);
+      uniform_per_token(v, n * n_kv, hd, bits);
+    });
+    return {fmt::format("uniform int{} per token (keys before RoPE), {} bytes/token/layer with fp16 scale and zero",
+                        bits, n_kv * 2 * (hd * bits / 8 + 4)),
+            nullptr};
+  }
+  if (o.calibration.empty()) {
+    NUQ_CHECK(o.bits == 0 && !outliers_given && o.path.empty(), Errc::invalid_argument,
+              "{}/{}/{} need {} (from {}) or {}", name("--kv-bits", "kv_bits"), name("--kv-outliers", "kv_outliers"),
+              name("--kv-path", "kv_path"), name("--kv-calibration", "kv_calibration"),
+              name("`nuq kv-calibrate`", "nuq.save_kv_calibration or `nuq kv-calibrate`"),
+              option_value(style, "--kv-method", "kv_method", "uniform"));
+    return {};
+  }
+  auto cal = std::make_shared<kv::Calibration>(kv::load_calibration(o.calibration));
+  NUQ_CHECK(int64_t(cal->layers.size()) == c.n_layers, Errc::invalid_argument,
+            "{}: calibration of {} layers for a model of {}", o.calibration, cal->layers.size(), c.n_layers);
+  if (outliers_given)
+    NUQ_CHECK(std::fabs(o.outlier_fraction - cal->outlier_fraction) < 1e-9, Errc::invalid_argument,
+              "{} {} differs from the calibration's {}%", name("--kv-outliers", "kv_outliers"), o.outliers_text,
+              cal->outlier_fraction * 100);
+  auto caches = std::make_shared<std::vector<kv::LayerCache>>();
+  kv::CacheOptions opt;
+  opt.rope = rope_of(c);
+  for (const auto& layer : cal->layers) {
+    NUQ_CHECK(layer.n_kv_heads == c.n_kv_heads && layer.head_dim == c.head_dim, Errc::invalid_argument,
+              "{}: calibrated for {} kv heads of {} channels, the model has {} of {}", o.calibration,
+              layer.n_kv_heads, layer.head_dim, c.n_kv_heads, c.head_dim);
+    NUQ_CHECK(o.bits == 0 || (layer.bits_k == o.bits && layer.bits_v == o.bits), Errc::invalid_argument,
+              "{} {} differs from the calibration's {}-bit keys / {}-bit values", name("--kv-bits", "kv_bits"), o.bits,
+              layer.bits_k, layer.bits_v);
+    caches->emplace_back(layer, *cal, opt);
+  }
+  const bool kernel = o.path.empty() || o.path == "kernel";
+  if (!kernel)
+    model.set_kv_hook([caches](int64_t layer, int64_t pos0, int64_t n, float* k, float* v) {
+      (*caches)[size_t(layer)].roundtrip(pos0, n, k, v);
+    });
+  const auto& first = caches->front();
+  return {fmt::format("nuq {}-bit keys / {}-bit values, {}% outliers ({} slots), {} sink tokens{}, {} bytes/token/layer "
+                      "({:.1f}% of fp16); {}",
+                      cal->layers[0].bits_k, cal->layers[0].bits_v, cal->outlier_fraction * 100, first.layout().slots,
+                      cal->sink_tokens, cal->q_norm ? ", Q-Norm" : "", first.bytes_per_token(),
+                      100.0 * double(first.bytes_per_token()) / double(c.n_kv_heads * c.head_dim * 4),
+                      kernel ? "quantized cache, decode attention kernels"
+                             : "encode/decode round trip, fp32 attention"),
+          kernel ? cal : nullptr};
+}
+
+EvalResult evaluate_perplexity(const EvalOptions& o, const TextTaskCallback& progress) {
+  const ArgStyle style = o.arg_style;
+  check_context(o.ctx, 1 << 20, style);
+  NUQ_CHECK(o.step >= 0, Errc::invalid_argument, "{} must be positive, got {}", arg_name(style, "--step", "step"),
+            o.step);
+  NUQ_CHECK(!(o.int8 && o.decode_packed), Errc::invalid_argument,
+            "{} applies to the packed kernels; it cannot be combined with {}", flag_name(style, "--int8", "int8"),
+            flag_name(style, "--decode-packed", "decode_packed"));
+  NUQ_CHECK(!(o.int8 && o.step > cpu::kMaxFusedBatch), Errc::invalid_argument,
+            "{} needs {} <= {} (longer calls take the exact prefill path)", flag_name(style, "--int8", "int8"),
+            arg_name(style, "--step", "step"), cpu::kMaxFusedBatch);
+  const int64_t step = o.int8 && o.step == 0 ? cpu::kMaxFusedBatch : o.step;
+  const LlamaLoadOptions load = load_options(o.threads, o.decode_packed, o.int8, o.device, o.make_backend, style);
+  ModelAndText mt = load_model_and_text(o.model, o.tokenizer, o.text, 0, o.max_tokens, load, style);
+  LlamaModel& model = *mt.model;
+  const KvCacheSetup kv = install_kv_cache(model, o.kv, style);
+  const std::vector<int32_t>& ids = mt.ids;
+  const int64_t n = int64_t(ids.size());
+  NllAccumulator nll(model);
+  TextTaskReporter report(progress, model, window_count(n, o.ctx), n, mt.load_seconds);
+  const auto t0 = Clock::now();
+  const int64_t windows = for_each_window(
+      model, *mt.tok, ids, o.ctx,
+      [&](int64_t w, int64_t, int64_t begin, int64_t len, const float* hidden) {
+        nll.add(hidden, len, ids.data() + begin);
+        report.window(w, begin + len, std::exp(nll.nll / double(begin + len)));
+      },
+      step, kv.calibration.get());
+  EvalResult r;
+  r.seconds = seconds_since(t0);
+  r.model = o.model;
+  r.description = model.description();
+  r.linear_bits_per_weight = model.linear_bits_per_weight();
+  r.tokenizer = mt.tok->description();
+  r.text = o.text;
+  r.ctx = o.ctx;
+  r.step = step;
+  r.windows = windows;
+  r.tokens_scored = n;
+  r.mean_nll = nll.nll / double(n);
+  r.perplexity = std::exp(r.mean_nll);
+  // Tokens through the model (BOS in place of each window's last).
+  r.tokens_per_second = double(n) / r.seconds;
+  r.load_seconds = mt.load_seconds;
+  r.kv_cache = kv.description.empty() ? "fp32" : kv.description;
+  return r;
+}
+
+std::string to_json(const EvalResult& r, int indent) {
+  const nlohmann::json j = {{"model", r.model},
+                            {"description", r.description},
+                            {"linear_bits_per_weight", r.linear_bits_per_weight},
+                            {"tokenizer", r.tokenizer},
+                            {"text", r.text},
+                            {"ctx", r.ctx},
+                            {"windows", r.windows},
+                            {"tokens_scored", r.tokens_scored},
+                            {"mean_nll", r.mean_nll},
+                            {"perplexity", r.perplexity},
+                            {"tokens_per_second", r.tokens_per_second},
+                            {"load_seconds", r.load_seconds},
+                            {"kv_cache", r.kv_cache}};
+  return j.dump(indent);
+}
+
+GenerateResult generate_text(const GenerateOptions& o, const std::function<void(const GenerateProgress&)>& progress) {
+  const ArgStyle style = o.arg_style;
+  NUQ_CHECK(o.steps >= 0, Errc::invalid_argument, "{} must not be negative, got {}",
+            arg_name(style, "--steps", "max_new_tokens"), o.steps);
+  NUQ_CHECK(std::isfinite(o.temperature) && o.temperature >= 0, Errc::invalid_argument,
+            "{} must be finite and >= 0, got {}", arg_name(style, "--temperature", "temperature"), o.temperature);
+  const LlamaLoadOptions load = load_options(o.threads, o.decode_packed, o.int8, o.device, o.make_backend, style);
+  auto model = LlamaModel::load(o.model, load);
+  const LlamaConfig& c = model->config();
+  std::optional<kv::Calibration> kv_calibration;
+  if (!o.kv_calibration.empty()) kv_calibration = kv::load_calibration(o.kv_calibration);
+  const std::string tok_path = find_tokenizer(*model, o.model, o.tokenizer, style);
+  auto tok = Tokenizer::load(tok_path);
+
+  GenerateResult r;
+  r.description = model->description();
+  r.linear_bits_per_weight = model->linear_bits_per_weight();
+  r.config = c;
+  r.prompt_ids.push_back(tok->bos());
+  for (int32_t id : tok->encode(o.prompt)) r.prompt_ids.push_back(id);
+  const int64_t capacity = int64_t(r.prompt_ids.size()) + o.steps;
+  auto cache = kv_calibration ? model->new_cache(capacity, *kv_calibration) : model->new_cache(capacity);
+  std::vector<float> hidden(r.prompt_ids.size() * std::size_t(c.dim)), logits(std::size_t(c.vocab_size)),
+      probs(std::size_t(c.vocab_size));
+
+  GenerateProgress p;
+  p.model = model.get();
+  p.steps = o.steps;
+  p.prompt_tokens = int64_t(r.prompt_ids.size());
+  if (progress) progress(p);
+  auto t0 = Clock::now();
+  model->forward(r.prompt_ids.data(), int64_t(r.prompt_ids.size()), *cache, hidden.data());
+  r.prefill_seconds = seconds_since(t0);
+  p.stage = GenerateProgress::Stage::prefilled;
+  if (progress) progress(p);
+  std::mt19937_64 rng(o.seed);
+  const float* last = &hidden[(r.prompt_ids.size() - 1) * std::size_t(c.dim)];
+  t0 = Clock::now();
+  p.stage = GenerateProgress::Stage::token;
+  for (int64_t step = 0; step < o.steps; ++step) {
+    model->logits(last, 1, logits.data());
+    const int32_t next = sample(logits, o.temperature, rng, probs);
+    if (next == tok->eos()) break;
+    r.ids.push_back(next);
+    p.step = step;
+    p.token = next;
+    p.piece = tok->decode(next);
+    r.text += p.piece;
+    if (progress) progress(p);
+    if (cache->length == cache->capacity) break;
+    model->forward(&next, 1, *cache, hidden.data());
+    last = hidden.data();
+  }
+  r.decode_seconds = seconds_since(t0);
+  r.cache_tokens = cache->length;
+  r.cache_capacity = cache->capacity;
+  r.cache_bytes = cache->bytes();
+  r.quantized_cache = kv_calibration.has_value();
+  if (kv_calibration) {
+    r.kv_bits_k = kv_calibration->layers[0].bits_k;
+    r.kv_bits_v = kv_calibration->layers[0].bits_v;
+  }
+  r.cache_fp16_bytes = double(cache->length * c.n_layers * 2 * c.n_kv_heads * c.head_dim * 2);
+  return r;
+}
+
+}  // namespace nuq
