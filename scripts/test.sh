@@ -12,50 +12,64 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 jobs=$(nproc)
+# Each phase reports how long the one before it took: CI must stay under 45 minutes on 2 cores.
+phase_name="" phase_start=$SECONDS
+phase() {
+  [ -n "$phase_name" ] && echo "-- $phase_name: $((SECONDS - phase_start)) s (total $SECONDS s)"
+  phase_name=$1 phase_start=$SECONDS
+  echo "== $1"
+}
 
+phase "dependencies and real models"
 bash scripts/install-deps.sh
 # Real checkpoints used by tests; tests skip with a reason if this fails (no network).
 bash scripts/fetch-models.sh || echo "warning: real models unavailable; tests that need them will be skipped"
 
 if ! command -v nvcc >/dev/null && [ -x /usr/local/cuda/bin/nvcc ]; then export PATH=/usr/local/cuda/bin:$PATH; fi
 
-echo "== release build (CUDA kernels emulated on the CPU)"
+phase "release build (CUDA kernels emulated on the CPU)"
 cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DNUQ_BUILD_TESTS=ON -DNUQ_BUILD_BENCH=ON \
   -DNUQ_BUILD_PYTHON=ON -DNUQ_BUILD_EXAMPLES=ON -DNUQ_CUDA=EMULATED
 cmake --build build -j"$jobs"
+phase "release ctest"
 (cd build && ctest --output-on-failure -j"$jobs")
 # PyTorch for the nuq.torch tests: PyPI's torch wheel (the CPU-only one lives on download.pytorch.org,
 # which CI cannot reach) with its CUDA libraries, ~3 GB, about 2 minutes here. Without it those tests
 # report as skipped with the reason, so a slow or failed download does not fail CI.
 if [ "${NUQ_SKIP_TORCH:-0}" != 1 ] && ! python3 -c "import torch" 2>/dev/null; then
-  echo "== installing PyTorch for the nuq.torch tests"
+  phase "installing PyTorch for the nuq.torch tests"
   timeout 900 python3 -m pip install -q --no-cache-dir torch 2>/dev/null ||
     timeout 900 python3 -m pip install -q --no-cache-dir --break-system-packages torch ||
     echo "warning: PyTorch could not be installed; the torch tests will be skipped"
 fi
 # The tests marked `cuda` ran under ctest (emulated.pytest.cuda_decoder).
+phase "release pytest"
 NUQ_BUILD_DIR="$root/build" python3 -m pytest -q -rs -m "not cuda" tests/python
 
 if [ "${NUQ_SKIP_ASAN:-0}" != 1 ]; then
-  echo "== AddressSanitizer + UndefinedBehaviorSanitizer build"
+  phase "AddressSanitizer + UndefinedBehaviorSanitizer build"
   cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DNUQ_SANITIZE=address,undefined \
     -DNUQ_CUDA=EMULATED -DNUQ_BUILD_BENCH=OFF -DNUQ_BUILD_PYTHON=OFF -DNUQ_BUILD_EXAMPLES=ON
   cmake --build build-asan -j"$jobs"
+  phase "sanitizer ctest"
   (cd build-asan && ASAN_OPTIONS=detect_leaks=1 ctest --output-on-failure -j"$jobs" -LE install)
   # The CLI, the decoder example and the reader/writer tools run instrumented under the Python tests too.
-  ASAN_OPTIONS=detect_leaks=1 NUQ_BUILD_DIR="$root/build-asan" python3 -m pytest -q -m "not cuda" tests/python
+  phase "sanitizer pytest"
+  # Tests marked `quality` (whole real models, minutes each when instrumented) ran in the release pass.
+  ASAN_OPTIONS=detect_leaks=1 NUQ_BUILD_DIR="$root/build-asan" python3 -m pytest -q -m "not cuda and not quality" \
+    tests/python
 fi
 
 if command -v nvcc >/dev/null; then
   # The real CUDA library, its tests and benchmark, compiled by nvcc and linked against cudart and
   # cuBLAS; without a GPU their tests report as skipped.
-  echo "== nvcc build (sm_${NUQ_CUDA_ARCHS:-90})"
+  phase "nvcc build (sm_${NUQ_CUDA_ARCHS:-90})"
   cmake -S . -B build-nvcc -G Ninja -DCMAKE_BUILD_TYPE=Release -DNUQ_CUDA=ON \
     "-DCMAKE_CUDA_ARCHITECTURES=${NUQ_CUDA_ARCHS:-90}" -DNUQ_BUILD_TESTS=ON -DNUQ_BUILD_BENCH=ON \
     -DNUQ_BUILD_PYTHON=OFF -DNUQ_BUILD_EXAMPLES=ON
   cmake --build build-nvcc -j"$jobs" --target nuq_cuda nuq_cuda_tests nuq_bench_linear_cuda nuq_bench_kv_cuda nuq_cli nuq_generate
   (cd build-nvcc && ctest --output-on-failure -j"$jobs" -L '^cuda$')
-  echo "== SASS report (instruction budgets, docs/cuda-kernels.md)"
+  phase "SASS report (instruction budgets, docs/cuda-kernels.md)"
   NUQ_SASS_ARCHS=${NUQ_SASS_ARCHS:-90} bash scripts/sass-report.sh build-sass
 else
   echo "warning: nvcc not found: the CUDA kernels were not compiled for a GPU"
@@ -63,7 +77,7 @@ fi
 
 fuzz_seconds=${NUQ_FUZZ_SECONDS:-60}
 if [ "$fuzz_seconds" != 0 ]; then
-  echo "== libFuzzer, ${fuzz_seconds}s per target"
+  phase "libFuzzer, ${fuzz_seconds}s per target"
   cmake -S . -B build-fuzz -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_COMPILER=clang++-14 \
     -DNUQ_BUILD_FUZZERS=ON -DNUQ_SANITIZE=address,undefined -DNUQ_CUDA=OFF -DNUQ_BUILD_TESTS=OFF \
     -DNUQ_BUILD_BENCH=OFF -DNUQ_BUILD_PYTHON=OFF -DNUQ_BUILD_EXAMPLES=OFF -DNUQ_BUILD_CLI=OFF
@@ -76,5 +90,6 @@ if [ "$fuzz_seconds" != 0 ]; then
     rm -rf "$corpus"
   done
 fi
+phase "done"
 echo "== all tests passed"
 echo "CUDA kernels: run emulated on the CPU (ctest label cuda-emulated, release and ASan+UBSan builds)$(command -v nvcc >/dev/null && echo ", compiled by nvcc for sm_${NUQ_CUDA_ARCHS:-90}"); not run on a GPU here"

@@ -32,6 +32,7 @@ def calibrate(cli, model, text, out, bits=3):
     return out
 
 
+@pytest.mark.quality
 def test_kv_cache_perplexity_ordering(nuq_cli, smollm2, shared_data, tmp_path):
     text = shared_data / "wikitext2_test.txt"
     cal = {}
