@@ -32,7 +32,7 @@ def calibrate(cli, model, text, out, bits=3):
     return out
 
 
-@pytest.mark.quality
+@pytest.mark.whole_model
 def test_kv_cache_perplexity_ordering(nuq_cli, smollm2, shared_data, tmp_path):
     text = shared_data / "wikitext2_test.txt"
     cal = {}
@@ -67,6 +67,7 @@ def test_kv_arguments_are_checked(nuq_cli, smollm2, shared_data, tmp_path):
     assert r.returncode != 0 and "wikitext2_test.txt" in r.stderr
 
 
+@pytest.mark.whole_model
 def test_kernel_path_matches_steps_and_roundtrip(nuq_cli, smollm2, shared_data, tmp_path):
     text = shared_data / "wikitext2_test.txt"
     cal = calibrate(nuq_cli, smollm2, text, tmp_path / "kv3.safetensors")

@@ -338,7 +338,7 @@ def test_smollm2_logits_match_numpy(generate, smollm2, tmp_path):
     assert int(np.argmax(got[-1])) == int(np.argmax(want[-1]))
 
 
-@pytest.mark.quality
+@pytest.mark.whole_model
 def test_smollm2_packed_checkpoints_evaluate_and_nuq_beats_rtn(nuq_cli, smollm2, shared_data, tmp_path):
     args = ["--tokenizer", smollm2, "--text", shared_data / "wikitext2_test.txt", "--max-tokens", 1022]
     fp = eval_json(nuq_cli, "--model", smollm2, *args)

@@ -89,7 +89,7 @@ def held_out_kl(generate, shared_data, reference, checkpoints, tmp_path):
     return [mean_kl(ref, nuq_logits(generate, c, ids, tmp_path, f"m{i}.bin")) for i, c in enumerate(checkpoints)]
 
 
-@pytest.mark.quality
+@pytest.mark.whole_model
 def test_index_tuning_moves_weights_between_entries_and_spares_the_sparse_part(nuq_cli, generate, shared_data, models,
                                                                              tmp_path):
     common = ["--skip-tokens", 100000, "--max-tokens", 4088, "--epochs", 6, "--lr", "2e-3"]
