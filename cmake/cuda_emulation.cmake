@@ -46,9 +46,4 @@ function(nuq_add_emulated_cuda_library name)
   # HIP-CPU's headers: GCC's simd attribute on every __device__/__global__ function, parentheses in
   # libco. They are not nuq's warnings to fix.
   target_compile_options(${name} PRIVATE -Wall -Wno-attributes -Wno-unknown-pragmas)
-  # A block's threads are fibers whose switches must inline: at -O1 the emulated linear tests take twice
-  # as long as at -O2 (313 s against 166 s each under ASan), so a sanitizer build at -O1 (scripts/test.sh)
-  # passes -O2 here.
-  separate_arguments(_extra UNIX_COMMAND "${NUQ_EMULATED_KERNEL_OPTIONS}")
-  target_compile_options(${name} PRIVATE ${_extra})
 endfunction()
