@@ -19,6 +19,7 @@
 #include "nuq/quantize_checkpoint.hpp"
 #include "nuq/safetensors.hpp"
 #include "nuq/sensitivity.hpp"
+#include "plan_inputs.hpp"
 
 namespace nuq {
 namespace {
@@ -51,16 +52,17 @@ std::string_view to_string(OmegaKind kind) {
     case OmegaKind::hawq_trace: return "hawq";
     case OmegaKind::unweighted: return "unweighted";
     case OmegaKind::fisher_output: return "fisher-output";
+    case OmegaKind::kl: return "kl";
   }
   return "?";
 }
 
 OmegaKind parse_omega_kind(std::string_view text) {
   for (OmegaKind k : {OmegaKind::fisher, OmegaKind::hessian, OmegaKind::hessian_diagonal, OmegaKind::hawq_trace,
-                      OmegaKind::unweighted, OmegaKind::fisher_output})
+                      OmegaKind::unweighted, OmegaKind::fisher_output, OmegaKind::kl})
     if (text == to_string(k)) return k;
   fail(Errc::invalid_argument,
-       "unknown sensitivity measure '{}' (expected fisher, hessian, hessian-diag, hawq, unweighted or fisher-output)",
+       "unknown sensitivity measure '{}' (expected fisher, hessian, hessian-diag, hawq, unweighted, fisher-output or kl)",
        text);
 }
 
@@ -73,7 +75,11 @@ double layer_omega(OmegaKind kind, const float* weight, const float* quantized, 
     NUQ_CHECK(have, Errc::invalid_argument, "sensitivity measure {} needs {}, which is not available", to_string(kind),
               what);
   };
+  NUQ_CHECK(kind != OmegaKind::kl, Errc::invalid_argument,
+            "sensitivity measure kl is measured through the model (a table from `nuq plan --text`), not computed from "
+            "the weights");
   switch (kind) {
+    case OmegaKind::kl:
     case OmegaKind::unweighted: {
       double s = 0;
       for (int64_t i = 0; i < n; ++i) s += (double(weight[i]) - quantized[i]) * (double(weight[i]) - quantized[i]);
@@ -152,6 +158,24 @@ double layer_omega(OmegaKind kind, const float* weight, const float* quantized, 
   return 0;
 }
 
+bool candidate_applies(const LayerConfig& c, int64_t cols) { return c.group_size == 0 || cols % c.group_size == 0; }
+
+PackedLinear quantize_candidate(const float* weight, int64_t rows, int64_t cols, const LayerStatistics& stats,
+                                const LayerConfig& c, int threads, std::string_view name, QuantizeReport* report) {
+  QuantizeOptions o;
+  o.method = c.method;
+  o.bits = c.bits;
+  o.group_size = c.group_size;
+  o.outlier_fraction = c.outlier_fraction;
+  o.sensitive_fraction = c.sensitive_fraction;
+  o.outliers_per_row = c.outliers_per_row;
+  o.threads = threads;
+  o.hessian = stats.error_feedback_hessian;
+  o.hessian_damping = stats.damping;
+  return quantize_linear(weight, c.method == QuantMethod::nuq ? stats.sensitivity : nullptr, rows, cols, cols, o, name,
+                         report);
+}
+
 std::vector<CandidateEvaluation> evaluate_candidates(const float* weight, int64_t rows, int64_t cols,
                                                      const LayerStatistics& stats, OmegaKind kind,
                                                      const std::vector<LayerConfig>& candidates, int threads,
@@ -167,20 +191,9 @@ std::vector<CandidateEvaluation> evaluate_candidates(const float* weight, int64_
     scale = 1 / energy;
   }
   for (const LayerConfig& c : candidates) {
-    if (c.group_size != 0 && cols % c.group_size != 0) continue;
-    QuantizeOptions o;
-    o.method = c.method;
-    o.bits = c.bits;
-    o.group_size = c.group_size;
-    o.outlier_fraction = c.outlier_fraction;
-    o.sensitive_fraction = c.sensitive_fraction;
-    o.outliers_per_row = c.outliers_per_row;
-    o.threads = threads;
-    o.hessian = stats.error_feedback_hessian;
-    o.hessian_damping = stats.damping;
+    if (!candidate_applies(c, cols)) continue;
     QuantizeReport rep;
-    const PackedLinear packed = quantize_linear(weight, c.method == QuantMethod::nuq ? stats.sensitivity : nullptr, rows,
-                                                cols, cols, o, name, &rep);
+    const PackedLinear packed = quantize_candidate(weight, rows, cols, stats, c, threads, name, &rep);
     dequantize_reference(packed.view(), quantized.data());
     CandidateEvaluation e;
     e.config = c;
@@ -389,54 +402,9 @@ std::vector<LayerConfig> make_candidates(const std::vector<int>& bits, const std
 
 namespace {
 
-struct ModelTensor {
-  std::string name;
-  Shape shape;
-};
-
-// The model's tensors `nuq quantize` would quantize by default, readable as fp32 one at a time.
-class ModelReader {
- public:
-  explicit ModelReader(const std::string& path) : path_(path) {
-    if (detect_checkpoint_kind(path) == CheckpointKind::gguf) {
-      gguf_ = std::make_unique<GgufFile>(path);
-      for (const GgufTensorInfo& info : gguf_->tensors()) {
-        const GgmlTypeTraits* traits = ggml_type_traits(uint32_t(info.type));
-        const bool floating = traits && traits->can_dequantize && info.type != GgmlType::I8 &&
-                              info.type != GgmlType::I16 && info.type != GgmlType::I32 && info.type != GgmlType::I64;
-        if (floating && default_quantize_rule(info.name, info.shape)) tensors_.push_back({info.name, info.shape});
-      }
-    } else {
-      st_ = std::make_unique<SafetensorsCheckpoint>(path);
-      NUQ_CHECK(!st_->metadata().count(kQuantizationConfigKey), Errc::invalid_argument,
-                "{}: this checkpoint is already quantized (it has quantization_config metadata)", path);
-      for (const std::string& name : st_->tensor_names()) {
-        const SafetensorsTensorInfo& info = st_->info(name);
-        const bool floating = info.dtype == DType::F32 || info.dtype == DType::F16 || info.dtype == DType::BF16;
-        if (floating && default_quantize_rule(name, info.shape)) tensors_.push_back({name, info.shape});
-      }
-    }
-  }
-  const std::vector<ModelTensor>& tensors() const { return tensors_; }
-  Buffer read(const ModelTensor& t) const {
-    if (gguf_) {
-      Buffer b = gguf_->dequantize(t.name);
-      release_mapped_pages(gguf_->tensor_bytes(*gguf_->find_tensor(t.name)));
-      return b;
-    }
-    Buffer b = to_float32(st_->tensor(t.name));
-    release_mapped_pages(st_->file_of(t.name).tensor_bytes(st_->info(t.name)));
-    return b;
-  }
-
- private:
-  std::string path_;
-  std::unique_ptr<GgufFile> gguf_;
-  std::unique_ptr<SafetensorsCheckpoint> st_;
-  std::vector<ModelTensor> tensors_;
-};
-
-std::string base_of(const std::string& name) { return name.substr(0, name.size() - std::string_view(".weight").size()); }
+using detail::ModelReader;
+using detail::ModelTensor;
+using detail::base_of;
 
 // Evenly spaced (by size) subset of the frontier for printing and the plan file; ends always kept.
 Json frontier_json(const std::vector<FrontierPoint>& frontier, int64_t weights, std::size_t max_points) {
@@ -680,6 +648,23 @@ std::string plan_to_json(const CheckpointPlan& plan) {
                        {"layers", details},
                        {"uniform", uniform},
                        {"frontier", frontier_json(plan.frontier, plan.weights, 64)}};
+  if (!plan.measured.empty()) {
+    Json measured = Json::array();
+    for (const PlanMeasurement& m : plan.measured)
+      measured.push_back(Json{{"plan", m.label}, {"bytes", m.bytes}, {"bits_per_weight", m.bits_per_weight},
+                              {"predicted_kl", m.predicted_kl}, {"kl", m.kl}, {"nll", m.nll}});
+    j["nuq_plan"]["measured"] = Json{{"validation_positions", plan.validation_positions},
+                                     {"reference_nll", plan.reference_nll},
+                                     {"plans", measured}};
+  }
+  if (plan.search.ran)
+    j["nuq_plan"]["search"] = Json{{"generations", plan.search.generations},
+                                   {"evaluations", plan.search.evaluations},
+                                   {"improvements", plan.search.improvements},
+                                   {"seconds", plan.search.seconds},
+                                   {"start_kl", plan.search.start_kl},
+                                   {"search_kl", plan.search.search_kl},
+                                   {"accepted", plan.search.accepted}};
   return j.dump(1) + "\n";
 }
 

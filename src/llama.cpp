@@ -743,6 +743,8 @@ const std::string& LlamaModel::embedded_tokenizer_path() const noexcept { return
 void LlamaModel::set_activation_hook(ActivationHook hook) { impl_->hook = std::move(hook); }
 void LlamaModel::set_kv_hook(KvHook hook) { impl_->kv_hook = std::move(hook); }
 
+int LlamaModel::threads() const noexcept { return impl_->threads; }
+
 int64_t LlamaModel::linear_weight_count() const noexcept {
   int64_t n = 0;
   for (const Block& b : impl_->blocks)
@@ -911,9 +913,40 @@ void apply_rope(float* x, int64_t n, int64_t heads, int64_t head_dim, int64_t po
 }  // namespace
 
 void LlamaModel::forward(const int32_t* tokens, int64_t n, Cache& cache, float* hidden) const {
+  NUQ_CHECK(n > 0, Errc::invalid_argument, "forward: no tokens");
+  NUQ_CHECK(cache.length + n <= cache.capacity, Errc::invalid_argument,
+            "forward: {} more tokens do not fit a cache of {} holding {}", n, cache.capacity, cache.length);
+  for (int64_t t = 0; t < n; ++t)
+    NUQ_CHECK(tokens[t] >= 0 && tokens[t] < impl_->config.vocab_size, Errc::invalid_argument,
+              "forward: token {} at position {} is outside the vocabulary of {}", tokens[t], cache.length + t,
+              impl_->config.vocab_size);
+  std::vector<float> x(std::size_t(n * impl_->config.dim));
+  embed(tokens, n, x.data());
+  forward_blocks(0, impl_->config.n_layers, x.data(), n, cache);
+  cache.length += n;
+  final_norm(x.data(), n, hidden);
+}
+
+void LlamaModel::embed(const int32_t* tokens, int64_t n, float* x) const {
+  const Impl& m = *impl_;
+  const int64_t D = m.config.dim;
+  for (int64_t t = 0; t < n; ++t) {
+    NUQ_CHECK(tokens[t] >= 0 && tokens[t] < m.config.vocab_size, Errc::invalid_argument,
+              "forward: token {} at position {} is outside the vocabulary of {}", tokens[t], t, m.config.vocab_size);
+    std::memcpy(&x[t * D], &m.embedding[std::size_t(tokens[t]) * std::size_t(D)], std::size_t(D) * 4);
+  }
+}
+
+void LlamaModel::final_norm(const float* x, int64_t n, float* hidden) const {
+  rms_norm(x, impl_->final_norm.data(), n, impl_->config.dim, impl_->config.norm_eps, hidden);
+}
+
+void LlamaModel::forward_blocks(int64_t first, int64_t last, float* x, int64_t n, Cache& cache) const {
   const Impl& m = *impl_;
   const LlamaConfig& c = m.config;
   NUQ_CHECK(n > 0, Errc::invalid_argument, "forward: no tokens");
+  NUQ_CHECK(0 <= first && first <= last && last <= c.n_layers, Errc::invalid_argument,
+            "forward: blocks [{}, {}) of a model of {}", first, last, c.n_layers);
   NUQ_CHECK(cache.length + n <= cache.capacity, Errc::invalid_argument,
             "forward: {} more tokens do not fit a cache of {} holding {}", n, cache.capacity, cache.length);
   if (cache.quantized) {
@@ -922,6 +955,8 @@ void LlamaModel::forward(const int32_t* tokens, int64_t n, Cache& cache, float* 
     NUQ_CHECK(cache.length == held || cache.length == 0, Errc::invalid_argument,
               "forward: cache.length was set to {} but the quantized cache holds {} tokens; it can only restart at 0",
               cache.length, held);
+    NUQ_CHECK(first == 0 && last == c.n_layers, Errc::invalid_argument,
+              "forward: a quantized cache runs every block in one call");
     if (cache.length == 0 && held > 0)
       for (kv::LayerCache& layer : qc.layers) {
         layer.free_sequence(qc.seq);
@@ -929,17 +964,12 @@ void LlamaModel::forward(const int32_t* tokens, int64_t n, Cache& cache, float* 
       }
   }
   const int64_t D = c.dim, hd = c.head_dim, qd = c.n_heads * hd, kvd = c.n_kv_heads * hd, pos0 = cache.length;
-  std::vector<float> x(std::size_t(n * D)), xb(std::size_t(n * std::max(D, qd))), q(std::size_t(n * qd)),
-      k(std::size_t(n * kvd)), v(std::size_t(n * kvd)), att(std::size_t(n * qd)), g(std::size_t(n * c.hidden_dim)),
+  std::vector<float> xb(std::size_t(n * std::max(D, qd))), q(std::size_t(n * qd)), k(std::size_t(n * kvd)),
+      v(std::size_t(n * kvd)), att(std::size_t(n * qd)), g(std::size_t(n * c.hidden_dim)),
       u(std::size_t(n * c.hidden_dim)), o(std::size_t(n * D));
-  for (int64_t t = 0; t < n; ++t) {
-    NUQ_CHECK(tokens[t] >= 0 && tokens[t] < c.vocab_size, Errc::invalid_argument,
-              "forward: token {} at position {} is outside the vocabulary of {}", tokens[t], pos0 + t, c.vocab_size);
-    std::memcpy(&x[std::size_t(t * D)], &m.embedding[std::size_t(tokens[t]) * std::size_t(D)], std::size_t(D) * 4);
-  }
-  for (int64_t l = 0; l < c.n_layers; ++l) {
+  for (int64_t l = first; l < last; ++l) {
     const Block& b = m.blocks[std::size_t(l)];
-    rms_norm(x.data(), b.attn_norm.data(), n, D, c.norm_eps, xb.data());
+    rms_norm(x, b.attn_norm.data(), n, D, c.norm_eps, xb.data());
     m.apply(b.q, xb.data(), n, q.data());
     m.apply(b.k, xb.data(), n, k.data());
     m.apply(b.v, xb.data(), n, v.data());
@@ -968,8 +998,8 @@ void LlamaModel::forward(const int32_t* tokens, int64_t n, Cache& cache, float* 
       causal_attention(m.simd, m.threads, q.data(), n, pos0, kc, vc, c, att.data());
     }
     m.apply(b.o, att.data(), n, o.data());
-    for (int64_t i = 0; i < n * D; ++i) x[std::size_t(i)] += o[std::size_t(i)];
-    rms_norm(x.data(), b.ffn_norm.data(), n, D, c.norm_eps, xb.data());
+    for (int64_t i = 0; i < n * D; ++i) x[i] += o[std::size_t(i)];
+    rms_norm(x, b.ffn_norm.data(), n, D, c.norm_eps, xb.data());
     m.apply(b.gate, xb.data(), n, g.data());
     m.apply(b.up, xb.data(), n, u.data());
     for (int64_t i = 0; i < n * c.hidden_dim; ++i) {
@@ -977,10 +1007,21 @@ void LlamaModel::forward(const int32_t* tokens, int64_t n, Cache& cache, float* 
       g[std::size_t(i)] = a / (1.0f + std::exp(-a)) * u[std::size_t(i)];
     }
     m.apply(b.down, g.data(), n, o.data());
-    for (int64_t i = 0; i < n * D; ++i) x[std::size_t(i)] += o[std::size_t(i)];
+    for (int64_t i = 0; i < n * D; ++i) x[i] += o[std::size_t(i)];
   }
-  cache.length += n;
-  rms_norm(x.data(), m.final_norm.data(), n, D, c.norm_eps, hidden);
+}
+
+void LlamaModel::set_linear_weights(const std::string& base, const float* weights) {
+  for (Block& b : impl_->blocks)
+    for (Linear* l : {&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down}) {
+      if (l->name != base) continue;
+      NUQ_CHECK(!l->dense.empty(), Errc::unsupported,
+                "layer '{}' is nuq-packed and runs packed; load the model with decode_packed to replace its weights",
+                base);
+      std::memcpy(l->dense.data(), weights, l->dense.size() * sizeof(float));
+      return;
+    }
+  fail(Errc::invalid_argument, "the model has no linear layer '{}'", base);
 }
 
 void LlamaModel::logits(const float* hidden, int64_t n, float* out) const {

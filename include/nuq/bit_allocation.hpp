@@ -36,9 +36,10 @@ enum class OmegaKind {
   hawq_trace,        // tr(H)/cols · ||ΔW||²_F            (HAWQ-V2)
   unweighted,        // ||ΔW||²_F
   fisher_output,     // Σ_i g_i Δw_i H Δw_iᵀ, g_i = Σ_j F_ij / Σ_j H_jj (K-FAC: Fisher ≈ E[g²] ⊗ E[xxᵀ])
+  kl,                // measured: the model's output KL when the layer alone is quantized (measured_sensitivity.hpp)
 };
 std::string_view to_string(OmegaKind kind);
-// "fisher", "hessian", "hessian-diag", "hawq", "unweighted", "fisher-output"
+// "fisher", "hessian", "hessian-diag", "hawq", "unweighted", "fisher-output", "kl"
 OmegaKind parse_omega_kind(std::string_view text);
 
 // Statistics of one layer (weight [rows, cols]); pointers not owned, null when unavailable.
@@ -68,6 +69,14 @@ struct CandidateEvaluation {
   double bits_per_weight = 0;
   int64_t nnz = 0;
 };
+
+// Whether candidate c can quantize a layer of `cols` columns (its group size divides them).
+bool candidate_applies(const LayerConfig& c, int64_t cols);
+// The layer quantized under c exactly as `nuq quantize` with the same statistics will: stats.sensitivity
+// steers the nuq method, stats.error_feedback_hessian (with stats.damping) turns on error feedback.
+PackedLinear quantize_candidate(const float* weight, int64_t rows, int64_t cols, const LayerStatistics& stats,
+                                const LayerConfig& c, int threads, std::string_view name,
+                                QuantizeReport* report = nullptr);
 
 // Quantizes the layer with nuq::quantize_linear under every candidate (with stats.sensitivity as the
 // per-weight sensitivity when the method is nuq, as `nuq quantize --fisher` does) and measures Ω.
@@ -174,6 +183,24 @@ struct UniformBaseline {  // every layer with the same candidate
   double bits_per_weight = 0;
 };
 
+// A plan (or uniform configuration) measured whole: the table's additive prediction of its KL against the
+// whole quantized model's KL on validation windows (measured_sensitivity.hpp).
+struct PlanMeasurement {
+  std::string label;  // "knapsack", "search", "uniform 3-bit nuq", ...
+  uint64_t bytes = 0;
+  double bits_per_weight = 0;
+  double predicted_kl = 0;  // Σ over layers of the table's KL
+  double kl = 0, nll = 0;   // measured: mean KL to the reference and mean NLL
+};
+
+struct PlanSearchSummary {
+  bool ran = false, resumed = false;
+  int64_t generations = 0, evaluations = 0, improvements = 0;
+  double seconds = 0;
+  double start_kl = 0, search_kl = 0;  // on the validation windows
+  bool accepted = false;               // the search's plan replaced the knapsack's (it had the lower KL)
+};
+
 struct CheckpointPlan {
   std::string model, stats_path, hessian_path;
   OmegaKind omega = OmegaKind::unweighted;
@@ -188,6 +215,12 @@ struct CheckpointPlan {
   std::vector<FrontierPoint> frontier;
   std::vector<UniformBaseline> uniform;  // candidates available for every layer
   std::vector<std::string> warnings;
+  // Plans from a measured table (OmegaKind::kl) with validation windows: predicted vs measured divergence
+  // of the knapsack plan, the searched plan and the uniform configurations; and the search.
+  std::vector<PlanMeasurement> measured;
+  int64_t validation_positions = 0;
+  double reference_nll = 0;
+  PlanSearchSummary search;
 };
 
 // Plans the layers `nuq quantize` would select by default (nuq::default_quantize_rule), reading one

@@ -98,6 +98,8 @@ class LlamaModel {
   // (32 for fp32 weights). The embedding and classifier are not included.
   double linear_bits_per_weight() const noexcept;
   int64_t linear_weight_count() const noexcept;
+  // Worker threads its products use (LlamaLoadOptions::threads resolved).
+  int threads() const noexcept;
   // Where the tokenizer can be read from when it travels with the weights (GGUF metadata, a llama2.c
   // tokenizer is never inside the checkpoint): the checkpoint path, or empty.
   const std::string& embedded_tokenizer_path() const noexcept;
@@ -122,6 +124,23 @@ class LlamaModel {
   void forward(const int32_t* tokens, int64_t n, Cache& cache, float* hidden) const;
   // Logits [n, vocab] from final hidden states [n, dim].
   void logits(const float* hidden, int64_t n, float* out) const;
+
+  // forward() in its three stages, for callers that keep the residual stream between blocks (e.g. to run
+  // only the blocks after a changed layer, include/nuq/measured_sensitivity.hpp). forward() is
+  // embed → forward_blocks(0, n_layers) → cache.length += n → final_norm, with the same numbers.
+  // embed: x [n, dim] = the tokens' embeddings (ids outside the vocabulary throw).
+  void embed(const int32_t* tokens, int64_t n, float* x) const;
+  // Runs blocks [first, last) on the residual stream x [n, dim] in place, for positions cache.length ..
+  // + n − 1, writing those blocks' keys and values into the cache; cache.length is left unchanged. A
+  // quantized cache only runs every block at once.
+  void forward_blocks(int64_t first, int64_t last, float* x, int64_t n, Cache& cache) const;
+  // hidden [n, dim] = the final RMSNorm of x [n, dim].
+  void final_norm(const float* x, int64_t n, float* hidden) const;
+
+  // Replaces the fp32 weights [rows, cols] of the linear layer with base name `base` (as in the checkpoint,
+  // e.g. "blk.3.ffn_down"), copied. Throws Errc::invalid_argument for an unknown name and Errc::unsupported
+  // for a layer that runs packed. Not thread-safe against a concurrent forward().
+  void set_linear_weights(const std::string& base, const float* weights);
 
   void set_activation_hook(ActivationHook hook);
   void set_kv_hook(KvHook hook);
