@@ -321,9 +321,11 @@ void add_plan_command(CLI::App& app, Action& action) {
                   "measure becomes fisher-output");
   cmd->add_option("--damping", o->damping, "with --hessian: as in nuq quantize")->capture_default_str();
   cmd->add_option("--omega", o->omega,
-                  "error measure: fisher, hessian (tr(ΔW H ΔWᵀ)), hessian-diag, hawq (tr(H)/cols·||ΔW||²), unweighted "
-                  "(default: the best the statistics allow)")
-      ->check(CLI::IsMember({"fisher", "hessian", "hessian-diag", "hawq", "unweighted", "fisher-output"}));
+                  "error measure: kl (measured: the model's output divergence when the layer alone is quantized; "
+                  "the default with --text, or read from a table given as --stats), fisher, hessian (tr(ΔW H ΔWᵀ)), "
+                  "hessian-diag, hawq (tr(H)/cols·||ΔW||²), unweighted (default: kl with --text, else the best the "
+                  "statistics allow)")
+      ->check(CLI::IsMember({"kl", "fisher", "hessian", "hessian-diag", "hawq", "unweighted", "fisher-output"}));
   cmd->add_flag("--relative", o->relative,
                 "divide each layer's Ω by its weighted energy (Ω of all-zero weights): relative instead of absolute "
                 "errors");
