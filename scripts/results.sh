@@ -42,7 +42,8 @@ if [[ " ${NUQ_RESULTS_MODELS:-stories260K smollm2} " == *" stories260K "* ]]; th
   texts=("$data/tinystories_valid.txt")
   "$nuq" convert "$data/stories260K.bin" --out "$work/s260-hf" >/dev/null
   "$nuq" calibrate --model "$work/s260-hf" --tokenizer "$tok" --text "$data/tinystories_valid.txt" \
-    --skip-tokens 100000 --max-tokens 16384 --out "$work/s260-act.safetensors" >/dev/null 2>&1
+    --skip-tokens 100000 --max-tokens 16384 --out "$work/s260-act.safetensors" \
+    --hessian "$work/s260-xtx.safetensors" >/dev/null 2>&1
   "$nuq" fisher --model "$work/s260-hf" --tokenizer "$tok" --text "$data/tinystories_valid.txt" \
     --skip-tokens 100000 --max-tokens 16384 --out "$work/s260-fisher.safetensors" --quiet >/dev/null
   echo "### stories260K ($tokens tokens of tinystories_valid.txt, windows of 512)"
@@ -71,6 +72,25 @@ if [[ " ${NUQ_RESULTS_MODELS:-stories260K smollm2} " == *" stories260K "* ]]; th
     --text "$data/tinystories_valid.txt" --skip-tokens 100000 --max-tokens 65408 --lr 5e-3 --norms --quiet >/dev/null
   row "--bits 3 --sparse 0.45% activation-weighted, then \`nuq tune --lr 5e-3 --norms\`" "$work/s260-nuq3a45-tuned" \
     "$tok" "${texts[@]}"
+  echo
+  # Mixed precision from measured output divergence (docs/sensitivity.md#measured-sensitivity-and-search):
+  # plans and uniform rows with the same statistics and error feedback, evaluated on both texts.
+  q=(--fisher "$work/s260-act.safetensors" --hessian "$work/s260-xtx.safetensors")
+  echo "| configuration (activation statistics + error feedback) | bits/weight | TinyStories ppl | WikiText-2 ppl | tokens/s |"
+  echo "|---|---|---|---|---|"
+  both=("$data/tinystories_valid.txt" "$data/wikitext2_test.txt")
+  for spec in "u3:--bits 3" "u3s:--bits 3 --sparse 0.45%" "u2s:--bits 2 --sparse 0.45%"; do
+    # shellcheck disable=SC2086
+    quantize "s260-${spec%%:*}" "$work/s260-hf" ${spec#*:} "${q[@]}"
+    row "uniform ${spec#*:}" "$work/s260-${spec%%:*}" "$tok" "${both[@]}"
+  done
+  for budget in 4.7797bpw 4.97bpw 3.60bpw; do
+    "$nuq" plan --model "$work/s260-hf" --tokenizer "$tok" --text "$data/tinystories_valid.txt" \
+      --text "$data/wikitext2_test.txt" --skip-tokens 100000 --max-tokens 8192 "${q[@]/--fisher/--stats}" \
+      --table "$work/s260-kl.safetensors" --budget "$budget" --out "$work/s260-plan-$budget.json" --quiet >/dev/null
+    quantize "s260-plan-$budget" "$work/s260-hf" --bits 3 --plan "$work/s260-plan-$budget.json" "${q[@]}"
+    row "plan \`--budget $budget\`" "$work/s260-plan-$budget" "$tok" "${both[@]}"
+  done
   echo
 fi
 
@@ -123,6 +143,22 @@ if [[ " ${NUQ_RESULTS_MODELS:-stories260K smollm2} " == *" smollm2 "* ]]; then
     "$nuq" tune "$work/smol-$name" --reference "$gguf" --out "$work/smol-$name-tuned-idx" --quiet "${args[@]}" \
       --indices >/dev/null
     row "${spec#*|}, then \`nuq tune --norms --indices\`" "$work/smol-$name-tuned-idx" "$gguf" "${texts[@]}"
+  done
+  # Mixed precision from measured output divergence (docs/sensitivity.md#measured-sensitivity-and-search):
+  # one table (both texts from token 100000), plans at three sizes, and the uniform rows they compete with,
+  # all with the same statistics and error feedback.
+  q=(--fisher "$work/smol-act.safetensors" --hessian "$work/smol-xtx.safetensors")
+  for spec in "u3:--bits 3" "u3s:--bits 3 --sparse 0.45%" "u2s:--bits 2 --sparse 0.45%"; do
+    # shellcheck disable=SC2086
+    quantize "smol-${spec%%:*}" "$gguf" ${spec#*:} "${q[@]}"
+    row "uniform ${spec#*:} --fisher act --hessian" "$work/smol-${spec%%:*}" "$gguf" "${texts[@]}"
+  done
+  for budget in 3.1875bpw 3.25bpw 2.5bpw; do
+    "$nuq" plan --model "$gguf" --text "$data/wikitext2_test.txt" --text "$data/tinystories_valid.txt" \
+      --skip-tokens 100000 --max-tokens 8192 "${q[@]/--fisher/--stats}" --table "$work/smol-kl.safetensors" \
+      --budget "$budget" --out "$work/smol-plan-$budget.json" --quiet >/dev/null
+    quantize "smol-plan-$budget" "$gguf" --bits 3 --plan "$work/smol-plan-$budget.json" "${q[@]}"
+    row "plan \`--budget $budget\` (measured KL + search)" "$work/smol-plan-$budget" "$gguf" "${texts[@]}"
   done
   # Two epochs of the 4-bit run with indices (~40 minutes alone).
   echo "<!-- nuq tune smol-nuq4h --reference $(basename "$gguf") --out smol-nuq4h-tuned-idx-e2 ${args[*]//"$data/"/} --indices --epochs 2 -->" >&2

@@ -652,13 +652,15 @@ std::string plan_to_json(const CheckpointPlan& plan) {
     Json measured = Json::array();
     for (const PlanMeasurement& m : plan.measured)
       measured.push_back(Json{{"plan", m.label}, {"bytes", m.bytes}, {"bits_per_weight", m.bits_per_weight},
-                              {"predicted_kl", m.predicted_kl}, {"kl", m.kl}, {"nll", m.nll}});
+                              {"predicted_kl", m.predicted_kl}, {"predicted_nll_increase", m.predicted_dnll},
+                              {"kl", m.kl}, {"nll", m.nll}});
     j["nuq_plan"]["measured"] = Json{{"validation_positions", plan.validation_positions},
                                      {"reference_nll", plan.reference_nll},
                                      {"plans", measured}};
   }
   if (plan.search.ran)
-    j["nuq_plan"]["search"] = Json{{"generations", plan.search.generations},
+    j["nuq_plan"]["search"] = Json{{"objective", plan.search.objective},
+                                   {"generations", plan.search.generations},
                                    {"evaluations", plan.search.evaluations},
                                    {"improvements", plan.search.improvements},
                                    {"seconds", plan.search.seconds},

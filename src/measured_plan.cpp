@@ -10,11 +10,12 @@
 namespace nuq {
 namespace {
 
-std::vector<std::vector<AllocationChoice>> knapsack_problem(const DivergenceTable& table) {
+std::vector<std::vector<AllocationChoice>> knapsack_problem(const DivergenceTable& table, PlanObjective objective) {
   std::vector<std::vector<AllocationChoice>> problem;
   for (const auto& l : table.layers()) {
     std::vector<AllocationChoice> choices;
-    for (const CandidateEvaluation& c : l.candidates) choices.push_back({c.bytes, c.omega});
+    for (std::size_t c = 0; c < l.candidates.size(); ++c)
+      choices.push_back({l.candidates[c].bytes, table_cost(l, c, objective)});
     problem.push_back(std::move(choices));
   }
   return problem;
@@ -32,7 +33,7 @@ std::vector<int> uniform_choice(const DivergenceTable& table, const std::string&
   return choice;
 }
 
-void uniform_baselines(CheckpointPlan& plan, const DivergenceTable& table) {
+void uniform_baselines(CheckpointPlan& plan, const DivergenceTable& table, PlanObjective objective) {
   std::vector<std::string> seen;
   for (const auto& c : table.layers().front().candidates) {
     const std::string label = c.config.label();
@@ -44,7 +45,7 @@ void uniform_baselines(CheckpointPlan& plan, const DivergenceTable& table) {
     u.label = label;
     for (std::size_t l = 0; l < choice.size(); ++l) {
       u.bytes += table.layers()[l].candidates[std::size_t(choice[l])].bytes;
-      u.omega += table.layers()[l].candidates[std::size_t(choice[l])].omega;
+      u.omega += table_cost(table.layers()[l], std::size_t(choice[l]), objective);
     }
     u.bits_per_weight = 8.0 * double(u.bytes) / double(table.weights());
     plan.uniform.push_back(u);
@@ -58,6 +59,7 @@ PlanMeasurement measure_plan(const std::string& label, const std::vector<int>& c
   for (std::size_t l = 0; l < choice.size(); ++l) {
     m.bytes += table.layers()[l].candidates[std::size_t(choice[l])].bytes;
     m.predicted_kl += table.layers()[l].candidates[std::size_t(choice[l])].omega;
+    m.predicted_dnll += table.layers()[l].nll[std::size_t(choice[l])];
   }
   m.bits_per_weight = 8.0 * double(m.bytes) / double(table.weights());
   const Divergence d = measure_choice(model, table, choice, current, meter);
@@ -81,9 +83,10 @@ CheckpointPlan plan_from_table(const MeasuredPlanOptions& o) {
   for (const auto& l : table.layers()) {
     PlannedLayer p;
     p.name = l.name, p.base = l.base, p.rows = l.rows, p.cols = l.cols, p.candidates = l.candidates;
+    for (std::size_t c = 0; c < l.candidates.size(); ++c) p.candidates[c].omega = table_cost(l, c, o.objective);
     plan.layers.push_back(std::move(p));
   }
-  const auto problem = knapsack_problem(table);
+  const auto problem = knapsack_problem(table, o.objective);
   plan.budget_bytes = o.budget_bytes ? o.budget_bytes
                                      : uint64_t(std::floor(o.budget_bits_per_weight * double(plan.weights) / 8.0));
   const uint64_t floor_bytes = minimum_bytes(problem);
@@ -94,7 +97,7 @@ CheckpointPlan plan_from_table(const MeasuredPlanOptions& o) {
             8.0 * double(floor_bytes) / double(plan.weights));
   plan.allocation = allocate_bits(problem, plan.budget_bytes, o.allocation);
   plan.frontier = pareto_frontier(problem, o.allocation);
-  uniform_baselines(plan, table);
+  uniform_baselines(plan, table, o.objective);
   std::vector<int> chosen = plan.allocation.choice;
 
   if (o.validation.size() > 0) {
@@ -111,6 +114,7 @@ CheckpointPlan plan_from_table(const MeasuredPlanOptions& o) {
       if (o.stage) o.stage("searching");
       PlanSearchOptions so = o.search;
       so.budget_bytes = plan.budget_bytes;
+      so.objective = o.objective;
       so.threads = o.threads;
       const PlanSearchResult r = search_plan(*model, table, chosen, o.pool, so);
       searched = r.choice;
@@ -126,8 +130,10 @@ CheckpointPlan plan_from_table(const MeasuredPlanOptions& o) {
     if (!searched.empty()) plan.measured.push_back(measure_plan("search", searched, *model, table, current, validation));
     plan.measured.push_back(measure_plan("knapsack", chosen, *model, table, current, validation));
     if (!searched.empty()) {
-      plan.search.search_kl = plan.measured[0].kl;
-      plan.search.start_kl = plan.measured[1].kl;
+      const bool kl = o.objective == PlanObjective::kl;
+      plan.search.objective = std::string(to_string(o.objective));
+      plan.search.search_kl = kl ? plan.measured[0].kl : plan.measured[0].nll;
+      plan.search.start_kl = kl ? plan.measured[1].kl : plan.measured[1].nll;
       // The search's plan replaces the knapsack's only when the whole model measurably diverges less.
       plan.search.accepted = plan.search.search_kl < plan.search.start_kl;
       if (plan.search.accepted) chosen = searched;

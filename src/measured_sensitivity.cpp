@@ -221,7 +221,14 @@ struct DivergenceMeter::Impl {
       });
     }
     Divergence d;
-    for (int64_t i = 0; i < P; ++i) d.kl += kl[std::size_t(i)], d.nll += nll[std::size_t(i)];
+    for (std::size_t w = 0; w < windows.targets.size(); ++w) {
+      const int64_t at = window_offset(w), n = int64_t(windows.targets[w].size());
+      double k = 0, l = 0;
+      for (int64_t i = at; i < at + n; ++i) k += kl[std::size_t(i)], l += nll[std::size_t(i)];
+      d.kl += k, d.nll += l;
+      d.window_kl.push_back(k / double(n));
+      d.window_nll.push_back(l / double(n));
+    }
     d.kl /= double(P);
     d.nll /= double(P);
     NUQ_CHECK(std::isfinite(d.kl) && std::isfinite(d.nll), Errc::invalid_argument,

@@ -43,28 +43,33 @@ uint64_t draw(std::mt19937_64& rng, uint64_t n) { return rng() % n; }
 struct Levels {
   std::vector<std::vector<int>> of;   // per layer: candidate indices, by size ascending
   std::vector<std::vector<uint64_t>> bytes;
+  std::vector<std::vector<double>> kl;  // the table's cost under the objective, per level
 
-  Levels(const DivergenceTable& table, const std::vector<int>& start) {
+  Levels(const DivergenceTable& table, const std::vector<int>& start, PlanObjective objective) {
     for (std::size_t l = 0; l < table.layers().size(); ++l) {
       const auto& cs = table.layers()[l].candidates;
+      std::vector<double> cost;
+      for (std::size_t c = 0; c < cs.size(); ++c) cost.push_back(table_cost(table.layers()[l], c, objective));
       std::vector<int> order(cs.size());
       for (std::size_t c = 0; c < cs.size(); ++c) order[c] = int(c);
       std::stable_sort(order.begin(), order.end(), [&](int a, int b) {
         return cs[std::size_t(a)].bytes != cs[std::size_t(b)].bytes ? cs[std::size_t(a)].bytes < cs[std::size_t(b)].bytes
-                                                                   : cs[std::size_t(a)].omega < cs[std::size_t(b)].omega;
+                                                                   : cost[std::size_t(a)] < cost[std::size_t(b)];
       });
       std::vector<int> kept;
       for (int c : order)
-        if (kept.empty() || cs[std::size_t(c)].omega < cs[std::size_t(kept.back())].omega) kept.push_back(c);
+        if (kept.empty() || cost[std::size_t(c)] < cost[std::size_t(kept.back())]) kept.push_back(c);
       // The start stays reachable even where the table ranks it dominated.
       if (std::find(kept.begin(), kept.end(), start[l]) == kept.end()) {
         kept.push_back(start[l]);
         std::stable_sort(kept.begin(), kept.end(), [&](int a, int b) { return cs[std::size_t(a)].bytes < cs[std::size_t(b)].bytes; });
       }
       std::vector<uint64_t> b;
-      for (int c : kept) b.push_back(cs[std::size_t(c)].bytes);
+      std::vector<double> k;
+      for (int c : kept) b.push_back(cs[std::size_t(c)].bytes), k.push_back(cost[std::size_t(c)]);
       of.push_back(std::move(kept));
       bytes.push_back(std::move(b));
+      kl.push_back(std::move(k));
     }
   }
 
@@ -89,29 +94,67 @@ struct Levels {
   }
 };
 
-// A child of `parent` within the budget: 1–3 layers one level up, then random other layers one level down
-// until the size fits, then a few tries to spend what is left by moving layers up. Returns the parent
-// itself when no change fits (the caller draws again).
+// A layer drawn with probability ∝ weight (half the time) or uniformly among those with a positive
+// weight (otherwise), or L when none qualifies. The table's marginal costs guide the moves, so that
+// children are mostly plausible; the uniform half keeps every move possible, which is where the search
+// finds what the additive table cannot see.
+std::size_t pick(const std::vector<double>& weight, std::mt19937_64& rng) {
+  double total = 0;
+  std::size_t n = 0;
+  for (double w : weight)
+    if (w > 0) total += w, ++n;
+  if (n == 0) return weight.size();
+  const bool uniform = draw(rng, 2) == 0;
+  const double u = double(rng() >> 11) * 0x1.0p-53 * (uniform ? double(n) : total);
+  double at = 0;
+  for (std::size_t l = 0; l < weight.size(); ++l) {
+    if (!(weight[l] > 0)) continue;
+    at += uniform ? 1.0 : weight[l];
+    if (u < at) return l;
+  }
+  for (std::size_t l = weight.size(); l-- > 0;)
+    if (weight[l] > 0) return l;
+  return weight.size();
+}
+
+// A child of `parent` within the budget: 1–3 layers one level up (preferring those whose next level the
+// table says removes the most KL per byte), then other layers one level down until the size fits
+// (preferring those that lose the least KL per byte saved), then a few tries to spend what is left on more
+// moves up. Returns the parent itself when no change fits (the caller draws again).
 std::vector<int> mutate(const std::vector<int>& parent, const Levels& lv, uint64_t budget, std::mt19937_64& rng) {
   const std::size_t L = parent.size();
   std::vector<int> child = parent;
   std::vector<char> raised(L, 0), lowered(L, 0);
+  // KL removed per byte by a move up (floored so that a level the table measured as no better stays
+  // reachable), and bytes saved per KL added by a move down.
+  auto up_weights = [&](bool allow_lowered) {
+    std::vector<double> w(L, 0.0);
+    for (std::size_t l = 0; l < L; ++l)
+      if (std::size_t(child[l]) + 1 < lv.of[l].size() && (allow_lowered || !lowered[l]))
+        w[l] = std::max(lv.kl[l][std::size_t(child[l])] - lv.kl[l][std::size_t(child[l] + 1)], 1e-12) /
+               double(lv.bytes[l][std::size_t(child[l] + 1)] - lv.bytes[l][std::size_t(child[l])] + 1);
+    return w;
+  };
   const uint64_t ups = 1 + draw(rng, 3);
   for (uint64_t s = 0; s < ups; ++s) {
-    const std::size_t l = std::size_t(draw(rng, L));
-    if (std::size_t(child[l]) + 1 < lv.of[l].size()) ++child[l], raised[l] = 1;
+    const std::size_t l = pick(up_weights(true), rng);
+    if (l < L) ++child[l], raised[l] = 1;
   }
   uint64_t size = lv.total(child);
-  for (int tries = 0; size > budget && tries < int(64 * L); ++tries) {
-    const std::size_t l = std::size_t(draw(rng, L));
-    if (raised[l] || child[l] == 0) continue;
+  while (size > budget) {
+    std::vector<double> w(L, 0.0);
+    for (std::size_t l = 0; l < L; ++l)
+      if (!raised[l] && child[l] > 0)
+        w[l] = double(lv.bytes[l][std::size_t(child[l])] - lv.bytes[l][std::size_t(child[l] - 1)]) /
+               std::max(lv.kl[l][std::size_t(child[l] - 1)] - lv.kl[l][std::size_t(child[l])], 1e-12);
+    const std::size_t l = pick(w, rng);
+    if (l == L) return parent;
     size -= lv.bytes[l][std::size_t(child[l])] - lv.bytes[l][std::size_t(child[l] - 1)];
     --child[l], lowered[l] = 1;
   }
-  if (size > budget) return parent;
   for (int tries = 0; tries < 4; ++tries) {
-    const std::size_t l = std::size_t(draw(rng, L));
-    if (lowered[l] || std::size_t(child[l]) + 1 >= lv.of[l].size()) continue;
+    const std::size_t l = pick(up_weights(false), rng);
+    if (l == L) break;
     const uint64_t step = lv.bytes[l][std::size_t(child[l] + 1)] - lv.bytes[l][std::size_t(child[l])];
     if (size + step <= budget) ++child[l], size += step;
   }
@@ -147,6 +190,19 @@ int64_t first_difference(const std::vector<int>& a, const std::vector<int>& b, c
   return first;
 }
 
+// Paired test over windows: mean(child − parent) + margin · standard error < 0. One window has no spread
+// to estimate, so there only the mean counts.
+bool clearly_lower(const std::vector<double>& child, const std::vector<double>& parent, double margin) {
+  const std::size_t n = child.size();
+  double mean = 0;
+  for (std::size_t w = 0; w < n; ++w) mean += child[w] - parent[w];
+  mean /= double(n);
+  if (n < 2) return mean < 0;
+  double var = 0;
+  for (std::size_t w = 0; w < n; ++w) var += (child[w] - parent[w] - mean) * (child[w] - parent[w] - mean);
+  return mean + margin * std::sqrt(var / double(n - 1) / double(n)) < 0;
+}
+
 std::string engine_state(const std::mt19937_64& rng) {
   std::ostringstream s;
   s << rng;
@@ -164,15 +220,32 @@ Json search_fingerprint(const DivergenceTable& table, const std::vector<int>& st
               {"table", {{"path", fs::weakly_canonical(table.path()).string()}, {"size", uint64_t(st.st_size)}}},
               {"start", start},
               {"budget_bytes", o.budget_bytes},
+              {"objective", std::string(to_string(o.objective))},
               {"seed", o.seed},
               {"offspring", o.offspring},
               {"survivors", o.survivors},
               {"stage_windows", {o.stage_windows[0], o.stage_windows[1]}},
+              {"margin_se", o.margin_se},
               {"pool_windows", pool.size()},
               {"pool_fnv", h}};
 }
 
 }  // namespace
+
+std::string_view to_string(PlanObjective objective) { return objective == PlanObjective::kl ? "kl" : "nll"; }
+
+double table_cost(const DivergenceTable::Layer& layer, std::size_t c, PlanObjective objective) {
+  if (objective == PlanObjective::kl) return layer.candidates[c].omega;
+  return layer.nll[c] - *std::min_element(layer.nll.begin(), layer.nll.end());
+}
+
+double objective_value(const Divergence& d, PlanObjective objective) {
+  return objective == PlanObjective::kl ? d.kl : d.nll;
+}
+
+const std::vector<double>& objective_windows(const Divergence& d, PlanObjective objective) {
+  return objective == PlanObjective::kl ? d.window_kl : d.window_nll;
+}
 
 void apply_choice(LlamaModel& model, const DivergenceTable& table, const std::vector<int>& choice,
                   std::vector<int>& current) {
@@ -205,7 +278,7 @@ PlanSearchResult search_plan(LlamaModel& model, const DivergenceTable& table, co
                 o.stage_windows[1] >= 1,
             Errc::invalid_argument, "search: offspring, survivors (<= offspring) and stage windows must be positive");
   NUQ_CHECK(pool.size() >= 1, Errc::invalid_argument, "search: no calibration windows to evaluate plans on");
-  const Levels lv(table, start);
+  const Levels lv(table, start, o.objective);
   uint64_t start_bytes = lv.total(lv.levels_of(start));
   NUQ_CHECK(start_bytes <= o.budget_bytes, Errc::invalid_argument, "search: the start takes {} bytes, over the budget of {}",
             start_bytes, o.budget_bytes);
@@ -246,7 +319,7 @@ PlanSearchResult search_plan(LlamaModel& model, const DivergenceTable& table, co
     const std::vector<int> choice = lv.choice_of(level);
     apply_choice(model, table, choice, current);
     ++r.evaluations;
-    return meter.measure(first_difference(choice, lv.choice_of(parent_level), blocks, n_blocks)).kl;
+    return meter.measure(first_difference(choice, lv.choice_of(parent_level), blocks, n_blocks));
   };
   double parent_kl = std::numeric_limits<double>::quiet_NaN();
   while (r.generations < o.max_generations && (o.max_seconds <= 0 || elapsed() < o.max_seconds)) {
@@ -265,18 +338,23 @@ PlanSearchResult search_plan(LlamaModel& model, const DivergenceTable& table, co
     std::vector<std::pair<double, std::size_t>> ranked;
     {
       DivergenceMeter m1(model, select_windows(pool, w1), hidden_of(reference, pool, w1, model.config().dim));
-      for (std::size_t i = 0; i < children.size(); ++i) ranked.emplace_back(evaluate(m1, children[i], parent), i);
+      for (std::size_t i = 0; i < children.size(); ++i)
+        ranked.emplace_back(objective_value(evaluate(m1, children[i], parent), o.objective), i);
     }
     std::stable_sort(ranked.begin(), ranked.end());
     // Stage 2: the best children and the parent on a larger fresh draw; the best of them is the next parent.
     apply_choice(model, table, lv.choice_of(parent), current);
     DivergenceMeter m2(model, select_windows(pool, w2), hidden_of(reference, pool, w2, model.config().dim));
-    parent_kl = m2.measure(n_blocks).kl;
+    const Divergence pd = m2.measure(n_blocks);
+    parent_kl = objective_value(pd, o.objective);
     std::size_t best = children.size();
     double best_kl = parent_kl;
     for (std::size_t k = 0; k < ranked.size() && int(k) < o.survivors; ++k) {
-      const double kl = evaluate(m2, children[ranked[k].second], parent);
-      if (kl < best_kl) best_kl = kl, best = ranked[k].second;
+      const Divergence cd = evaluate(m2, children[ranked[k].second], parent);
+      const double kl = objective_value(cd, o.objective);
+      if (kl < best_kl && clearly_lower(objective_windows(cd, o.objective), objective_windows(pd, o.objective),
+                                        o.margin_se))
+        best_kl = kl, best = ranked[k].second;
     }
     if (best < children.size()) {
       parent = children[best];

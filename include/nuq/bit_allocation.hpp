@@ -189,16 +189,18 @@ struct PlanMeasurement {
   std::string label;  // "knapsack", "search", "uniform 3-bit nuq", ...
   uint64_t bytes = 0;
   double bits_per_weight = 0;
-  double predicted_kl = 0;  // Σ over layers of the table's KL
-  double kl = 0, nll = 0;   // measured: mean KL to the reference and mean NLL
+  double predicted_kl = 0;   // Σ over layers of the table's KL
+  double predicted_dnll = 0; // Σ over layers of the table's NLL increase
+  double kl = 0, nll = 0;    // measured: mean KL to the reference and mean NLL
 };
 
 struct PlanSearchSummary {
   bool ran = false, resumed = false;
   int64_t generations = 0, evaluations = 0, improvements = 0;
   double seconds = 0;
-  double start_kl = 0, search_kl = 0;  // on the validation windows
-  bool accepted = false;               // the search's plan replaced the knapsack's (it had the lower KL)
+  std::string objective = "kl";        // what was minimized: "kl" or "nll"
+  double start_kl = 0, search_kl = 0;  // the objective on the validation windows
+  bool accepted = false;               // the search's plan replaced the knapsack's (it had the lower value)
 };
 
 struct CheckpointPlan {

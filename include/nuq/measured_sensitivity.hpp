@@ -14,6 +14,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "nuq/bit_allocation.hpp"
@@ -42,6 +43,7 @@ CalibrationWindows select_windows(const CalibrationWindows& all, const std::vect
 struct Divergence {
   double kl = 0;   // mean over positions of KL(p_reference ‖ p_model) in nats
   double nll = 0;  // mean negative log-likelihood of the targets in nats
+  std::vector<double> window_kl, window_nll;  // the same per window
 };
 
 // The reference's next-token distributions on a set of windows, held as probabilities, and the residual
@@ -147,14 +149,30 @@ class DivergenceTable {
 
 // ---- the search ----------------------------------------------------------------------------------------
 
+// What plans minimize: the mean KL to the reference's next-token distributions (the default: it asks the
+// quantized model to behave like the original on any text), or the mean NLL of the calibration text itself
+// (what perplexity measures, but only on text like the calibration's).
+enum class PlanObjective { kl, nll };
+std::string_view to_string(PlanObjective objective);
+// The table's cost of candidate c of a layer under an objective: its KL, or its NLL increase minus the
+// layer's smallest (a per-layer constant, which no allocation's ranking depends on, keeping costs >= 0).
+double table_cost(const DivergenceTable::Layer& layer, std::size_t c, PlanObjective objective);
+double objective_value(const Divergence& d, PlanObjective objective);
+const std::vector<double>& objective_windows(const Divergence& d, PlanObjective objective);
+
 struct PlanSearchOptions {
   uint64_t budget_bytes = 0;
+  PlanObjective objective = PlanObjective::kl;
   uint64_t seed = 0;
   int64_t max_generations = 200;  // the search stops at whichever comes first
   double max_seconds = 0;         // 0: no time limit
   int offspring = 8;              // per generation, each evaluated on stage_windows[0] windows
   int survivors = 2;              // best offspring re-evaluated with the parent on stage_windows[1] windows
-  int64_t stage_windows[2] = {1, 2};
+  int64_t stage_windows[2] = {2, 8};
+  // A survivor replaces the parent only when its per-window differences from the parent on the second
+  // stage's windows are below zero by this many standard errors (a paired test): without it, the noise of
+  // small samples is taken for improvements and the plan drifts (measured: docs/sensitivity.md).
+  double margin_se = 1.0;
   std::string state_path;  // saved after each generation (atomically) and resumed from when present
   int threads = 0;
   std::function<void(int64_t generation, int64_t generations, double parent_kl, int64_t accepted, double seconds)>
@@ -202,7 +220,8 @@ struct MeasuredPlanOptions {
   CalibrationWindows validation;
   // Windows the search draws its samples from; empty or search.max_generations == 0: no search.
   CalibrationWindows pool;
-  PlanSearchOptions search;  // budget_bytes is set from the budget above
+  PlanSearchOptions search;  // budget_bytes and objective are set from this struct
+  PlanObjective objective = PlanObjective::kl;
   int threads = 0;
   // Called when a stage starts ("measuring the uniform configurations", ...), for progress output.
   std::function<void(const std::string&)> stage;

@@ -59,11 +59,14 @@ std::string duration(double s) {
 struct MeasuredOptions {
   std::vector<std::string> texts;
   std::string tokenizer, table;
-  int64_t skip_tokens = 0, max_tokens = 16384, ctx = 256, table_windows = 2, validation_windows = 2;
-  int64_t generations = 60;
+  int64_t skip_tokens = 0, max_tokens = 16384, ctx = 128, table_windows = 2, validation_windows = 4;
+  int64_t generations = 40, pool_windows = 32;
   double search_seconds = 0;
   uint64_t seed = 0;
   int offspring = 8, survivors = 2;
+  std::vector<int64_t> search_windows{2, 8};
+  double margin = 1.0;
+  std::string objective = "kl";
   bool restart = false;
 };
 
@@ -156,19 +159,22 @@ void measure_table(const std::string& model, const std::string& stats, const std
 
 void print_measurements(const CheckpointPlan& plan) {
   if (plan.search.ran)
-    fmt::print("search: {} generations, {} evaluations, {} improvements in {}{}; whole-model KL {:.5g} (knapsack) -> "
+    fmt::print("search: {} generations, {} evaluations, {} improvements in {}{}; whole-model {} {:.5g} (knapsack) -> "
                "{:.5g} (search): {}\n",
                plan.search.generations, plan.search.evaluations, plan.search.improvements, duration(plan.search.seconds),
-               plan.search.resumed ? " (resumed)" : "", plan.search.start_kl, plan.search.search_kl,
+               plan.search.resumed ? " (resumed)" : "", plan.search.objective == "kl" ? "KL" : "NLL",
+               plan.search.start_kl, plan.search.search_kl,
                plan.search.accepted ? "the search's plan is kept" : "no better than the knapsack's, which is kept");
   if (plan.measured.empty()) return;
   fmt::print("predicted (Σ of the table) vs measured (whole model) divergence on {} validation positions, reference "
              "NLL {:.4f}:\n",
              plan.validation_positions, plan.reference_nll);
-  fmt::print("  {:<28} {:>8}  {:>12}  {:>12}  {:>8}\n", "plan", "bits/w", "predicted KL", "measured KL", "NLL");
+  fmt::print("  {:<28} {:>8}  {:>12}  {:>12}  {:>10}  {:>10}\n", "plan", "bits/w", "predicted KL", "measured KL",
+             "pred. ΔNLL", "meas. ΔNLL");
   for (const PlanMeasurement& m : plan.measured)
-    fmt::print("  {:<28} {:>8.4f}  {:>12.5g}  {:>12.5g}  {:>8.4f}{}\n", m.label, m.bits_per_weight, m.predicted_kl,
-               m.kl, m.nll, m.bytes <= plan.budget_bytes ? "" : "  (over budget)");
+    fmt::print("  {:<28} {:>8.4f}  {:>12.5g}  {:>12.5g}  {:>+10.4f}  {:>+10.4f}{}\n", m.label, m.bits_per_weight,
+               m.predicted_kl, m.kl, m.predicted_dnll, m.nll - plan.reference_nll,
+               m.bytes <= plan.budget_bytes ? "" : "  (over budget)");
 }
 
 struct PlanOptions {
@@ -258,14 +264,20 @@ int run_measured_plan(const PlanOptions& o) {
     p.validation = calibration_windows(ids, start, m.ctx, std::min(m.table_windows, window_count(int64_t(ids.size()), m.ctx)),
                                        m.validation_windows);
     if (p.validation.size() > 0)
-      p.pool = calibration_windows(ids, start, m.ctx, std::min(m.table_windows + m.validation_windows,
-                                                               window_count(int64_t(ids.size()), m.ctx)));
+      p.pool = calibration_windows(ids, start, m.ctx,
+                                   std::min(m.table_windows + m.validation_windows,
+                                            window_count(int64_t(ids.size()), m.ctx)),
+                                   m.pool_windows);
   }
+  p.objective = m.objective == "nll" ? PlanObjective::nll : PlanObjective::kl;
   p.search.max_generations = m.generations;
   p.search.max_seconds = m.search_seconds;
   p.search.seed = m.seed;
   p.search.offspring = m.offspring;
   p.search.survivors = std::min(m.survivors, m.offspring);
+  p.search.stage_windows[0] = m.search_windows[0];
+  p.search.stage_windows[1] = m.search_windows[1];
+  p.search.margin_se = m.margin;
   p.search.state_path = o.out + ".search.json";
   const bool quiet = o.quiet;
   p.search.progress = [quiet](int64_t g, int64_t gs, double kl, int64_t improvements, double seconds) {
@@ -284,6 +296,8 @@ int run_measured_plan(const PlanOptions& o) {
   std::error_code ec;
   std::filesystem::remove(p.search.state_path, ec);
   print_plan(plan);
+  if (p.objective == PlanObjective::nll)
+    fmt::print("objective: the calibration text's NLL (Ω above is each layer's NLL increase above its least)\n");
   print_measurements(plan);
   fmt::print("wrote {}\n", o.out);
   return 0;
@@ -358,6 +372,10 @@ void add_plan_command(CLI::App& app, Action& action) {
       ->capture_default_str()->check(CLI::Range(0, 1 << 16));
   cmd->add_option("--generations", m.generations, "search generations after the knapsack (0: no search)")
       ->capture_default_str()->check(CLI::NonNegativeNumber);
+  cmd->add_option("--search-pool", m.pool_windows,
+                  "search: windows after the validation ones that generations draw from (their reference "
+                  "distributions are computed once)")
+      ->capture_default_str()->check(CLI::Range(1, 1 << 20));
   cmd->add_option("--search-seconds", m.search_seconds, "stop the search after this long (0: no limit)")
       ->capture_default_str()->check(CLI::NonNegativeNumber);
   cmd->add_option("--seed", m.seed, "search seed (the plan is the same for the same seed and generations)")
@@ -366,6 +384,18 @@ void add_plan_command(CLI::App& app, Action& action) {
       ->check(CLI::Range(1, 1024));
   cmd->add_option("--survivors", m.survivors, "search: children re-evaluated on more tokens")->capture_default_str()
       ->check(CLI::Range(1, 1024));
+  cmd->add_option("--search-windows", m.search_windows,
+                  "search: windows drawn per generation for ranking the children, and for comparing the best with "
+                  "the parent")
+      ->delimiter(',')->expected(2)->capture_default_str()->check(CLI::Range(1, 1 << 16));
+  cmd->add_option("--search-margin", m.margin,
+                  "search: a child replaces the parent only when its KL is lower by this many standard errors of the "
+                  "per-window differences")
+      ->capture_default_str()->check(CLI::Range(0.0, 100.0));
+  cmd->add_option("--objective", m.objective,
+                  "what the plan minimizes: kl (the divergence from the original model's next-token distributions) or "
+                  "nll (the calibration text's negative log-likelihood; only for text like the calibration's)")
+      ->capture_default_str()->check(CLI::IsMember({"kl", "nll"}));
   cmd->add_flag("--restart", m.restart, "measure the table again instead of resuming or reusing it");
   cmd->callback([o, &action] {
     action = [o]() -> int {
