@@ -7,8 +7,11 @@
 #include <atomic>
 #include <bit>
 #include <cmath>
+#include <cstring>
 #include <functional>
 #include <limits>
+#include <memory>
+#include <mutex>
 #include <thread>
 
 #include <Eigen/Cholesky>
@@ -277,11 +280,25 @@ void check_hessian(const double* h, int64_t cols, double damping, std::string_vi
 // rounded while the most freedom is left to compensate them. A weight kept in the sparse part is
 // stored exactly, so its error is zero and it passes nothing on. Returns the value every weight is
 // finally rounded from (row-major [rows, cols], original column order).
-std::vector<float> error_feedback_targets(const float* weight, int64_t ld, int64_t rows, int64_t cols,
-                                          const double* hessian, double damping, const uint8_t* kept,
-                                          const Codebook* books, int64_t group, int threads, std::string_view name) {
-  const int64_t groups = cols / group;
-  std::vector<int64_t> order(cols);
+// What error feedback needs from XᵀX alone: the column order and the upper Cholesky factor U of the
+// damped inverse (in that order), with the trailing blocks of U laid out for the lazy batch update.
+struct FeedbackFactor {
+  uint64_t hessian_hash = 0;  // of the XᵀX it was computed from: the cache's key, with cols and damping
+  int64_t cols = 0;
+  double damping = 0;
+  std::vector<int64_t> order;
+  std::vector<float> U;                      // row-major [cols, cols], fp32: what the weights are
+  std::vector<std::vector<float>> trailing;  // per block of kFeedbackBlock columns, see below
+};
+constexpr int64_t kFeedbackBlock = 128;
+
+std::shared_ptr<const FeedbackFactor> factor_hessian(const double* hessian, int64_t cols, double damping,
+                                                     std::string_view name) {
+  auto f = std::make_shared<FeedbackFactor>();
+  f->cols = cols;
+  f->damping = damping;
+  std::vector<int64_t>& order = f->order;
+  order.resize(std::size_t(cols));
   for (int64_t c = 0; c < cols; ++c) order[c] = c;
   std::stable_sort(order.begin(), order.end(),
                    [&](int64_t a, int64_t b) { return hessian[a * cols + a] > hessian[b * cols + b]; });
@@ -306,28 +323,74 @@ std::vector<float> error_feedback_targets(const float* weight, int64_t ld, int64
   Eigen::LLT<Eigen::MatrixXd> llt_inv(Hinv);
   NUQ_CHECK(llt_inv.info() == Eigen::Success, Errc::invalid_argument,
             "{}: the inverse of the damped XᵀX is numerically singular; raise the damping", name);
-  // Row-major fp32 copy of U: the sweep reads rows of it, and fp32 is what the weights are.
-  std::vector<float> U(std::size_t(cols * cols), 0.0f);
+  std::vector<float>& U = f->U;
+  U.assign(std::size_t(cols * cols), 0.0f);
   {
     const Eigen::MatrixXd Ud = llt_inv.matrixU();
     for (int64_t i = 0; i < cols; ++i)
       for (int64_t j = i; j < cols; ++j) U[i * cols + j] = float(Ud(i, j));
   }
+  // trailing[block][j, b] = U[i1 + b, i2 + j]: the B operand of the trailing update, [cols - i2, nb].
+  for (int64_t i1 = 0; i1 < cols; i1 += kFeedbackBlock) {
+    const int64_t i2 = std::min(cols, i1 + kFeedbackBlock), nb = i2 - i1, rest = cols - i2;
+    std::vector<float> t(std::size_t(rest * nb));
+    for (int64_t j = 0; j < rest; ++j)
+      for (int64_t b = 0; b < nb; ++b) t[j * nb + b] = U[(i1 + b) * cols + i2 + j];
+    f->trailing.push_back(std::move(t));
+  }
+  return f;
+}
 
+uint64_t hash_words(const double* x, int64_t n) {
+  uint64_t h = 0x9E3779B97F4A7C15ull;
+  for (int64_t i = 0; i < n; ++i) {
+    uint64_t v;
+    std::memcpy(&v, &x[i], sizeof v);
+    h = (h ^ v) * 0xFF51AFD7ED558CCDull;
+    h ^= h >> 32;
+  }
+  return h;
+}
+
+// The factorization costs ~2·cols³ double flops (6 GFLOP at 1536 columns) and is the same for every
+// candidate of a layer (nuq plan quantizes each layer up to a dozen ways) and for layers that share their
+// input (q/k/v, gate/up): the last one is kept and reused when the same XᵀX and damping come again. The
+// key is a hash of the matrix's content, not its address, so a reused buffer cannot return a stale
+// factor. Factors above kCachedFactorBytes are not kept: held between layers they would raise the peak
+// memory of models with very wide layers (a 28672-column XᵀX's factor takes 4.9 GB).
+constexpr std::size_t kCachedFactorBytes = std::size_t(256) << 20;
+
+std::shared_ptr<const FeedbackFactor> cached_hessian_factor(const double* hessian, int64_t cols, double damping,
+                                                            std::string_view name) {
+  static std::mutex mutex;
+  static std::shared_ptr<const FeedbackFactor> last;
+  const uint64_t hash = hash_words(hessian, cols * cols);
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (last && last->hessian_hash == hash && last->cols == cols && last->damping == damping) return last;
+  }
+  auto f = std::const_pointer_cast<FeedbackFactor>(factor_hessian(hessian, cols, damping, name));
+  f->hessian_hash = hash;
+  if (std::size_t(cols) * std::size_t(cols) * sizeof(float) * 3 / 2 <= kCachedFactorBytes) {
+    std::lock_guard<std::mutex> lock(mutex);
+    last = f;
+  }
+  return f;
+}
+
+std::vector<float> error_feedback_targets(const float* weight, int64_t ld, int64_t rows, int64_t cols,
+                                          const double* hessian, double damping, const uint8_t* kept,
+                                          const Codebook* books, int64_t group, int threads, std::string_view name) {
+  const int64_t groups = cols / group;
+  const std::shared_ptr<const FeedbackFactor> factor = cached_hessian_factor(hessian, cols, damping, name);
+  const std::vector<int64_t>& order = factor->order;
+  const std::vector<float>& U = factor->U;
+  const std::vector<std::vector<float>>& trailing = factor->trailing;
   // Columns are swept in blocks; within a block updates go column by column, and the rest of the
   // matrix receives the block's errors as one product (GPTQ's lazy batch update), which is where the
   // O(rows·cols²) work goes. Rows are independent, so the matrix is cut into fixed chunks of rows:
   // the arithmetic of a row never depends on the thread count.
-  constexpr int64_t kBlock = 128;
-  // Ut[block][j, b] = U[i1 + b, i2 + j]: the B operand of the trailing update, [cols - i2, nb].
-  std::vector<std::vector<float>> trailing;
-  for (int64_t i1 = 0; i1 < cols; i1 += kBlock) {
-    const int64_t i2 = std::min(cols, i1 + kBlock), nb = i2 - i1, rest = cols - i2;
-    std::vector<float> t(std::size_t(rest * nb));
-    for (int64_t j = 0; j < rest; ++j)
-      for (int64_t b = 0; b < nb; ++b) t[j * nb + b] = U[(i1 + b) * cols + i2 + j];
-    trailing.push_back(std::move(t));
-  }
+  constexpr int64_t kBlock = kFeedbackBlock;
 
   std::vector<float> targets(std::size_t(rows * cols));
   const int64_t chunks = (rows + kRowChunk - 1) / kRowChunk;

@@ -171,7 +171,7 @@ struct PlanSearchOptions {
   int64_t stage_windows[2] = {2, 8};
   // A survivor replaces the parent only when its per-window differences from the parent on the second
   // stage's windows are below zero by this many standard errors (a paired test): without it, the noise of
-  // small samples is taken for improvements and the plan drifts (measured: docs/sensitivity.md).
+  // small samples is taken for improvements and the plan drifts.
   double margin_se = 1.0;
   std::string state_path;  // saved after each generation (atomically) and resumed from when present
   int threads = 0;

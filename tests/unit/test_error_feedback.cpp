@@ -262,6 +262,37 @@ TEST(ErrorFeedback, SparseWeightsPassNoErrorOnAndResultsDoNotDependOnThreads) {
   EXPECT_LT(output_error(w, decode(p1), h, rows, cols), 0.8 * output_error(w, decode(p0), h, rows, cols));
 }
 
+TEST(ErrorFeedback, AHessianRewrittenInPlaceIsFactoredAgain) {
+  // The factor of XᵀX is reused between calls with the same matrix (nuq plan quantizes each layer
+  // several ways); it must follow the matrix's content and the damping, not the buffer's address. rtn's
+  // codebooks do not depend on XᵀX, so only the factor can make the results differ, and each result is
+  // held to the float64 sweep of the matrix the buffer holds at that moment.
+  const int64_t rows = 19, cols = 80;
+  const std::vector<float> w = random_weights(rows, cols, 21);
+  const std::vector<double> h1 = correlated_hessian(cols, 256, 22), h2 = correlated_hessian(cols, 256, 23);
+  std::vector<double> buffer = h2;
+  const auto check = [&](const std::vector<double>& meant, double damping, const char* what) {
+    QuantizeOptions o;
+    o.method = QuantMethod::rtn;
+    o.bits = 3;
+    o.hessian = buffer.data();
+    o.hessian_damping = damping;
+    const PackedLinear p = nuq::quantize_linear(w.data(), nullptr, rows, cols, cols, o);
+    const std::vector<float> got = decode(p), ref = reference_sweep(w, meant, rows, cols, p, damping);
+    int64_t equal = 0;
+    for (std::size_t i = 0; i < got.size(); ++i) equal += got[i] == ref[i];
+    EXPECT_GE(double(equal) / double(got.size()), 0.99) << what;
+    return got;
+  };
+  const std::vector<float> first = check(h2, 0.01, "first use");
+  std::copy(h1.begin(), h1.end(), buffer.begin());
+  const std::vector<float> rewritten = check(h1, 0.01, "same address, new content");
+  EXPECT_NE(first, rewritten) << "the two Hessians must round differently for this test to mean anything";
+  check(h1, 0.01, "reused");
+  check(h1, 0.3, "another damping");
+  check(h1, 0.01, "the first damping again");
+}
+
 TEST(ErrorFeedback, RejectsBadHessians) {
   const int64_t rows = 3, cols = 5;
   const std::vector<float> w = random_weights(rows, cols, 1);
