@@ -916,23 +916,20 @@ void LlamaModel::forward(const int32_t* tokens, int64_t n, Cache& cache, float* 
   NUQ_CHECK(n > 0, Errc::invalid_argument, "forward: no tokens");
   NUQ_CHECK(cache.length + n <= cache.capacity, Errc::invalid_argument,
             "forward: {} more tokens do not fit a cache of {} holding {}", n, cache.capacity, cache.length);
-  for (int64_t t = 0; t < n; ++t)
-    NUQ_CHECK(tokens[t] >= 0 && tokens[t] < impl_->config.vocab_size, Errc::invalid_argument,
-              "forward: token {} at position {} is outside the vocabulary of {}", tokens[t], cache.length + t,
-              impl_->config.vocab_size);
   std::vector<float> x(std::size_t(n * impl_->config.dim));
-  embed(tokens, n, x.data());
+  embed(tokens, n, x.data(), cache.length);
   forward_blocks(0, impl_->config.n_layers, x.data(), n, cache);
   cache.length += n;
   final_norm(x.data(), n, hidden);
 }
 
-void LlamaModel::embed(const int32_t* tokens, int64_t n, float* x) const {
+void LlamaModel::embed(const int32_t* tokens, int64_t n, float* x, int64_t first_position) const {
   const Impl& m = *impl_;
   const int64_t D = m.config.dim;
   for (int64_t t = 0; t < n; ++t) {
     NUQ_CHECK(tokens[t] >= 0 && tokens[t] < m.config.vocab_size, Errc::invalid_argument,
-              "forward: token {} at position {} is outside the vocabulary of {}", tokens[t], t, m.config.vocab_size);
+              "forward: token {} at position {} is outside the vocabulary of {}", tokens[t], first_position + t,
+              m.config.vocab_size);
     std::memcpy(&x[t * D], &m.embedding[std::size_t(tokens[t]) * std::size_t(D)], std::size_t(D) * 4);
   }
 }

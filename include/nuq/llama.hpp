@@ -128,8 +128,9 @@ class LlamaModel {
   // forward() in its three stages, for callers that keep the residual stream between blocks (e.g. to run
   // only the blocks after a changed layer, include/nuq/measured_sensitivity.hpp). forward() is
   // embed → forward_blocks(0, n_layers) → cache.length += n → final_norm, with the same numbers.
-  // embed: x [n, dim] = the tokens' embeddings (ids outside the vocabulary throw).
-  void embed(const int32_t* tokens, int64_t n, float* x) const;
+  // embed: x [n, dim] = the tokens' embeddings (ids outside the vocabulary throw, naming their position:
+  // first_position + their index).
+  void embed(const int32_t* tokens, int64_t n, float* x, int64_t first_position = 0) const;
   // Runs blocks [first, last) on the residual stream x [n, dim] in place, for positions cache.length ..
   // + n − 1, writing those blocks' keys and values into the cache; cache.length is left unchanged. A
   // quantized cache only runs every block at once.
