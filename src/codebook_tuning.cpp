@@ -28,6 +28,7 @@
 #include "nuq/tensor.hpp"
 #include "cpu/thread_pool.hpp"
 #include "dense_ops.hpp"
+#include "run_identity.hpp"
 
 namespace nuq {
 namespace {
@@ -229,9 +230,7 @@ constexpr const char* kStateKey = "nuq_tune_state";
 // the same sequence of steps, so a resumed run ends where an uninterrupted one would.
 std::string state_settings(const std::string& packed_path, const std::string& reference_path,
                            const std::vector<int32_t>& ids, int32_t start, const CodebookTuningOptions& o) {
-  uint64_t h = 1469598103934665603ull;  // FNV-1a over the token ids
-  for (int32_t id : ids)
-    for (int b = 0; b < 4; ++b) h = (h ^ ((uint32_t(id) >> (8 * b)) & 0xffu)) * 1099511628211ull;
+  const uint64_t h = detail::token_ids_fnv1a(ids);
   return fmt::format("{{\"model\": \"{}\", \"reference\": \"{}\", \"tokens\": {}, \"tokens_fnv1a\": \"{:016x}\", "
                      "\"start\": {}, \"ctx\": {}, \"epochs\": {}, \"lr\": {}, \"norms\": {}, \"indices\": {}, "
                      "\"index_lr\": {}}}",

@@ -2,7 +2,6 @@
 // (include/nuq/measured_sensitivity.hpp, docs/sensitivity.md "Measured sensitivity").
 #include "nuq/measured_sensitivity.hpp"
 
-#include <sys/stat.h>
 
 #include <Eigen/Core>
 #include <algorithm>
@@ -23,6 +22,7 @@
 #include "nuq/safetensors.hpp"
 #include "nuq/version.hpp"
 #include "plan_inputs.hpp"
+#include "run_identity.hpp"
 
 namespace nuq {
 namespace {
@@ -295,29 +295,15 @@ std::vector<int64_t> decoder_blocks(const LlamaModel& model, const std::vector<s
 
 namespace {
 
-Json file_identity(const std::string& path) {
-  struct stat st {};
-  NUQ_CHECK(::stat(path.c_str(), &st) == 0, Errc::io, "{}: cannot stat: {}", path, std::strerror(errno));
-  const int64_t mtime_ns = int64_t(st.st_mtim.tv_sec) * 1'000'000'000 + st.st_mtim.tv_nsec;
-  return Json{{"path", fs::weakly_canonical(path).string()}, {"size", uint64_t(st.st_size)}, {"mtime_ns", mtime_ns}};
-}
-
 Json checkpoint_identity(const std::string& path) {
   Json files = Json::array();
   if (detect_checkpoint_kind(path) == CheckpointKind::gguf) {
-    files.push_back(file_identity(path));
+    files.push_back(detail::file_identity(path));
   } else {
     const SafetensorsCheckpoint ck(path);
-    for (const auto& f : ck.files()) files.push_back(file_identity(f->path()));
+    for (const auto& f : ck.files()) files.push_back(detail::file_identity(f->path()));
   }
   return files;
-}
-
-std::string tokens_fnv(const std::vector<int32_t>& ids) {
-  uint64_t h = 1469598103934665603ull;
-  for (int32_t id : ids)
-    for (int k = 0; k < 4; ++k) h = (h ^ ((uint32_t(id) >> (8 * k)) & 0xff)) * 1099511628211ull;
-  return fmt::format("{:016x}", h);
 }
 
 Json config_json(const LayerConfig& c) {
@@ -348,15 +334,15 @@ Json table_fingerprint(const MeasuredTableOptions& o, const std::vector<LayerCon
   j["format_version"] = format::kVersion;
   j["tool"] = std::string(NUQ_VERSION_STRING);
   j["model"] = checkpoint_identity(o.model);
-  j["stats"] = o.stats_path.empty() ? Json(nullptr) : file_identity(o.stats_path);
-  j["hessian"] = o.hessian_path.empty() ? Json(nullptr) : file_identity(o.hessian_path);
+  j["stats"] = o.stats_path.empty() ? Json(nullptr) : detail::file_identity(o.stats_path);
+  j["hessian"] = o.hessian_path.empty() ? Json(nullptr) : detail::file_identity(o.hessian_path);
   j["damping"] = o.damping;
   j["ctx"] = o.ctx;
   j["windows"] = windows.size();
   j["positions"] = windows.positions();
   j["start"] = o.start;
   j["tokens"] = o.ids.size();
-  j["tokens_fnv"] = tokens_fnv(o.ids);
+  j["tokens_fnv"] = fmt::format("{:016x}", detail::token_ids_fnv1a(o.ids));
   Json cs = Json::array();
   for (const LayerConfig& c : candidates) cs.push_back(config_json(c));
   j["candidates"] = cs;

@@ -12,7 +12,6 @@
 // At most one layer's fp32 weights, its sensitivities and its packed form are in memory at a time.
 #include "nuq/quantize_checkpoint.hpp"
 
-#include <sys/stat.h>
 
 #include <algorithm>
 #include <chrono>
@@ -33,6 +32,7 @@
 #include "nuq/safetensors.hpp"
 #include "nuq/sensitivity.hpp"
 #include "nuq/version.hpp"
+#include "run_identity.hpp"
 
 namespace nuq {
 namespace {
@@ -373,13 +373,6 @@ struct LayerJob {
   std::string hessian_layer;  // the layer of the --hessian file whose XᵀX this one uses; empty: none
 };
 
-Json file_identity(const std::string& path) {
-  struct stat st {};
-  NUQ_CHECK(::stat(path.c_str(), &st) == 0, Errc::io, "{}: cannot stat: {}", path, std::strerror(errno));
-  const int64_t mtime_ns = int64_t(st.st_mtim.tv_sec) * 1'000'000'000 + st.st_mtim.tv_nsec;
-  return Json{{"path", fs::weakly_canonical(path).string()}, {"size", uint64_t(st.st_size)}, {"mtime_ns", mtime_ns}};
-}
-
 Json options_json(const QuantizeOptions& o) {
   return Json{{"method", std::string(to_string(o.method))},
               {"bits", o.bits},
@@ -404,14 +397,14 @@ Json job_fingerprint(const InputCheckpoint& in, const std::vector<LayerJob>& job
   j["format_version"] = format::kVersion;
   j["tool"] = tool_version;
   Json files = Json::array();
-  for (const std::string& f : in.files()) files.push_back(file_identity(f));
+  for (const std::string& f : in.files()) files.push_back(detail::file_identity(f));
   j["input"] = files;
   Json fisher_files = Json::array();
   if (fisher)
-    for (const auto& f : fisher->files()) fisher_files.push_back(file_identity(f->path()));
+    for (const auto& f : fisher->files()) fisher_files.push_back(detail::file_identity(f->path()));
   j["fisher"] = fisher_path.empty() ? Json(nullptr) : fisher_files;
   // Added only when used, so that fingerprints of jobs without it (and their partial work) stay valid.
-  if (!hessian_path.empty()) j["hessian"] = file_identity(hessian_path);
+  if (!hessian_path.empty()) j["hessian"] = detail::file_identity(hessian_path);
   Json layers = Json::array();
   for (const LayerJob& job : jobs) {
     Json l{{"name", in.tensors()[job.tensor].name}, {"options", options_json(job.options)}};
