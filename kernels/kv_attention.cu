@@ -1,18 +1,24 @@
 // Split-K flash decoding over the quantized KV cache (include/nuq/kv_cuda.hpp, docs/kv-cache.md).
 //
-// Kernel 1: one block per (context split, kv head, sequence); its warps take the split's tokens in turn,
-// decode a key into shared memory (codebook, per-channel scale/offset, fp16 outlier residuals, fp16 sink),
-// rotate it (RoPE from fp32 tables: page base times in-page step, no double precision), score it against
-// the G query heads of the kv head (warp reductions), and fold value rows (dequantized per lane) into
-// running softmax states kept in registers; the warps' states are merged in warp order and written as the
-// split's partial (max, sum, weighted sum). Kernel 2 merges a sequence's splits in split order into
-// fp16/bf16 outputs. Group size and head dimension are template arguments, so that the per-lane states are
-// registers (no local memory); the launcher is the one place where run-time values become them.
+// Kernel 1: one block of 4 warps per (context split, kv head, sequence). A warp takes 16-token tiles of
+// the split in turn: it copies the tile's K and V records (contiguous in the page) into its shared
+// memory with 16-byte loads, decodes them there into fp16 tiles (keys through a per-channel table with
+// the head's scale and offset folded in, rotated by the in-page RoPE step; values in model order,
+// transposed so that they are the A operand of the P·V product), patches outlier residuals and sink
+// tokens, and runs both products on tensor cores (mma.m16n8k16, fp32 accumulation):
+//   scores  S[g][t]  = Q_page[g][:] · K[t][:]     A = the G ≤ 8 query heads (rows 8..15 zero), B = K tile
+//   values  O^T[c][g] += V^T[c][t] · P^T[t][g]    A = V tile, B = the score fragment reused as P
+// The score MMA's D fragment holds exactly the B fragment the value MMA needs (head gq, tokens 2tq,
+// 2tq+1 and 2tq+8, 2tq+9), so P never leaves the registers (FlashAttention-2's layout). The page base of
+// RoPE goes into the query once per page (Q_page = R(-base) q), the step into the key: R(t) = R(base)·R(s).
+// Any G ≤ 8 costs the same instructions (the MMA's N is 8), so G is not a template argument; the head
+// dimension is. Kernel 2 merges a sequence's splits in split order into fp16/bf16 outputs.
 //
-// NOT yet run on a GPU; run in CI under emulation. What a GPU run must check, and what is left to make it
-// fast (tensor cores for grouped queries, 16-byte record loads), is listed in docs/kv-cache.md.
+// NOT yet run on a GPU; run in CI under emulation. What a GPU run must check, and what is left to reach
+// the instruction budget, is in docs/kv-cache.md.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 
@@ -27,7 +33,10 @@ namespace nuq::cuda {
 namespace {
 
 constexpr int kWarps = 4;
-constexpr int kMaxGroup = 8;      // query heads per kv head held in registers
+constexpr int kMaxGroup = 8;  // query heads per kv head: the MMA's N
+constexpr int kTile = 16;     // tokens per warp tile: the value MMA's K, two score MMAs' N
+constexpr int kKeyStride = 8;   // halves of padding per K tile row: fragment loads hit 32 distinct banks
+constexpr int kValueRow = kTile + 8;  // halves per V^T tile row (channel), padded for the same reason
 
 // 16-bit query and output values of either type, as bits.
 template <class T>
@@ -41,34 +50,62 @@ __device__ __forceinline__ uint16_t from_float(float v) {
   return __half_as_ushort(__float2half_rn(v));
 }
 
-// cos and sin of RoPE pair `pair` at position t: the page base times the in-page step, in fp32.
-__device__ __forceinline__ void rope_at(const KvDeviceCache& c, int64_t t, int pair, int half, float& cs, float& sn) {
-  const int64_t page = t / c.block_tokens, step = t % c.block_tokens;
-  const float bc = c.rope_page_cos[page * half + pair], bs = c.rope_page_sin[page * half + pair];
-  const float sc = c.rope_step_cos[step * half + pair], ss = c.rope_step_sin[step * half + pair];
-  cs = fmaf(bc, sc, -bs * ss);
-  sn = fmaf(bs, sc, bc * ss);
+__device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
+  return uint32_t(__half_as_ushort(__float2half_rn(lo))) | uint32_t(__half_as_ushort(__float2half_rn(hi))) << 16;
+}
+__device__ __forceinline__ float half_bits_to_float(uint16_t bits) { return __half2float(__ushort_as_half(bits)); }
+
+// Records are byte-aligned (k_bytes may be odd), so multi-byte fields are read byte by byte.
+__device__ __forceinline__ uint32_t load_u32(const uint8_t* p) {
+  return uint32_t(p[0]) | uint32_t(p[1]) << 8 | uint32_t(p[2]) << 16 | uint32_t(p[3]) << 24;
+}
+__device__ __forceinline__ float load_fp16(const uint8_t* p) { return fp16_to_float(uint16_t(p[0] | (p[1] << 8))); }
+
+// Bit k -> bit 2k of a 16-bit value.
+__device__ __forceinline__ uint32_t spread_bits(uint32_t x) {
+  x &= 0xffffu;
+  x = (x | (x << 8)) & 0x00ff00ffu;
+  x = (x | (x << 4)) & 0x0f0f0f0fu;
+  x = (x | (x << 2)) & 0x33333333u;
+  return (x | (x << 1)) & 0x55555555u;
 }
 
-__device__ inline float load_fp16(const uint8_t* p) { return fp16_to_float(uint16_t(p[0] | (p[1] << 8))); }
-
-// Index of channel p: groups of 16 channels in 2b bytes (docs/kv-cache.md, "Index packing").
-__device__ inline int field(const uint8_t* rec, int p, int b) {
-  const uint8_t* g = rec + (p / 16) * 2 * b;
-  const int r = p % 16;
-  const uint32_t lo = uint32_t(g[0]) | uint32_t(g[1]) << 8 | uint32_t(g[2]) << 16 | uint32_t(g[3]) << 24;
-  if (b == 2) return int(lo >> (2 * r)) & 3;
-  if (b == 3) return (int(lo >> (2 * r)) & 3) | (((g[4 + r / 8] >> (r % 8)) & 1) << 2);
-  const uint32_t hi = uint32_t(g[4]) | uint32_t(g[5]) << 8 | uint32_t(g[6]) << 16 | uint32_t(g[7]) << 24;
-  return int(((r % 2) ? hi : lo) >> (4 * (r / 2))) & 15;
+// The 16 indices of one group (docs/kv-cache.md, "Index packing") in the 4-bit layout whatever the
+// width: channel 2i in nibble i of `even`, channel 2i + 1 in nibble i of `odd`, so that the decode
+// loops below extract every index with one shift and mask by a constant. Branch-free on the width
+// (selects, not branches), so that the steady loop's machine code is the path it runs; the 8 bytes it
+// reads stay inside the staged records' shared memory (the last group of a record reads into the
+// next record or the following buffer; those bytes are not used).
+__device__ __forceinline__ void group_nibbles(const uint8_t* g, int bits, uint32_t& even, uint32_t& odd) {
+  const uint32_t w0 = load_u32(g), w1 = load_u32(g + 4);
+  // 2 and 3 bits: channel r's low 2 bits at bit 2r, so even channels land at 4i, odd ones at 4i + 2 >> 2.
+  const uint32_t plane = bits == 3 ? spread_bits(w1) : 0u;  // 3 bits: bit r of the plane -> bit 2r
+  const uint32_t even23 = (w0 & 0x33333333u) | ((plane << 2) & 0x44444444u);
+  const uint32_t odd23 = ((w0 >> 2) & 0x33333333u) | (plane & 0x44444444u);
+  even = bits == 4 ? w0 : even23;
+  odd = bits == 4 ? w1 : odd23;
 }
+template <int R>
+__device__ __forceinline__ uint32_t nibble(uint32_t even, uint32_t odd) {
+  return ((R % 2 ? odd : even) >> (4 * (R / 2))) & 15u;
+}
+
+// Host-computed byte offsets into the block's dynamic shared memory (launch_decode).
+struct SplitLayout {
+  int key_table;   // float [HD][16]: k_codebook[i] * k_scale[h][p] + k_offset[h][p]
+  int value_cb;    // float [16]
+  int queries;     // float [G][HD]: rotated to position len - 1, storage order
+  int warps;       // the warps' regions, warp_bytes each; after the token loop, the merge buffers
+  int warp_bytes;
+  int k_records, v_records, k_tile, v_tile, q_page;  // offsets inside a warp region
+};
 
 struct Sizes {
   int k_index, k_bytes, v_index, v_bytes;
   int64_t v_region;
 };
 
-__device__ inline Sizes sizes_of(const KvDeviceCache& c) {
+__host__ __device__ inline Sizes sizes_of(const KvDeviceCache& c) {
   Sizes s;
   s.k_index = c.head_dim * c.bits_k / 8;
   s.k_bytes = s.k_index + 3 * c.slots;
@@ -78,146 +115,345 @@ __device__ inline Sizes sizes_of(const KvDeviceCache& c) {
   return s;
 }
 
-// GMAX bounds the group size G = n_heads / n_kv_heads (1, 2, 4 or 8: per-lane states are GMAX registers).
-template <int GMAX, int HD, class T>
-__global__ void __launch_bounds__(kWarps * 32, 4)
+// cos and sin of RoPE pair `pair` at position t: the page base times the in-page step, in fp32.
+__device__ __forceinline__ void rope_at(const KvDeviceCache& c, int64_t t, int pair, int half, float& cs, float& sn) {
+  const int64_t page = t / c.block_tokens, step = t % c.block_tokens;
+  const float bc = c.rope_page_cos[page * half + pair], bs = c.rope_page_sin[page * half + pair];
+  const float sc = c.rope_step_cos[step * half + pair], ss = c.rope_step_sin[step * half + pair];
+  cs = fmaf(bc, sc, -bs * ss);
+  sn = fmaf(bs, sc, bc * ss);
+}
+
+// Per warp and tile: what the decode passes share.
+struct Tile {
+  int start, live, step0;  // first token, tokens < length (0..16), in-page step of the first token
+  uint8_t* k_records;  // kTile records as stored in the page
+  uint8_t* v_records;
+  uint16_t* k_tile;  // fp16 [kTile][HD + kKeyStride], storage order, rotated by the step
+  uint16_t* v_tile;  // fp16 [HD][kValueRow]: V transposed, model order
+};
+
+// Copies the tile's records with 16-byte loads (16 records of k_bytes are k_bytes 16-byte words; the tile
+// starts at a multiple of 16 tokens inside its page, so they are aligned) and zeroes those past the
+// length, whose bytes may be anything: zeroed records decode to finite keys and to values of 0.
+__device__ __forceinline__ void stage_records(const KvDeviceCache& c, const Sizes& sz, int b, int h, const Tile& tile,
+                                              int lane) {
+  uint8_t* k_dst = tile.k_records;
+  uint8_t* v_dst = tile.v_records;
+  if (tile.live > 0) {
+    const int64_t page = c.block_tables[int64_t(b) * c.max_blocks + tile.start / c.block_tokens];
+    const uint8_t* base = c.pages + page * c.page_stride;
+    const int64_t first = int64_t(h) * c.block_tokens + tile.step0;
+    const uint4* k_src = reinterpret_cast<const uint4*>(base + first * sz.k_bytes);
+    const uint4* v_src = reinterpret_cast<const uint4*>(base + sz.v_region + first * sz.v_bytes);
+#pragma unroll 1
+    for (int i = lane; i < sz.k_bytes; i += 32) reinterpret_cast<uint4*>(k_dst)[i] = __ldg(k_src + i);
+#pragma unroll 1
+    for (int i = lane; i < sz.v_bytes; i += 32) reinterpret_cast<uint4*>(v_dst)[i] = __ldg(v_src + i);
+  }
+  __syncwarp();
+  if (tile.live < kTile) {
+#pragma unroll 1
+    for (int i = tile.live * sz.k_bytes + lane; i < kTile * sz.k_bytes; i += 32) k_dst[i] = 0;
+#pragma unroll 1
+    for (int i = tile.live * sz.v_bytes + lane; i < kTile * sz.v_bytes; i += 32) v_dst[i] = 0;
+  }
+  __syncwarp();
+}
+
+// Keys: lane decodes token lane/2, index groups (lane % 2) + 2j; channel pairs (16g + r, 16g + r + 8) are
+// RoPE pairs, rotated here by the token's in-page step.
+template <int HD>
+__device__ __forceinline__ void decode_keys(const KvDeviceCache& c, const Sizes& sz, const Tile& tile,
+                                            const float* key_table, int lane) {
+  constexpr int kGroups = HD / 16, kPairs = HD / 2;
+  const int tok = lane / 2;
+  const uint8_t* rec = tile.k_records + tok * sz.k_bytes;
+  const float* step_cos = c.rope_step_cos + int64_t(tile.step0 + tok) * kPairs;
+  const float* step_sin = c.rope_step_sin + int64_t(tile.step0 + tok) * kPairs;
+  uint16_t* row = tile.k_tile + tok * (HD + kKeyStride);
+#pragma unroll
+  for (int j = 0; j < (kGroups + 1) / 2; ++j) {
+    const int g = 2 * j + (lane & 1);
+    if (g >= kGroups) break;
+    uint32_t even, odd;
+    group_nibbles(rec + g * 2 * c.bits_k, c.bits_k, even, odd);
+    const float* table = key_table + 16 * 16 * g;
+    const float2* cs2 = reinterpret_cast<const float2*>(step_cos + 8 * g);
+    const float2* sn2 = reinterpret_cast<const float2*>(step_sin + 8 * g);
+    auto pairs = [&](auto r_c) {
+      constexpr int r = decltype(r_c)::value;  // channels r, r + 1 and their partners r + 8, r + 9
+      const float a0 = table[16 * r + nibble<r>(even, odd)], a1 = table[16 * (r + 1) + nibble<r + 1>(even, odd)];
+      const float b0 = table[16 * (r + 8) + nibble<r + 8>(even, odd)];
+      const float b1 = table[16 * (r + 9) + nibble<r + 9>(even, odd)];
+      const float2 cs = __ldg(cs2 + r / 2), sn = __ldg(sn2 + r / 2);
+      const uint32_t first = pack_half2(fmaf(a0, cs.x, -b0 * sn.x), fmaf(a1, cs.y, -b1 * sn.y));
+      const uint32_t second = pack_half2(fmaf(a0, sn.x, b0 * cs.x), fmaf(a1, sn.y, b1 * cs.y));
+      *reinterpret_cast<uint32_t*>(row + 16 * g + r) = first;
+      *reinterpret_cast<uint32_t*>(row + 16 * g + r + 8) = second;
+    };
+    pairs(std::integral_constant<int, 0>{});
+    pairs(std::integral_constant<int, 2>{});
+    pairs(std::integral_constant<int, 4>{});
+    pairs(std::integral_constant<int, 6>{});
+  }
+}
+
+// Values: lane decodes tokens 2(lane % 8) and 2(lane % 8) + 1 (one 32-bit store per channel of V^T),
+// index groups lane/8 + 4j.
+template <int HD>
+__device__ __forceinline__ void decode_values(const KvDeviceCache& c, const Sizes& sz, const Tile& tile,
+                                              const float* value_cb, int lane) {
+  constexpr int kGroups = HD / 16;
+  const int tok = 2 * (lane % 8);
+  const uint8_t* r0 = tile.v_records + tok * sz.v_bytes;
+  const uint8_t* r1 = r0 + sz.v_bytes;
+  const float s0 = load_fp16(r0), o0 = load_fp16(r0 + 2), s1 = load_fp16(r1), o1 = load_fp16(r1 + 2);
+#pragma unroll
+  for (int j = 0; j < (kGroups + 3) / 4; ++j) {
+    const int g = 4 * j + lane / 8;
+    if (g >= kGroups) break;
+    uint32_t e0, d0, e1, d1;
+    group_nibbles(r0 + 4 + g * 2 * c.bits_v, c.bits_v, e0, d0);
+    group_nibbles(r1 + 4 + g * 2 * c.bits_v, c.bits_v, e1, d1);
+    uint16_t* col = tile.v_tile + 16 * g * kValueRow + tok;
+    auto channel = [&](auto r_c) {
+      constexpr int r = decltype(r_c)::value;
+      const float v0 = fmaf(value_cb[nibble<r>(e0, d0)], s0, o0), v1 = fmaf(value_cb[nibble<r>(e1, d1)], s1, o1);
+      *reinterpret_cast<uint32_t*>(col + r * kValueRow) = pack_half2(v0, v1);
+    };
+    channel(std::integral_constant<int, 0>{});
+    channel(std::integral_constant<int, 1>{});
+    channel(std::integral_constant<int, 2>{});
+    channel(std::integral_constant<int, 3>{});
+    channel(std::integral_constant<int, 4>{});
+    channel(std::integral_constant<int, 5>{});
+    channel(std::integral_constant<int, 6>{});
+    channel(std::integral_constant<int, 7>{});
+    channel(std::integral_constant<int, 8>{});
+    channel(std::integral_constant<int, 9>{});
+    channel(std::integral_constant<int, 10>{});
+    channel(std::integral_constant<int, 11>{});
+    channel(std::integral_constant<int, 12>{});
+    channel(std::integral_constant<int, 13>{});
+    channel(std::integral_constant<int, 14>{});
+    channel(std::integral_constant<int, 15>{});
+  }
+}
+
+__device__ __forceinline__ void add_to_half(uint16_t* p, float v) { *p = __half_as_ushort(__float2half_rn(half_bits_to_float(*p) + v)); }
+
+// Outlier residuals (lanes 0-15 the keys of token `lane`, lanes 16-31 the values of token lane - 16; the
+// slots of one token go through one lane, so two slots on one channel never race) and sink tokens, whose
+// full-precision copies replace their decoded rows. A key residual on storage channel p moves both
+// members of p's RoPE pair: it is rotated by the step like the rest of the key.
+template <int HD>
+__device__ __forceinline__ void patch_tile(const KvDeviceCache& c, const Sizes& sz, const Tile& tile, int b, int h,
+                                           int lane) {
+  constexpr int kPairs = HD / 2;
+  const int tok = lane % 16;
+  const bool real = tok < tile.live && tile.start + tok >= c.sink_tokens;
+  if (real && lane < 16) {
+    const uint8_t* rec = tile.k_records + tok * sz.k_bytes + sz.k_index;
+    uint16_t* row = tile.k_tile + tok * (HD + kKeyStride);
+#pragma unroll 1
+    for (int s = 0; s < c.slots; ++s) {
+      const int p = rec[s];
+      if (p >= HD) continue;
+      const float res = load_fp16(rec + c.slots + 2 * s);
+      const int r = p % 16, a = p - r + r % 8, pair = p / 16 * 8 + r % 8;
+      const float cs = c.rope_step_cos[int64_t(tile.step0 + tok) * kPairs + pair];
+      const float sn = c.rope_step_sin[int64_t(tile.step0 + tok) * kPairs + pair];
+      add_to_half(row + a, r < 8 ? res * cs : -res * sn);
+      add_to_half(row + a + 8, r < 8 ? res * sn : res * cs);
+    }
+  } else if (real) {
+    const uint8_t* rec = tile.v_records + tok * sz.v_bytes + 4 + sz.v_index;
+#pragma unroll 1
+    for (int s = 0; s < c.slots; ++s) {
+      const int ch = rec[s];
+      if (ch < HD) add_to_half(tile.v_tile + ch * kValueRow + tok, load_fp16(rec + c.slots + 2 * s));
+    }
+  }
+  if (tile.start >= c.sink_tokens) return;  // warp-uniform
+  const int sinks = min(tile.live, c.sink_tokens - tile.start);
+#pragma unroll 1
+  for (int e = lane; e < sinks * kPairs; e += 32) {
+    const int t = e / kPairs, pair = e % kPairs, a = pair / 8 * 16 + pair % 8;
+    const int64_t at = ((int64_t(b) * c.sink_tokens + tile.start + t) * c.n_kv_heads + h) * HD;
+    const float x = fp16_to_float(c.sink_k[at + a]), y = fp16_to_float(c.sink_k[at + a + 8]);
+    const float cs = c.rope_step_cos[int64_t(tile.step0 + t) * kPairs + pair];
+    const float sn = c.rope_step_sin[int64_t(tile.step0 + t) * kPairs + pair];
+    tile.k_tile[t * (HD + kKeyStride) + a] = __half_as_ushort(__float2half_rn(x * cs - y * sn));
+    tile.k_tile[t * (HD + kKeyStride) + a + 8] = __half_as_ushort(__float2half_rn(x * sn + y * cs));
+  }
+#pragma unroll 1
+  for (int e = lane; e < sinks * HD; e += 32) {
+    const int t = e / HD, ch = e % HD;
+    tile.v_tile[ch * kValueRow + t] = c.sink_v[((int64_t(b) * c.sink_tokens + tile.start + t) * c.n_kv_heads + h) * HD + ch];
+  }
+}
+
+// Q_page = R(-base) q for page `page`, fp16, into the warp's [kMaxGroup][HD + kKeyStride] buffer (rows
+// G.. stay zero: the MMA's padding heads), from which every tile of the page loads its A fragments.
+template <int HD>
+__device__ __forceinline__ void page_queries(uint16_t* q_page, const KvDeviceCache& c, const float* queries, int G,
+                                             int64_t page, int lane) {
+  constexpr int kPairs = HD / 2;
+#pragma unroll 1
+  for (int e = lane; e < G * kPairs; e += 32) {
+    const int g = e / kPairs, pair = e % kPairs, a = pair / 8 * 16 + pair % 8;
+    const float cs = c.rope_page_cos[page * kPairs + pair], sn = c.rope_page_sin[page * kPairs + pair];
+    const float xa = queries[g * HD + a], xb = queries[g * HD + a + 8];
+    q_page[g * (HD + kKeyStride) + a] = __half_as_ushort(__float2half_rn(fmaf(xa, cs, xb * sn)));
+    q_page[g * (HD + kKeyStride) + a + 8] = __half_as_ushort(__float2half_rn(fmaf(xb, cs, -xa * sn)));
+  }
+}
+
+__device__ __forceinline__ uint32_t lds32(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+template <int HD, class T>
+__global__ void __launch_bounds__(kWarps * 32, 3)  // 3 blocks per SM: ~64 KiB of shared memory each
     split_kernel(KvDeviceCache c, int n_heads, const uint16_t* __restrict__ q, float scale, int split_tokens,
-                 int splits, float* __restrict__ ws) {
-  constexpr int kPerLane = (HD + 31) / 32;  // value channels lane + 32j of a lane
-  float* smem = detail::dynamic_shared<float>();
-  constexpr int hd = HD;
+                 int splits, float* __restrict__ ws, SplitLayout lay) {
+  constexpr int kBlocks = HD / 16;  // k-blocks of the score MMA = m-blocks of the value MMA
+  unsigned char* smem = detail::dynamic_shared<unsigned char>();
+  float* key_table = reinterpret_cast<float*>(smem + lay.key_table);
+  float* value_cb = reinterpret_cast<float*>(smem + lay.value_cb);
+  float* queries = reinterpret_cast<float*>(smem + lay.queries);
   const int G = n_heads / c.n_kv_heads;
-  float* qs = smem;                          // [G][hd], storage order, rotated
-  float* kw = qs + G * hd;                   // [kWarps][hd]
-  float* wm = kw + kWarps * hd;              // [kWarps][G]
-  float* wl = wm + kWarps * G;               // [kWarps][G]
-  float* wacc = wl + kWarps * G;             // [kWarps][G][hd]
   const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, gq = lane / 4, tq = lane % 4;
   const int len = c.lengths[b];
   const int t0 = split * split_tokens, t1 = min(len, t0 + split_tokens);
   const Sizes sz = sizes_of(c);
 
+  for (int e = int(threadIdx.x); e < HD * 16; e += int(blockDim.x))
+    key_table[e] = fmaf(c.k_codebook[e % 16], c.k_scale[h * HD + e / 16], c.k_offset[h * HD + e / 16]);
+  if (threadIdx.x < 16) value_cb[threadIdx.x] = c.v_codebook[threadIdx.x];
   // Queries of this kv head's group, rotated to position len - 1, in key storage order.
-  for (int e = threadIdx.x; e < G * (hd / 2); e += blockDim.x) {
-    const int g = e / (hd / 2), pair = e % (hd / 2), blk = pair / 8, r = pair % 8;
+  for (int e = int(threadIdx.x); e < G * (HD / 2); e += int(blockDim.x)) {
+    const int g = e / (HD / 2), pair = e % (HD / 2), blk = pair / 8, r = pair % 8;
     const int pa = 16 * blk + r, pb = pa + 8;
-    const uint16_t* qh = q + (int64_t(b) * n_heads + h * G + g) * hd;
+    const uint16_t* qh = q + (int64_t(b) * n_heads + h * G + g) * HD;
     const float xa = to_float<T>(qh[c.storage[pa]]), xb = to_float<T>(qh[c.storage[pb]]);
     float cs, sn;
-    rope_at(c, len - 1, pair, hd / 2, cs, sn);
-    qs[g * hd + pa] = xa * cs - xb * sn;
-    qs[g * hd + pb] = xa * sn + xb * cs;
+    rope_at(c, len - 1, pair, HD / 2, cs, sn);
+    queries[g * HD + pa] = xa * cs - xb * sn;
+    queries[g * HD + pb] = xa * sn + xb * cs;
   }
   __syncthreads();
 
-  float m[GMAX], l[GMAX], acc[GMAX][kPerLane];
+  unsigned char* region = smem + lay.warps + warp * lay.warp_bytes;
+  Tile tile;
+  tile.k_records = region + lay.k_records;
+  tile.v_records = region + lay.v_records;
+  tile.k_tile = reinterpret_cast<uint16_t*>(region + lay.k_tile);
+  tile.v_tile = reinterpret_cast<uint16_t*>(region + lay.v_tile);
+  float m_run = -INFINITY, l_run = 0.0f;  // head gq; l summed over this lane's tokens only
+  float acc[kBlocks][4];                  // O^T[16mb + gq (+8)][heads 2tq, 2tq + 1]
 #pragma unroll
-  for (int g = 0; g < GMAX; ++g) {
-    m[g] = -INFINITY;
-    l[g] = 0;
+  for (int j = 0; j < kBlocks; ++j)
 #pragma unroll
-    for (int j = 0; j < kPerLane; ++j) acc[g][j] = 0;
-  }
-  float* kbuf = kw + warp * hd;
-  // Warps take the split's tokens in turn. In the last round some warps may have no token left: they
-  // still run every shuffle and barrier of the round and only skip the work, so that all warps of the
-  // block execute the same sequence of warp operations (the emulated build requires it; kernels/emulation).
-  for (int round = t0; round < t1; round += kWarps) {
-    const int t = round + warp;
-    const bool live = t < t1;
-    const uint8_t* page = live ? c.pages + int64_t(c.block_tables[int64_t(b) * c.max_blocks + t / c.block_tokens]) * c.page_stride : nullptr;
-    const int tin = t % c.block_tokens;
-    const uint8_t* krec = live ? page + (int64_t(h) * c.block_tokens + tin) * sz.k_bytes : nullptr;
-    const uint8_t* vrec = live ? page + sz.v_region + (int64_t(h) * c.block_tokens + tin) * sz.v_bytes : nullptr;
-    const bool sink = t < c.sink_tokens;
-    const int64_t sink_at = ((int64_t(b) * c.sink_tokens + t) * c.n_kv_heads + h) * hd;
-    if (live)
-      for (int p = lane; p < hd; p += 32)
-        kbuf[p] = sink ? fp16_to_float(c.sink_k[sink_at + p])
-                       : fmaf(c.k_codebook[field(krec, p, c.bits_k)], c.k_scale[h * hd + p], c.k_offset[h * hd + p]);
+    for (int i = 0; i < 4; ++i) acc[j][i] = 0.0f;
+  uint16_t* q_page = reinterpret_cast<uint16_t*>(region + lay.q_page);
+  for (int e = lane; e < kMaxGroup * (HD + kKeyStride); e += 32) q_page[e] = 0;
+  int64_t query_page = -1;
+  // Each warp takes a contiguous quarter of the split's tiles (so that its page, and the query rotated
+  // to it, changes every block_tokens / 16 tiles). Every warp runs every round (a warp past the length
+  // stages nothing and its scores are masked), so all warps execute the same sequence of warp operations.
+  const int chunk = (split_tokens / kTile + kWarps - 1) / kWarps;
+  const int tiles = t1 > t0 ? (t1 - t0 + kTile - 1) / kTile : 0;
+  const int rounds = min(chunk, tiles);
+  for (int round = 0; round < rounds; ++round) {
+    tile.start = t0 + (warp * chunk + round) * kTile;
+    tile.live = max(0, min(kTile, t1 - tile.start));
+    tile.step0 = tile.start % c.block_tokens;
+    stage_records(c, sz, b, h, tile, lane);
+    const int64_t page = tile.start / c.block_tokens;
+    if (tile.live > 0 && page != query_page) {  // warp-uniform
+      page_queries<HD>(q_page, c, queries, G, page, lane);
+      query_page = page;
+    }
+    // Decoded even when no token is live: zeroed records give finite keys and zero values, so the
+    // masked (p = 0) rows never bring stale or uninitialized shared memory (a NaN) into P·V.
+    decode_keys<HD>(c, sz, tile, key_table, lane);
+    decode_values<HD>(c, sz, tile, value_cb, lane);
     __syncwarp();
-    if (live && !sink && lane == 0)
-      for (int s = 0; s < c.slots; ++s) kbuf[krec[sz.k_index + s]] += load_fp16(krec + sz.k_index + c.slots + 2 * s);
+    patch_tile<HD>(c, sz, tile, b, h, lane);
     __syncwarp();
-    float part[GMAX];
+
+    float s[2][4] = {{0, 0, 0, 0}, {0, 0, 0, 0}};  // S[head gq][tokens 8n + 2tq, +1]; [2], [3] padding rows
 #pragma unroll
-    for (int g = 0; g < GMAX; ++g) part[g] = 0;
-    float vrow[kPerLane];
+    for (int n = 0; n < 2; ++n)
 #pragma unroll
-    for (int j = 0; j < kPerLane; ++j) vrow[j] = 0;
-    if (live) {
-#pragma unroll
-      for (int j = 0; j < kPerLane; ++j) {
-        const int p = lane + 32 * j;
-        if (p >= hd) continue;
-        const int pair = p / 16 * 8 + p % 8;
-        const bool first = p % 16 < 8;
-        float cs, sn;
-        rope_at(c, t, pair, hd / 2, cs, sn);
-        const float x = kbuf[p], y = kbuf[first ? p + 8 : p - 8];
-        const float r = first ? x * cs - y * sn : y * sn + x * cs;
-#pragma unroll
-        for (int g = 0; g < GMAX; ++g)
-          if (g < G) part[g] += qs[g * hd + p] * r;
+      for (int j = 0; j < kBlocks; ++j) {
+        const uint16_t* qrow = q_page + gq * (HD + kKeyStride) + 16 * j + 2 * tq;
+        const uint32_t qa[4] = {lds32(qrow), 0u, lds32(qrow + 8), 0u};  // rows gq + 8: padding
+        const uint16_t* k = tile.k_tile + (8 * n + gq) * (HD + kKeyStride) + 16 * j + 2 * tq;
+        const uint32_t kb[2] = {lds32(k), lds32(k + 8)};
+        detail::mma_16816<false>(s[n], qa, kb);
       }
-      const float vs = sink ? 1.0f : load_fp16(vrec), vo = sink ? 0.0f : load_fp16(vrec + 2);
-#pragma unroll
-      for (int j = 0; j < kPerLane; ++j) {
-        const int ch = lane + 32 * j;
-        if (ch >= hd) continue;
-        if (sink) {
-          vrow[j] = fp16_to_float(c.sink_v[sink_at + ch]);
-        } else {
-          vrow[j] = fmaf(c.v_codebook[field(vrec + 4, ch, c.bits_v)], vs, vo);
-          for (int s = 0; s < c.slots; ++s)
-            if (vrec[4 + sz.v_index + s] == ch) vrow[j] += load_fp16(vrec + 4 + sz.v_index + c.slots + 2 * s);
-        }
-      }
-    }
-#pragma unroll
-    for (int g = 0; g < GMAX; ++g) {
-      if (g >= G) break;  // block-uniform: every warp runs the same shuffles
-      float sum = part[g];
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-      if (!live) continue;
-      const float score = sum * scale;
-      const float m_new = fmaxf(m[g], score);
-      const float corr = m[g] == -INFINITY ? 0.0f : __expf(m[g] - m_new);
-      const float w = __expf(score - m_new);
-      l[g] = l[g] * corr + w;
-#pragma unroll
-      for (int j = 0; j < kPerLane; ++j) acc[g][j] = acc[g][j] * corr + w * vrow[j];
-      m[g] = m_new;
-    }
-    __syncwarp();
-  }
-  // Merge the warps in order.
-#pragma unroll
-  for (int g = 0; g < GMAX; ++g) {
-    if (g >= G) break;
-    if (lane == 0) {
-      wm[warp * G + g] = m[g];
-      wl[warp * G + g] = l[g];
-    }
-#pragma unroll
-    for (int j = 0; j < kPerLane; ++j)
-      if (lane + 32 * j < hd) wacc[(warp * G + g) * hd + lane + 32 * j] = acc[g][j];
-  }
-  __syncthreads();
-  for (int e = threadIdx.x; e < G * hd; e += blockDim.x) {
-    const int g = e / hd, ch = e % hd;
+    float sc[4] = {s[0][0], s[0][1], s[1][0], s[1][1]};
     float mx = -INFINITY;
-    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, wm[w * G + g]);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {  // token of sc[i]: 8 (i / 2) + 2tq + i % 2
+      sc[i] = 8 * (i / 2) + 2 * tq + i % 2 < tile.live ? sc[i] * scale : -INFINITY;
+      mx = fmaxf(mx, sc[i]);
+    }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_new = fmaxf(m_run, mx);
+    const float corr = m_new == -INFINITY ? 1.0f : __expf(m_run - m_new);
+    float p[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) p[i] = m_new == -INFINITY ? 0.0f : __expf(sc[i] - m_new);
+    l_run = l_run * corr + (p[0] + p[1]) + (p[2] + p[3]);
+    m_run = m_new;
+    const uint32_t pb[2] = {pack_half2(p[0], p[1]), pack_half2(p[2], p[3])};
+    const float corr_lo = __shfl_sync(0xffffffffu, corr, 8 * tq), corr_hi = __shfl_sync(0xffffffffu, corr, 8 * tq + 4);
+#pragma unroll
+    for (int mb = 0; mb < kBlocks; ++mb) {
+      acc[mb][0] *= corr_lo;
+      acc[mb][1] *= corr_hi;
+      acc[mb][2] *= corr_lo;
+      acc[mb][3] *= corr_hi;
+      const uint16_t* v = tile.v_tile + (16 * mb + gq) * kValueRow + 2 * tq;
+      const uint32_t va[4] = {lds32(v), lds32(v + 8 * kValueRow), lds32(v + 8), lds32(v + 8 * kValueRow + 8)};
+      detail::mma_16816<false>(acc[mb], va, pb);
+    }
+    __syncwarp();  // the next round overwrites this one's tiles
+  }
+  l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
+  l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
+
+  // Merge the warps in order; the warp regions become the merge buffers.
+  __syncthreads();
+  float* wm = reinterpret_cast<float*>(smem + lay.warps);  // [kWarps][kMaxGroup]
+  float* wl = wm + kWarps * kMaxGroup;                     // [kWarps][kMaxGroup]
+  float* wacc = wl + kWarps * kMaxGroup;                   // [kWarps][kMaxGroup][HD]
+  if (tq == 0) {
+    wm[warp * kMaxGroup + gq] = m_run;
+    wl[warp * kMaxGroup + gq] = l_run;
+  }
+#pragma unroll
+  for (int mb = 0; mb < kBlocks; ++mb)
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      wacc[(warp * kMaxGroup + 2 * tq + i % 2) * HD + 16 * mb + gq + 8 * (i / 2)] = acc[mb][i];
+  __syncthreads();
+  for (int e = int(threadIdx.x); e < G * HD; e += int(blockDim.x)) {
+    const int g = e / HD, ch = e % HD;
+    float mx = -INFINITY;
+    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, wm[w * kMaxGroup + g]);
     float sum = 0, o = 0;
     for (int w = 0; w < kWarps; ++w) {
-      if (wm[w * G + g] == -INFINITY) continue;
-      const float f = __expf(wm[w * G + g] - mx);
-      sum += f * wl[w * G + g];
-      o += f * wacc[(w * G + g) * hd + ch];
+      if (wm[w * kMaxGroup + g] == -INFINITY) continue;
+      const float f = __expf(wm[w * kMaxGroup + g] - mx);
+      sum += f * wl[w * kMaxGroup + g];
+      o += f * wacc[(w * kMaxGroup + g) * HD + ch];
     }
-    float* dst = ws + ((int64_t(b) * n_heads + h * G + g) * splits + split) * (hd + 2);
+    float* dst = ws + ((int64_t(b) * n_heads + h * G + g) * splits + split) * (HD + 2);
     if (ch == 0) {
       dst[0] = mx;
       dst[1] = sum;
@@ -391,42 +627,86 @@ Status can_implement_kv_decode(const KvDeviceCache& c, int batch, int n_heads, i
   if (workspace_bytes < kv_decode_workspace_bytes(batch, n_heads, c.head_dim, max_length, split_tokens))
     return bad("workspace of " + std::to_string(workspace_bytes) + " bytes is too small (need " +
                std::to_string(kv_decode_workspace_bytes(batch, n_heads, c.head_dim, max_length, split_tokens)) + ")");
+  // Warps take 16-token tiles, which must not straddle a page or a split, and copy their records with
+  // 16-byte loads.
+  if (c.block_tokens % kTile != 0)
+    return bad("page size " + std::to_string(c.block_tokens) + " tokens is not a multiple of 16");
+  if (split_tokens % kTile != 0)
+    return bad("split_tokens " + std::to_string(split_tokens) + " is not a multiple of 16");
+  if (c.page_stride % 16 != 0 || reinterpret_cast<uintptr_t>(c.pages) % 16 != 0)
+    return bad("pages must be 16-byte aligned with a page_stride (" + std::to_string(c.page_stride) +
+               ") that is a multiple of 16");
+  if (reinterpret_cast<uintptr_t>(c.rope_step_cos) % 8 != 0 || reinterpret_cast<uintptr_t>(c.rope_step_sin) % 8 != 0)
+    return bad("the RoPE step tables must be 8-byte aligned");
   return {};
 }
 
 namespace {
 
-// The one place where the run-time group size, head dimension and query type become template arguments.
-template <int GMAX, int HD, class T>
-Status launch_split(const KvDeviceCache& c, dim3 grid, size_t shared, cudaStream_t stream, int n_heads, const uint16_t* q,
-                    float scale, int split_tokens, int splits, float* ws) {
-  return detail::launch("kv_decode_attention split launch", split_kernel<GMAX, HD, T>, grid, kWarps * 32, shared, stream,
-                        c, n_heads, q, scale, split_tokens, splits, ws);
+
+// The one place where the run-time head dimension and query type become template arguments (any group
+// size up to kMaxGroup runs the same kernel).
+template <int HD, class T>
+Status launch_split(const KvDeviceCache& c, dim3 grid, int shared, cudaStream_t stream, int n_heads, const uint16_t* q,
+                    float scale, int split_tokens, int splits, float* ws, const SplitLayout& lay) {
+  // Above 48 KiB of dynamic shared memory a kernel must opt in (4-bit records, head dim 128: ~64 KiB).
+  if (Status s = detail::cuda_status(cudaFuncSetAttribute(split_kernel<HD, T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                          shared),
+                                     "kv_decode_attention shared memory");
+      !s.ok())
+    return s;
+  return detail::launch("kv_decode_attention split launch", split_kernel<HD, T>, grid, kWarps * 32, size_t(shared),
+                        stream, c, n_heads, q, scale, split_tokens, splits, ws, lay);
 }
 
-template <int GMAX, class T>
-Status launch_split_hd(const KvDeviceCache& c, dim3 grid, size_t shared, cudaStream_t stream, int n_heads,
-                       const uint16_t* q, float scale, int split_tokens, int splits, float* ws) {
-  switch (c.head_dim) {
-    case 64: return launch_split<GMAX, 64, T>(c, grid, shared, stream, n_heads, q, scale, split_tokens, splits, ws);
-    case 80: return launch_split<GMAX, 80, T>(c, grid, shared, stream, n_heads, q, scale, split_tokens, splits, ws);
-    case 96: return launch_split<GMAX, 96, T>(c, grid, shared, stream, n_heads, q, scale, split_tokens, splits, ws);
-    default: return launch_split<GMAX, 128, T>(c, grid, shared, stream, n_heads, q, scale, split_tokens, splits, ws);
-  }
+int round16(int64_t bytes) { return int((bytes + 15) / 16 * 16); }
+
+// Shared memory of the split kernel: block tables, then one region per warp (records, decoded tiles),
+// which after the token loop holds the warps' merge buffers.
+SplitLayout split_layout(const KvDeviceCache& c, int group, int& total) {
+  const Sizes sz = sizes_of(c);
+  const int hd = c.head_dim;
+  SplitLayout lay{};
+  int at = 0;
+  lay.key_table = at;
+  at += round16(int64_t(hd) * 16 * 4);
+  lay.value_cb = at;
+  at += 64;
+  lay.queries = at;
+  at += round16(int64_t(group) * hd * 4);
+  int w = 0;
+  lay.k_records = w;
+  w += round16(int64_t(kTile) * sz.k_bytes);
+  lay.v_records = w;
+  w += round16(int64_t(kTile) * sz.v_bytes);
+  lay.k_tile = w;
+  w += round16(int64_t(kTile) * (hd + kKeyStride) * 2);
+  lay.v_tile = w;
+  w += round16(int64_t(hd) * kValueRow * 2);
+  lay.q_page = w;
+  w += round16(int64_t(kMaxGroup) * (hd + kKeyStride) * 2);
+  const int merge = 4 * (2 * kWarps * kMaxGroup + kWarps * kMaxGroup * hd);
+  lay.warp_bytes = std::max(w, round16((merge + kWarps - 1) / kWarps));
+  lay.warps = at;
+  total = at + kWarps * lay.warp_bytes;
+  return lay;
 }
 
 template <class T>
 Status launch_decode(const KvDeviceCache& c, int batch, int n_heads, const uint16_t* q, uint16_t* out, float scale,
                      int max_length, int split_tokens, float* ws, cudaStream_t stream) {
-  const int G = n_heads / c.n_kv_heads, hd = c.head_dim;
+  const int G = n_heads / c.n_kv_heads;
   const int splits = (max_length + split_tokens - 1) / split_tokens;
-  const size_t shared = sizeof(float) * size_t(G * hd + kWarps * hd + 2 * kWarps * G + kWarps * G * hd);
+  int shared = 0;
+  const SplitLayout lay = split_layout(c, G, shared);
   const dim3 grid(unsigned(splits), unsigned(c.n_kv_heads), unsigned(batch));
   Status s;
-  if (G <= 1) s = launch_split_hd<1, T>(c, grid, shared, stream, n_heads, q, scale, split_tokens, splits, ws);
-  else if (G <= 2) s = launch_split_hd<2, T>(c, grid, shared, stream, n_heads, q, scale, split_tokens, splits, ws);
-  else if (G <= 4) s = launch_split_hd<4, T>(c, grid, shared, stream, n_heads, q, scale, split_tokens, splits, ws);
-  else s = launch_split_hd<8, T>(c, grid, shared, stream, n_heads, q, scale, split_tokens, splits, ws);
+  switch (c.head_dim) {
+    case 64: s = launch_split<64, T>(c, grid, shared, stream, n_heads, q, scale, split_tokens, splits, ws, lay); break;
+    case 80: s = launch_split<80, T>(c, grid, shared, stream, n_heads, q, scale, split_tokens, splits, ws, lay); break;
+    case 96: s = launch_split<96, T>(c, grid, shared, stream, n_heads, q, scale, split_tokens, splits, ws, lay); break;
+    default: s = launch_split<128, T>(c, grid, shared, stream, n_heads, q, scale, split_tokens, splits, ws, lay);
+  }
   if (!s.ok()) return s;
   return detail::launch("kv_decode_attention merge launch", merge_kernel<T>, unsigned(batch * n_heads), 128, 0, stream,
                         c.lengths, c.head_dim, n_heads, splits, split_tokens, static_cast<const float*>(ws), out);
@@ -512,3 +792,4 @@ Status kv_decode_attention(const KvDeviceCache& c, int batch, int n_heads, const
 }
 
 }  // namespace nuq::cuda
+

@@ -116,13 +116,14 @@ def gemv_info(name):
 
 
 def kv_info(name):
-    m = re.search(r"split_kernel<(\d+), (\d+), (__half|__nv_bfloat16)>", name)
+    m = re.search(r"split_kernel<(\d+), (__half|__nv_bfloat16)>", name)
     if not m:
         return None
-    # One trip of the token loop: one token of one kv head per warp, so 1/32 token-head per lane. Bits
-    # are a run-time value of this kernel (the loop decodes any width).
-    return dict(family="kv_decode", group=int(m.group(1)), head_dim=int(m.group(2)), bits=None,
-                dtype="fp16" if m.group(3) == "__half" else "bf16", token_heads_per_trip=1 / 32, marker="SHFL",
+    # One trip of the token loop: a warp's 16-token tile of one kv head, so 16/32 token-heads per lane.
+    # Any group size up to 8 runs this same loop (the MMA's N is 8); bits are a run-time value of the
+    # kernel (the loop decodes any width), so the count holds for every group and width.
+    return dict(family="kv_decode", group="1-8", head_dim=int(m.group(1)), bits="2-4",
+                dtype="fp16" if m.group(2) == "__half" else "bf16", token_heads_per_trip=16 / 32, marker="HMMA",
                 outermost=True)
 
 

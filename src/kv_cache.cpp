@@ -508,7 +508,9 @@ void export_rope(const LayerCache::Impl& c, LayerCache::Export& e) {
 LayerCache::Export LayerCache::export_pages(std::span<const int> seqs) const {
   const Impl& c = *impl_;
   Export e;
-  e.page_stride = c.page_bytes + 8;
+  // 8 bytes of slack past the last record, and a multiple of 16 so that every page keeps the 16-byte
+  // alignment of the CUDA kernel's record loads.
+  e.page_stride = (c.page_bytes + 8 + 15) / 16 * 16;
   e.pages.resize(c.pages.size() * size_t(e.page_stride));
   for (size_t i = 0; i < c.pages.size(); ++i)
     std::memcpy(e.pages.data() + i * size_t(e.page_stride), c.pages[i].data(), c.pages[i].size());

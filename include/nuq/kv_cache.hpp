@@ -144,7 +144,7 @@ class LayerCache {
   // RoPE frequencies. For uploading to a GPU and for tests.
   struct Export {
     std::vector<uint8_t> pages;  // every page of the pool, page_stride bytes each
-    int64_t page_stride = 0;
+    int64_t page_stride = 0;  // page bytes + 8, rounded up to a multiple of 16
     std::vector<int32_t> block_tables;  // [batch][max_blocks]
     int64_t max_blocks = 0;
     std::vector<int32_t> lengths;

@@ -32,12 +32,15 @@ struct KvCase {
   std::vector<int64_t> lengths;
   nuq::cuda::ActivationType type;
   int sink_tokens = 1;
+  int block_tokens = 32;  // tokens per page
+  int split_tokens = 512;
 };
 
 std::string describe(const KvCase& k) {
   std::string s = "head_dim=" + std::to_string(k.head_dim) + " n_kv=" + std::to_string(k.n_kv) +
                   " group=" + std::to_string(k.group) + " bits=" + std::to_string(k.bits_k) + "/" +
-                  std::to_string(k.bits_v) + " sink=" + std::to_string(k.sink_tokens) + " lengths=";
+                  std::to_string(k.bits_v) + " sink=" + std::to_string(k.sink_tokens) + " page=" + std::to_string(k.block_tokens) +
+                  " split=" + std::to_string(k.split_tokens) + " lengths=";
   for (int64_t l : k.lengths) s += std::to_string(l) + ",";
   return s + (k.type == nuq::cuda::ActivationType::bf16 ? " bf16" : " fp16");
 }
@@ -62,6 +65,7 @@ void check_case(const KvCase& kc) {
   common.sink_tokens = kc.sink_tokens;
   kv::CacheOptions opt;
   opt.rope.layout = hd == 80 ? nuq::RopeLayout::half_split : nuq::RopeLayout::interleaved;
+  opt.block_tokens = kc.block_tokens;
   kv::LayerCache cache(layer, common, opt);
   std::vector<int> seqs;
   for (int64_t len : kc.lengths) {
@@ -109,7 +113,7 @@ void check_case(const KvCase& kc) {
   d.rope_pages = int64_t(e.rope_page_cos.size()) / (hd / 2);
   d.rope_step_cos = upload(e.rope_step_cos);
   d.rope_step_sin = upload(e.rope_step_sin);
-  const int split = 512, max_len = int(*std::max_element(kc.lengths.begin(), kc.lengths.end()));
+  const int split = kc.split_tokens, max_len = int(*std::max_element(kc.lengths.begin(), kc.lengths.end()));
   const int64_t ws_bytes = nuq::cuda::kv_decode_workspace_bytes(batch, int(n_heads), int(hd), max_len, split);
   void* ws = nullptr;
   ASSERT_EQ(cudaMalloc(&ws, size_t(ws_bytes)), cudaSuccess);
@@ -157,6 +161,14 @@ TEST_F(CudaKvDecode, GroupsWidthsSinksAndBf16) {
   check_case({64, 3, 3, 4, 2, {17, 300, 33}, ActivationType::bf16, 3});
   check_case({128, 1, 8, 3, 3, {1, 17, 4097}, ActivationType::bf16});
   check_case({96, 2, 2, 2, 2, {1000, 5}, ActivationType::f16, 0});
+}
+
+// Warps take 16-token tiles: pages of 16 and 64 tokens, splits that end inside a page (48) or are a
+// single tile (16), sink tokens past the first tile (20), lengths on and off tile boundaries.
+TEST_F(CudaKvDecode, PageSizesSplitsAndTileEdges) {
+  check_case({128, 2, 4, 3, 3, {1, 16, 17, 300, 4097}, ActivationType::f16, 1, 16, 48});
+  check_case({64, 2, 2, 4, 4, {15, 32, 33, 1000}, ActivationType::bf16, 20, 64, 16});
+  check_case({80, 1, 8, 2, 3, {64, 65, 129}, ActivationType::f16, 2, 64, 2048});
 }
 
 // A context past 32k tokens: positions where angles formed in fp32 would be off by ~1e-3 rad.
@@ -271,6 +283,25 @@ TEST(CudaKvDecodeArgs, RefusalsNameTheProblem) {
   c.bits_v = 5;
   s = nuq::cuda::can_implement_kv_decode(c, 1, 4, 10, 512, 1 << 20);
   EXPECT_NE(s.message.find("5 bits"), std::string::npos) << s.message;
+  c.bits_v = 3;
+  // Past the pointer and size checks (never dereferenced: these checks run on the host).
+  alignas(16) static const unsigned char fake[16] = {};
+  c.pages = fake;
+  c.block_tables = c.lengths = c.storage = reinterpret_cast<const int32_t*>(fake);
+  c.k_scale = c.k_offset = c.k_codebook = c.v_codebook = reinterpret_cast<const float*>(fake);
+  c.rope_page_cos = c.rope_page_sin = c.rope_step_cos = c.rope_step_sin = reinterpret_cast<const float*>(fake);
+  c.sink_k = c.sink_v = reinterpret_cast<const uint16_t*>(fake);
+  c.rope_pages = 1;
+  EXPECT_TRUE(nuq::cuda::can_implement_kv_decode(c, 1, 4, 10, 512, 1 << 20).ok());
+  c.block_tokens = 24;  // a valid page size for the CPU cache, not for the kernel's 16-token tiles
+  s = nuq::cuda::can_implement_kv_decode(c, 1, 4, 10, 512, 1 << 20);
+  EXPECT_NE(s.message.find("page size 24 tokens is not a multiple of 16"), std::string::npos) << s.message;
+  c.block_tokens = 32;
+  s = nuq::cuda::can_implement_kv_decode(c, 1, 4, 10, 500, 1 << 20);
+  EXPECT_NE(s.message.find("split_tokens 500"), std::string::npos) << s.message;
+  c.page_stride = 1000;
+  s = nuq::cuda::can_implement_kv_decode(c, 1, 4, 10, 512, 1 << 20);
+  EXPECT_NE(s.message.find("page_stride (1000)"), std::string::npos) << s.message;
 }
 
 }  // namespace
