@@ -3,9 +3,10 @@
 // Kernel 1: one block of 4 warps per (context split, kv head, sequence). A warp takes 16-token tiles of
 // the split in turn: it copies the tile's K and V records (contiguous in the page) into its shared
 // memory with 16-byte loads, decodes them there into fp16 tiles (keys through a per-channel table with
-// the head's scale and offset folded in, rotated by the in-page RoPE step; values in model order,
-// transposed so that they are the A operand of the P·V product), patches outlier residuals and sink
-// tokens, and runs both products on tensor cores (mma.m16n8k16, fp32 accumulation):
+// the head's scale and offset folded in, rotated by the in-page RoPE step; values in codebook units,
+// transposed so that they are the A operand of the P·V product, with each token's scale folded into P
+// and its offset into a per-head sum), patches outlier residuals and sink tokens, and runs both
+// products on tensor cores (mma.m16n8k16, fp32 accumulation):
 //   scores  S[g][t]  = Q_page[g][:] · K[t][:]     A = the G ≤ 8 query heads (rows 8..15 zero), B = K tile
 //   values  O^T[c][g] += V^T[c][t] · P^T[t][g]    A = V tile, B = the score fragment reused as P
 // The score MMA's D fragment holds exactly the B fragment the value MMA needs (head gq, tokens 2tq,
@@ -20,6 +21,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <string>
 
 #include <cuda_bf16.h>
@@ -36,7 +38,8 @@ constexpr int kWarps = 4;
 constexpr int kMaxGroup = 8;  // query heads per kv head: the MMA's N
 constexpr int kTile = 16;     // tokens per warp tile: the value MMA's K, two score MMAs' N
 constexpr int kKeyStride = 8;   // halves of padding per K tile row: fragment loads hit 32 distinct banks
-constexpr int kValueRow = kTile + 8;  // halves per V^T tile row (channel), padded for the same reason
+constexpr int kValueRow = kTile + 8;
+constexpr int kMaxPageTokens = 64;  // the in-page RoPE steps live in shared memory: 32 KiB at head dim 128  // halves per V^T tile row (channel), padded for the same reason
 
 // 16-bit query and output values of either type, as bits.
 template <class T>
@@ -55,9 +58,25 @@ __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
 }
 __device__ __forceinline__ float half_bits_to_float(uint16_t bits) { return __half2float(__ushort_as_half(bits)); }
 
-// Records are byte-aligned (k_bytes may be odd), so multi-byte fields are read byte by byte.
-__device__ __forceinline__ uint32_t load_u32(const uint8_t* p) {
-  return uint32_t(p[0]) | uint32_t(p[1]) << 8 | uint32_t(p[2]) << 16 | uint32_t(p[3]) << 24;
+// Bits [shift, shift + 32) of hi:lo.
+__device__ __forceinline__ uint32_t funnel_right(uint32_t lo, uint32_t hi, uint32_t shift) {
+#if defined(NUQ_CUDA_EMULATED)
+  return shift ? (lo >> shift) | (hi << (32 - shift)) : lo;
+#else
+  return __funnelshift_r(lo, hi, shift);
+#endif
+}
+
+// Records are byte-aligned in shared memory (k_bytes may be odd): the 8 bytes at p from the three aligned
+// words around them (one funnel shift per word instead of four byte loads). May read up to 4 bytes past
+// p + 8, which the layout keeps inside the block's shared memory (split_layout).
+__device__ __forceinline__ void load_8_bytes(const uint8_t* p, uint32_t& w0, uint32_t& w1) {
+  const uint32_t misalign = uint32_t(reinterpret_cast<uintptr_t>(p) & 3);
+  // Pointer arithmetic, not an integer round trip, so that the compiler still sees shared memory (LDS).
+  const uint32_t* words = reinterpret_cast<const uint32_t*>(p - misalign);
+  const uint32_t shift = misalign * 8, u0 = words[0], u1 = words[1], u2 = words[2];
+  w0 = funnel_right(u0, u1, shift);
+  w1 = funnel_right(u1, u2, shift);
 }
 __device__ __forceinline__ float load_fp16(const uint8_t* p) { return fp16_to_float(uint16_t(p[0] | (p[1] << 8))); }
 
@@ -77,7 +96,8 @@ __device__ __forceinline__ uint32_t spread_bits(uint32_t x) {
 // reads stay inside the staged records' shared memory (the last group of a record reads into the
 // next record or the following buffer; those bytes are not used).
 __device__ __forceinline__ void group_nibbles(const uint8_t* g, int bits, uint32_t& even, uint32_t& odd) {
-  const uint32_t w0 = load_u32(g), w1 = load_u32(g + 4);
+  uint32_t w0, w1;
+  load_8_bytes(g, w0, w1);
   // 2 and 3 bits: channel r's low 2 bits at bit 2r, so even channels land at 4i, odd ones at 4i + 2 >> 2.
   const uint32_t plane = bits == 3 ? spread_bits(w1) : 0u;  // 3 bits: bit r of the plane -> bit 2r
   const uint32_t even23 = (w0 & 0x33333333u) | ((plane << 2) & 0x44444444u);
@@ -85,19 +105,50 @@ __device__ __forceinline__ void group_nibbles(const uint8_t* g, int bits, uint32
   even = bits == 4 ? w0 : even23;
   odd = bits == 4 ? w1 : odd23;
 }
-template <int R>
-__device__ __forceinline__ uint32_t nibble(uint32_t even, uint32_t odd) {
-  return ((R % 2 ? odd : even) >> (4 * (R / 2))) & 15u;
+
+// Shared-memory addresses as 32-bit integers, for the decode's table lookups: an entry's address is
+// (index bits) | (table base) — one LOP3 after the shift, where a pointer would cost a shift, a mask and an
+// add — which holds because the tables sit at addresses whose low bits are zero (split_layout).
+// `offset` is a compile-time byte offset added by the load itself.
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+#if defined(NUQ_CUDA_EMULATED)
+  return uint32_t(static_cast<const unsigned char*>(p) - detail::dynamic_shared<unsigned char>());
+#else
+  return uint32_t(__cvta_generic_to_shared(p));
+#endif
+}
+template <int OFFSET>
+__device__ __forceinline__ uint32_t table_load(uint32_t address) {
+#if defined(NUQ_CUDA_EMULATED)
+  uint32_t v;
+  std::memcpy(&v, detail::dynamic_shared<unsigned char>() + address + OFFSET, 4);
+  return v;
+#else
+  uint32_t v;
+  asm volatile("ld.shared.u32 %0, [%1+%2];\n" : "=r"(v) : "r"(address), "n"(OFFSET));
+  return v;
+#endif
+}
+// Nibble K of w times 4 (a float or a uint32 entry's byte offset), and byte K of w times 4.
+template <int K>
+__device__ __forceinline__ uint32_t nibble_x4(uint32_t w) {
+  return (K == 0 ? w << 2 : w >> (4 * K - 2)) & 0x3cu;
+}
+template <int K>
+__device__ __forceinline__ uint32_t byte_x4(uint32_t w) {
+  return (K == 0 ? w << 2 : w >> (8 * K - 2)) & 0x3fcu;
 }
 
 // Host-computed byte offsets into the block's dynamic shared memory (launch_decode).
 struct SplitLayout {
   int key_table;   // float [HD][16]: k_codebook[i] * k_scale[h][p] + k_offset[h][p]
-  int value_cb;    // float [16]
+  int value_pairs;  // uint32 [256]: fp16 (v_codebook[i & 15], v_codebook[i >> 4])
+  int step_rotations;  // float2 [block_tokens][HD / 2]: cos, sin of every in-page step (shared-memory loads
+                       // with 32-bit addresses, where global ones cost two 64-bit adds each)
   int queries;     // float [G][HD]: rotated to position len - 1, storage order
   int warps;       // the warps' regions, warp_bytes each; after the token loop, the merge buffers
   int warp_bytes;
-  int k_records, v_records, k_tile, v_tile, q_page;  // offsets inside a warp region
+  int k_records, v_records, k_tile, v_tile, q_page, v_scale;  // offsets inside a warp region
 };
 
 struct Sizes {
@@ -130,7 +181,8 @@ struct Tile {
   uint8_t* k_records;  // kTile records as stored in the page
   uint8_t* v_records;
   uint16_t* k_tile;  // fp16 [kTile][HD + kKeyStride], storage order, rotated by the step
-  uint16_t* v_tile;  // fp16 [HD][kValueRow]: V transposed, model order
+  uint16_t* v_tile;  // fp16 [HD][kValueRow]: V transposed, model order, in codebook units
+  float* v_scale;    // float2 [kTile]: each token's value scale and offset (patch_tile)
 };
 
 // Copies the tile's records with 16-byte loads (16 records of k_bytes are k_bytes 16-byte words; the tile
@@ -165,12 +217,11 @@ __device__ __forceinline__ void stage_records(const KvDeviceCache& c, const Size
 // RoPE pairs, rotated here by the token's in-page step.
 template <int HD>
 __device__ __forceinline__ void decode_keys(const KvDeviceCache& c, const Sizes& sz, const Tile& tile,
-                                            const float* key_table, int lane) {
+                                            float* key_table, const float4* step_rotations, int lane) {
   constexpr int kGroups = HD / 16, kPairs = HD / 2;
   const int tok = lane / 2;
   const uint8_t* rec = tile.k_records + tok * sz.k_bytes;
-  const float* step_cos = c.rope_step_cos + int64_t(tile.step0 + tok) * kPairs;
-  const float* step_sin = c.rope_step_sin + int64_t(tile.step0 + tok) * kPairs;
+  const float4* rotations = step_rotations + (tile.step0 + tok) * (kPairs / 2);
   uint16_t* row = tile.k_tile + tok * (HD + kKeyStride);
 #pragma unroll
   for (int j = 0; j < (kGroups + 1) / 2; ++j) {
@@ -178,17 +229,17 @@ __device__ __forceinline__ void decode_keys(const KvDeviceCache& c, const Sizes&
     if (g >= kGroups) break;
     uint32_t even, odd;
     group_nibbles(rec + g * 2 * c.bits_k, c.bits_k, even, odd);
-    const float* table = key_table + 16 * 16 * g;
-    const float2* cs2 = reinterpret_cast<const float2*>(step_cos + 8 * g);
-    const float2* sn2 = reinterpret_cast<const float2*>(step_sin + 8 * g);
+    const uint32_t table = shared_address(key_table + 16 * 16 * g);  // channel r at table + 64 r
     auto pairs = [&](auto r_c) {
       constexpr int r = decltype(r_c)::value;  // channels r, r + 1 and their partners r + 8, r + 9
-      const float a0 = table[16 * r + nibble<r>(even, odd)], a1 = table[16 * (r + 1) + nibble<r + 1>(even, odd)];
-      const float b0 = table[16 * (r + 8) + nibble<r + 8>(even, odd)];
-      const float b1 = table[16 * (r + 9) + nibble<r + 9>(even, odd)];
-      const float2 cs = __ldg(cs2 + r / 2), sn = __ldg(sn2 + r / 2);
-      const uint32_t first = pack_half2(fmaf(a0, cs.x, -b0 * sn.x), fmaf(a1, cs.y, -b1 * sn.y));
-      const uint32_t second = pack_half2(fmaf(a0, sn.x, b0 * cs.x), fmaf(a1, sn.y, b1 * cs.y));
+      // Channel r's index: nibble r/2 of `even` (r even) or `odd`; the partner r + 8 is nibble r/2 + 4.
+      const float a0 = __uint_as_float(table_load<64 * r>(table | nibble_x4<r / 2>(even)));
+      const float a1 = __uint_as_float(table_load<64 * (r + 1)>(table | nibble_x4<r / 2>(odd)));
+      const float b0 = __uint_as_float(table_load<64 * (r + 8)>(table | nibble_x4<r / 2 + 4>(even)));
+      const float b1 = __uint_as_float(table_load<64 * (r + 9)>(table | nibble_x4<r / 2 + 4>(odd)));
+      const float4 rot = rotations[4 * g + r / 2];  // cos, sin of pair 8g + r, then of 8g + r + 1
+      const uint32_t first = pack_half2(fmaf(a0, rot.x, -b0 * rot.y), fmaf(a1, rot.z, -b1 * rot.w));
+      const uint32_t second = pack_half2(fmaf(a0, rot.y, b0 * rot.x), fmaf(a1, rot.w, b1 * rot.z));
       *reinterpret_cast<uint32_t*>(row + 16 * g + r) = first;
       *reinterpret_cast<uint32_t*>(row + 16 * g + r + 8) = second;
     };
@@ -199,28 +250,32 @@ __device__ __forceinline__ void decode_keys(const KvDeviceCache& c, const Sizes&
   }
 }
 
-// Values: lane decodes tokens 2(lane % 8) and 2(lane % 8) + 1 (one 32-bit store per channel of V^T),
-// index groups lane/8 + 4j.
+// Values: lane decodes tokens 2(lane % 8) and 2(lane % 8) + 1, index groups lane/8 + 4j. The tile holds
+// codebook values only (the token's scale goes into P and its offset into a per-head sum, see the
+// token loop), so one lookup in the table of codebook pairs gives both tokens' values of a channel,
+// packed as the A fragment wants them, and one 32-bit store puts them in V^T.
 template <int HD>
 __device__ __forceinline__ void decode_values(const KvDeviceCache& c, const Sizes& sz, const Tile& tile,
-                                              const float* value_cb, int lane) {
+                                              uint32_t* value_pairs, int lane) {
+  const uint32_t pairs_at = shared_address(value_pairs);  // 1024-aligned: entry i at pairs_at | 4i
   constexpr int kGroups = HD / 16;
   const int tok = 2 * (lane % 8);
-  const uint8_t* r0 = tile.v_records + tok * sz.v_bytes;
+  const uint8_t* r0 = tile.v_records + tok * sz.v_bytes + 4;
   const uint8_t* r1 = r0 + sz.v_bytes;
-  const float s0 = load_fp16(r0), o0 = load_fp16(r0 + 2), s1 = load_fp16(r1), o1 = load_fp16(r1 + 2);
 #pragma unroll
   for (int j = 0; j < (kGroups + 3) / 4; ++j) {
     const int g = 4 * j + lane / 8;
     if (g >= kGroups) break;
     uint32_t e0, d0, e1, d1;
-    group_nibbles(r0 + 4 + g * 2 * c.bits_v, c.bits_v, e0, d0);
-    group_nibbles(r1 + 4 + g * 2 * c.bits_v, c.bits_v, e1, d1);
-    uint16_t* col = tile.v_tile + 16 * g * kValueRow + tok;
+    group_nibbles(r0 + g * 2 * c.bits_v, c.bits_v, e0, d0);
+    group_nibbles(r1 + g * 2 * c.bits_v, c.bits_v, e1, d1);
+    // Byte k of pair[m]: channel 4k + m's index for token tok (low nibble) and tok + 1 (high nibble).
+    const uint32_t pair[4] = {(e0 & 0x0f0f0f0fu) | (e1 & 0x0f0f0f0fu) << 4, (d0 & 0x0f0f0f0fu) | (d1 & 0x0f0f0f0fu) << 4,
+                              (e0 >> 4 & 0x0f0f0f0fu) | (e1 & 0xf0f0f0f0u), (d0 >> 4 & 0x0f0f0f0fu) | (d1 & 0xf0f0f0f0u)};
+    uint32_t* col = reinterpret_cast<uint32_t*>(tile.v_tile + 16 * g * kValueRow + tok);
     auto channel = [&](auto r_c) {
       constexpr int r = decltype(r_c)::value;
-      const float v0 = fmaf(value_cb[nibble<r>(e0, d0)], s0, o0), v1 = fmaf(value_cb[nibble<r>(e1, d1)], s1, o1);
-      *reinterpret_cast<uint32_t*>(col + r * kValueRow) = pack_half2(v0, v1);
+      col[r * (kValueRow / 2)] = table_load<0>(pairs_at | byte_x4<r / 4>(pair[r % 4]));
     };
     channel(std::integral_constant<int, 0>{});
     channel(std::integral_constant<int, 1>{});
@@ -246,33 +301,56 @@ __device__ __forceinline__ void add_to_half(uint16_t* p, float v) { *p = __half_
 // Outlier residuals (lanes 0-15 the keys of token `lane`, lanes 16-31 the values of token lane - 16; the
 // slots of one token go through one lane, so two slots on one channel never race) and sink tokens, whose
 // full-precision copies replace their decoded rows. A key residual on storage channel p moves both
-// members of p's RoPE pair: it is rotated by the step like the rest of the key.
+// members of p's RoPE pair: it is rotated by the step like the rest of the key. Values hold codebook
+// units (value = tile · scale + offset): lanes 16-31 also write their token's (scale, offset) to
+// v_scale, a value residual enters as residual / scale, and a token with scale 0 gets scale 1 and a
+// column of zeros first (nuq's writer stores 1 for a range of 0, src/kv_cache.cpp; pages written
+// elsewhere may not). Sinks: scale 1, offset 0.
 template <int HD>
 __device__ __forceinline__ void patch_tile(const KvDeviceCache& c, const Sizes& sz, const Tile& tile, int b, int h,
                                            int lane) {
   constexpr int kPairs = HD / 2;
   const int tok = lane % 16;
-  const bool real = tok < tile.live && tile.start + tok >= c.sink_tokens;
-  if (real && lane < 16) {
-    const uint8_t* rec = tile.k_records + tok * sz.k_bytes + sz.k_index;
-    uint16_t* row = tile.k_tile + tok * (HD + kKeyStride);
+  const bool sink = tile.start + tok < c.sink_tokens;
+  const bool real = tok < tile.live && !sink;
+  if (lane < 16) {
+    if (real) {
+      const uint8_t* rec = tile.k_records + tok * sz.k_bytes + sz.k_index;
+      uint16_t* row = tile.k_tile + tok * (HD + kKeyStride);
 #pragma unroll 1
-    for (int s = 0; s < c.slots; ++s) {
-      const int p = rec[s];
-      if (p >= HD) continue;
-      const float res = load_fp16(rec + c.slots + 2 * s);
-      const int r = p % 16, a = p - r + r % 8, pair = p / 16 * 8 + r % 8;
-      const float cs = c.rope_step_cos[int64_t(tile.step0 + tok) * kPairs + pair];
-      const float sn = c.rope_step_sin[int64_t(tile.step0 + tok) * kPairs + pair];
-      add_to_half(row + a, r < 8 ? res * cs : -res * sn);
-      add_to_half(row + a + 8, r < 8 ? res * sn : res * cs);
+      for (int s = 0; s < c.slots; ++s) {
+        const int p = rec[s];
+        if (p >= HD) continue;
+        const float res = load_fp16(rec + c.slots + 2 * s);
+        const int r = p % 16, a = p - r + r % 8, pair = p / 16 * 8 + r % 8;
+        const float cs = c.rope_step_cos[int64_t(tile.step0 + tok) * kPairs + pair];
+        const float sn = c.rope_step_sin[int64_t(tile.step0 + tok) * kPairs + pair];
+        add_to_half(row + a, r < 8 ? res * cs : -res * sn);
+        add_to_half(row + a + 8, r < 8 ? res * sn : res * cs);
+      }
     }
-  } else if (real) {
-    const uint8_t* rec = tile.v_records + tok * sz.v_bytes + 4 + sz.v_index;
+  } else {
+    const uint8_t* rec = tile.v_records + tok * sz.v_bytes;
+    uint32_t so, unused;
+    load_8_bytes(rec, so, unused);
+    float scale = half_bits_to_float(uint16_t(so)), offset = half_bits_to_float(uint16_t(so >> 16));
+    if (sink || !real) {  // sinks: full values; past the length: p = 0, any finite scale
+      scale = 1.0f;
+      offset = 0.0f;
+    } else if (scale == 0.0f) {
+      scale = 1.0f;
 #pragma unroll 1
-    for (int s = 0; s < c.slots; ++s) {
-      const int ch = rec[s];
-      if (ch < HD) add_to_half(tile.v_tile + ch * kValueRow + tok, load_fp16(rec + c.slots + 2 * s));
+      for (int ch = 0; ch < HD; ++ch) tile.v_tile[ch * kValueRow + tok] = 0;
+    }
+    reinterpret_cast<float2*>(tile.v_scale)[tok] = make_float2(scale, offset);
+    if (real) {
+      const float inv = 1.0f / scale;
+      rec += 4 + sz.v_index;
+#pragma unroll 1
+      for (int s = 0; s < c.slots; ++s) {
+        const int ch = rec[s];
+        if (ch < HD) add_to_half(tile.v_tile + ch * kValueRow + tok, load_fp16(rec + c.slots + 2 * s) * inv);
+      }
     }
   }
   if (tile.start >= c.sink_tokens) return;  // warp-uniform
@@ -313,13 +391,15 @@ __device__ __forceinline__ void page_queries(uint16_t* q_page, const KvDeviceCac
 __device__ __forceinline__ uint32_t lds32(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
 template <int HD, class T>
-__global__ void __launch_bounds__(kWarps * 32, 3)  // 3 blocks per SM: ~64 KiB of shared memory each
+__global__ void __launch_bounds__(kWarps * 32, 2)  // 2 blocks per SM: ~91 KiB of shared memory each (4-bit, head dim 128)
     split_kernel(KvDeviceCache c, int n_heads, const uint16_t* __restrict__ q, float scale, int split_tokens,
                  int splits, float* __restrict__ ws, SplitLayout lay) {
   constexpr int kBlocks = HD / 16;  // k-blocks of the score MMA = m-blocks of the value MMA
   unsigned char* smem = detail::dynamic_shared<unsigned char>();
+  smem += (1024 - (shared_address(smem) & 1023)) & 1023;  // the layout's 1024-aligned origin
   float* key_table = reinterpret_cast<float*>(smem + lay.key_table);
-  float* value_cb = reinterpret_cast<float*>(smem + lay.value_cb);
+  uint32_t* value_pairs = reinterpret_cast<uint32_t*>(smem + lay.value_pairs);
+  float2* step_rotations = reinterpret_cast<float2*>(smem + lay.step_rotations);
   float* queries = reinterpret_cast<float*>(smem + lay.queries);
   const int G = n_heads / c.n_kv_heads;
   const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
@@ -330,7 +410,10 @@ __global__ void __launch_bounds__(kWarps * 32, 3)  // 3 blocks per SM: ~64 KiB o
 
   for (int e = int(threadIdx.x); e < HD * 16; e += int(blockDim.x))
     key_table[e] = fmaf(c.k_codebook[e % 16], c.k_scale[h * HD + e / 16], c.k_offset[h * HD + e / 16]);
-  if (threadIdx.x < 16) value_cb[threadIdx.x] = c.v_codebook[threadIdx.x];
+  for (int e = int(threadIdx.x); e < c.block_tokens * (HD / 2); e += int(blockDim.x))
+    step_rotations[e] = make_float2(c.rope_step_cos[e], c.rope_step_sin[e]);
+  for (int e = int(threadIdx.x); e < 256; e += int(blockDim.x))
+    value_pairs[e] = pack_half2(c.v_codebook[e & 15], c.v_codebook[e >> 4]);
   // Queries of this kv head's group, rotated to position len - 1, in key storage order.
   for (int e = int(threadIdx.x); e < G * (HD / 2); e += int(blockDim.x)) {
     const int g = e / (HD / 2), pair = e % (HD / 2), blk = pair / 8, r = pair % 8;
@@ -350,7 +433,9 @@ __global__ void __launch_bounds__(kWarps * 32, 3)  // 3 blocks per SM: ~64 KiB o
   tile.v_records = region + lay.v_records;
   tile.k_tile = reinterpret_cast<uint16_t*>(region + lay.k_tile);
   tile.v_tile = reinterpret_cast<uint16_t*>(region + lay.v_tile);
-  float m_run = -INFINITY, l_run = 0.0f;  // head gq; l summed over this lane's tokens only
+  tile.v_scale = reinterpret_cast<float*>(region + lay.v_scale);
+  // Head gq's running max, and over this lane's tokens only, the sum of p and of p times the value offset.
+  float m_run = -INFINITY, l_run = 0.0f, offset_run = 0.0f;
   float acc[kBlocks][4];                  // O^T[16mb + gq (+8)][heads 2tq, 2tq + 1]
 #pragma unroll
   for (int j = 0; j < kBlocks; ++j)
@@ -377,8 +462,8 @@ __global__ void __launch_bounds__(kWarps * 32, 3)  // 3 blocks per SM: ~64 KiB o
     }
     // Decoded even when no token is live: zeroed records give finite keys and zero values, so the
     // masked (p = 0) rows never bring stale or uninitialized shared memory (a NaN) into P·V.
-    decode_keys<HD>(c, sz, tile, key_table, lane);
-    decode_values<HD>(c, sz, tile, value_cb, lane);
+    decode_keys<HD>(c, sz, tile, key_table, reinterpret_cast<const float4*>(step_rotations), lane);
+    decode_values<HD>(c, sz, tile, value_pairs, lane);
     __syncwarp();
     patch_tile<HD>(c, sz, tile, b, h, lane);
     __syncwarp();
@@ -410,7 +495,11 @@ __global__ void __launch_bounds__(kWarps * 32, 3)  // 3 blocks per SM: ~64 KiB o
     for (int i = 0; i < 4; ++i) p[i] = m_new == -INFINITY ? 0.0f : __expf(sc[i] - m_new);
     l_run = l_run * corr + (p[0] + p[1]) + (p[2] + p[3]);
     m_run = m_new;
-    const uint32_t pb[2] = {pack_half2(p[0], p[1]), pack_half2(p[2], p[3])};
+    // value = tile · scale + offset: P·V = (P ∘ scale)·tile + Σ p · offset (the offset sum per head).
+    const float4 so_lo = reinterpret_cast<const float4*>(tile.v_scale)[tq];      // tokens 2tq, 2tq + 1
+    const float4 so_hi = reinterpret_cast<const float4*>(tile.v_scale)[tq + 4];  // tokens 8 + 2tq, 9 + 2tq
+    offset_run = offset_run * corr + fmaf(p[0], so_lo.y, p[1] * so_lo.w) + fmaf(p[2], so_hi.y, p[3] * so_hi.w);
+    const uint32_t pb[2] = {pack_half2(p[0] * so_lo.x, p[1] * so_lo.z), pack_half2(p[2] * so_hi.x, p[3] * so_hi.z)};
     const float corr_lo = __shfl_sync(0xffffffffu, corr, 8 * tq), corr_hi = __shfl_sync(0xffffffffu, corr, 8 * tq + 4);
 #pragma unroll
     for (int mb = 0; mb < kBlocks; ++mb) {
@@ -426,6 +515,11 @@ __global__ void __launch_bounds__(kWarps * 32, 3)  // 3 blocks per SM: ~64 KiB o
   }
   l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
   l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
+  offset_run += __shfl_xor_sync(0xffffffffu, offset_run, 1);
+  offset_run += __shfl_xor_sync(0xffffffffu, offset_run, 2);
+  // This lane's accumulators are heads 2tq and 2tq + 1, whose sums live in lanes 8tq and 8tq + 4.
+  const float offset_lo = __shfl_sync(0xffffffffu, offset_run, 8 * tq);
+  const float offset_hi = __shfl_sync(0xffffffffu, offset_run, 8 * tq + 4);
 
   // Merge the warps in order; the warp regions become the merge buffers.
   __syncthreads();
@@ -440,7 +534,8 @@ __global__ void __launch_bounds__(kWarps * 32, 3)  // 3 blocks per SM: ~64 KiB o
   for (int mb = 0; mb < kBlocks; ++mb)
 #pragma unroll
     for (int i = 0; i < 4; ++i)
-      wacc[(warp * kMaxGroup + 2 * tq + i % 2) * HD + 16 * mb + gq + 8 * (i / 2)] = acc[mb][i];
+      wacc[(warp * kMaxGroup + 2 * tq + i % 2) * HD + 16 * mb + gq + 8 * (i / 2)] =
+          acc[mb][i] + (i % 2 ? offset_hi : offset_lo);
   __syncthreads();
   for (int e = int(threadIdx.x); e < G * HD; e += int(blockDim.x)) {
     const int g = e / HD, ch = e % HD;
@@ -629,8 +724,9 @@ Status can_implement_kv_decode(const KvDeviceCache& c, int batch, int n_heads, i
                std::to_string(kv_decode_workspace_bytes(batch, n_heads, c.head_dim, max_length, split_tokens)) + ")");
   // Warps take 16-token tiles, which must not straddle a page or a split, and copy their records with
   // 16-byte loads.
-  if (c.block_tokens % kTile != 0)
-    return bad("page size " + std::to_string(c.block_tokens) + " tokens is not a multiple of 16");
+  if (c.block_tokens % kTile != 0 || c.block_tokens > kMaxPageTokens)
+    return bad("page size " + std::to_string(c.block_tokens) + " tokens is not a multiple of 16 up to " +
+               std::to_string(kMaxPageTokens));
   if (split_tokens % kTile != 0)
     return bad("split_tokens " + std::to_string(split_tokens) + " is not a multiple of 16");
   if (c.page_stride % 16 != 0 || reinterpret_cast<uintptr_t>(c.pages) % 16 != 0)
@@ -667,11 +763,15 @@ SplitLayout split_layout(const KvDeviceCache& c, int group, int& total) {
   const Sizes sz = sizes_of(c);
   const int hd = c.head_dim;
   SplitLayout lay{};
+  // Offsets count from the block's 1024-byte aligned start (split_kernel skips up to 1008 bytes to reach
+  // it): the two lookup tables must sit at addresses whose low bits are zero (see table_load).
   int at = 0;
-  lay.key_table = at;
+  lay.value_pairs = at;
+  at += 256 * 4;
+  lay.key_table = at;  // 1024-aligned: every head dimension's table is a multiple of 1024 bytes
   at += round16(int64_t(hd) * 16 * 4);
-  lay.value_cb = at;
-  at += 64;
+  lay.step_rotations = at;
+  at += round16(int64_t(c.block_tokens) * hd / 2 * 8);
   lay.queries = at;
   at += round16(int64_t(group) * hd * 4);
   int w = 0;
@@ -685,10 +785,13 @@ SplitLayout split_layout(const KvDeviceCache& c, int group, int& total) {
   w += round16(int64_t(hd) * kValueRow * 2);
   lay.q_page = w;
   w += round16(int64_t(kMaxGroup) * (hd + kKeyStride) * 2);
+  lay.v_scale = w;
+  w += kTile * 8;
+  w += 16;  // load_8_bytes may read 12 bytes from the last record's last group
   const int merge = 4 * (2 * kWarps * kMaxGroup + kWarps * kMaxGroup * hd);
   lay.warp_bytes = std::max(w, round16((merge + kWarps - 1) / kWarps));
   lay.warps = at;
-  total = at + kWarps * lay.warp_bytes;
+  total = at + kWarps * lay.warp_bytes + 1024;
   return lay;
 }
 

@@ -72,6 +72,15 @@ void check_case(const KvCase& kc) {
     std::vector<float> kk(size_t(len * n_kv * hd)), vv(kk.size());
     for (auto& x : kk) x = nd(rng);
     for (auto& x : vv) x = nd(rng);
+    // Value vectors of one level plus an outlier at tokens 5 and 6 (per kv head): a range of 0, which the
+    // writer stores as scale 1 (src/kv_cache.cpp), so the token's values are its offset and the outlier
+    // residual, divided by the scale in the kernel's codebook units.
+    for (int64_t t = 5; t < std::min<int64_t>(len, 7); ++t)
+      for (int64_t j = 0; j < n_kv; ++j) {
+        float* row = vv.data() + (t * n_kv + j) * hd;
+        std::fill(row, row + hd, 0.25f);
+        row[(t + 3 * j) % hd] = 6.0f;
+      }
     seqs.push_back(cache.add_sequence());
     cache.append(seqs.back(), kk.data(), vv.data(), len, 2);
   }
@@ -295,7 +304,10 @@ TEST(CudaKvDecodeArgs, RefusalsNameTheProblem) {
   EXPECT_TRUE(nuq::cuda::can_implement_kv_decode(c, 1, 4, 10, 512, 1 << 20).ok());
   c.block_tokens = 24;  // a valid page size for the CPU cache, not for the kernel's 16-token tiles
   s = nuq::cuda::can_implement_kv_decode(c, 1, 4, 10, 512, 1 << 20);
-  EXPECT_NE(s.message.find("page size 24 tokens is not a multiple of 16"), std::string::npos) << s.message;
+  EXPECT_NE(s.message.find("page size 24 tokens is not a multiple of 16 up to 64"), std::string::npos) << s.message;
+  c.block_tokens = 128;
+  s = nuq::cuda::can_implement_kv_decode(c, 1, 4, 10, 512, 1 << 20);
+  EXPECT_NE(s.message.find("page size 128 tokens"), std::string::npos) << s.message;
   c.block_tokens = 32;
   s = nuq::cuda::can_implement_kv_decode(c, 1, 4, 10, 500, 1 << 20);
   EXPECT_NE(s.message.find("split_tokens 500"), std::string::npos) << s.message;
