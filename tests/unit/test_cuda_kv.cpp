@@ -272,26 +272,31 @@ TEST(CudaKvDecodeArgs, DenseRefusalsNameTheProblem) {
   EXPECT_NE(s.message.find("5 query heads over 2 kv heads"), std::string::npos) << s.message;
 }
 
+// The message of can_implement_kv_decode for one sequence of up to 10 tokens and a 1 MiB workspace.
+std::string refusal(const nuq::cuda::KvDeviceCache& c, int n_heads, int split_tokens) {
+  const auto s = nuq::cuda::can_implement_kv_decode(c, 1, n_heads, 10, split_tokens, 1 << 20);
+  EXPECT_EQ(s.code, s.ok() ? nuq::cuda::StatusCode::ok : nuq::cuda::StatusCode::invalid_argument);
+  return s.message;
+}
+
 TEST(CudaKvDecodeArgs, RefusalsNameTheProblem) {
   // Host-side checks: no device needed.
   nuq::cuda::KvDeviceCache c;
   c.head_dim = 72;
   c.bits_k = c.bits_v = 3;
   c.n_kv_heads = 2;
-  auto s = nuq::cuda::can_implement_kv_decode(c, 1, 4, 10, 512, 1 << 20);
-  EXPECT_EQ(s.code, nuq::cuda::StatusCode::invalid_argument);
-  EXPECT_NE(s.message.find("head_dim 72"), std::string::npos) << s.message;
+  auto expect = [&](int n_heads, int split, const std::string& text) {
+    const std::string m = refusal(c, n_heads, split);
+    EXPECT_NE(m.find(text), std::string::npos) << "expected \"" << text << "\" in: " << m;
+  };
+  expect(4, 512, "head_dim 72");
   c.head_dim = 128;
-  s = nuq::cuda::can_implement_kv_decode(c, 1, 4, 10, 512, 1 << 20);
-  EXPECT_NE(s.message.find("page size 0"), std::string::npos) << s.message;
+  expect(4, 512, "page size 0");
   c.block_tokens = 32;
-  s = nuq::cuda::can_implement_kv_decode(c, 1, 3, 10, 512, 1 << 20);
-  EXPECT_NE(s.message.find("3 query heads"), std::string::npos) << s.message;
-  s = nuq::cuda::can_implement_kv_decode(c, 1, 4, 10, 512, 1 << 20);
-  EXPECT_NE(s.message.find("null cache pointer"), std::string::npos) << s.message;
+  expect(3, 512, "3 query heads");
+  expect(4, 512, "null cache pointer");
   c.bits_v = 5;
-  s = nuq::cuda::can_implement_kv_decode(c, 1, 4, 10, 512, 1 << 20);
-  EXPECT_NE(s.message.find("5 bits"), std::string::npos) << s.message;
+  expect(4, 512, "5 bits");
   c.bits_v = 3;
   // Past the pointer and size checks (never dereferenced: these checks run on the host).
   alignas(16) static const unsigned char fake[16] = {};
@@ -301,19 +306,15 @@ TEST(CudaKvDecodeArgs, RefusalsNameTheProblem) {
   c.rope_page_cos = c.rope_page_sin = c.rope_step_cos = c.rope_step_sin = reinterpret_cast<const float*>(fake);
   c.sink_k = c.sink_v = reinterpret_cast<const uint16_t*>(fake);
   c.rope_pages = 1;
-  EXPECT_TRUE(nuq::cuda::can_implement_kv_decode(c, 1, 4, 10, 512, 1 << 20).ok());
+  EXPECT_EQ(refusal(c, 4, 512), "");
   c.block_tokens = 24;  // a valid page size for the CPU cache, not for the kernel's 16-token tiles
-  s = nuq::cuda::can_implement_kv_decode(c, 1, 4, 10, 512, 1 << 20);
-  EXPECT_NE(s.message.find("page size 24 tokens is not a multiple of 16 up to 64"), std::string::npos) << s.message;
+  expect(4, 512, "page size 24 tokens is not a multiple of 16 up to 64");
   c.block_tokens = 128;
-  s = nuq::cuda::can_implement_kv_decode(c, 1, 4, 10, 512, 1 << 20);
-  EXPECT_NE(s.message.find("page size 128 tokens"), std::string::npos) << s.message;
+  expect(4, 512, "page size 128 tokens");
   c.block_tokens = 32;
-  s = nuq::cuda::can_implement_kv_decode(c, 1, 4, 10, 500, 1 << 20);
-  EXPECT_NE(s.message.find("split_tokens 500"), std::string::npos) << s.message;
+  expect(4, 500, "split_tokens 500");
   c.page_stride = 1000;
-  s = nuq::cuda::can_implement_kv_decode(c, 1, 4, 10, 512, 1 << 20);
-  EXPECT_NE(s.message.find("page_stride (1000)"), std::string::npos) << s.message;
+  expect(4, 512, "page_stride (1000)");
 }
 
 }  // namespace
