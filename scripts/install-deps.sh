@@ -22,9 +22,10 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# mypy runs the typing test (tests/python/test_typing.py); tqdm draws nuq's progress bars.
-python_packages=(numpy safetensors pytest gguf tokenizers mypy tqdm)
-if ! python3 -c "import numpy, safetensors, pytest, gguf, tokenizers, mypy, tqdm" 2>/dev/null; then
+# mypy runs the typing test (tests/python/test_typing.py); tqdm draws nuq's progress bars; pytest-xdist
+# runs the Python tests on every core (scripts/test.sh).
+python_packages=(numpy safetensors pytest pytest-xdist gguf tokenizers mypy tqdm)
+if ! python3 -c "import numpy, safetensors, pytest, xdist, gguf, tokenizers, mypy, tqdm" 2>/dev/null; then
   echo "installing Python packages: ${python_packages[*]}"
   python3 -m pip install -q "${python_packages[@]}" 2>/dev/null ||
     python3 -m pip install -q --break-system-packages "${python_packages[@]}"

@@ -13,6 +13,8 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 jobs=$(nproc)
 sanitizer_opt="-O1 -g1 -DNDEBUG"
+# pytest on every core, one test file per worker (module fixtures such as converted models are built once).
+pytest_parallel=(-n "$jobs" --dist loadfile)
 # Each phase reports how long the one before it took: CI must stay under 45 minutes on 2 cores.
 phase_name="" phase_start=$SECONDS
 phase() {
@@ -45,7 +47,7 @@ if [ "${NUQ_SKIP_TORCH:-0}" != 1 ] && ! python3 -c "import torch" 2>/dev/null; t
 fi
 # The tests marked `cuda` ran under ctest (emulated.pytest.cuda_decoder).
 phase "release pytest"
-NUQ_BUILD_DIR="$root/build" python3 -m pytest -q -rs -m "not cuda" tests/python
+NUQ_BUILD_DIR="$root/build" python3 -m pytest -q -rs "${pytest_parallel[@]}" -m "not cuda" tests/python
 
 if [ "${NUQ_SKIP_ASAN:-0}" != 1 ]; then
   phase "AddressSanitizer + UndefinedBehaviorSanitizer build"
@@ -64,8 +66,8 @@ if [ "${NUQ_SKIP_ASAN:-0}" != 1 ]; then
   # The CLI, the decoder example and the reader/writer tools run instrumented under the Python tests too.
   phase "sanitizer pytest"
   # Tests marked `whole_model` (real checkpoints end to end, minutes each when instrumented) ran in the release pass.
-  ASAN_OPTIONS=detect_leaks=1 NUQ_BUILD_DIR="$root/build-asan" python3 -m pytest -q -m "not cuda and not whole_model" \
-    tests/python
+  ASAN_OPTIONS=detect_leaks=1 NUQ_BUILD_DIR="$root/build-asan" python3 -m pytest -q "${pytest_parallel[@]}" \
+    -m "not cuda and not whole_model" tests/python
 fi
 
 if command -v nvcc >/dev/null; then
