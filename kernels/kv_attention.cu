@@ -38,8 +38,8 @@ constexpr int kWarps = 4;
 constexpr int kMaxGroup = 8;  // query heads per kv head: the MMA's N
 constexpr int kTile = 16;     // tokens per warp tile: the value MMA's K, two score MMAs' N
 constexpr int kKeyStride = 8;   // halves of padding per K tile row: fragment loads hit 32 distinct banks
-constexpr int kValueRow = kTile + 8;
-constexpr int kMaxPageTokens = 64;  // the in-page RoPE steps live in shared memory: 32 KiB at head dim 128  // halves per V^T tile row (channel), padded for the same reason
+constexpr int kValueRow = kTile + 8;  // halves per V^T tile row (channel), padded for the same reason
+constexpr int kMaxPageTokens = 64;    // the in-page RoPE steps live in shared memory: 32 KiB at head dim 128
 
 // 16-bit query and output values of either type, as bits.
 template <class T>
@@ -91,8 +91,8 @@ __device__ __forceinline__ uint32_t spread_bits(uint32_t x) {
 
 // The 16 indices of one group (docs/kv-cache.md, "Index packing") in the 4-bit layout whatever the
 // width: channel 2i in nibble i of `even`, channel 2i + 1 in nibble i of `odd`, so that the decode
-// loops below extract every index with one shift and mask by a constant. Branch-free on the width
-// (selects, not branches), so that the steady loop's machine code is the path it runs; the 8 bytes it
+// loops below extract every index with one shift and mask by a constant. Written with selects on the
+// width (nvcc still branches around the 3-bit plane's spread, which the SASS count includes); the 8 bytes it
 // reads stay inside the staged records' shared memory (the last group of a record reads into the
 // next record or the following buffer; those bytes are not used).
 __device__ __forceinline__ void group_nibbles(const uint8_t* g, int bits, uint32_t& even, uint32_t& odd) {
@@ -745,7 +745,7 @@ namespace {
 template <int HD, class T>
 Status launch_split(const KvDeviceCache& c, dim3 grid, int shared, cudaStream_t stream, int n_heads, const uint16_t* q,
                     float scale, int split_tokens, int splits, float* ws, const SplitLayout& lay) {
-  // Above 48 KiB of dynamic shared memory a kernel must opt in (4-bit records, head dim 128: ~64 KiB).
+  // Above 48 KiB of dynamic shared memory a kernel must opt in (head dim 128, 32-token pages: ~87-91 KiB).
   if (Status s = detail::cuda_status(cudaFuncSetAttribute(split_kernel<HD, T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                           shared),
                                      "kv_decode_attention shared memory");
@@ -787,7 +787,8 @@ SplitLayout split_layout(const KvDeviceCache& c, int group, int& total) {
   w += round16(int64_t(kMaxGroup) * (hd + kKeyStride) * 2);
   lay.v_scale = w;
   w += kTile * 8;
-  w += 16;  // load_8_bytes may read 12 bytes from the last record's last group
+  w += 16;  // slack at the region's end; load_8_bytes's over-reads (<= 4 bytes past a record buffer) land in
+            // the buffer that follows the records, so nothing reaches it today
   const int merge = 4 * (2 * kWarps * kMaxGroup + kWarps * kMaxGroup * hd);
   lay.warp_bytes = std::max(w, round16((merge + kWarps - 1) / kWarps));
   lay.warps = at;
