@@ -65,9 +65,10 @@ if [ "${NUQ_SKIP_ASAN:-0}" != 1 ]; then
     -E 'KvRealModel.SmolLM2|LlamaQuantizedKv.SmolLM2')
   # The CLI, the decoder example and the reader/writer tools run instrumented under the Python tests too.
   phase "sanitizer pytest"
-  # Tests marked `whole_model` (real checkpoints end to end, minutes each when instrumented) ran in the release pass.
+  # Tests marked `whole_model` (real checkpoints end to end, minutes each when instrumented) ran in the
+  # release pass; so did the `wheel` test, which builds its own uninstrumented package (110 s here).
   ASAN_OPTIONS=detect_leaks=1 NUQ_BUILD_DIR="$root/build-asan" python3 -m pytest -q "${pytest_parallel[@]}" \
-    -m "not cuda and not whole_model" tests/python
+    -m "not cuda and not whole_model and not wheel" tests/python
 fi
 
 if command -v nvcc >/dev/null; then
