@@ -226,14 +226,14 @@ void nuq_args(benchmark::internal::Benchmark* b) {
   b->ArgNames({"bits", "rows", "cols", "batch", "threads"});
   for (const auto& s : kShapes)
     for (int64_t bits : {2, 3, 4})
-      for (int64_t batch : {1, 4, 16})
+      for (int64_t batch : {1, 4, 8, 16})
         for (int64_t threads : {1, 2}) b->Args({bits, s[0], s[1], batch, threads});
 }
 
 void dense_args(benchmark::internal::Benchmark* b) {
   b->ArgNames({"bits", "rows", "cols", "batch", "threads"});
   for (const auto& s : kShapes)
-    for (int64_t batch : {1, 4, 16})
+    for (int64_t batch : {1, 4, 8, 16})
       for (int64_t threads : {1, 2}) b->Args({16, s[0], s[1], batch, threads});
 }
 

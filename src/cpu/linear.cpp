@@ -281,12 +281,12 @@ void fused_int8(const format::PackedLinearView& w, const float* x, int64_t ldx, 
       const int64_t c0 = k * kInt8Block, n = std::min(kInt8Block, w.cols - c0);
       const float d = quantize_activation_block(x + b * ldx + c0, n, natural);
       int64_t sum = 0;
-      int8_t* dst = xq.data() + (b * g.blocks + k) * kInt8Block;
+      int8_t* dst = xq.data() + (k * batch + b) * kInt8Block;
       for (int64_t i = 0; i < n; ++i) {
         dst[int8_position(w.bits, i)] = natural[i];
         sum += natural[i];
       }
-      xscale[size_t(b * g.blocks + k)] = d;
+      xscale[size_t(k * batch + b)] = d;
       offset[size_t(k / g.blocks_per_group)] += 128.0 * double(d) * double(sum);
     }
     for (int64_t grp = 0; grp < w.groups(); ++grp) xoffset[size_t(b * w.groups() + grp)] = float(offset[size_t(grp)]);

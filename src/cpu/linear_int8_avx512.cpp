@@ -154,43 +154,43 @@ inline void lookup_block(const KernelArgs& a, const uint8_t* row, int64_t k, con
 
 // Rows [r, r + R) for batch rows [b0, b0 + BT): per block, each row's 4 looked-up vectors meet each
 // batch row's 4 activation vectors in vpdpbusd (exact int32: at most 16 products of 255·127 per lane),
-// then one conversion and FMA with the block's scale d·s. A row's result is that sum minus s·xoffset,
-// which takes the +128 of the table out again (Σ (q+128)·xq·d = Σ q·xq·d + 128·Σ xq·d). Several rows
-// per pass share each activation load and block scale; every row is summed in the same order whatever
-// R is, so results do not depend on how rows are grouped.
+// then one conversion and one FMA with the block's activation scale d, read as an embedded broadcast.
+// The codebook scale s is constant over a group, so it multiplies the group's sum once (a horizontal
+// sum per group; once per row with per-row codebooks) instead of costing a scalar multiply and a
+// broadcast per block and batch row. A row's result is that total minus s·xoffset, which takes the +128
+// of the table out again (Σ (q+128)·xq·d = Σ q·xq·d + 128·Σ xq·d). Every row adds its blocks in column
+// order into its own accumulators whatever R and BT are, so results do not depend on how rows or batch
+// rows are grouped.
 template <int BITS, int BT, int R>
 inline void gemv_rows_int8(const Int8Args& g, int64_t r, int64_t b0, float* out) {
   const KernelArgs& a = g.layer;
   constexpr int E = 1 << BITS;
   constexpr int LO = BITS == 4 ? 128 : 64;  // low-plane bytes per block
+  // Up to 2 batch rows, two interleaved vpdpbusd chains per block hide the instruction's latency; from 3
+  // on the batch rows themselves are independent chains.
+  constexpr bool kTwoChains = BT <= 2;
   static const TableIndices<BITS> maps;
   const uint8_t* rows[R];
-  __m512 acc[R][BT];
-  float offset[R][BT];
+  float total[R][BT], offset[R][BT];
   for (int i = 0; i < R; ++i) {
     rows[i] = a.qweight + (r + i) * a.stride;
-    for (int b = 0; b < BT; ++b) {
-      acc[i][b] = _mm512_setzero_ps();
-      offset[i][b] = 0.0f;
-    }
+    for (int b = 0; b < BT; ++b) total[i][b] = offset[i][b] = 0.0f;
   }
   for (int64_t grp = 0; grp < a.groups; ++grp) {
     float s[R];
     __m512i tables[R][4];
+    __m512 acc[R][BT];
     for (int i = 0; i < R; ++i) {
       int8_tables<BITS>(a.lut + ((r + i) * a.groups + grp) * E, maps, tables[i], &s[i]);
-      for (int b = 0; b < BT; ++b) offset[i][b] += s[i] * g.xoffset[(b0 + b) * a.groups + grp];
+      for (int b = 0; b < BT; ++b) {
+        acc[i][b] = _mm512_setzero_ps();
+        offset[i][b] += s[i] * g.xoffset[(b0 + b) * a.groups + grp];
+      }
     }
     const int64_t k0 = grp * g.blocks_per_group;
     const int64_t k1 = k0 + g.blocks_per_group < g.blocks ? k0 + g.blocks_per_group : g.blocks;
     for (int64_t k = k0; k < k1; ++k) {
-      __m512i x[BT][4];
-      float d[BT];
-      for (int b = 0; b < BT; ++b) {
-        const int8_t* xq = g.xq + ((b0 + b) * g.blocks + k) * 256;
-        for (int t = 0; t < 4; ++t) x[b][t] = _mm512_loadu_si512(xq + 64 * t);
-        d[b] = g.xscale[(b0 + b) * g.blocks + k];
-      }
+      __m512i v[R][4];
       for (int i = 0; i < R; ++i) {
         // Every cache line of the weights is requested 16 KiB ahead of the pass, as in the exact kernel
         // (docs/cpu-kernels.md): the hardware prefetchers alone leave the loads waiting on DRAM. The
@@ -203,29 +203,41 @@ inline void gemv_rows_int8(const Int8Args& g, int64_t r, int64_t b0, float* out)
         if constexpr (BITS == 4) __builtin_prefetch(ahead + k * LO + 64, 0, 3);
         if constexpr (BITS == 3)
           if (k % 2 == 0) __builtin_prefetch(ahead + a.padded / 4 + k * 32, 0, 3);
-        __m512i v[4];
-        lookup_block<BITS>(a, rows[i], k, tables[i], v);
-        for (int b = 0; b < BT; ++b) {
-          // Two independent chains halve the dependent vpdpbusd latency per block.
-          __m512i i0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v[0], x[b][0]);
-          __m512i i1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v[1], x[b][1]);
-          i0 = _mm512_dpbusd_epi32(i0, v[2], x[b][2]);
-          i1 = _mm512_dpbusd_epi32(i1, v[3], x[b][3]);
-          acc[i][b] =
-              _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1)), _mm512_set1_ps(s[i] * d[b]), acc[i][b]);
+        lookup_block<BITS>(a, rows[i], k, tables[i], v[i]);
+      }
+      for (int b = 0; b < BT; ++b) {
+        const int8_t* xq = g.xq + (k * a.batch + b0 + b) * 256;
+        const float* d = g.xscale + k * a.batch + b0 + b;
+        for (int i = 0; i < R; ++i) {
+          __m512i dot;
+          if constexpr (kTwoChains) {
+            __m512i i0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v[i][0], _mm512_loadu_si512(xq));
+            __m512i i1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v[i][1], _mm512_loadu_si512(xq + 64));
+            i0 = _mm512_dpbusd_epi32(i0, v[i][2], _mm512_loadu_si512(xq + 128));
+            i1 = _mm512_dpbusd_epi32(i1, v[i][3], _mm512_loadu_si512(xq + 192));
+            dot = _mm512_add_epi32(i0, i1);
+          } else {
+            dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v[i][0], _mm512_loadu_si512(xq));
+            for (int t = 1; t < 4; ++t) dot = _mm512_dpbusd_epi32(dot, v[i][t], _mm512_loadu_si512(xq + 64 * t));
+          }
+          acc[i][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(*d), acc[i][b]);
         }
       }
     }
+    for (int i = 0; i < R; ++i)
+      for (int b = 0; b < BT; ++b) total[i][b] += s[i] * _mm512_reduce_add_ps(acc[i][b]);
   }
   for (int i = 0; i < R; ++i)
-    for (int b = 0; b < BT; ++b) out[i * BT + b] = _mm512_reduce_add_ps(acc[i][b]) - offset[i][b];
+    for (int b = 0; b < BT; ++b) out[i * BT + b] = total[i][b] - offset[i][b];
 }
 
-// Rows per pass, measured on 4096 × 14336 (docs/benchmarks.md): two rows share each activation load
-// and block scale, which lifts the compute-bound 2- and 3-bit kernels by about a fifth; the 4-bit kernel
-// is bound by DRAM and streams best one row at a time. Beyond two batch rows the activation loads are
-// already shared by BT·4 products and the registers are needed for the accumulators.
-constexpr int int8_rows_per_pass(int bits, int bt) { return bits != 4 && bt <= 2 ? 2 : 1; }
+// Rows per pass, measured on 4096 × 14336 (docs/benchmarks.md): two rows share each activation load.
+// At batch 1-2 that lifts the compute-bound 2- and 3-bit kernels by about a fifth, while the 4-bit
+// kernel is bound by DRAM and streams best one row at a time. From 3 batch rows on a row's activations
+// (BT × 256 bytes per block) no longer stay in L1 beside the weights and each row pass streams them
+// from L2: two rows per pass halve that traffic (3 bits, batch 8: 3.2× → 2.6× the batch-1 time; 4 bits
+// 3.1× → 2.3×); more rows would not leave registers for R·BT accumulators and R·4 decoded vectors.
+constexpr int int8_rows_per_pass(int bits, int bt) { return bits != 4 || bt > 2 ? 2 : 1; }
 
 template <int BITS, int BT>
 void gemv_tile_int8(const Int8Args& g, int64_t r0, int64_t r1, int64_t b0) {
