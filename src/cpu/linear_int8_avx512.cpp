@@ -235,8 +235,8 @@ inline void gemv_rows_int8(const Int8Args& g, int64_t r, int64_t b0, float* out)
 // At batch 1-2 that lifts the compute-bound 2- and 3-bit kernels by about a fifth, while the 4-bit
 // kernel is bound by DRAM and streams best one row at a time. From 3 batch rows on a row's activations
 // (BT × 256 bytes per block) no longer stay in L1 beside the weights and each row pass streams them
-// from L2: two rows per pass halve that traffic (3 bits, batch 8: 3.2× → 2.6× the batch-1 time; 4 bits
-// 3.1× → 2.3×); more rows would not leave registers for R·BT accumulators and R·4 decoded vectors.
+// from L2: two rows per pass halve that traffic (the batch figures in docs/benchmarks.md were measured
+// with it); more rows would not leave registers for R·BT accumulators and R·4 decoded vectors.
 constexpr int int8_rows_per_pass(int bits, int bt) { return bits != 4 || bt > 2 ? 2 : 1; }
 
 template <int BITS, int BT>

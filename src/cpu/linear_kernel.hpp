@@ -54,8 +54,8 @@ void gemv_rows_avx512(const KernelArgs& args, int64_t r0, int64_t r1, float* scr
 //   2 and 3 bits: vector t, byte 4w+j = column 16w + 4j + t
 struct Int8Args {
   KernelArgs layer;        // layer, x/ldx (for the sparse part), y/ldy, batch
-  // Block-major, so that the batch rows' activations of one block are one contiguous run (the kernel
-  // reads them for every row; contiguous runs stream from L2 with the hardware prefetchers' help).
+  // Block-major, so that the batch rows' activations of one block, which the kernel reads again for
+  // every row, are one contiguous run (its gain alone was within this VM's run-to-run spread).
   const int8_t* xq;        // [blocks][batch][4][64]
   const float* xscale;     // [blocks][batch]: d, the block's activation scale
   const float* xoffset;    // [batch][groups]: 128 · Σ_{blocks k of g} d_k Σ xq over k (see the kernel)
