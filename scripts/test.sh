@@ -47,13 +47,15 @@ if [ "${NUQ_SKIP_TORCH:-0}" != 1 ] && ! python3 -c "import torch" 2>/dev/null; t
 fi
 # The tests marked `cuda` ran under ctest (emulated.pytest.cuda_decoder).
 phase "release pytest"
-NUQ_BUILD_DIR="$root/build" python3 -m pytest -q -rs "${pytest_parallel[@]}" -m "not cuda" tests/python
+NUQ_BUILD_DIR="$root/build" python3 -m pytest -q -rs --durations=10 "${pytest_parallel[@]}" -m "not cuda" tests/python
 
 if [ "${NUQ_SKIP_ASAN:-0}" != 1 ]; then
   phase "AddressSanitizer + UndefinedBehaviorSanitizer build"
   # -O1 -g1 (line tables: enough for the sanitizers' stack traces) compiles in half the time of -O2 -g
-  # (388 s against 743 s here), but the instrumented tests run slower (ctest 638 s against 454 s, the
-  # emulated GEMV cases most); -O2 -g1 is still to be measured. The same flags for the fuzz build below.
+  # (388 s against 743 s here). The instrumented tests ran slower at -O1 (ctest 638 s against 454 s),
+  # the emulated CUDA GEMV cases most; since the emulation's MMA sums in double instead of calling
+  # libm's fmaf per product and reads the thread index once per call, those cases take ~65 s instead of
+  # ~200 s alone at -O1. The same flags for the fuzz build below.
   cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DNUQ_SANITIZE=address,undefined \
     "-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=$sanitizer_opt" \
     -DNUQ_CUDA=EMULATED -DNUQ_BUILD_BENCH=OFF -DNUQ_BUILD_PYTHON=OFF -DNUQ_BUILD_EXAMPLES=ON
@@ -67,7 +69,7 @@ if [ "${NUQ_SKIP_ASAN:-0}" != 1 ]; then
   phase "sanitizer pytest"
   # Tests marked `whole_model` (real checkpoints end to end, minutes each when instrumented) ran in the
   # release pass; so did the `wheel` test, which builds its own uninstrumented package (110 s here).
-  ASAN_OPTIONS=detect_leaks=1 NUQ_BUILD_DIR="$root/build-asan" python3 -m pytest -q "${pytest_parallel[@]}" \
+  ASAN_OPTIONS=detect_leaks=1 NUQ_BUILD_DIR="$root/build-asan" python3 -m pytest -q --durations=10 "${pytest_parallel[@]}" \
     -m "not cuda and not whole_model and not wheel" tests/python
 fi
 
