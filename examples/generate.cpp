@@ -37,17 +37,18 @@ namespace {
 
 struct Args {
   std::string model, tokenizer, prompt = "Once upon a time", logits_out, tokens, tokenize, kv_calibration,
-      device = "cpu";
+      device = "cpu", arithmetic = "fastest";
   int steps = 64, threads = 0;
   float temperature = 0.0f;
-  bool decode_packed = false, int8 = false;
+  bool decode_packed = false;
   uint64_t seed = 1;
 };
 
 [[noreturn]] void usage(const char* argv0) {
   std::fprintf(stderr,
                "usage: %s --model PATH [--tokenizer PATH] [--prompt TEXT] [--steps N] [--temperature T] [--seed S]\n"
-               "          [--threads N] [--decode-packed | --int8] [--device cpu|cuda|cuda-bf16] [--kv-calibration FILE]\n"
+               "          [--threads N] [--decode-packed | --arithmetic fastest|exact|int8 | --int8]\n"
+               "          [--device cpu|cuda|cuda-bf16] [--kv-calibration FILE]\n"
                "          [--logits-out FILE --tokens ID,ID,...] [--tokenizer PATH --tokenize FILE]\n",
                argv0);
   std::exit(2);
@@ -61,8 +62,8 @@ Args parse(int argc, char** argv) {
       a.decode_packed = true;
       continue;
     }
-    if (k == "--int8") {  // packed layers: int8 activations x int8 codebooks (nuq::cpu::Arithmetic::int8)
-      a.int8 = true;
+    if (k == "--int8") {  // same as --arithmetic int8
+      a.arithmetic = "int8";
       continue;
     }
     if (i + 1 >= argc) usage(argv[0]);
@@ -79,6 +80,7 @@ Args parse(int argc, char** argv) {
     else if (k == "--tokenize") a.tokenize = v;
     else if (k == "--kv-calibration") a.kv_calibration = v;
     else if (k == "--device") a.device = v;
+    else if (k == "--arithmetic") a.arithmetic = v;
     else usage(argv[0]);
   }
   if (a.model.empty() && a.tokenize.empty()) usage(argv[0]);
@@ -105,17 +107,23 @@ int run(const Args& a) {
     std::printf("\n");
     return 0;
   }
-  if (a.int8 && a.decode_packed) {
+  const bool int8 = a.arithmetic == "int8";
+  if (int8 && a.decode_packed) {
     std::fprintf(stderr, "error: --int8 applies to the packed kernels; it cannot be combined with --decode-packed\n");
     return 2;
   }
   if (!a.logits_out.empty()) {
+    // The forward pass of generate_text, by hand: the same arithmetic choice (packed layers only).
+    NUQ_CHECK(a.arithmetic == "fastest" || a.arithmetic == "exact" || int8, nuq::Errc::invalid_argument,
+              "--arithmetic {}: expected fastest, exact or int8", a.arithmetic);
     nuq::LlamaLoadOptions load{a.threads, a.decode_packed,
-                                a.int8 ? nuq::cpu::Arithmetic::int8 : nuq::cpu::Arithmetic::exact};
+                                int8                        ? nuq::cpu::Arithmetic::int8
+                                : a.arithmetic == "exact" ? nuq::cpu::Arithmetic::exact
+                                                            : nuq::cpu::Arithmetic::fastest};
     if (a.device != "cpu") {
       NUQ_CHECK(a.device == "cuda" || a.device == "cuda-bf16", nuq::Errc::invalid_argument,
                 "--device {}: expected cpu, cuda or cuda-bf16", a.device);
-      NUQ_CHECK(!a.decode_packed && !a.int8, nuq::Errc::invalid_argument,
+      NUQ_CHECK(!a.decode_packed && !int8, nuq::Errc::invalid_argument,
                 "--device {} runs the packed layers on the GPU; --decode-packed and --int8 are CPU options", a.device);
       const auto make = backend_factory();
       NUQ_CHECK(make != nullptr, nuq::Errc::unsupported, "--device {}: this nuq_generate was built without CUDA",
@@ -154,7 +162,7 @@ int run(const Args& a) {
   g.seed = a.seed;
   g.threads = a.threads;
   g.decode_packed = a.decode_packed;
-  g.int8 = a.int8;
+  g.arithmetic = a.arithmetic;
   g.device = a.device;
   g.make_backend = backend_factory();
   g.kv_calibration = a.kv_calibration;
@@ -174,9 +182,11 @@ int run(const Args& a) {
   });
   std::printf("\n");
   const int generated = int(r.ids.size());
-  std::fprintf(stderr, "prompt: %zu tokens in %.3f s (%.1f tokens/s); generated %d tokens in %.3f s (%.1f tokens/s)\n",
+  std::fprintf(stderr,
+               "prompt: %zu tokens in %.3f s (%.1f tokens/s); generated %d tokens in %.3f s (%.1f tokens/s; packed "
+               "layers: %s)\n",
                r.prompt_ids.size(), r.prefill_seconds, double(r.prompt_ids.size()) / r.prefill_seconds, generated,
-               r.decode_seconds, generated ? double(generated) / r.decode_seconds : 0.0);
+               r.decode_seconds, generated ? double(generated) / r.decode_seconds : 0.0, r.arithmetic.c_str());
   if (r.quantized_cache)
     std::fprintf(stderr,
                  "KV cache: quantized (%d-bit keys / %d-bit values), %lld tokens in %lld bytes of pages and sink "

@@ -752,6 +752,13 @@ int64_t LlamaModel::linear_weight_count() const noexcept {
   return n;
 }
 
+int64_t LlamaModel::packed_layer_count() const noexcept {
+  int64_t n = 0;
+  for (const Block& b : impl_->blocks)
+    for (const Linear* l : {&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down}) n += l->packed.has_value();
+  return n;
+}
+
 double LlamaModel::linear_bits_per_weight() const noexcept {
   uint64_t bytes = 0;
   for (const Block& b : impl_->blocks)

@@ -122,6 +122,18 @@ struct TextTaskReporter {
   }
 };
 
+// The int8 arithmetic as the caller asked for it.
+std::string int8_option(ArgStyle style) { return style == ArgStyle::cli ? "--int8" : "arithmetic='int8'"; }
+
+// "fastest", "exact" or "int8" (EvalOptions::arithmetic) as the kernels' enum.
+cpu::Arithmetic parse_arithmetic(const std::string& name, ArgStyle style) {
+  if (name == "fastest") return cpu::Arithmetic::fastest;
+  if (name == "exact") return cpu::Arithmetic::exact;
+  if (name == "int8") return cpu::Arithmetic::int8;
+  throw Error(Errc::invalid_argument, fmt::format("{}: expected fastest, exact or int8",
+                                                  option_value(style, "--arithmetic", "arithmetic", name)));
+}
+
 void check_device(const std::string& device, bool decode_packed, bool int8, ArgStyle style) {
   NUQ_CHECK(device == "cpu" || device == "cuda" || device == "cuda-bf16", Errc::invalid_argument,
             "{}: expected cpu, cuda or cuda-bf16", option_value(style, "--device", "device", device));
@@ -129,26 +141,42 @@ void check_device(const std::string& device, bool decode_packed, bool int8, ArgS
   NUQ_CHECK(!decode_packed && !int8, Errc::invalid_argument,
             "{} runs the packed layers on the GPU; {} and {} are CPU options",
             option_value(style, "--device", "device", device), flag_name(style, "--decode-packed", "decode_packed"),
-            flag_name(style, "--int8", "int8"));
+            int8_option(style));
 }
 
 // The load options of evaluate/generate: arithmetic, and the backend for a device other than the CPU.
-LlamaLoadOptions load_options(int threads, bool decode_packed, bool int8, const std::string& device,
-                              const LinearBackendFactory& make_backend, ArgStyle style) {
+// Only an explicit int8 conflicts with decode_packed or a device; "fastest" then has nothing to choose.
+LlamaLoadOptions load_options(int threads, bool decode_packed, const std::string& arithmetic,
+                              const std::string& device, const LinearBackendFactory& make_backend, ArgStyle style) {
+  const cpu::Arithmetic parsed = parse_arithmetic(arithmetic, style);
+  const bool int8 = parsed == cpu::Arithmetic::int8;
   NUQ_CHECK(!(int8 && decode_packed), Errc::invalid_argument,
-            "{} applies to the packed kernels; it cannot be combined with {}", flag_name(style, "--int8", "int8"),
+            "{} applies to the packed kernels; it cannot be combined with {}", int8_option(style),
             flag_name(style, "--decode-packed", "decode_packed"));
   check_device(device, decode_packed, int8, style);
   LlamaLoadOptions load;
   load.threads = threads;
   load.decode_packed = decode_packed;
-  load.arithmetic = int8 ? cpu::Arithmetic::int8 : cpu::Arithmetic::exact;
+  load.arithmetic = parsed;
   if (device != "cpu") {
     NUQ_CHECK(make_backend != nullptr, Errc::unsupported, "{}: this nuq was built without CUDA",
               option_value(style, "--device", "device", device));
     load.linear_backend = make_backend(device);
   }
   return load;
+}
+
+// EvalResult::arithmetic: how packed layers multiplied in forward calls of `step` tokens (0: prefill).
+// Under "fastest", layers whose groups are not a multiple of cpu::kInt8Block columns stay exact.
+std::string arithmetic_used(const LlamaModel& model, const LlamaLoadOptions& load, const std::string& device,
+                            int64_t step) {
+  if (load.decode_packed) return "decoded to fp32";
+  if (model.packed_layer_count() == 0) return "none (full-precision layers)";
+  if (load.linear_backend) return device;
+  if (step == 0 || step > cpu::kMaxFusedBatch) return "exact (prefill)";
+  if (load.arithmetic == cpu::Arithmetic::fastest)
+    return cpu::int8_kernel_supported() ? "int8" : "exact";
+  return std::string(cpu::to_string(load.arithmetic));
 }
 
 kv::Rope rope_of(const LlamaConfig& c) { return kv::Rope{c.rope, c.rope_theta, kv::RopeScaling::none, 1.0}; }
@@ -464,14 +492,12 @@ EvalResult evaluate_perplexity(const EvalOptions& o, const TextTaskCallback& pro
   check_context(o.ctx, 1 << 20, style);
   NUQ_CHECK(o.step >= 0, Errc::invalid_argument, "{} must be positive, got {}", arg_name(style, "--step", "step"),
             o.step);
-  NUQ_CHECK(!(o.int8 && o.decode_packed), Errc::invalid_argument,
-            "{} applies to the packed kernels; it cannot be combined with {}", flag_name(style, "--int8", "int8"),
-            flag_name(style, "--decode-packed", "decode_packed"));
-  NUQ_CHECK(!(o.int8 && o.step > cpu::kMaxFusedBatch), Errc::invalid_argument,
-            "{} needs {} <= {} (longer calls take the exact prefill path)", flag_name(style, "--int8", "int8"),
+  const bool int8 = o.arithmetic == "int8";
+  NUQ_CHECK(!(int8 && o.step > cpu::kMaxFusedBatch), Errc::invalid_argument,
+            "{} needs {} <= {} (longer calls take the exact prefill path)", int8_option(style),
             arg_name(style, "--step", "step"), cpu::kMaxFusedBatch);
-  const int64_t step = o.int8 && o.step == 0 ? cpu::kMaxFusedBatch : o.step;
-  const LlamaLoadOptions load = load_options(o.threads, o.decode_packed, o.int8, o.device, o.make_backend, style);
+  const int64_t step = int8 && o.step == 0 ? cpu::kMaxFusedBatch : o.step;
+  const LlamaLoadOptions load = load_options(o.threads, o.decode_packed, o.arithmetic, o.device, o.make_backend, style);
   ModelAndText mt = load_model_and_text(o.model, o.tokenizer, o.text, 0, o.max_tokens, load, style);
   LlamaModel& model = *mt.model;
   const KvCacheSetup kv = install_kv_cache(model, o.kv, style);
@@ -504,6 +530,7 @@ EvalResult evaluate_perplexity(const EvalOptions& o, const TextTaskCallback& pro
   r.tokens_per_second = double(n) / r.seconds;
   r.load_seconds = mt.load_seconds;
   r.kv_cache = kv.description.empty() ? "fp32" : kv.description;
+  r.arithmetic = arithmetic_used(model, load, o.device, step);
   return r;
 }
 
@@ -520,7 +547,8 @@ std::string to_json(const EvalResult& r, int indent) {
                             {"perplexity", r.perplexity},
                             {"tokens_per_second", r.tokens_per_second},
                             {"load_seconds", r.load_seconds},
-                            {"kv_cache", r.kv_cache}};
+                            {"kv_cache", r.kv_cache},
+                            {"arithmetic", r.arithmetic}};
   return j.dump(indent);
 }
 
@@ -530,7 +558,7 @@ GenerateResult generate_text(const GenerateOptions& o, const std::function<void(
             arg_name(style, "--steps", "max_new_tokens"), o.steps);
   NUQ_CHECK(std::isfinite(o.temperature) && o.temperature >= 0, Errc::invalid_argument,
             "{} must be finite and >= 0, got {}", arg_name(style, "--temperature", "temperature"), o.temperature);
-  const LlamaLoadOptions load = load_options(o.threads, o.decode_packed, o.int8, o.device, o.make_backend, style);
+  const LlamaLoadOptions load = load_options(o.threads, o.decode_packed, o.arithmetic, o.device, o.make_backend, style);
   auto model = LlamaModel::load(o.model, load);
   const LlamaConfig& c = model->config();
   std::optional<kv::Calibration> kv_calibration;
@@ -540,6 +568,7 @@ GenerateResult generate_text(const GenerateOptions& o, const std::function<void(
 
   GenerateResult r;
   r.description = model->description();
+  r.arithmetic = arithmetic_used(*model, load, o.device, 1);
   r.linear_bits_per_weight = model->linear_bits_per_weight();
   r.config = c;
   r.prompt_ids.push_back(tok->bos());

@@ -36,7 +36,11 @@ std::string_view to_string(Isa isa);
 //          linear_int8_ref's contract (docs/cpu-kernels.md gives the measured size). Needs per-row
 //          codebooks or groups of a multiple of kInt8Block columns. Larger batches take the exact dense
 //          path either way.
-enum class Arithmetic { exact, int8 };
+//   fastest: int8 where this CPU has the int8 kernel (int8_kernel_supported()) and the layer's groups
+//          allow it, exact elsewhere (and whenever a forced isa is not avx512). What the decoder's tasks
+//          (`nuq eval --step`, nuq_generate, nuq.generate) use unless told otherwise.
+enum class Arithmetic { exact, int8, fastest };
+std::string_view to_string(Arithmetic arithmetic);
 
 struct LinearOptions {
   int threads = 0;           // 0 = all hardware threads

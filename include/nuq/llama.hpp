@@ -75,7 +75,8 @@ struct LlamaLoadOptions {
   // exact numbers of the format, 32/b times the memory).
   bool decode_packed = false;
   // How packed layers multiply in the fused kernels (up to cpu::kMaxFusedBatch tokens per forward call,
-  // i.e. generation); longer calls take the exact dense path whatever this says.
+  // i.e. generation); longer calls take the exact dense path whatever this says. The library keeps exact
+  // (reproducible numbers everywhere); the tasks of model_tasks.hpp and their tools default to fastest.
   cpu::Arithmetic arithmetic = cpu::Arithmetic::exact;
   // Non-null: nuq-packed layers run there instead of on the CPU kernels (every call length; `arithmetic`
   // then does not apply). Cannot be combined with decode_packed; full-precision layers stay on the CPU.
@@ -98,6 +99,9 @@ class LlamaModel {
   // (32 for fp32 weights). The embedding and classifier are not included.
   double linear_bits_per_weight() const noexcept;
   int64_t linear_weight_count() const noexcept;
+  // Linear layers that multiply packed (CPU kernels or a linear_backend); 0 for full-precision
+  // checkpoints and with decode_packed.
+  int64_t packed_layer_count() const noexcept;
   // Worker threads its products use (LlamaLoadOptions::threads resolved).
   int threads() const noexcept;
   // Where the tokenizer can be read from when it travels with the weights (GGUF metadata, a llama2.c

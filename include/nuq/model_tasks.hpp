@@ -140,7 +140,10 @@ struct EvalOptions {
   int64_t step = 0;
   int threads = 0;
   bool decode_packed = false;  // decode packed layers to fp32 at load (the reference numbers)
-  bool int8 = false;           // int8 activations × int8 codebooks; implies step 16 when step is 0
+  // How packed layers multiply in forward calls of <= 16 tokens (cpu::Arithmetic): "fastest" (int8
+  // where the CPU has the int8 kernel, else exact), "exact", or "int8" (which implies step 16 when step
+  // is 0). The prefill path (step 0 or > 16) is exact whatever this says.
+  std::string arithmetic = "fastest";
   std::string device = "cpu";  // "cpu", "cuda" or "cuda-bf16" (packed layers only)
   LinearBackendFactory make_backend;
   KvCacheOptions kv;
@@ -150,6 +153,9 @@ struct EvalOptions {
 // The fields of `nuq eval --json`.
 struct EvalResult {
   std::string model, description, tokenizer, text, kv_cache;  // kv_cache: "fp32" or the quantized cache
+  // How the packed layers multiplied: "exact" or "int8" (fused kernels), "exact (prefill)", "decoded to
+  // fp32" (decode_packed), the device ("cuda", "cuda-bf16"), or "none (full-precision layers)".
+  std::string arithmetic;
   double linear_bits_per_weight = 0;
   int64_t ctx = 0, windows = 0, tokens_scored = 0, step = 0;
   double mean_nll = 0, perplexity = 0, tokens_per_second = 0, load_seconds = 0, seconds = 0;
@@ -168,7 +174,8 @@ struct GenerateOptions {
   float temperature = 0;    // 0: greedy
   uint64_t seed = 1;        // for temperature > 0
   int threads = 0;
-  bool decode_packed = false, int8 = false;
+  bool decode_packed = false;
+  std::string arithmetic = "fastest";  // as in EvalOptions
   std::string device = "cpu";
   LinearBackendFactory make_backend;
   std::string kv_calibration;  // quantized KV cache with this calibration; empty: fp32
@@ -195,6 +202,7 @@ struct GenerateResult {
   std::vector<int32_t> prompt_ids;  // BOS and the prompt's tokens
   std::vector<int32_t> ids;         // generated (EOS not included)
   std::string text;                 // the generated tokens decoded
+  std::string arithmetic;           // of the packed layers while decoding, as EvalResult::arithmetic
   double prefill_seconds = 0, decode_seconds = 0;
   // The cache at the end.
   int64_t cache_tokens = 0, cache_capacity = 0, cache_bytes = 0;

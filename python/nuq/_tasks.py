@@ -62,6 +62,7 @@ class EvalResult(TypedDict):
     tokens_per_second: float
     load_seconds: float
     kv_cache: str
+    arithmetic: str
 
 
 class GenerateResult(TypedDict):
@@ -74,6 +75,7 @@ class GenerateResult(TypedDict):
     decode_seconds: float
     tokens_per_second: float
     kv_cache: str
+    arithmetic: str
     kv_cache_bytes: int
     kv_cache_tokens: int
     kv_cache_fp16_bytes: float
@@ -202,10 +204,18 @@ def fisher(model: PathLike, text: PathLike, out: PathLike, *, tokenizer: Optiona
     return result
 
 
+def _arithmetic(fn: str, arithmetic: str, int8: bool) -> str:
+    """The `arithmetic` argument, with int8=True as its shorthand for 'int8'."""
+    choice = _args.choice(fn, "arithmetic", arithmetic, ("fastest", "exact", "int8"))
+    if int8 and choice not in ("fastest", "int8"):
+        raise ValueError(f"{fn}: int8=True conflicts with arithmetic={arithmetic!r}")
+    return "int8" if int8 else choice
+
+
 def evaluate(model: PathLike, text: PathLike, *, tokenizer: Optional[PathLike] = None, ctx: int = 512,
              max_tokens: int = 0, step: Optional[int] = None, threads: int = 0, decode_packed: bool = False,
-             int8: bool = False, device: str = "cpu", kv_calibration: Optional[PathLike] = None,
-             kv_path: Optional[str] = None, kv_method: str = "nuq", kv_bits: Optional[int] = None,
+             arithmetic: str = "fastest", int8: bool = False, device: str = "cpu",
+             kv_calibration: Optional[PathLike] = None, kv_path: Optional[str] = None, kv_method: str = "nuq", kv_bits: Optional[int] = None,
              kv_outliers: Optional[_args.Fraction] = None, progress: ProgressArg = True) -> EvalResult:
     """Perplexity of a LLaMA-family checkpoint on a text file (`nuq eval`), over non-overlapping windows
     of `ctx` tokens that each start with BOS. Returns the fields `nuq eval --json` prints.
@@ -213,9 +223,11 @@ def evaluate(model: PathLike, text: PathLike, *, tokenizer: Optional[PathLike] =
     model: llama2.c .bin, .gguf, safetensors (full precision or nuq-packed). max_tokens: score only the
         first N tokens (0: all). step: feed each window in forward calls of N tokens, as generation does
         (N <= 16 takes the fused decode kernels); None runs each window at once.
-    decode_packed: decode packed layers to fp32 at load (reference numbers). int8: int8 activations ×
-        int8 codebooks in the packed kernels (step 16 unless given). device: 'cpu', or 'cuda' /
-        'cuda-bf16' for the packed layers (builds with CUDA).
+    decode_packed: decode packed layers to fp32 at load (reference numbers). arithmetic: how packed
+        layers multiply in calls of <= 16 tokens: 'fastest' (int8 activations × int8 codebooks where the
+        CPU has the AVX-512 VNNI+VBMI kernel, else exact), 'exact' (fp32), or 'int8' (step 16 unless
+        given); the prefill path is exact. int8=True: the same as arithmetic='int8'. device: 'cpu', or
+        'cuda' / 'cuda-bf16' for the packed layers (builds with CUDA).
     KV cache: kv_calibration (a file from save_kv_calibration or `nuq kv-calibrate`) quantizes it;
         kv_path 'kernel' (default) or 'roundtrip'; kv_method 'uniform' with kv_bits is the int baseline;
         kv_bits and kv_outliers (a fraction or '1%') are checked against the calibration.
@@ -228,7 +240,8 @@ def evaluate(model: PathLike, text: PathLike, *, tokenizer: Optional[PathLike] =
     args = (_args.path(fn, "model", model), _args.path(fn, "text", text),
             _args.optional_path(fn, "tokenizer", tokenizer), _args.integer(fn, "ctx", ctx, 2),
             _args.integer(fn, "max_tokens", max_tokens), step_value, _args.integer(fn, "threads", threads),
-            bool(decode_packed), bool(int8), _args.choice(fn, "device", device, ("cpu", "cuda", "cuda-bf16")),
+            bool(decode_packed), _arithmetic(fn, arithmetic, int8),
+            _args.choice(fn, "device", device, ("cpu", "cuda", "cuda-bf16")),
             _args.optional_path(fn, "kv_calibration", kv_calibration),
             None if kv_path is None else _args.choice(fn, "kv_path", kv_path, ("kernel", "roundtrip")),
             _args.choice(fn, "kv_method", kv_method, ("nuq", "uniform")), kv_bits_value, outliers,
@@ -240,14 +253,15 @@ def evaluate(model: PathLike, text: PathLike, *, tokenizer: Optional[PathLike] =
 
 def generate(model: PathLike, prompt: str, *, tokenizer: Optional[PathLike] = None, max_new_tokens: int = 64,
              temperature: float = 0.0, seed: int = 1, threads: int = 0, decode_packed: bool = False,
-             int8: bool = False, device: str = "cpu", kv_calibration: Optional[PathLike] = None,
-             progress: ProgressArg = True) -> GenerateResult:
+             arithmetic: str = "fastest", int8: bool = False, device: str = "cpu",
+             kv_calibration: Optional[PathLike] = None, progress: ProgressArg = True) -> GenerateResult:
     """Continue `prompt` with a LLaMA-family checkpoint (what examples/generate.cpp does).
 
     Greedy when temperature is 0, else sampled (deterministic for a given seed). Stops after
     max_new_tokens, at EOS or when the cache is full. kv_calibration generates on a quantized KV cache
     (decode attention over its pages); the result reports its bytes (kv_cache_bytes) against an fp16
-    cache of the same tokens (kv_cache_fp16_bytes). decode_packed, int8, device: as in evaluate.
+    cache of the same tokens (kv_cache_fp16_bytes). decode_packed, arithmetic, int8, device: as in
+    evaluate; the result's `arithmetic` says which one the packed layers used.
     Returns the text generated (without the prompt), its token ids and timings. progress: 'token'
     events carry each new token's id (`token`) and bytes (`piece`) as it is generated.
     """
@@ -258,8 +272,8 @@ def generate(model: PathLike, prompt: str, *, tokenizer: Optional[PathLike] = No
         raise ValueError(f"{fn}: temperature must be a number >= 0, got {temperature!r}")
     args = (_args.path(fn, "model", model), prompt, _args.optional_path(fn, "tokenizer", tokenizer),
             _args.integer(fn, "max_new_tokens", max_new_tokens), float(temperature),
-            _args.integer(fn, "seed", seed), _args.integer(fn, "threads", threads), bool(decode_packed), bool(int8),
-            _args.choice(fn, "device", device, ("cpu", "cuda", "cuda-bf16")),
+            _args.integer(fn, "seed", seed), _args.integer(fn, "threads", threads), bool(decode_packed),
+            _arithmetic(fn, arithmetic, int8), _args.choice(fn, "device", device, ("cpu", "cuda", "cuda-bf16")),
             _args.optional_path(fn, "kv_calibration", kv_calibration))
 
     def token_bar(event: ProgressEvent) -> Optional[BarStep]:

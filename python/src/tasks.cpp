@@ -105,7 +105,8 @@ py::dict fisher_py(const std::string& model, const std::string& text, const std:
 }
 
 py::dict evaluate_py(const std::string& model, const std::string& text, const std::optional<std::string>& tokenizer,
-                     int64_t ctx, int64_t max_tokens, int64_t step, int threads, bool decode_packed, bool int8,
+                     int64_t ctx, int64_t max_tokens, int64_t step, int threads, bool decode_packed,
+                     const std::string& arithmetic,
                      const std::string& device, const std::optional<std::string>& kv_calibration,
                      const std::optional<std::string>& kv_path, const std::string& kv_method, int kv_bits,
                      std::optional<double> kv_outliers, const std::string& kv_outliers_text, py::object progress) {
@@ -113,7 +114,7 @@ py::dict evaluate_py(const std::string& model, const std::string& text, const st
   EvalOptions o;
   o.model = model, o.text = text, o.tokenizer = tokenizer.value_or("");
   o.ctx = ctx, o.max_tokens = max_tokens, o.step = step, o.threads = threads;
-  o.decode_packed = decode_packed, o.int8 = int8, o.device = device;
+  o.decode_packed = decode_packed, o.arithmetic = arithmetic, o.device = device;
   o.make_backend = backend_factory();
   o.kv.calibration = kv_calibration.value_or("");
   o.kv.path = kv_path.value_or("");
@@ -130,13 +131,14 @@ py::dict evaluate_py(const std::string& model, const std::string& text, const st
 
 py::dict generate_py(const std::string& model, const std::string& prompt, const std::optional<std::string>& tokenizer,
                      int64_t max_new_tokens, float temperature, uint64_t seed, int threads, bool decode_packed,
-                     bool int8, const std::string& device, const std::optional<std::string>& kv_calibration,
+                     const std::string& arithmetic, const std::string& device,
+                     const std::optional<std::string>& kv_calibration,
                      py::object progress) {
   check_callable(progress, "generate");
   GenerateOptions o;
   o.model = model, o.prompt = prompt, o.tokenizer = tokenizer.value_or("");
   o.steps = max_new_tokens, o.temperature = temperature, o.seed = seed, o.threads = threads;
-  o.decode_packed = decode_packed, o.int8 = int8, o.device = device;
+  o.decode_packed = decode_packed, o.arithmetic = arithmetic, o.device = device;
   o.make_backend = backend_factory();
   o.kv_calibration = kv_calibration.value_or("");
   o.arg_style = ArgStyle::python;
@@ -170,6 +172,7 @@ py::dict generate_py(const std::string& model, const std::string& prompt, const 
   d["decode_seconds"] = r.decode_seconds;
   d["tokens_per_second"] = r.ids.empty() ? 0.0 : double(r.ids.size()) / r.decode_seconds;
   d["kv_cache"] = r.quantized_cache ? "quantized" : "fp32";
+  d["arithmetic"] = r.arithmetic;
   d["kv_cache_bytes"] = r.cache_bytes;
   d["kv_cache_tokens"] = r.cache_tokens;
   d["kv_cache_fp16_bytes"] = r.cache_fp16_bytes;
@@ -200,13 +203,13 @@ void bind_tasks(py::module_& m) {
         py::arg("ctx"), py::arg("max_tokens"), py::arg("skip_tokens"), py::arg("threads"), py::arg("progress"),
         "nuq.fisher without the argument checks and progress bar.");
   m.def("_evaluate", &evaluate_py, py::arg("model"), py::arg("text"), py::arg("tokenizer"), py::arg("ctx"),
-        py::arg("max_tokens"), py::arg("step"), py::arg("threads"), py::arg("decode_packed"), py::arg("int8"),
+        py::arg("max_tokens"), py::arg("step"), py::arg("threads"), py::arg("decode_packed"), py::arg("arithmetic"),
         py::arg("device"), py::arg("kv_calibration"), py::arg("kv_path"), py::arg("kv_method"), py::arg("kv_bits"),
         py::arg("kv_outliers"), py::arg("kv_outliers_text"), py::arg("progress"),
         "nuq.evaluate without the argument checks and progress bar.");
   m.def("_generate", &generate_py, py::arg("model"), py::arg("prompt"), py::arg("tokenizer"),
         py::arg("max_new_tokens"), py::arg("temperature"), py::arg("seed"), py::arg("threads"),
-        py::arg("decode_packed"), py::arg("int8"), py::arg("device"), py::arg("kv_calibration"), py::arg("progress"),
+        py::arg("decode_packed"), py::arg("arithmetic"), py::arg("device"), py::arg("kv_calibration"), py::arg("progress"),
         "nuq.generate without the argument checks and progress bar.");
   m.def("_convert", &convert_py, py::arg("input"), py::arg("out"), "nuq.convert (python/nuq/_tasks.py).");
 }

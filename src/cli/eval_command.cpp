@@ -54,9 +54,15 @@ void add_eval_command(CLI::App& app, Action& action) {
                   "feed each window in forward calls of N tokens, as generation does; N <= 16 runs packed layers "
                   "through the fused decode kernels (default: the whole window at once, the prefill path)")
       ->check(CLI::Range(int64_t(1), int64_t(1) << 20));
-  cmd->add_flag("--int8", e.int8,
-                "packed layers multiply int8-quantized activations by int8 codebooks (cpu::Arithmetic::int8); "
-                "implies --step 16 unless --step is given");
+  auto* arithmetic =
+      cmd->add_option("--arithmetic", e.arithmetic,
+                      "how packed layers multiply in forward calls of <= 16 tokens (--step): fastest (int8 where "
+                      "the CPU has the AVX-512 VNNI+VBMI kernel, else exact), exact (fp32, the reference numbers), "
+                      "or int8 (also on other CPUs, through the portable reference; implies --step 16 unless "
+                      "--step is given). The prefill path is exact whatever this says")
+          ->capture_default_str()
+          ->check(CLI::IsMember({"fastest", "exact", "int8"}));
+  cmd->add_flag_callback("--int8", [&e] { e.arithmetic = "int8"; }, "same as --arithmetic int8")->excludes(arithmetic);
   cmd->add_option("--device", e.device,
                   "where nuq-packed layers run: cpu, or cuda / cuda-bf16 (the CUDA kernels with fp16 / bf16 "
                   "activations; the rest of the decoder stays on the CPU)")
@@ -93,8 +99,8 @@ void add_eval_command(CLI::App& app, Action& action) {
       if (r.kv_cache != "fp32") fmt::print("KV cache: {}\n", r.kv_cache);
       fmt::print("tokens scored {}, mean NLL {:.4f}, perplexity {:.4f}\n", r.tokens_scored, r.mean_nll, r.perplexity);
       const std::string mode = r.step > 0 ? fmt::format("{}-token step", r.step) : std::string("prefill");
-      fmt::print("{} throughput {:.1f} tokens/s ({:.1f} s; model loaded in {:.1f} s)\n", mode, r.tokens_per_second,
-                 r.seconds, r.load_seconds);
+      fmt::print("{} throughput {:.1f} tokens/s ({:.1f} s; model loaded in {:.1f} s; packed layers: {})\n", mode,
+                 r.tokens_per_second, r.seconds, r.load_seconds, r.arithmetic);
       return 0;
     };
   });

@@ -209,8 +209,12 @@ void fused(const format::PackedLinearView& w, const float* x, int64_t ldx, float
 
 // ---- int8 path (LinearOptions::arithmetic == int8) ------------------------------------------------
 
+bool int8_layer_supported(const format::PackedLinearView& w) {
+  return w.groups() == 1 || w.group_size % kInt8Block == 0;
+}
+
 void check_int8_layer(const format::PackedLinearView& w) {
-  NUQ_CHECK(w.groups() == 1 || w.group_size % kInt8Block == 0, Errc::unsupported,
+  NUQ_CHECK(int8_layer_supported(w), Errc::unsupported,
             "CPU linear: int8 arithmetic needs per-row codebooks or groups of a multiple of {} columns, this "
             "layer has groups of {}",
             kInt8Block, w.group_size);
@@ -372,12 +376,25 @@ std::string_view to_string(Isa isa) {
   return "unknown";
 }
 
+std::string_view to_string(Arithmetic arithmetic) {
+  switch (arithmetic) {
+    case Arithmetic::exact: return "exact";
+    case Arithmetic::int8: return "int8";
+    case Arithmetic::fastest: return "fastest";
+  }
+  return "unknown";
+}
+
 void linear(const format::PackedLinearView& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t batch,
             const LinearOptions& options) {
   check_call(w, x, ldx, y, ldy, batch);
   check_threads(options);
   const Isa isa = resolve_isa(options);
-  if (batch <= kMaxFusedBatch && options.arithmetic == Arithmetic::int8) {
+  // fastest: only the VNNI kernel is faster than exact; the portable int8 reference is slower.
+  const bool int8 = options.arithmetic == Arithmetic::int8 ||
+                    (options.arithmetic == Arithmetic::fastest && isa == Isa::avx512 && int8_kernel_supported() &&
+                     int8_layer_supported(w));
+  if (batch <= kMaxFusedBatch && int8) {
     // Without VNNI (or when the scalar implementation is forced) the reference is the implementation.
     if (isa == Isa::avx512 && int8_kernel_supported())
       fused_int8(w, x, ldx, y, ldy, batch, options.threads);

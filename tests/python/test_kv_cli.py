@@ -93,7 +93,7 @@ def test_generation_on_quantized_cache_reports_bytes(nuq_cli, smollm2, shared_da
     r = run(generate, "--model", smollm2, "--prompt", "The capital of France is", "--steps", 40,
             "--kv-calibration", cal, "--threads", 2)
     assert r.returncode == 0, r.stderr
-    assert re.search(r"generated \d+ tokens in [\d.]+ s \([\d.]+ tokens/s\)", r.stderr)
+    assert re.search(r"generated \d+ tokens in [\d.]+ s \([\d.]+ tokens/s; packed layers: ", r.stderr), r.stderr
     m = re.search(r"KV cache: quantized \(3-bit keys / 3-bit values\), (\d+) tokens in (\d+) bytes", r.stderr)
     assert m, r.stderr
     tokens, cache_bytes = int(m[1]), int(m[2])

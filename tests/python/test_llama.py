@@ -99,11 +99,22 @@ def read_llama2c(path):
     return w, cfg
 
 
-def nuq_logits(generate, model, tokens, tmp_path, name="logits.bin"):
+def nuq_logits(generate, model, tokens, tmp_path, name="logits.bin", *extra):
     out = tmp_path / name
-    r = run(generate, "--model", model, "--logits-out", out, "--tokens", ",".join(map(str, tokens)))
+    r = run(generate, "--model", model, "--logits-out", out, "--tokens", ",".join(map(str, tokens)), *extra)
     assert r.returncode == 0, r.stderr
     return np.fromfile(out, dtype=np.float32).reshape(len(tokens), -1)
+
+
+def has_int8_kernel():
+    """Whether nuq::cpu::int8_kernel_supported() holds here: AVX-512 F/BW/VL + VNNI + VBMI."""
+    flags = set()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    return {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512vbmi"} <= flags
 
 
 def eval_json(nuq_cli, *args):
@@ -133,7 +144,8 @@ def test_stories260k_tokenizer_and_greedy_generation(generate, shared_data, tmp_
             "--prompt", "Once upon a time", "--steps", 24)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("Once upon a time, there was a little girl named Lily."), r.stdout
-    assert re.search(r"generated \d+ tokens in [\d.]+ s \([\d.]+ tokens/s\)", r.stderr)
+    assert re.search(r"generated \d+ tokens in [\d.]+ s \([\d.]+ tokens/s; packed layers: none \(full-precision "
+                     r"layers\)\)", r.stderr), r.stderr
 
 
 def test_stories260k_logits_match_numpy(generate, shared_data, tmp_path):
@@ -167,9 +179,10 @@ def test_convert_to_hugging_face_layout_and_quantize(nuq_cli, generate, shared_d
         j = eval_json(nuq_cli, "--model", out, *args)
         assert "nuq-packed" in j["description"] and j["tokens_scored"] == 2044
         ppl[method, bits] = j["perplexity"]
-    # The packed CPU kernels compute what the reference dequantizer's numbers give (fp32 rounding aside).
+    # The packed CPU kernels in exact arithmetic compute what the reference dequantizer's numbers give
+    # (fp32 rounding aside).
     for name in ["nuq3", "rtn4"]:
-        kernels = nuq_logits(generate, tmp_path / name, TOK_IDS, tmp_path, "k.bin")
+        kernels = nuq_logits(generate, tmp_path / name, TOK_IDS, tmp_path, "k.bin", "--arithmetic", "exact")
         r = run(generate, "--model", tmp_path / name, "--decode-packed", "--logits-out", tmp_path / "d.bin", "--tokens",
                 ",".join(map(str, TOK_IDS)))
         assert r.returncode == 0, r.stderr
@@ -364,11 +377,18 @@ def test_smollm2_packed_checkpoints_evaluate_and_nuq_beats_rtn(nuq_cli, smollm2,
     # figures). On 255 tokens the int8 perplexity moved by 2.3% when only the rounding of the fp32 attention
     # changed (the codes of a few outlier activations flip); on 1022 tokens it stays within 0.5%.
     short = ["--tokenizer", smollm2, "--text", shared_data / "wikitext2_test.txt", "--max-tokens", 1022]
-    prefill = eval_json(nuq_cli, "--model", tmp_path / "nuq", *short)["perplexity"]
-    stepped = eval_json(nuq_cli, "--model", tmp_path / "nuq", *short, "--step", 16)["perplexity"]
-    int8 = eval_json(nuq_cli, "--model", tmp_path / "nuq", *short, "--int8")["perplexity"]
-    assert stepped == pytest.approx(prefill, rel=1e-3)
-    assert int8 != stepped and int8 == pytest.approx(stepped, rel=0.03)
-    for bad, needle in [(["--int8", "--decode-packed"], "--decode-packed"), (["--int8", "--step", 17], "--step <= 16")]:
+    prefill = eval_json(nuq_cli, "--model", tmp_path / "nuq", *short)
+    stepped = eval_json(nuq_cli, "--model", tmp_path / "nuq", *short, "--step", 16, "--arithmetic", "exact")
+    int8 = eval_json(nuq_cli, "--model", tmp_path / "nuq", *short, "--int8")
+    assert (prefill["arithmetic"], stepped["arithmetic"], int8["arithmetic"]) == ("exact (prefill)", "exact", "int8")
+    assert stepped["perplexity"] == pytest.approx(prefill["perplexity"], rel=1e-3)
+    assert int8["perplexity"] != stepped["perplexity"]
+    assert int8["perplexity"] == pytest.approx(stepped["perplexity"], rel=0.03)
+    # The default arithmetic is the int8 kernel where the CPU has it, exact elsewhere: the same numbers.
+    default = eval_json(nuq_cli, "--model", tmp_path / "nuq", *short, "--step", 16)
+    want = int8 if has_int8_kernel() else stepped
+    assert (default["arithmetic"], default["perplexity"]) == (want["arithmetic"], want["perplexity"])
+    for bad, needle in [(["--int8", "--decode-packed"], "--decode-packed"), (["--int8", "--step", 17], "--step <= 16"),
+                        (["--int8", "--arithmetic", "exact"], "excludes"), (["--arithmetic", "fp8"], "fp8")]:
         r = run(nuq_cli, "eval", "--model", tmp_path / "nuq", *short, *bad)
         assert r.returncode != 0 and needle in r.stderr, r.stderr

@@ -290,11 +290,17 @@ def test_errors_name_the_python_argument(nuq, s260, tmp_path):
 
     with pytest.raises(ValueError, match=r"pass tokenizer=\.\.\."):
         nuq.evaluate(s260["hf"], s260["text"], progress=False)
-    with pytest.raises(ValueError, match=r"^int8=True applies to the packed kernels; it cannot be combined with "
-                                         r"decode_packed=True$"):
-        nuq.evaluate(s260["hf"], s260["text"], int8=True, decode_packed=True)
-    with pytest.raises(ValueError, match=r"int8=True needs step <= 16"):
-        nuq.evaluate(s260["hf"], s260["text"], int8=True, step=32)
+    # int8=True is the shorthand of arithmetic='int8'; errors name the arithmetic either way.
+    for int8 in [{"int8": True}, {"arithmetic": "int8"}]:
+        with pytest.raises(ValueError, match=r"^arithmetic='int8' applies to the packed kernels; it cannot be "
+                                             r"combined with decode_packed=True$"):
+            nuq.evaluate(s260["hf"], s260["text"], decode_packed=True, **int8)
+        with pytest.raises(ValueError, match=r"arithmetic='int8' needs step <= 16"):
+            nuq.evaluate(s260["hf"], s260["text"], step=32, **int8)
+    with pytest.raises(ValueError, match=r"^evaluate: int8=True conflicts with arithmetic='exact'$"):
+        nuq.evaluate(s260["hf"], s260["text"], int8=True, arithmetic="exact")
+    with pytest.raises(ValueError, match=r"generate: arithmetic must be one of 'fastest', 'exact', 'int8', got 'fp8'"):
+        nuq.generate(s260["hf"], "x", arithmetic="fp8")
     with pytest.raises(ValueError, match=r"evaluate: device must be one of 'cpu', 'cuda', 'cuda-bf16', got 'tpu'"):
         nuq.evaluate(s260["hf"], s260["text"], device="tpu")
     if not nuq.HAS_CUDA:
