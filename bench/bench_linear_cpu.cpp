@@ -6,8 +6,9 @@
 // gemv/impl:eigen_fp32/...: Y = X·Wᵀ with W in fp32 (Eigen, row blocks over the same thread pool).
 // gemv/impl:bf16_avx512/...: a plain AVX-512 kernel over W in bf16 (widen, FMA), same threading.
 //
-// Every case rotates over enough copies of its matrix that the working set is at least 128 MiB (the
-// L3 is 32 MiB), so the figures are DRAM figures. bytes_per_s counts the weight bytes read (every
+// Every case rotates over enough copies of its matrix that the working set is at least 128 MiB and
+// twice the last-level cache (working_set_over_llc, and cpu_model/llc_bytes in the context, say so), so
+// the figures are DRAM figures. bytes_per_s counts the weight bytes read (every
 // stored part: indices, codebooks, sparse part), weights_per_s counts rows·cols per call (not times
 // the batch), bw_fraction divides by the read bandwidth this binary measures with the same threads.
 #include <benchmark/benchmark.h>
@@ -32,10 +33,9 @@ namespace {
 
 using nuq::cpu::Isa;
 
-constexpr double kWorkingSetBytes = 128.0 * 1024 * 1024;
 constexpr double kSparseFraction = 0.0045;
 
-int copies_for(double bytes) { return std::max(2, int(kWorkingSetBytes / bytes + 0.999)); }
+int copies_for(double bytes) { return std::max(2, int(nuq::bench::dram_working_set_bytes() / bytes + 0.999)); }
 
 // Random packed layer (shapes with cols % 64 == 0): uniform indices, a sorted random codebook per row, kSparseFraction sparse entries
 // at random columns. The kernels' speed does not depend on the values.
@@ -124,6 +124,7 @@ void nuq_gemv(benchmark::State& state, Isa isa, nuq::cpu::Arithmetic arithmetic)
   }
   nuq::bench::report_counters(state, nuq::bench::seconds_since(start), double(storage.total()),
                               double(rows * cols), threads);
+  nuq::bench::report_working_set(state, double(storage.total()) * double(cache.items.size()));
 }
 
 // Row blocks of a dense GEMV through the kernels' thread pool.
@@ -164,6 +165,7 @@ void eigen_fp32(benchmark::State& state) {
   }
   nuq::bench::report_counters(state, nuq::bench::seconds_since(start), 4.0 * double(rows * cols),
                               double(rows * cols), threads);
+  nuq::bench::report_working_set(state, 4.0 * double(rows * cols) * double(cache.items.size()));
 }
 
 template <int B>
@@ -218,6 +220,7 @@ void bf16_avx512(benchmark::State& state) {
   }
   nuq::bench::report_counters(state, nuq::bench::seconds_since(start), 2.0 * double(rows * cols),
                               double(rows * cols), threads);
+  nuq::bench::report_working_set(state, 2.0 * double(rows * cols) * double(cache.items.size()));
 }
 
 const std::vector<std::vector<int64_t>> kShapes = {{4096, 4096}, {4096, 14336}, {14336, 4096}, {11008, 4096}};
