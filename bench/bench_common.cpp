@@ -17,7 +17,6 @@
 namespace nuq::bench {
 namespace {
 
-
 // Integer sum: unlike a float sum the compiler may reorder it, so it vectorizes and the loop is bound
 // by memory, not by add latency.
 uint64_t sum_range(const uint64_t* p, std::size_t n) {
@@ -83,8 +82,9 @@ std::string cpu_model() {
   return "unknown";
 }
 
-std::size_t last_level_cache_bytes() {
-  // sysfs lists cpu0's caches as index0..N with a level and a size such as "260M" or "2048K".
+namespace {
+// sysfs lists cpu0's caches as index0..N with a level and a size such as "260M" or "2048K".
+std::size_t read_last_level_cache_bytes() {
   int best_level = 0;
   std::size_t best = 0;
   for (int i = 0; i < 16; ++i) {
@@ -101,6 +101,13 @@ std::size_t last_level_cache_bytes() {
   if (best > 0) return best;
   const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE), l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
   return std::size_t(std::max(0L, l3 > 0 ? l3 : l2));
+}
+}  // namespace
+
+// Read once: every case asks (its working set and its counter).
+std::size_t last_level_cache_bytes() {
+  static const std::size_t bytes = read_last_level_cache_bytes();
+  return bytes;
 }
 
 double dram_working_set_bytes() {

@@ -114,12 +114,10 @@ int run(const Args& a) {
   }
   if (!a.logits_out.empty()) {
     // The forward pass of generate_text, by hand: the same arithmetic choice (packed layers only).
-    NUQ_CHECK(a.arithmetic == "fastest" || a.arithmetic == "exact" || int8, nuq::Errc::invalid_argument,
-              "--arithmetic {}: expected fastest, exact or int8", a.arithmetic);
-    nuq::LlamaLoadOptions load{a.threads, a.decode_packed,
-                                int8                        ? nuq::cpu::Arithmetic::int8
-                                : a.arithmetic == "exact" ? nuq::cpu::Arithmetic::exact
-                                                            : nuq::cpu::Arithmetic::fastest};
+    const std::optional<nuq::cpu::Arithmetic> arithmetic = nuq::cpu::arithmetic_from_string(a.arithmetic);
+    NUQ_CHECK(arithmetic.has_value(), nuq::Errc::invalid_argument, "--arithmetic {}: expected fastest, exact or int8",
+              a.arithmetic);
+    nuq::LlamaLoadOptions load{a.threads, a.decode_packed, *arithmetic};
     if (a.device != "cpu") {
       NUQ_CHECK(a.device == "cuda" || a.device == "cuda-bf16", nuq::Errc::invalid_argument,
                 "--device {}: expected cpu, cuda or cuda-bf16", a.device);

@@ -17,8 +17,6 @@ tokens=${NUQ_EVAL_TOKENS:-8192}
 work=${NUQ_RESULTS_DIR:-$(mktemp -d)}
 mkdir -p "$work"
 
-field() { python3 -c "import json,sys; print(json.load(sys.stdin)['$1'])"; }
-
 rows() {  # rows MODEL LABEL TOKENIZER TEXT...: one row per text, exact against the default
   local model=$1 label=$2 tok=$3
   shift 3

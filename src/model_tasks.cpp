@@ -127,11 +127,10 @@ std::string int8_option(ArgStyle style) { return style == ArgStyle::cli ? "--int
 
 // "fastest", "exact" or "int8" (EvalOptions::arithmetic) as the kernels' enum.
 cpu::Arithmetic parse_arithmetic(const std::string& name, ArgStyle style) {
-  if (name == "fastest") return cpu::Arithmetic::fastest;
-  if (name == "exact") return cpu::Arithmetic::exact;
-  if (name == "int8") return cpu::Arithmetic::int8;
-  throw Error(Errc::invalid_argument, fmt::format("{}: expected fastest, exact or int8",
-                                                  option_value(style, "--arithmetic", "arithmetic", name)));
+  const std::optional<cpu::Arithmetic> parsed = cpu::arithmetic_from_string(name);
+  NUQ_CHECK(parsed.has_value(), Errc::invalid_argument, "{}: expected fastest, exact or int8",
+            option_value(style, "--arithmetic", "arithmetic", name));
+  return *parsed;
 }
 
 void check_device(const std::string& device, bool decode_packed, bool int8, ArgStyle style) {

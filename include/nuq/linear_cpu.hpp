@@ -41,6 +41,8 @@ std::string_view to_string(Isa isa);
 //          (`nuq eval --step`, nuq_generate, nuq.generate) use unless told otherwise.
 enum class Arithmetic { exact, int8, fastest };
 std::string_view to_string(Arithmetic arithmetic);
+// The inverse of to_string: "exact", "int8" or "fastest"; nullopt for any other name.
+std::optional<Arithmetic> arithmetic_from_string(std::string_view name);
 
 struct LinearOptions {
   int threads = 0;           // 0 = all hardware threads

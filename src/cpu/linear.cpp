@@ -385,6 +385,12 @@ std::string_view to_string(Arithmetic arithmetic) {
   return "unknown";
 }
 
+std::optional<Arithmetic> arithmetic_from_string(std::string_view name) {
+  for (Arithmetic a : {Arithmetic::exact, Arithmetic::int8, Arithmetic::fastest})
+    if (name == to_string(a)) return a;
+  return std::nullopt;
+}
+
 void linear(const format::PackedLinearView& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t batch,
             const LinearOptions& options) {
   check_call(w, x, ldx, y, ldy, batch);

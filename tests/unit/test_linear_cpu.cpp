@@ -446,6 +446,9 @@ TEST(LinearCpuInt8, UnsupportedGroupsAndNonFiniteActivations) {
 // avx512 (the portable int8 reference is slower than exact), and for batches above the fused path.
 TEST(LinearCpuArithmetic, FastestIsTheInt8KernelWhereItRunsAndExactElsewhere) {
   EXPECT_EQ(nuq::cpu::to_string(nuq::cpu::Arithmetic::fastest), "fastest");
+  for (auto a : {nuq::cpu::Arithmetic::exact, nuq::cpu::Arithmetic::int8, nuq::cpu::Arithmetic::fastest})
+    EXPECT_EQ(nuq::cpu::arithmetic_from_string(nuq::cpu::to_string(a)), a);
+  EXPECT_FALSE(nuq::cpu::arithmetic_from_string("fp8").has_value());
   struct Case {
     LayerSpec spec;
     bool int8_groups;
