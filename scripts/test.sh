@@ -7,7 +7,7 @@
 # architecture, $NUQ_CUDA_ARCHS, default 90), where their GPU tests report as skipped without a GPU.
 #   NUQ_FUZZ_SECONDS   seconds per fuzz target (default 30; 0 skips fuzzing)
 #   NUQ_SKIP_ASAN=1    skip the sanitizer build (for quick local iterations; CI never sets it)
-#   NUQ_SKIP_TORCH=1   do not install PyTorch (its tests then report as skipped; CI never sets it)
+#   NUQ_SKIP_TORCH=1   do not install PyTorch and transformers (their tests then report as skipped; CI never sets it)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -36,14 +36,20 @@ cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DNUQ_BUILD_TESTS=ON -DN
 cmake --build build -j"$jobs"
 phase "release ctest"
 (cd build && ctest --output-on-failure -j"$jobs")
-# PyTorch for the nuq.torch tests: PyPI's torch wheel (the CPU-only one lives on download.pytorch.org,
-# which CI cannot reach) with its CUDA libraries, ~3 GB, about 2 minutes here. Without it those tests
-# report as skipped with the reason, so a slow or failed download does not fail CI.
-if [ "${NUQ_SKIP_TORCH:-0}" != 1 ] && ! python3 -c "import torch" 2>/dev/null; then
-  phase "installing PyTorch for the nuq.torch tests"
-  timeout 900 python3 -m pip install -q --no-cache-dir torch 2>/dev/null ||
-    timeout 900 python3 -m pip install -q --no-cache-dir --break-system-packages torch ||
-    echo "warning: PyTorch could not be installed; the torch tests will be skipped"
+# PyTorch and transformers for the nuq.torch and nuq.hf tests: the requirements of pyproject.toml's `hf`
+# extra (what `pip install ".[hf]"` adds; read from there so the two cannot drift apart), without
+# building the package a second time. PyPI's torch wheel (the CPU-only one lives on download.pytorch.org,
+# which CI cannot reach) comes with its CUDA libraries, ~3 GB, about 2 minutes here. Without them those
+# tests report as skipped with the reason, so a slow or failed download does not fail CI.
+if [ "${NUQ_SKIP_TORCH:-0}" != 1 ] && ! python3 -c "import torch, transformers, gguf" 2>/dev/null; then
+  phase "installing the hf extra (PyTorch, transformers) for the nuq.torch and nuq.hf tests"
+  mapfile -t hf_requirements < <(python3 -c '
+import tomllib
+for r in tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["hf"]:
+    print(r)')
+  timeout 900 python3 -m pip install -q --no-cache-dir "${hf_requirements[@]}" 2>/dev/null ||
+    timeout 900 python3 -m pip install -q --no-cache-dir --break-system-packages "${hf_requirements[@]}" ||
+    echo "warning: the hf extra could not be installed; the torch and transformers tests will be skipped"
 fi
 # The tests marked `cuda` ran under ctest (emulated.pytest.cuda_decoder).
 phase "release pytest"

@@ -9,6 +9,7 @@
 #include "nuq/codebook_tuning.hpp"
 
 #include <fmt/format.h>
+#include <nlohmann/json.hpp>
 
 #include <algorithm>
 #include <cstring>
@@ -292,6 +293,16 @@ int64_t load_state(const fs::path& path, const std::string& settings, double& fi
   return std::stoll(f.metadata().at("step"));
 }
 
+// config.json's quantization_config (transformers reads it, see hf_config_with_quantization) records the
+// tuning as the safetensors metadata does; other companion files are copied as they are.
+std::string with_tuning_recorded(const std::string& name, std::string text, const std::string& record) {
+  if (name != "config.json") return text;
+  nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (!j.is_object() || !j.contains(kQuantizationConfigKey) || !j[kQuantizationConfigKey].is_object()) return text;
+  j[kQuantizationConfigKey]["extra"]["codebook_tuning"] = record;
+  return j.dump(2) + "\n";
+}
+
 }  // namespace
 
 CodebookTuningResult tune_codebooks(const std::string& packed_path, const std::string& reference_path,
@@ -507,7 +518,8 @@ CodebookTuningResult tune_codebooks(const std::string& packed_path, const std::s
       if (!e.is_regular_file() || written.count(name) || e.path().extension() == ".safetensors" ||
           e.file_size() > (64u << 20))
         continue;
-      write_file_atomically((out_dir / name).string(), read_small_file(e.path().string(), "a companion file"));
+      const std::string text = read_small_file(e.path().string(), "a companion file");
+      write_file_atomically((out_dir / name).string(), with_tuning_recorded(name, text, record));
       result.files.push_back(name);
     }
   fs::remove(state_path, ec);

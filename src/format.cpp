@@ -1,5 +1,6 @@
 #include <cmath>
 #include <cstring>
+#include <set>
 
 #include <nlohmann/json.hpp>
 
@@ -214,6 +215,33 @@ QuantizationConfig parse_quantization_config(std::string_view text, std::string_
   if (auto it = j.find("extra"); it != j.end() && it->is_object())
     for (const auto& [k, v] : it->items()) config.extra[k] = v.is_string() ? v.get<std::string>() : v.dump();
   return config;
+}
+
+namespace {
+nlohmann::json quantization_summary(const QuantizationConfig& config) {
+  std::set<int> bits;
+  std::set<int64_t> groups;  // 0 stands for "one codebook per row"
+  int64_t weights = 0, nnz = 0;
+  for (const auto& [name, m] : config.layers) {
+    bits.insert(m.bits);
+    groups.insert(m.group_size == m.cols ? 0 : m.group_size);
+    weights += m.rows * m.cols;
+    nnz += m.nnz;
+  }
+  nlohmann::json j = nlohmann::json::parse(to_json(config));
+  j["bits"] = bits.size() == 1 ? nlohmann::json(*bits.begin()) : nlohmann::json(nullptr);
+  j["group_size"] = groups.size() == 1 ? nlohmann::json(*groups.begin()) : nlohmann::json(nullptr);
+  j["sparse_fraction"] = weights ? double(nnz) / double(weights) : 0.0;
+  return j;
+}
+}  // namespace
+
+std::string hf_config_with_quantization(std::string_view config_json, const QuantizationConfig& config,
+                                        std::string_view source) {
+  nlohmann::json j = nlohmann::json::parse(config_json, nullptr, /*allow_exceptions=*/false);
+  NUQ_CHECK(j.is_object(), Errc::invalid_file, "{}: not a JSON object (a Hugging Face config.json)", source);
+  j[kQuantizationConfigKey] = quantization_summary(config);
+  return j.dump(2) + "\n";
 }
 
 }  // namespace nuq

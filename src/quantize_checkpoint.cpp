@@ -524,6 +524,10 @@ QuantizeCheckpointResult quantize_checkpoint(const CheckpointQuantizeOptions& op
   const InputCheckpoint in(options.input);
   NUQ_CHECK(!in.already_quantized(), Errc::invalid_argument,
             "{}: this checkpoint is already quantized (it has quantization_config metadata)", options.input);
+  // config.json gets the quantization_config at the very end; a broken one is refused before any work.
+  if (const fs::path config = in.directory() / "config.json";
+      in.kind() != CheckpointKind::gguf && fs::is_regular_file(config))
+    hf_config_with_quantization(read_small_file(config.string(), "a companion file"), {}, config.string());
   const auto include = compile_patterns(options.include, arg_name(style, "--include", "include"));
   const auto exclude = compile_patterns(options.exclude, arg_name(style, "--exclude", "exclude"));
   std::map<std::string, PlanEntry> plan;
@@ -948,7 +952,10 @@ QuantizeCheckpointResult quantize_checkpoint(const CheckpointQuantizeOptions& op
   for (const char* name : kCompanionFiles) {
     const fs::path src = in.directory() / name;
     if (in.kind() == CheckpointKind::gguf || !fs::is_regular_file(src)) continue;
-    write_file_atomically((out_dir / name).string(), read_small_file(src.string(), "a companion file"));
+    std::string text = read_small_file(src.string(), "a companion file");
+    // transformers finds the quantization method in config.json, not in the safetensors metadata.
+    if (std::string_view(name) == "config.json") text = hf_config_with_quantization(text, all, src.string());
+    write_file_atomically((out_dir / name).string(), text);
     result.files.push_back(name);
   }
   // Files of an earlier checkpoint in this directory (replaced with --force) that the new one does not have.

@@ -82,6 +82,15 @@ std::string to_json(const QuantizationConfig& config);
 // for a format_version this build does not read.
 QuantizationConfig parse_quantization_config(std::string_view json, std::string_view source);
 
+// A Hugging Face config.json (`config_json`, read from `source`) with its `quantization_config` set to
+// `config` for the whole model, plus the summary transformers users read at a glance: `bits` (null when
+// layers differ), `group_size` (0: one codebook per row; null when layers differ) and `sparse_fraction`
+// (stored sparse values over quantized weights). transformers dispatches `from_pretrained` on its
+// quant_method "nuq" (python/nuq/hf.py). Throws Errc::invalid_file naming `source` when it is not a
+// JSON object.
+std::string hf_config_with_quantization(std::string_view config_json, const QuantizationConfig& config,
+                                        std::string_view source);
+
 }  // namespace nuq
 
 namespace nuq {

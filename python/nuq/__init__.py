@@ -6,9 +6,11 @@ go in and come out without copies: NumPy arrays, and any object exposing DLPack 
 PackedLayer or Checkpoint view nuq's own memory. KVCache is the quantized KV cache of one attention
 layer, with kv_decode_attention over it. calibrate, fisher, evaluate, generate and convert run whole
 LLaMA-family models over a text, like the `nuq` command-line tool (and with the same C++ code);
-quantize_checkpoint and tune_codebooks turn them into packed checkpoints. docs/python.md is the quickstart.
+quantize_checkpoint, quantize_pretrained (calibrate + quantize + save in one call) and tune_codebooks turn
+them into packed checkpoints. docs/python.md is the quickstart.
 
-`nuq.torch` (imported on demand: it needs PyTorch) adds QuantLinear, load_quantized and collect_fisher.
+`nuq.torch` (imported on demand: it needs PyTorch) adds QuantLinear, load_quantized and collect_fisher;
+`nuq.hf` (needs transformers) registers quant_method "nuq" so that from_pretrained loads nuq checkpoints.
 """
 from ._nuq import (
     FORMAT_VERSION,
@@ -62,6 +64,7 @@ from ._tasks import (
     generate,
     quantize,
     quantize_checkpoint,
+    quantize_pretrained,
     tune_codebooks,
 )
 
@@ -112,6 +115,7 @@ __all__ = [
     "pareto_frontier",
     "quantize",
     "quantize_checkpoint",
+    "quantize_pretrained",
     "tune_codebooks",
     "row_bytes",
     "save_kv_calibration",

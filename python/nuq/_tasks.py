@@ -350,6 +350,103 @@ def quantize_checkpoint(input: PathLike, output_dir: PathLike, bits: int = 4, *,
     return result
 
 
+_CALIBRATION_DIR = ".nuq-calibration"
+
+
+def _calibration_settings(model: str, text: str, tokenizer: Optional[str], ctx: int, tokens: int, skip: int,
+                          hessian: bool) -> Dict[str, Any]:
+    """What decides the calibration statistics' bytes: files are named with their size and mtime so
+    that an edited text or model is calibrated again rather than reused."""
+    def identity(p: Optional[str]) -> Optional[List[Any]]:
+        if p is None:
+            return None
+        files = sorted(os.path.join(p, f) for f in os.listdir(p)) if os.path.isdir(p) else [p]
+        return [[os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files if os.path.isfile(f)]
+    return {"model": identity(model), "text": identity(text), "tokenizer": identity(tokenizer), "ctx": ctx,
+            "max_tokens": tokens, "skip_tokens": skip, "hessian": hessian}
+
+
+def _calibrate_once(model: str, out_dir: str, text: str, tokenizer: Optional[str], ctx: int, tokens: int, skip: int,
+                    hessian: bool, threads: int, progress: ProgressArg) -> Dict[str, Optional[str]]:
+    """Stage 1 of quantize_pretrained: activation statistics (and XᵀX for error feedback) in
+    out_dir/.nuq-calibration, reused by a rerun with the same settings (calibrate writes its files
+    atomically at the end, and the settings file is written after them)."""
+    import json
+
+    work = os.path.join(out_dir, _CALIBRATION_DIR)
+    os.makedirs(work, exist_ok=True)
+    act = os.path.join(work, "act.safetensors")
+    xtx = os.path.join(work, "xtx.safetensors") if hessian else None
+    stamp = os.path.join(work, "settings.json")
+    settings = _calibration_settings(model, text, tokenizer, ctx, tokens, skip, hessian)
+    try:
+        with open(stamp, encoding="utf-8") as f:
+            done = json.load(f) == settings and os.path.isfile(act) and (xtx is None or os.path.isfile(xtx))
+    except (OSError, ValueError):
+        done = False
+    if not done:
+        if os.path.exists(stamp):
+            os.remove(stamp)
+        calibrate(model, text, act, hessian=xtx, tokenizer=tokenizer, ctx=ctx, max_tokens=tokens, skip_tokens=skip,
+                  threads=threads, progress=progress)
+        with open(stamp + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(settings, f)
+        os.replace(stamp + ".tmp", stamp)
+    return {"act": act, "xtx": xtx}
+
+
+def quantize_pretrained(model: PathLike, out_dir: PathLike, bits: int = 3, *, sparse: _args.Fraction = "0.45%",
+                        calibration_text: Optional[PathLike] = None, error_feedback: Optional[bool] = None,
+                        tokenizer: Optional[PathLike] = None, calibration_tokens: int = 8192, skip_tokens: int = 0,
+                        ctx: int = 512, group_size: int = 0, plan: Optional[PathLike] = None, threads: int = 0,
+                        force: bool = False, restart: bool = False, keep_calibration: bool = False,
+                        progress: ProgressArg = True) -> QuantizeCheckpointResult:
+    """Calibrate, quantize and save a Hugging Face model directory in one call: the result is a directory
+    that `AutoModelForCausalLM.from_pretrained` loads after `import nuq.hf` (and that `nuq eval` runs).
+
+    model: Hugging Face model directory (config.json + safetensors, sharded or not), a .safetensors file,
+        or anything quantize_checkpoint reads. out_dir: created if absent; config.json (with
+        quantization_config) and tokenizer files are copied from a model directory.
+    bits: 2, 3 or 4 (a plan overrides it per layer). sparse: share of each layer's weights kept in fp16
+        ('0.45%' or 0.0045); with calibration, 0.05% of it goes to the most sensitive weights, as in
+        `nuq quantize --sparse --fisher`.
+    calibration_text: UTF-8 text to calibrate on (activation statistics weight the codebooks);
+        calibration_tokens of it (0: all) after skip_tokens, in windows of ctx. tokenizer: for
+        calibration when the model directory has no tokenizer.json.
+    error_feedback: round with second-order error feedback from the calibration's XᵀX (GPTQ-style);
+        default: on when calibration_text is given. It needs calibration_text.
+    Resumable: a call stopped at any point (Ctrl-C, an exception from a progress callable, a killed
+    process) continues where it stopped when made again with the same arguments: the calibration is
+    reused when its inputs are unchanged, quantization resumes per tensor. The calibration files live in
+    out_dir/.nuq-calibration until the checkpoint is complete (kept with keep_calibration=True).
+    Returns quantize_checkpoint's result.
+    """
+    fn = "quantize_pretrained"
+    in_path, out_path = _args.path(fn, "model", model), _args.path(fn, "out_dir", out_dir)
+    sparse_fraction = _args.fraction(fn, "sparse", sparse)
+    if error_feedback is None:
+        error_feedback = calibration_text is not None
+    if error_feedback and calibration_text is None:
+        raise ValueError(f"{fn}: error_feedback needs calibration_text (the XᵀX it rounds against comes from it)")
+    stats: Dict[str, Optional[str]] = {"act": None, "xtx": None}
+    if calibration_text is not None:
+        stats = _calibrate_once(in_path, out_path, _args.path(fn, "calibration_text", calibration_text),
+                                _args.optional_path(fn, "tokenizer", tokenizer), _args.integer(fn, "ctx", ctx, 2),
+                                _args.integer(fn, "calibration_tokens", calibration_tokens),
+                                _args.integer(fn, "skip_tokens", skip_tokens), bool(error_feedback),
+                                _args.integer(fn, "threads", threads), progress)
+    sensitive = min(sparse_fraction, 0.0005) if stats["act"] else 0.0
+    result = quantize_checkpoint(in_path, out_path, bits, group_size=group_size,
+                                 outlier_fraction=sparse_fraction - sensitive, sensitive_fraction=sensitive,
+                                 fisher=stats["act"], hessian=stats["xtx"], plan=plan, threads=threads, force=force,
+                                 restart=restart, progress=progress)
+    if stats["act"] and not keep_calibration:
+        import shutil
+
+        shutil.rmtree(os.path.join(out_path, _CALIBRATION_DIR), ignore_errors=True)
+    return result
+
+
 def tune_codebooks(packed: PathLike, reference: PathLike, ids: Union[Sequence[int], ArrayLike], start: int,
                    output_dir: PathLike, *, ctx: int = 512, epochs: int = 1, lr: float = 2e-4, norms: bool = False,
                    indices: bool = False, index_lr: float = 2e-3, save_every: int = 8, threads: int = 0,

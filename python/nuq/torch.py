@@ -166,6 +166,43 @@ class QuantLinear(nn.Module):
         self.register_load_state_dict_post_hook(_validate_after_load)
 
     @classmethod
+    def empty(cls, in_features: int, out_features: int, bits: int, group_size: int, nnz: int, bias: bool = False,
+              method: str = "nuq") -> "QuantLinear":
+        """A QuantLinear with the buffers of that geometry and undefined content, for loaders that fill them
+        (transformers' from_pretrained builds these on the meta device and then loads the checkpoint into
+        them, see nuq.hf). group_size 0 means one codebook per row. Call packed_layer() once filled: it
+        validates the content."""
+        if bits not in (2, 3, 4):
+            raise ValueError(f"QuantLinear.empty: bits must be 2, 3 or 4, got {bits}")
+        group_size = group_size or in_features
+        if in_features <= 0 or out_features <= 0 or nnz < 0 or in_features % group_size != 0:
+            raise ValueError(f"QuantLinear.empty: inconsistent geometry in_features {in_features} out_features "
+                             f"{out_features} group_size {group_size} nnz {nnz}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.in_features, self.out_features, self.bits, self.group_size, self.method = (
+            in_features, out_features, bits, group_size, method)
+        # docs/format.md: column indices are 16-bit while they fit, 32-bit beyond 65536 columns.
+        col_idx_dtype = torch.uint16 if in_features <= 65536 else torch.int32
+        self.register_buffer("qweight", torch.empty(out_features, _nuq.row_bytes(in_features, bits), dtype=torch.uint8))
+        self.register_buffer("lut", torch.empty(out_features, in_features // group_size, 2**bits, dtype=torch.float16))
+        # A checkpoint stores no sparse tensors for a layer without sparse values (docs/format.md), so
+        # then they are not part of the state (nothing to load or save) and are made here, empty and real.
+        sparse_device = None if nnz else "cpu"
+        self.register_buffer("sparse_row_ptr", torch.zeros(out_features + 1, dtype=torch.int32, device=sparse_device),
+                             persistent=nnz > 0)
+        self.register_buffer("sparse_col_idx", torch.empty(nnz, dtype=col_idx_dtype, device=sparse_device),
+                             persistent=nnz > 0)
+        self.register_buffer("sparse_values", torch.empty(nnz, dtype=torch.float16, device=sparse_device),
+                             persistent=nnz > 0)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, dtype=torch.float32), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self.register_load_state_dict_post_hook(_validate_after_load)
+        return self
+
+    @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int = 4, **quantize_options) -> "QuantLinear":
         """Quantizes linear.weight with nuq.quantize(weight, bits, **quantize_options) and keeps the bias."""
         w = linear.weight.detach().to(torch.float32).cpu().contiguous()

@@ -125,6 +125,16 @@ def quantized_names(tensors):
 
 # ---- tests ----------------------------------------------------------------------------------------------
 
+def test_a_broken_config_json_is_refused_before_any_work(nuq_cli, tmp_path):
+    inp = write_checkpoint(tmp_path, llama_tensors())
+    (inp / "config.json").write_text('{"model_type": "llama", ')  # truncated
+    out = tmp_path / "out"
+    r = run(nuq_cli, "quantize", inp, "--out", out, "--bits", 3)
+    assert r.returncode != 0
+    assert f"{inp / 'config.json'}: not a JSON object" in r.stderr
+    assert not out.exists() or not any(out.iterdir())
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_default_rule_packs_projections_and_keeps_the_rest(nuq_cli, tmp_path, bits):
     src = llama_tensors()
@@ -133,9 +143,17 @@ def test_default_rule_packs_projections_and_keeps_the_rest(nuq_cli, tmp_path, bi
     r = run(nuq_cli, "quantize", inp, "--out", out, "--bits", bits, "--sparse", "0.45%")
     assert r.returncode == 0, r.stderr
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "quant_report.json"]
-    assert (out / "config.json").read_text() == (inp / "config.json").read_text()
     tensors, layers = load_output(out)
     assert sorted(layers) == quantized_names(src)
+    # config.json: the input's keys, plus the quantization_config transformers reads (the metadata's
+    # layers, and the summary: uniform bits, one codebook per row, the share of sparse values).
+    config = json.loads((out / "config.json").read_text())
+    quantization = config.pop("quantization_config")
+    assert config == json.loads((inp / "config.json").read_text())
+    assert quantization["layers"] == layers and quantization["quant_method"] == "nuq"
+    assert quantization["bits"] == bits and quantization["group_size"] == 0
+    assert quantization["sparse_fraction"] == pytest.approx(
+        sum(m["nnz"] for m in layers.values()) / sum(m["rows"] * m["cols"] for m in layers.values()))
     for name, value in src.items():
         base = name[:-len(".weight")]
         if base in layers:

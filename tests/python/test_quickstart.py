@@ -18,6 +18,7 @@ DOC = ROOT / "docs" / "python.md"
 
 
 MODEL_SECTION = "From a Hugging Face checkpoint or a GGUF"
+TRANSFORMERS_SECTION = "Hugging Face transformers"  # run by tests/python/test_hf.py
 
 
 def sections():
@@ -52,14 +53,20 @@ def split_blocks():
     real model (SmolLM2); every block is in exactly one."""
     numpy_blocks, torch_blocks, model_blocks = [], [], []
     for heading, blocks in sections():
+        if heading.startswith(TRANSFORMERS_SECTION):
+            continue
         if heading.startswith(MODEL_SECTION):
             model_blocks += blocks
         elif any(re.search(r"^import torch", b, re.M) for b in blocks):
             torch_blocks += blocks
         else:
             numpy_blocks += blocks
-    assert len(numpy_blocks) + len(torch_blocks) + len(model_blocks) == len(python_blocks())
+    assert len(numpy_blocks) + len(torch_blocks) + len(model_blocks) + len(transformers_blocks()) == len(python_blocks())
     return numpy_blocks, torch_blocks, model_blocks
+
+
+def transformers_blocks():
+    return [b for heading, blocks in sections() if heading.startswith(TRANSFORMERS_SECTION) for b in blocks]
 
 
 def test_doc_has_blocks():
@@ -107,7 +114,8 @@ def test_quickstart_models(tmp_path, smollm2):
 
 def test_doc_imports_are_declared_dependencies():
     """Every module the doc's blocks import comes with `pip install .` (the standard library, nuq, or a
-    dependency in pyproject.toml), except torch, which the PyTorch section's extra provides."""
+    dependency in pyproject.toml), except torch, which the PyTorch section's extra provides, and
+    transformers, which the transformers section's `hf` extra provides."""
     tomllib = pytest.importorskip("tomllib", reason="tomllib needs Python 3.11")
     from importlib.metadata import packages_distributions
 
@@ -118,9 +126,11 @@ def test_doc_imports_are_declared_dependencies():
 
     required = names(project["dependencies"])
     torch_extra = names(project["optional-dependencies"]["torch"])
+    hf_extra = names(project["optional-dependencies"]["hf"])
     distributions = packages_distributions()
     numpy_blocks, torch_blocks, model_blocks = split_blocks()
-    for blocks, allowed in ((numpy_blocks + model_blocks, required), (torch_blocks, required | torch_extra)):
+    for blocks, allowed in ((numpy_blocks + model_blocks, required), (torch_blocks, required | torch_extra),
+                            (transformers_blocks(), required | hf_extra)):
         for block in blocks:
             for node in ast.walk(ast.parse(block)):
                 if isinstance(node, ast.Import):

@@ -3,6 +3,8 @@
 // storage accounting and the quantization_config metadata.
 #include <gtest/gtest.h>
 
+#include <nlohmann/json.hpp>
+
 #include <cmath>
 #include <random>
 #include <string>
@@ -197,6 +199,40 @@ TEST(Format, QuantizationConfigRoundTripsAndChecksVersion) {
                   R"({"quant_method":"nuq","format_version":1,"layers":{"a":{"bits":3,"rows":2,"cols":6,"group_size":4,"nnz":0}}})",
                   "f");
             }).find("layer 'a' has inconsistent geometry"),
+            std::string::npos);
+}
+
+TEST(Format, HuggingFaceConfigGetsTheWholeModelsQuantizationConfigAndItsSummary) {
+  nuq::QuantizationConfig c;
+  c.layers["a"] = {3, 4, 128, 128, 2, "nuq", "F32"};  // one codebook per row
+  c.layers["b"] = {3, 8, 64, 64, 0, "nuq", "F32"};
+  c.extra["tool"] = "test";
+  const std::string hf = R"({"model_type": "llama", "hidden_size": 64})";
+  auto out = nlohmann::json::parse(nuq::hf_config_with_quantization(hf, c, "config.json"));
+  EXPECT_EQ(out["model_type"], "llama");  // the model's own keys are kept
+  EXPECT_EQ(out["hidden_size"], 64);
+  nlohmann::json q = out["quantization_config"];
+  EXPECT_EQ(q["quant_method"], "nuq");
+  EXPECT_EQ(q["bits"], 3);
+  EXPECT_EQ(q["group_size"], 0);
+  EXPECT_DOUBLE_EQ(q["sparse_fraction"].get<double>(), 2.0 / (4 * 128 + 8 * 64));
+  // The same object the safetensors metadata holds, so nuq's own reader parses it.
+  const auto back = nuq::parse_quantization_config(q.dump(), "config.json");
+  EXPECT_EQ(back.layers.size(), 2u);
+  EXPECT_EQ(back.layers.at("a").nnz, 2);
+  EXPECT_EQ(back.extra.at("tool"), "test");
+
+  c.layers["b"].bits = 4;         // a mixed-precision plan
+  c.layers["b"].group_size = 32;  // and groups in one layer
+  q = nlohmann::json::parse(nuq::hf_config_with_quantization(hf, c, "config.json"))["quantization_config"];
+  EXPECT_TRUE(q["bits"].is_null());
+  EXPECT_TRUE(q["group_size"].is_null());
+  c.layers.erase("a");
+  q = nlohmann::json::parse(nuq::hf_config_with_quantization(hf, c, "config.json"))["quantization_config"];
+  EXPECT_EQ(q["bits"], 4);
+  EXPECT_EQ(q["group_size"], 32);
+  EXPECT_NE(error_of([&] { nuq::hf_config_with_quantization("[1, 2]", c, "dir/config.json"); })
+                .find("dir/config.json: not a JSON object"),
             std::string::npos);
 }
 
