@@ -395,6 +395,26 @@ def _calibrate_once(model: str, out_dir: str, text: str, tokenizer: Optional[str
     return {"act": act, "xtx": xtx}
 
 
+# What quantize_pretrained needs of a Hub repository: weights, configs, tokenizer; not other formats' weights.
+_HUB_FILES = ["*.safetensors", "*.safetensors.index.json", "*.json", "tokenizer.model", "merges.txt", "vocab.txt",
+              "*.jinja"]
+
+
+def _model_directory(fn: str, model: PathLike) -> str:
+    """A local path as it is; a Hugging Face Hub id ("org/name", not a path here) downloaded with
+    huggingface_hub (its cache, only the files quantization needs)."""
+    path = _args.path(fn, "model", model)
+    if os.path.exists(path) or path.count("/") != 1 or path.startswith((".", "/")):
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ValueError(f"{fn}: model {path!r} is not a local path, and huggingface_hub (to fetch it from the Hub "
+                         "as a model id) is not installed") from None
+    local: str = snapshot_download(path, allow_patterns=_HUB_FILES)
+    return local
+
+
 def quantize_pretrained(model: PathLike, out_dir: PathLike, bits: int = 3, *, sparse: _args.Fraction = "0.45%",
                         calibration_text: Optional[PathLike] = None, error_feedback: Optional[bool] = None,
                         tokenizer: Optional[PathLike] = None, calibration_tokens: int = 8192, skip_tokens: int = 0,
@@ -404,8 +424,9 @@ def quantize_pretrained(model: PathLike, out_dir: PathLike, bits: int = 3, *, sp
     """Calibrate, quantize and save a Hugging Face model directory in one call: the result is a directory
     that `AutoModelForCausalLM.from_pretrained` loads after `import nuq.hf` (and that `nuq eval` runs).
 
-    model: Hugging Face model directory (config.json + safetensors, sharded or not), a .safetensors file,
-        or anything quantize_checkpoint reads. out_dir: created if absent; config.json (with
+    model: Hugging Face model directory (config.json + safetensors, sharded or not), a Hub model id
+        ("org/name", fetched with huggingface_hub when no such local path exists), a .safetensors file, or
+        anything quantize_checkpoint reads. out_dir: created if absent; config.json (with
         quantization_config) and tokenizer files are copied from a model directory.
     bits: 2, 3 or 4 (a plan overrides it per layer). sparse: share of each layer's weights kept in fp16
         ('0.45%' or 0.0045); with calibration, 0.05% of it goes to the most sensitive weights, as in
@@ -422,7 +443,7 @@ def quantize_pretrained(model: PathLike, out_dir: PathLike, bits: int = 3, *, sp
     Returns quantize_checkpoint's result.
     """
     fn = "quantize_pretrained"
-    in_path, out_path = _args.path(fn, "model", model), _args.path(fn, "out_dir", out_dir)
+    in_path, out_path = _model_directory(fn, model), _args.path(fn, "out_dir", out_dir)
     sparse_fraction = _args.fraction(fn, "sparse", sparse)
     if error_feedback is None:
         error_feedback = calibration_text is not None

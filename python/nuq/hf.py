@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import transformers
@@ -28,8 +28,9 @@ if int(transformers.__version__.split(".")[0]) < 5:
     raise ImportError(f"nuq.hf needs transformers 5 or later, found {transformers.__version__} "
                       "(pip install 'transformers>=5')")
 
-from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
-from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING,
+                                         register_quantization_config, register_quantizer)
+from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 import nuq as _nuq
@@ -57,7 +58,7 @@ class NuqConfig(QuantizationConfigMixin):
     def __init__(self, layers: Optional[Dict[str, Dict[str, Any]]] = None, format_version: int = _nuq.FORMAT_VERSION,
                  bits: Optional[int] = None, group_size: Optional[int] = None, sparse_fraction: float = 0.0,
                  extra: Optional[Dict[str, str]] = None, **kwargs: Any):
-        self.quant_method = QUANT_METHOD
+        self.quant_method = QUANT_METHOD  # type: ignore[assignment]  # registered methods are plain strings
         self.format_version = format_version
         self.bits = bits
         self.group_size = group_size
@@ -101,7 +102,7 @@ def _check_layer(name: str, meta: Any) -> None:
         raise ValueError(f"{key} has inconsistent geometry: rows {rows}, cols {cols}, group_size {group}, nnz {nnz}")
 
 
-def _expected_tensors(name: str, meta: Dict[str, Any]) -> Dict[str, tuple]:
+def _expected_tensors(name: str, meta: Dict[str, Any]) -> Dict[str, Tuple[str, List[int]]]:
     """The packed tensors of one layer as (dtype, shape), as docs/format.md specifies them."""
     rows, cols, bits, nnz = meta["rows"], meta["cols"], meta["bits"], meta["nnz"]
     dense = {
@@ -204,7 +205,7 @@ class NuqHfQuantizer(HfQuantizer):
                 raise ValueError(f"nuq: packed layer '{name}' is invalid: {e}") from e
         return model
 
-    def get_state_dict_and_metadata(self, model: nn.Module):
+    def get_state_dict_and_metadata(self, model: nn.Module) -> Tuple[None, Dict[str, str]]:
         # The C++ readers (nuq eval, the decoder, nuq.Checkpoint) find the packed layers in the safetensors
         # metadata, so save_pretrained's files carry it as nuq quantize's do.
         # Every shard gets the whole model's layers (this hook cannot tell shards apart); nuq's readers look

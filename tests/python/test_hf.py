@@ -71,6 +71,10 @@ def assert_matches_nuq(nuq, transformers, quantized_dir, tokenizer, wikitext, pr
     gen = nuq.generate(quantized_dir, prompt, tokenizer=tokenizer, max_new_tokens=32, arithmetic="exact",
                        progress=False)
     assert len(gen["tokens"]) == 32, "the prompt must not reach EOS within 32 tokens for a full comparison"
+    binary = subprocess.run([str(find_binary("examples/nuq_generate")), "--model", str(quantized_dir), "--tokenizer",
+                             str(tokenizer), "--prompt", prompt, "--steps", "32", "--arithmetic", "exact"],
+                            capture_output=True, text=True, check=True)
+    assert binary.stdout.startswith(prompt + gen["text"])  # the example prints what nuq.generate returned
     model = transformers.AutoModelForCausalLM.from_pretrained(quantized_dir)
     assert ref["tokens_scored"] == PPL_TOKENS
     ppl = hf_perplexity(model, token_ids(tokenizer, wikitext)[:PPL_TOKENS], gen["prompt_tokens"][0])
@@ -343,3 +347,23 @@ def test_docs_transformers_section(nuq, transformers, smollm2, tmp_path):
     assert out.startswith("The GNU General Public License is") and len(out.split()) > 8, out
     config = json.loads((tmp_path / "smollm2-hf-q3" / "config.json").read_text())["quantization_config"]
     assert config["bits"] == 3 and (tmp_path / "smollm2-hf-q3" / "tokenizer.json").is_file()
+
+
+def test_quantize_pretrained_takes_a_hub_model_id(nuq, stories_hf, tmp_path, monkeypatch):
+    """A model id that is not a local path goes through huggingface_hub.snapshot_download (stubbed: CI has
+    no network to the Hub) and the snapshot it returns is quantized."""
+    hub = pytest.importorskip("huggingface_hub", reason="huggingface_hub is not installed")
+    calls = []
+
+    def snapshot_download(repo_id, **kwargs):
+        calls.append((repo_id, kwargs))
+        return str(stories_hf)
+
+    monkeypatch.setattr(hub, "snapshot_download", snapshot_download)
+    monkeypatch.chdir(tmp_path)
+    r = nuq.quantize_pretrained("karpathy/stories260K", tmp_path / "q", bits=4, progress=False)
+    assert [c[0] for c in calls] == ["karpathy/stories260K"]
+    assert "*.safetensors" in calls[0][1]["allow_patterns"]
+    assert r["average_bits_per_weight"] > 4 and (tmp_path / "q" / "config.json").is_file()
+    with pytest.raises(OSError, match="no/such/model: no such file or directory"):  # a path, not an id
+        nuq.quantize_pretrained("./no/such/model", tmp_path / "x", bits=4, progress=False)
