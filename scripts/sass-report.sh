@@ -12,7 +12,8 @@ cd "$root"
 out=${1:-build-sass}
 mkdir -p "$out"
 if ! command -v nvcc >/dev/null && [ -x /usr/local/cuda/bin/nvcc ]; then export PATH=/usr/local/cuda/bin:$PATH; fi
-if ! python3 -c "import nvidia, pathlib, sys; sys.exit(not any(pathlib.Path(p).glob('*/bin/nvdisasm') for p in nvidia.__path__))" 2>/dev/null; then
+# Both tools, each looked for as sass_report.py does (glob's generators are always truthy: list them).
+if ! python3 -c "import nvidia, pathlib, sys; sys.exit(not all(any(list(pathlib.Path(p).glob('*/bin/' + t)) for p in nvidia.__path__) for t in ('cuobjdump', 'nvdisasm')))" 2>/dev/null; then
   python3 -m pip install -q nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm 2>/dev/null ||
     python3 -m pip install -q --break-system-packages nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm
 fi
