@@ -759,6 +759,15 @@ int64_t LlamaModel::packed_layer_count() const noexcept {
   return n;
 }
 
+int64_t LlamaModel::int8_layer_count() const {
+  const cpu::LinearOptions options{impl_->threads, std::nullopt, impl_->arithmetic};
+  int64_t n = 0;
+  for (const Block& b : impl_->blocks)
+    for (const Linear* l : {&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down})
+      n += l->packed && l->backend_id < 0 && cpu::fused_arithmetic(*l->packed, options) == cpu::Arithmetic::int8;
+  return n;
+}
+
 double LlamaModel::linear_bits_per_weight() const noexcept {
   uint64_t bytes = 0;
   for (const Block& b : impl_->blocks)

@@ -165,17 +165,20 @@ LlamaLoadOptions load_options(int threads, bool decode_packed, const std::string
   return load;
 }
 
-// EvalResult::arithmetic: how packed layers multiplied in forward calls of `step` tokens (0: prefill).
-// Under "fastest", layers whose groups are not a multiple of cpu::kInt8Block columns stay exact.
+// EvalResult::arithmetic: how packed layers multiplied in forward calls of `step` tokens (0: prefill),
+// counted per layer with the kernels' own decision (under "fastest", layers whose groups are not a
+// multiple of cpu::kInt8Block columns stay exact).
 std::string arithmetic_used(const LlamaModel& model, const LlamaLoadOptions& load, const std::string& device,
                             int64_t step) {
   if (load.decode_packed) return "decoded to fp32";
-  if (model.packed_layer_count() == 0) return "none (full-precision layers)";
+  const int64_t packed = model.packed_layer_count();
+  if (packed == 0) return "none (full-precision layers)";
   if (load.linear_backend) return device;
   if (step == 0 || step > cpu::kMaxFusedBatch) return "exact (prefill)";
-  if (load.arithmetic == cpu::Arithmetic::fastest)
-    return cpu::int8_kernel_supported() ? "int8" : "exact";
-  return std::string(cpu::to_string(load.arithmetic));
+  const int64_t int8 = model.int8_layer_count();
+  if (int8 == 0) return "exact";
+  if (int8 == packed) return "int8";
+  return fmt::format("int8 in {} of {} packed layers, exact in the rest", int8, packed);
 }
 
 kv::Rope rope_of(const LlamaConfig& c) { return kv::Rope{c.rope, c.rope_theta, kv::RopeScaling::none, 1.0}; }

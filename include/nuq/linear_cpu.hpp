@@ -57,6 +57,11 @@ inline constexpr int64_t kInt8Block = 256;
 // runs a portable implementation of the same arithmetic.
 bool int8_kernel_supported();
 
+// The arithmetic linear() applies to calls of <= kMaxFusedBatch rows of layer `w`: options.arithmetic
+// with fastest resolved (int8 where this CPU has the int8 kernel, the isa is avx512 and the layer's
+// groups allow it; exact elsewhere). Reports say which arithmetic ran from this, not a guess.
+Arithmetic fused_arithmetic(const format::PackedLinearView& w, const LinearOptions& options);
+
 // Batches up to this size take the fused LUT GEMV (weights read once for all rows of the batch);
 // larger ones dequantize blocks of rows to fp32 and multiply with Eigen.
 inline constexpr int64_t kMaxFusedBatch = 16;

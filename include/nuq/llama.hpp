@@ -102,6 +102,9 @@ class LlamaModel {
   // Linear layers that multiply packed (CPU kernels or a linear_backend); 0 for full-precision
   // checkpoints and with decode_packed.
   int64_t packed_layer_count() const noexcept;
+  // Of those, the layers the CPU kernels multiply in int8 in forward calls of <= cpu::kMaxFusedBatch
+  // tokens (cpu::fused_arithmetic of each layer under LlamaLoadOptions::arithmetic); the rest are exact.
+  int64_t int8_layer_count() const;
   // Worker threads its products use (LlamaLoadOptions::threads resolved).
   int threads() const noexcept;
   // Where the tokenizer can be read from when it travels with the weights (GGUF metadata, a llama2.c

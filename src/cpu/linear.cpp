@@ -391,15 +391,19 @@ std::optional<Arithmetic> arithmetic_from_string(std::string_view name) {
   return std::nullopt;
 }
 
+Arithmetic fused_arithmetic(const format::PackedLinearView& w, const LinearOptions& options) {
+  if (options.arithmetic != Arithmetic::fastest) return options.arithmetic;
+  // fastest: only the VNNI kernel is faster than exact; the portable int8 reference is slower.
+  return resolve_isa(options) == Isa::avx512 && int8_kernel_supported() && int8_layer_supported(w) ? Arithmetic::int8
+                                                                                                   : Arithmetic::exact;
+}
+
 void linear(const format::PackedLinearView& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t batch,
             const LinearOptions& options) {
   check_call(w, x, ldx, y, ldy, batch);
   check_threads(options);
   const Isa isa = resolve_isa(options);
-  // fastest: only the VNNI kernel is faster than exact; the portable int8 reference is slower.
-  const bool int8 = options.arithmetic == Arithmetic::int8 ||
-                    (options.arithmetic == Arithmetic::fastest && isa == Isa::avx512 && int8_kernel_supported() &&
-                     int8_layer_supported(w));
+  const bool int8 = fused_arithmetic(w, options) == Arithmetic::int8;
   if (batch <= kMaxFusedBatch && int8) {
     // Without VNNI (or when the scalar implementation is forced) the reference is the implementation.
     if (isa == Isa::avx512 && int8_kernel_supported())

@@ -469,6 +469,11 @@ TEST(LinearCpuArithmetic, FastestIsTheInt8KernelWhereItRunsAndExactElsewhere) {
           nuq::cpu::linear(t.packed.view(), t.x.data(), t.ldx, y.data(), c.spec.rows, batch, {1, isa, arithmetic});
           return y;
         };
+        // What reports print (fused_arithmetic) is what the fused calls do.
+        if (batch <= nuq::cpu::kMaxFusedBatch)
+          EXPECT_EQ(nuq::cpu::fused_arithmetic(t.packed.view(), {1, isa, nuq::cpu::Arithmetic::fastest}),
+                    int8 ? nuq::cpu::Arithmetic::int8 : nuq::cpu::Arithmetic::exact)
+              << describe(c.spec);
         const std::vector<float> fastest = run(nuq::cpu::Arithmetic::fastest);
         const std::vector<float> want = run(int8 ? nuq::cpu::Arithmetic::int8 : nuq::cpu::Arithmetic::exact);
         ASSERT_EQ(0, std::memcmp(fastest.data(), want.data(), want.size() * sizeof(float)))
