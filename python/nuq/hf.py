@@ -123,8 +123,15 @@ def _safetensors_headers(files: Iterable[str]) -> Dict[str, Dict[str, Any]]:
         if not str(path).endswith(".safetensors"):
             continue
         with open(path, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(size))
+            prefix = f.read(8)
+            size = int.from_bytes(prefix, "little")
+            text = f.read(size) if len(prefix) == 8 and size <= os.path.getsize(path) - 8 else b""
+        try:
+            header = json.loads(text)
+        except ValueError:
+            header = None
+        if not isinstance(header, dict):
+            raise ValueError(f"{path}: not a safetensors file (truncated, or its header is not a JSON object)")
         header.pop("__metadata__", None)
         headers.update(header)
     return headers

@@ -265,6 +265,8 @@ BAD_CHECKPOINTS = {
                          f"packed tensor '{FIRST}.lut' is missing"),
     "a tensor of another shape": (lambda d: rewrite_tensors(d, lambda t: t.update(
         {FIRST + ".qweight": t[FIRST + ".qweight"][:, :-8].copy()})), f"packed tensor '{FIRST}.qweight' is U8 [64, 16]"),
+    "a truncated file": (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:100]),
+                         "model.safetensors: not a safetensors file (truncated"),
     "a layer the model lacks": (lambda d: edit_config(d, lambda q: q["layers"].update(
         {"model.layers.9.mlp.up_proj": q["layers"][FIRST]})), "'model.layers.9.mlp.up_proj', which is not an nn.Linear"),
 }
