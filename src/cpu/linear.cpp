@@ -391,11 +391,18 @@ std::optional<Arithmetic> arithmetic_from_string(std::string_view name) {
   return std::nullopt;
 }
 
-Arithmetic fused_arithmetic(const format::PackedLinearView& w, const LinearOptions& options) {
-  if (options.arithmetic != Arithmetic::fastest) return options.arithmetic;
+namespace {
+// fused_arithmetic with the isa already resolved: linear() resolves it once per call.
+Arithmetic fused_arithmetic_on(const format::PackedLinearView& w, Arithmetic arithmetic, Isa isa) {
+  if (arithmetic != Arithmetic::fastest) return arithmetic;
   // fastest: only the VNNI kernel is faster than exact; the portable int8 reference is slower.
-  return resolve_isa(options) == Isa::avx512 && int8_kernel_supported() && int8_layer_supported(w) ? Arithmetic::int8
-                                                                                                   : Arithmetic::exact;
+  return isa == Isa::avx512 && int8_kernel_supported() && int8_layer_supported(w) ? Arithmetic::int8
+                                                                                  : Arithmetic::exact;
+}
+}  // namespace
+
+Arithmetic fused_arithmetic(const format::PackedLinearView& w, const LinearOptions& options) {
+  return fused_arithmetic_on(w, options.arithmetic, resolve_isa(options));
 }
 
 void linear(const format::PackedLinearView& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t batch,
@@ -403,7 +410,7 @@ void linear(const format::PackedLinearView& w, const float* x, int64_t ldx, floa
   check_call(w, x, ldx, y, ldy, batch);
   check_threads(options);
   const Isa isa = resolve_isa(options);
-  const bool int8 = fused_arithmetic(w, options) == Arithmetic::int8;
+  const bool int8 = fused_arithmetic_on(w, options.arithmetic, isa) == Arithmetic::int8;
   if (batch <= kMaxFusedBatch && int8) {
     // Without VNNI (or when the scalar implementation is forced) the reference is the implementation.
     if (isa == Isa::avx512 && int8_kernel_supported())
