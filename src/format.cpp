@@ -154,7 +154,9 @@ format::PackedLinearView PackedLinear::view() const {
   return v;
 }
 
-std::string to_json(const QuantizationConfig& config) {
+namespace {
+// The quantization_config object; to_json writes it, hf_config_with_quantization extends it.
+nlohmann::json config_object(const QuantizationConfig& config) {
   nlohmann::json j;
   j["quant_method"] = "nuq";
   j["format_version"] = config.format_version;
@@ -166,8 +168,11 @@ std::string to_json(const QuantizationConfig& config) {
   }
   j["layers"] = std::move(layers);
   if (!config.extra.empty()) j["extra"] = config.extra;
-  return j.dump();
+  return j;
 }
+}  // namespace
+
+std::string to_json(const QuantizationConfig& config) { return config_object(config).dump(); }
 
 QuantizationConfig parse_quantization_config(std::string_view text, std::string_view source) {
   nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
@@ -228,7 +233,7 @@ nlohmann::json quantization_summary(const QuantizationConfig& config) {
     weights += m.rows * m.cols;
     nnz += m.nnz;
   }
-  nlohmann::json j = nlohmann::json::parse(to_json(config));
+  nlohmann::json j = config_object(config);
   j["bits"] = bits.size() == 1 ? nlohmann::json(*bits.begin()) : nlohmann::json(nullptr);
   j["group_size"] = groups.size() == 1 ? nlohmann::json(*groups.begin()) : nlohmann::json(nullptr);
   j["sparse_fraction"] = weights ? double(nnz) / double(weights) : 0.0;
