@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstring>
 #include <string>
+#include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -40,6 +41,7 @@ constexpr int kTile = 16;     // tokens per warp tile: the value MMA's K, two sc
 constexpr int kKeyStride = 8;   // halves of padding per K tile row: fragment loads hit 32 distinct banks
 constexpr int kValueRow = kTile + 8;  // halves per V^T tile row (channel), padded for the same reason
 constexpr int kMaxPageTokens = 64;    // the in-page RoPE steps live in shared memory: 32 KiB at head dim 128
+constexpr int kMaxSinkTokens = 64;    // full-precision tokens per sequence (StreamingLLM and KVQuant keep 1-4)
 
 // 16-bit query and output values of either type, as bits.
 template <class T>
@@ -57,6 +59,35 @@ __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
   return uint32_t(__half_as_ushort(__float2half_rn(lo))) | uint32_t(__half_as_ushort(__float2half_rn(hi))) << 16;
 }
 __device__ __forceinline__ float half_bits_to_float(uint16_t bits) { return __half2float(__ushort_as_half(bits)); }
+
+// Half2 arithmetic on raw bits. a·b + c per half, rounded once (HFMA2), and the complex product
+// k·e^{iθ} = x·(cos, sin) + y·(−sin, cos) for k = (x, y), cs = (cos, sin), ns = (−sin, cos): an HMUL2
+// and an HFMA2, whose broadcasts of x and y are operand swizzles (.H0_H0, .H1_H1), not instructions.
+#if defined(NUQ_CUDA_EMULATED)
+__device__ __forceinline__ float half_lo(uint32_t v) { return half_bits_to_float(uint16_t(v)); }
+__device__ __forceinline__ float half_hi(uint32_t v) { return half_bits_to_float(uint16_t(v >> 16)); }
+__device__ __forceinline__ float fma_to_half(float a, float b, float c) {  // exact product, one rounding
+  return __half2float(__float2half_rn(float(double(a) * double(b) + double(c))));
+}
+__device__ __forceinline__ uint32_t hfma2_bits(uint32_t a, uint32_t b, uint32_t c) {
+  return pack_half2(fma_to_half(half_lo(a), half_lo(b), half_lo(c)), fma_to_half(half_hi(a), half_hi(b), half_hi(c)));
+}
+__device__ __forceinline__ uint32_t rotate_half2(uint32_t k, uint32_t cs, uint32_t ns) {
+  const float x = half_lo(k), y = half_hi(k);
+  const float t0 = fma_to_half(y, half_lo(ns), 0.0f), t1 = fma_to_half(y, half_hi(ns), 0.0f);
+  return pack_half2(fma_to_half(x, half_lo(cs), t0), fma_to_half(x, half_hi(cs), t1));
+}
+#else
+__device__ __forceinline__ __half2 as_half2(uint32_t v) { return *reinterpret_cast<const __half2*>(&v); }
+__device__ __forceinline__ uint32_t as_bits(__half2 v) { return *reinterpret_cast<const uint32_t*>(&v); }
+__device__ __forceinline__ uint32_t hfma2_bits(uint32_t a, uint32_t b, uint32_t c) {
+  return as_bits(__hfma2(as_half2(a), as_half2(b), as_half2(c)));
+}
+__device__ __forceinline__ uint32_t rotate_half2(uint32_t k, uint32_t cs, uint32_t ns) {
+  const __half2 k2 = as_half2(k);
+  return as_bits(__hfma2(__low2half2(k2), as_half2(cs), __hmul2(__high2half2(k2), as_half2(ns))));
+}
+#endif
 
 // Bits [shift, shift + 32) of hi:lo.
 __device__ __forceinline__ uint32_t funnel_right(uint32_t lo, uint32_t hi, uint32_t shift) {
@@ -91,19 +122,23 @@ __device__ __forceinline__ uint32_t spread_bits(uint32_t x) {
 
 // The 16 indices of one group (docs/kv-cache.md, "Index packing") in the 4-bit layout whatever the
 // width: channel 2i in nibble i of `even`, channel 2i + 1 in nibble i of `odd`, so that the decode
-// loops below extract every index with one shift and mask by a constant. Written with selects on the
-// width (nvcc still branches around the 3-bit plane's spread, which the SASS count includes); the 8 bytes it
-// reads stay inside the staged records' shared memory (the last group of a record reads into the
-// next record or the following buffer; those bytes are not used).
-__device__ __forceinline__ void group_nibbles(const uint8_t* g, int bits, uint32_t& even, uint32_t& odd) {
+// loops below extract every index with one shift and mask by a constant. The bytes it reads stay inside
+// the staged records' shared memory (the last group of a record reads into the next record or the
+// following buffer; those bytes are not used).
+template <int BITS>
+__device__ __forceinline__ void group_nibbles(const uint8_t* g, uint32_t& even, uint32_t& odd) {
   uint32_t w0, w1;
   load_8_bytes(g, w0, w1);
-  // 2 and 3 bits: channel r's low 2 bits at bit 2r, so even channels land at 4i, odd ones at 4i + 2 >> 2.
-  const uint32_t plane = bits == 3 ? spread_bits(w1) : 0u;  // 3 bits: bit r of the plane -> bit 2r
-  const uint32_t even23 = (w0 & 0x33333333u) | ((plane << 2) & 0x44444444u);
-  const uint32_t odd23 = ((w0 >> 2) & 0x33333333u) | (plane & 0x44444444u);
-  even = bits == 4 ? w0 : even23;
-  odd = bits == 4 ? w1 : odd23;
+  if constexpr (BITS == 4) {
+    even = w0;
+    odd = w1;
+  } else {
+    // 2 and 3 bits: channel r's low 2 bits at bit 2r, so even channels land at 4i, odd ones at 4i + 2 >> 2;
+    // at 3 bits the plane's bit r goes to bit 2r first (w1 at 2 bits is the next group's: not used).
+    const uint32_t plane = BITS == 3 ? spread_bits(w1) : 0u;
+    even = (w0 & 0x33333333u) | ((plane << 2) & 0x44444444u);
+    odd = ((w0 >> 2) & 0x33333333u) | (plane & 0x44444444u);
+  }
 }
 
 // Shared-memory addresses as 32-bit integers, for the decode's table lookups: an entry's address is
@@ -129,6 +164,18 @@ __device__ __forceinline__ uint32_t table_load(uint32_t address) {
   return v;
 #endif
 }
+template <int OFFSET>
+__device__ __forceinline__ uint32_t table_load_u16(uint32_t address) {
+#if defined(NUQ_CUDA_EMULATED)
+  uint16_t v;
+  std::memcpy(&v, detail::dynamic_shared<unsigned char>() + address + OFFSET, 2);
+  return v;
+#else
+  unsigned short v;
+  asm volatile("ld.shared.u16 %0, [%1+%2];\n" : "=h"(v) : "r"(address), "n"(OFFSET));
+  return v;
+#endif
+}
 // Nibble K of w times 4 (a float or a uint32 entry's byte offset), and byte K of w times 4.
 template <int K>
 __device__ __forceinline__ uint32_t nibble_x4(uint32_t w) {
@@ -141,10 +188,9 @@ __device__ __forceinline__ uint32_t byte_x4(uint32_t w) {
 
 // Host-computed byte offsets into the block's dynamic shared memory (launch_decode).
 struct SplitLayout {
-  int key_table;   // float [HD][16]: k_codebook[i] * k_scale[h][p] + k_offset[h][p]
+  int key_table;   // key_table_bytes: the head's key tables (k_codebook[i] * k_scale[h][p] + k_offset[h][p], fp16)
   int value_pairs;  // uint32 [256]: fp16 (v_codebook[i & 15], v_codebook[i >> 4])
-  int step_rotations;  // float2 [block_tokens][HD / 2]: cos, sin of every in-page step (shared-memory loads
-                       // with 32-bit addresses, where global ones cost two 64-bit adds each)
+  int step_rotations;  // half2 pairs [block_tokens][HD / 2]: (cos, sin), (−sin, cos) of every in-page step
   int queries;     // float [G][HD]: rotated to position len - 1, storage order
   int warps;       // the warps' regions, warp_bytes each; after the token loop, the merge buffers
   int warp_bytes;
@@ -178,9 +224,10 @@ __device__ __forceinline__ void rope_at(const KvDeviceCache& c, int64_t t, int p
 // Per warp and tile: what the decode passes share.
 struct Tile {
   int start, live, step0;  // first token, tokens < length (0..16), in-page step of the first token
+  int first;               // tokens before it are sink tokens (sink_prologue's), masked here
   uint8_t* k_records;  // kTile records as stored in the page
   uint8_t* v_records;
-  uint16_t* k_tile;  // fp16 [kTile][HD + kKeyStride], storage order, rotated by the step
+  uint16_t* k_tile;  // fp16 [kTile][HD + kKeyStride]: RoPE pair p at 2p, 2p + 1, rotated by the step
   uint16_t* v_tile;  // fp16 [HD][kValueRow]: V transposed, model order, in codebook units
   float* v_scale;    // float2 [kTile]: each token's value scale and offset (patch_tile)
 };
@@ -213,40 +260,68 @@ __device__ __forceinline__ void stage_records(const KvDeviceCache& c, const Size
   __syncwarp();
 }
 
-// Keys: lane decodes token lane/2, index groups (lane % 2) + 2j; channel pairs (16g + r, 16g + r + 8) are
-// RoPE pairs, rotated here by the token's in-page step.
-template <int HD>
-__device__ __forceinline__ void decode_keys(const KvDeviceCache& c, const Sizes& sz, const Tile& tile,
-                                            float* key_table, const float4* step_rotations, int lane) {
+// Key tables: for 2 and 3 bits one table per RoPE pair (storage channels 16g + r and 16g + r + 8, pair
+// 8g + r), entry ia | ib << KB = fp16 (cb[ia]·s_a + o_a, cb[ib]·s_b + o_b), so that one lookup gives the
+// pair (4 / 16 KiB at head dim 128); at 4 bits (whose pair tables would take 64 KiB) one fp16 table per
+// channel, [HD][16], and two lookups.
+template <int KB>
+constexpr bool kKeyPairTables = KB <= 3;
+template <int KB>
+constexpr int kKeyPairEntries = 1 << (2 * KB);
+__host__ __device__ inline int key_table_bytes(int head_dim, int bits) {
+  return bits <= 3 ? head_dim / 2 * (1 << (2 * bits)) * 4 : head_dim * 16 * 2;
+}
+
+// Keys: lane decodes token lane/2, index groups (lane % 2) + 2j. The K tile holds RoPE pair p of the
+// storage order as one complex number, fp16 at positions 2p, 2p + 1 (the page's queries use the same
+// order: a dot product does not care about the order of its terms), rotated by the in-page step in half2.
+template <int HD, int KB>
+__device__ __forceinline__ void decode_keys(const Sizes& sz, const Tile& tile, const void* key_table,
+                                            const uint4* step_rotations, int lane) {
   constexpr int kGroups = HD / 16, kPairs = HD / 2;
   const int tok = lane / 2;
   const uint8_t* rec = tile.k_records + tok * sz.k_bytes;
-  const float4* rotations = step_rotations + (tile.step0 + tok) * (kPairs / 2);
-  uint16_t* row = tile.k_tile + tok * (HD + kKeyStride);
+  const uint4* rotations = step_rotations + (tile.step0 + tok) * (kPairs / 2);  // two pairs per uint4
+  uint4* row = reinterpret_cast<uint4*>(tile.k_tile + tok * (HD + kKeyStride));
 #pragma unroll
   for (int j = 0; j < (kGroups + 1) / 2; ++j) {
     const int g = 2 * j + (lane & 1);
     if (g >= kGroups) break;
     uint32_t even, odd;
-    group_nibbles(rec + g * 2 * c.bits_k, c.bits_k, even, odd);
-    const uint32_t table = shared_address(key_table + 16 * 16 * g);  // channel r at table + 64 r
-    auto pairs = [&](auto r_c) {
-      constexpr int r = decltype(r_c)::value;  // channels r, r + 1 and their partners r + 8, r + 9
-      // Channel r's index: nibble r/2 of `even` (r even) or `odd`; the partner r + 8 is nibble r/2 + 4.
-      const float a0 = __uint_as_float(table_load<64 * r>(table | nibble_x4<r / 2>(even)));
-      const float a1 = __uint_as_float(table_load<64 * (r + 1)>(table | nibble_x4<r / 2>(odd)));
-      const float b0 = __uint_as_float(table_load<64 * (r + 8)>(table | nibble_x4<r / 2 + 4>(even)));
-      const float b1 = __uint_as_float(table_load<64 * (r + 9)>(table | nibble_x4<r / 2 + 4>(odd)));
-      const float4 rot = rotations[4 * g + r / 2];  // cos, sin of pair 8g + r, then of 8g + r + 1
-      const uint32_t first = pack_half2(fmaf(a0, rot.x, -b0 * rot.y), fmaf(a1, rot.z, -b1 * rot.w));
-      const uint32_t second = pack_half2(fmaf(a0, rot.y, b0 * rot.x), fmaf(a1, rot.w, b1 * rot.z));
-      *reinterpret_cast<uint32_t*>(row + 16 * g + r) = first;
-      *reinterpret_cast<uint32_t*>(row + 16 * g + r + 8) = second;
+    group_nibbles<KB>(rec + g * 2 * KB, even, odd);
+    uint32_t out[8];
+    auto pair = [&](auto r_c) {
+      constexpr int r = decltype(r_c)::value;  // channels r and r + 8: nibbles r/2 and r/2 + 4 of even/odd
+      constexpr int k = r / 2;
+      const uint32_t w = r % 2 ? odd : even;
+      uint32_t packed;
+      if constexpr (kKeyPairTables<KB>) {
+        constexpr uint32_t mask = (1u << KB) - 1;
+        // Tables of a group's 8 pairs are contiguous: the group's base | (ia·4 | ib·4 << KB), pair r by
+        // the load's immediate offset.
+        const uint32_t table = shared_address(key_table) + uint32_t(g) * (8 * kKeyPairEntries<KB> * 4);
+        const uint32_t ia = (k == 0 ? w << 2 : w >> (4 * k - 2)) & (mask << 2);
+        const uint32_t ib = (w >> (4 * k + 16 - KB - 2)) & (mask << (KB + 2));
+        packed = table_load<r * kKeyPairEntries<KB> * 4>(table | ia | ib);
+      } else {
+        const uint32_t table = shared_address(key_table) + uint32_t(g) * (16 * 16 * 2);  // channel r at + 32r
+        const uint32_t a = table_load_u16<32 * r>(table | ((k == 0 ? w << 1 : w >> (4 * k - 1)) & 0x1eu));
+        const uint32_t b = table_load_u16<32 * (r + 8)>(table | ((w >> (4 * k + 15)) & 0x1eu));
+        packed = a | b << 16;
+      }
+      const uint4 rot = rotations[4 * g + r / 2];  // (cos, sin), (−sin, cos) of pair 8g + r, then 8g + r + 1
+      out[r] = r % 2 ? rotate_half2(packed, rot.z, rot.w) : rotate_half2(packed, rot.x, rot.y);
     };
-    pairs(std::integral_constant<int, 0>{});
-    pairs(std::integral_constant<int, 2>{});
-    pairs(std::integral_constant<int, 4>{});
-    pairs(std::integral_constant<int, 6>{});
+    pair(std::integral_constant<int, 0>{});
+    pair(std::integral_constant<int, 1>{});
+    pair(std::integral_constant<int, 2>{});
+    pair(std::integral_constant<int, 3>{});
+    pair(std::integral_constant<int, 4>{});
+    pair(std::integral_constant<int, 5>{});
+    pair(std::integral_constant<int, 6>{});
+    pair(std::integral_constant<int, 7>{});
+    row[2 * g] = make_uint4(out[0], out[1], out[2], out[3]);
+    row[2 * g + 1] = make_uint4(out[4], out[5], out[6], out[7]);
   }
 }
 
@@ -254,7 +329,7 @@ __device__ __forceinline__ void decode_keys(const KvDeviceCache& c, const Sizes&
 // codebook values only (the token's scale goes into P and its offset into a per-head sum, see the
 // token loop), so one lookup in the table of codebook pairs gives both tokens' values of a channel,
 // packed as the A fragment wants them, and one 32-bit store puts them in V^T.
-template <int HD>
+template <int HD, int VB>
 __device__ __forceinline__ void decode_values(const KvDeviceCache& c, const Sizes& sz, const Tile& tile,
                                               uint32_t* value_pairs, int lane) {
   const uint32_t pairs_at = shared_address(value_pairs);  // 1024-aligned: entry i at pairs_at | 4i
@@ -267,8 +342,8 @@ __device__ __forceinline__ void decode_values(const KvDeviceCache& c, const Size
     const int g = 4 * j + lane / 8;
     if (g >= kGroups) break;
     uint32_t e0, d0, e1, d1;
-    group_nibbles(r0 + g * 2 * c.bits_v, c.bits_v, e0, d0);
-    group_nibbles(r1 + g * 2 * c.bits_v, c.bits_v, e1, d1);
+    group_nibbles<VB>(r0 + g * 2 * VB, e0, d0);
+    group_nibbles<VB>(r1 + g * 2 * VB, e1, d1);
     // Byte k of pair[m]: channel 4k + m's index for token tok (low nibble) and tok + 1 (high nibble).
     const uint32_t pair[4] = {(e0 & 0x0f0f0f0fu) | (e1 & 0x0f0f0f0fu) << 4, (d0 & 0x0f0f0f0fu) | (d1 & 0x0f0f0f0fu) << 4,
                               (e0 >> 4 & 0x0f0f0f0fu) | (e1 & 0xf0f0f0f0u), (d0 >> 4 & 0x0f0f0f0fu) | (d1 & 0xf0f0f0f0u)};
@@ -299,34 +374,34 @@ __device__ __forceinline__ void decode_values(const KvDeviceCache& c, const Size
 __device__ __forceinline__ void add_to_half(uint16_t* p, float v) { *p = __half_as_ushort(__float2half_rn(half_bits_to_float(*p) + v)); }
 
 // Outlier residuals (lanes 0-15 the keys of token `lane`, lanes 16-31 the values of token lane - 16; the
-// slots of one token go through one lane, so two slots on one channel never race) and sink tokens, whose
-// full-precision copies replace their decoded rows. A key residual on storage channel p moves both
-// members of p's RoPE pair: it is rotated by the step like the rest of the key. Values hold codebook
-// units (value = tile · scale + offset): lanes 16-31 also write their token's (scale, offset) to
-// v_scale, a value residual enters as residual / scale, and a token with scale 0 gets scale 1 and a
-// column of zeros first (nuq's writer stores 1 for a range of 0, src/kv_cache.cpp; pages written
-// elsewhere may not). Sinks: scale 1, offset 0.
+// slots of one token go through one lane, so two slots on one channel never race). A key residual on
+// storage channel p moves both members of p's RoPE pair: it is rotated by the step like the rest of the
+// key. Values hold codebook units (value = tile · scale + offset): lanes 16-31 also write their token's
+// (scale, offset) to v_scale, and a value residual enters as residual / scale; a token with scale 0 gets
+// scale 1 and a column of zeros first (nuq's writer stores 1 for a range of 0, src/kv_cache.cpp; pages
+// written elsewhere may not). Tokens outside [first, live) — past the length, or sink tokens, which
+// sink_prologue counts in full precision — are masked in the scores: scale 1, offset 0, no patching.
 template <int HD>
-__device__ __forceinline__ void patch_tile(const KvDeviceCache& c, const Sizes& sz, const Tile& tile, int b, int h,
-                                           int lane) {
+__device__ __forceinline__ void patch_tile(const KvDeviceCache& c, const Sizes& sz, const Tile& tile,
+                                           const uint2* step_rotations, int lane) {
   constexpr int kPairs = HD / 2;
   const int tok = lane % 16;
-  const bool sink = tile.start + tok < c.sink_tokens;
-  const bool real = tok < tile.live && !sink;
+  const bool real = tok >= tile.first && tok < tile.live;
   if (lane < 16) {
     if (real) {
       const uint8_t* rec = tile.k_records + tok * sz.k_bytes + sz.k_index;
-      uint16_t* row = tile.k_tile + tok * (HD + kKeyStride);
+      uint32_t* row = reinterpret_cast<uint32_t*>(tile.k_tile + tok * (HD + kKeyStride));  // complex pairs
+      const uint2* rotations = step_rotations + (tile.step0 + tok) * kPairs;
 #pragma unroll 1
       for (int s = 0; s < c.slots; ++s) {
         const int p = rec[s];
         if (p >= HD) continue;
-        const float res = load_fp16(rec + c.slots + 2 * s);
-        const int r = p % 16, a = p - r + r % 8, pair = p / 16 * 8 + r % 8;
-        const float cs = c.rope_step_cos[int64_t(tile.step0 + tok) * kPairs + pair];
-        const float sn = c.rope_step_sin[int64_t(tile.step0 + tok) * kPairs + pair];
-        add_to_half(row + a, r < 8 ? res * cs : -res * sn);
-        add_to_half(row + a + 8, r < 8 ? res * sn : res * cs);
+        // A residual on the first member of a pair is (res, 0), on the second (0, res): rotated,
+        // res·(cos, sin) or res·(−sin, cos).
+        const uint32_t res = uint32_t(rec[c.slots + 2 * s]) | uint32_t(rec[c.slots + 2 * s + 1]) << 8;
+        const int pair = p / 16 * 8 + p % 8;
+        const uint2 rot = rotations[pair];
+        row[pair] = hfma2_bits(res | res << 16, p % 16 < 8 ? rot.x : rot.y, row[pair]);
       }
     }
   } else {
@@ -334,7 +409,7 @@ __device__ __forceinline__ void patch_tile(const KvDeviceCache& c, const Sizes& 
     uint32_t so, unused;
     load_8_bytes(rec, so, unused);
     float scale = half_bits_to_float(uint16_t(so)), offset = half_bits_to_float(uint16_t(so >> 16));
-    if (sink || !real) {  // sinks: full values; past the length: p = 0, any finite scale
+    if (!real) {  // masked: p = 0, any finite scale
       scale = 1.0f;
       offset = 0.0f;
     } else if (scale == 0.0f) {
@@ -353,23 +428,67 @@ __device__ __forceinline__ void patch_tile(const KvDeviceCache& c, const Sizes& 
       }
     }
   }
-  if (tile.start >= c.sink_tokens) return;  // warp-uniform
-  const int sinks = min(tile.live, c.sink_tokens - tile.start);
+}
+
+// Sink tokens [lo, hi) of this split (tokens below sink_tokens), whose fp16 copies count instead of their
+// quantized records: warp 0 starts its softmax state with them before the token loop (the tiles mask
+// them), so the steady loop never replaces rows. The score of head g and sink t goes through the warp's
+// scratch ([hi - lo][kMaxGroup] floats); then each lane forms the state its MMA fragments hold: the
+// running max of head gq, its share of the sum (lane tq = 0 takes all of it), and O^T for channels
+// 16mb + gq (+8) of heads 2tq, 2tq + 1. Every warp runs the same barriers (the others with no tokens).
+template <int HD>
+__device__ __forceinline__ void sink_prologue(const KvDeviceCache& c, int b, int h, int G, float scale,
+                                              const float* queries, int lo, int hi, float* scratch, int lane,
+                                              float& m_run, float& l_run, float (&acc)[HD / 16][4]) {
+  constexpr int kPairs = HD / 2;
+  const int gq = lane / 4, tq = lane % 4, n = max(0, hi - lo);
+  const int64_t stride = int64_t(c.n_kv_heads) * HD;  // between tokens of sink_k / sink_v
+  const int64_t base = (int64_t(b) * c.sink_tokens * c.n_kv_heads + h) * HD;
 #pragma unroll 1
-  for (int e = lane; e < sinks * kPairs; e += 32) {
-    const int t = e / kPairs, pair = e % kPairs, a = pair / 8 * 16 + pair % 8;
-    const int64_t at = ((int64_t(b) * c.sink_tokens + tile.start + t) * c.n_kv_heads + h) * HD;
-    const float x = fp16_to_float(c.sink_k[at + a]), y = fp16_to_float(c.sink_k[at + a + 8]);
-    const float cs = c.rope_step_cos[int64_t(tile.step0 + t) * kPairs + pair];
-    const float sn = c.rope_step_sin[int64_t(tile.step0 + t) * kPairs + pair];
-    tile.k_tile[t * (HD + kKeyStride) + a] = __half_as_ushort(__float2half_rn(x * cs - y * sn));
-    tile.k_tile[t * (HD + kKeyStride) + a + 8] = __half_as_ushort(__float2half_rn(x * sn + y * cs));
-  }
+  for (int e = lane; e < n * kMaxGroup; e += 32) {
+    const int t = lo + e / kMaxGroup, g = e % kMaxGroup;
+    float score = -INFINITY;
+    if (g < G) {
+      const uint16_t* k = c.sink_k + base + t * stride;  // storage order, not rotated
+      float dot = 0.0f;
 #pragma unroll 1
-  for (int e = lane; e < sinks * HD; e += 32) {
-    const int t = e / HD, ch = e % HD;
-    tile.v_tile[ch * kValueRow + t] = c.sink_v[((int64_t(b) * c.sink_tokens + tile.start + t) * c.n_kv_heads + h) * HD + ch];
+      for (int pair = 0; pair < kPairs; ++pair) {
+        const int a = pair / 8 * 16 + pair % 8;
+        float cs, sn;
+        rope_at(c, t, pair, kPairs, cs, sn);
+        const float x = fp16_to_float(k[a]), y = fp16_to_float(k[a + 8]);
+        dot = fmaf(queries[g * HD + a], x * cs - y * sn, dot);
+        dot = fmaf(queries[g * HD + a + 8], x * sn + y * cs, dot);
+      }
+      score = dot * scale;
+    }
+    scratch[e] = score;
   }
+  __syncwarp();
+  auto head_max = [&](int g) {
+    float m = -INFINITY;
+#pragma unroll 1
+    for (int t = 0; t < n; ++t) m = fmaxf(m, scratch[t * kMaxGroup + g]);
+    return m;
+  };
+  m_run = head_max(gq);
+  if (tq == 0 && m_run != -INFINITY)
+#pragma unroll 1
+    for (int t = 0; t < n; ++t) l_run += __expf(scratch[t * kMaxGroup + gq] - m_run);
+  const float m_head[2] = {head_max(2 * tq), head_max(2 * tq + 1)};
+#pragma unroll 1
+  for (int t = 0; t < n; ++t) {
+    float p[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+      p[i] = m_head[i] == -INFINITY ? 0.0f : __expf(scratch[t * kMaxGroup + 2 * tq + i] - m_head[i]);
+    const uint16_t* v = c.sink_v + base + (lo + t) * stride;  // model order
+#pragma unroll
+    for (int mb = 0; mb < HD / 16; ++mb)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[mb][i] = fmaf(p[i % 2], fp16_to_float(v[16 * mb + gq + 8 * (i / 2)]), acc[mb][i]);
+  }
+  __syncwarp();  // the scratch is the warp's record buffer
 }
 
 // Q_page = R(-base) q for page `page`, fp16, into the warp's [kMaxGroup][HD + kKeyStride] buffer (rows
@@ -383,23 +502,23 @@ __device__ __forceinline__ void page_queries(uint16_t* q_page, const KvDeviceCac
     const int g = e / kPairs, pair = e % kPairs, a = pair / 8 * 16 + pair % 8;
     const float cs = c.rope_page_cos[page * kPairs + pair], sn = c.rope_page_sin[page * kPairs + pair];
     const float xa = queries[g * HD + a], xb = queries[g * HD + a + 8];
-    q_page[g * (HD + kKeyStride) + a] = __half_as_ushort(__float2half_rn(fmaf(xa, cs, xb * sn)));
-    q_page[g * (HD + kKeyStride) + a + 8] = __half_as_ushort(__float2half_rn(fmaf(xb, cs, -xa * sn)));
+    reinterpret_cast<uint32_t*>(q_page + g * (HD + kKeyStride))[pair] = pack_half2(fmaf(xa, cs, xb * sn), fmaf(xb, cs, -xa * sn));
   }
 }
 
 __device__ __forceinline__ uint32_t lds32(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
-template <int HD, class T>
+// KB, VB: key and value bits (2-4), so that every width's decode is straight-line code.
+template <int HD, int KB, int VB>
 __global__ void __launch_bounds__(kWarps * 32, 2)  // 2 blocks per SM: ~91 KiB of shared memory each (4-bit, head dim 128)
-    split_kernel(KvDeviceCache c, int n_heads, const uint16_t* __restrict__ q, float scale, int split_tokens,
-                 int splits, float* __restrict__ ws, SplitLayout lay) {
+    split_kernel(KvDeviceCache c, int n_heads, const uint16_t* __restrict__ q, bool bf16, float scale,
+                 int split_tokens, int splits, float* __restrict__ ws, SplitLayout lay) {
   constexpr int kBlocks = HD / 16;  // k-blocks of the score MMA = m-blocks of the value MMA
   unsigned char* smem = detail::dynamic_shared<unsigned char>();
   smem += (1024 - (shared_address(smem) & 1023)) & 1023;  // the layout's 1024-aligned origin
-  float* key_table = reinterpret_cast<float*>(smem + lay.key_table);
+  void* key_table = smem + lay.key_table;
   uint32_t* value_pairs = reinterpret_cast<uint32_t*>(smem + lay.value_pairs);
-  float2* step_rotations = reinterpret_cast<float2*>(smem + lay.step_rotations);
+  uint2* step_rotations = reinterpret_cast<uint2*>(smem + lay.step_rotations);
   float* queries = reinterpret_cast<float*>(smem + lay.queries);
   const int G = n_heads / c.n_kv_heads;
   const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
@@ -408,10 +527,24 @@ __global__ void __launch_bounds__(kWarps * 32, 2)  // 2 blocks per SM: ~91 KiB o
   const int t0 = split * split_tokens, t1 = min(len, t0 + split_tokens);
   const Sizes sz = sizes_of(c);
 
-  for (int e = int(threadIdx.x); e < HD * 16; e += int(blockDim.x))
-    key_table[e] = fmaf(c.k_codebook[e % 16], c.k_scale[h * HD + e / 16], c.k_offset[h * HD + e / 16]);
-  for (int e = int(threadIdx.x); e < c.block_tokens * (HD / 2); e += int(blockDim.x))
-    step_rotations[e] = make_float2(c.rope_step_cos[e], c.rope_step_sin[e]);
+  auto key_value = [&](int p, int i) { return fmaf(c.k_codebook[i], c.k_scale[h * HD + p], c.k_offset[h * HD + p]); };
+  if constexpr (kKeyPairTables<KB>) {
+    constexpr int kEntries = kKeyPairEntries<KB>;
+    uint32_t* pairs = reinterpret_cast<uint32_t*>(key_table);
+    for (int e = int(threadIdx.x); e < HD / 2 * kEntries; e += int(blockDim.x)) {
+      const int pair = e / kEntries, ia = e % kEntries & ((1 << KB) - 1), ib = e % kEntries >> KB;
+      const int a = pair / 8 * 16 + pair % 8;
+      pairs[e] = pack_half2(key_value(a, ia), key_value(a + 8, ib));
+    }
+  } else {
+    uint16_t* channels = reinterpret_cast<uint16_t*>(key_table);
+    for (int e = int(threadIdx.x); e < HD * 16; e += int(blockDim.x))
+      channels[e] = __half_as_ushort(__float2half_rn(key_value(e / 16, e % 16)));
+  }
+  for (int e = int(threadIdx.x); e < c.block_tokens * (HD / 2); e += int(blockDim.x)) {
+    const float cs = c.rope_step_cos[e], sn = c.rope_step_sin[e];
+    step_rotations[e] = make_uint2(pack_half2(cs, sn), pack_half2(-sn, cs));
+  }
   for (int e = int(threadIdx.x); e < 256; e += int(blockDim.x))
     value_pairs[e] = pack_half2(c.v_codebook[e & 15], c.v_codebook[e >> 4]);
   // Queries of this kv head's group, rotated to position len - 1, in key storage order.
@@ -419,7 +552,9 @@ __global__ void __launch_bounds__(kWarps * 32, 2)  // 2 blocks per SM: ~91 KiB o
     const int g = e / (HD / 2), pair = e % (HD / 2), blk = pair / 8, r = pair % 8;
     const int pa = 16 * blk + r, pb = pa + 8;
     const uint16_t* qh = q + (int64_t(b) * n_heads + h * G + g) * HD;
-    const float xa = to_float<T>(qh[c.storage[pa]]), xb = to_float<T>(qh[c.storage[pb]]);
+    const uint16_t ua = qh[c.storage[pa]], ub = qh[c.storage[pb]];
+    const float xa = bf16 ? to_float<__nv_bfloat16>(ua) : to_float<__half>(ua);
+    const float xb = bf16 ? to_float<__nv_bfloat16>(ub) : to_float<__half>(ub);
     float cs, sn;
     rope_at(c, len - 1, pair, HD / 2, cs, sn);
     queries[g * HD + pa] = xa * cs - xb * sn;
@@ -444,6 +579,8 @@ __global__ void __launch_bounds__(kWarps * 32, 2)  // 2 blocks per SM: ~91 KiB o
   uint16_t* q_page = reinterpret_cast<uint16_t*>(region + lay.q_page);
   for (int e = lane; e < kMaxGroup * (HD + kKeyStride); e += 32) q_page[e] = 0;
   int64_t query_page = -1;
+  sink_prologue<HD>(c, b, h, G, scale, queries, t0, warp == 0 ? min(t1, c.sink_tokens) : t0,
+                    reinterpret_cast<float*>(tile.k_records), lane, m_run, l_run, acc);
   // Each warp takes a contiguous quarter of the split's tiles (so that its page, and the query rotated
   // to it, changes every block_tokens / 16 tiles). Every warp runs every round (a warp past the length
   // stages nothing and its scores are masked), so all warps execute the same sequence of warp operations.
@@ -454,6 +591,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2)  // 2 blocks per SM: ~91 KiB o
     tile.start = t0 + (warp * chunk + round) * kTile;
     tile.live = max(0, min(kTile, t1 - tile.start));
     tile.step0 = tile.start % c.block_tokens;
+    tile.first = min(kTile, max(0, c.sink_tokens - tile.start));
     stage_records(c, sz, b, h, tile, lane);
     const int64_t page = tile.start / c.block_tokens;
     if (tile.live > 0 && page != query_page) {  // warp-uniform
@@ -462,10 +600,10 @@ __global__ void __launch_bounds__(kWarps * 32, 2)  // 2 blocks per SM: ~91 KiB o
     }
     // Decoded even when no token is live: zeroed records give finite keys and zero values, so the
     // masked (p = 0) rows never bring stale or uninitialized shared memory (a NaN) into P·V.
-    decode_keys<HD>(c, sz, tile, key_table, reinterpret_cast<const float4*>(step_rotations), lane);
-    decode_values<HD>(c, sz, tile, value_pairs, lane);
+    decode_keys<HD, KB>(sz, tile, key_table, reinterpret_cast<const uint4*>(step_rotations), lane);
+    decode_values<HD, VB>(c, sz, tile, value_pairs, lane);
     __syncwarp();
-    patch_tile<HD>(c, sz, tile, b, h, lane);
+    patch_tile<HD>(c, sz, tile, step_rotations, lane);
     __syncwarp();
 
     float s[2][4] = {{0, 0, 0, 0}, {0, 0, 0, 0}};  // S[head gq][tokens 8n + 2tq, +1]; [2], [3] padding rows
@@ -483,7 +621,8 @@ __global__ void __launch_bounds__(kWarps * 32, 2)  // 2 blocks per SM: ~91 KiB o
     float mx = -INFINITY;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {  // token of sc[i]: 8 (i / 2) + 2tq + i % 2
-      sc[i] = 8 * (i / 2) + 2 * tq + i % 2 < tile.live ? sc[i] * scale : -INFINITY;
+      const int token = 8 * (i / 2) + 2 * tq + i % 2;
+      sc[i] = token >= tile.first && token < tile.live ? sc[i] * scale : -INFINITY;
       mx = fmaxf(mx, sc[i]);
     }
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
@@ -732,27 +871,53 @@ Status can_implement_kv_decode(const KvDeviceCache& c, int batch, int n_heads, i
   if (c.page_stride % 16 != 0 || reinterpret_cast<uintptr_t>(c.pages) % 16 != 0)
     return bad("pages must be 16-byte aligned with a page_stride (" + std::to_string(c.page_stride) +
                ") that is a multiple of 16");
-  if (reinterpret_cast<uintptr_t>(c.rope_step_cos) % 8 != 0 || reinterpret_cast<uintptr_t>(c.rope_step_sin) % 8 != 0)
-    return bad("the RoPE step tables must be 8-byte aligned");
+  // sink_prologue scores the sink tokens through a warp's scratch of kMaxSinkTokens × kMaxGroup floats.
+  if (c.sink_tokens > kMaxSinkTokens)
+    return bad(std::to_string(c.sink_tokens) + " sink tokens (at most " + std::to_string(kMaxSinkTokens) + ")");
   return {};
 }
 
 namespace {
 
 
-// The one place where the run-time head dimension and query type become template arguments (any group
-// size up to kMaxGroup runs the same kernel).
-template <int HD, class T>
+// The one place where the run-time head dimension and bit widths become template arguments (any group
+// size up to kMaxGroup runs the same kernel; the query type is a run-time flag, read only outside the
+// token loop).
+template <int HD, int KB, int VB>
 Status launch_split(const KvDeviceCache& c, dim3 grid, int shared, cudaStream_t stream, int n_heads, const uint16_t* q,
-                    float scale, int split_tokens, int splits, float* ws, const SplitLayout& lay) {
+                    bool bf16, float scale, int split_tokens, int splits, float* ws, const SplitLayout& lay) {
   // Above 48 KiB of dynamic shared memory a kernel must opt in (head dim 128, 32-token pages: ~87-91 KiB).
-  if (Status s = detail::cuda_status(cudaFuncSetAttribute(split_kernel<HD, T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                          shared),
+  if (Status s = detail::cuda_status(cudaFuncSetAttribute(split_kernel<HD, KB, VB>,
+                                                          cudaFuncAttributeMaxDynamicSharedMemorySize, shared),
                                      "kv_decode_attention shared memory");
       !s.ok())
     return s;
-  return detail::launch("kv_decode_attention split launch", split_kernel<HD, T>, grid, kWarps * 32, size_t(shared),
-                        stream, c, n_heads, q, scale, split_tokens, splits, ws, lay);
+  return detail::launch("kv_decode_attention split launch", split_kernel<HD, KB, VB>, grid, kWarps * 32, size_t(shared),
+                        stream, c, n_heads, q, bf16, scale, split_tokens, splits, ws, lay);
+}
+
+template <int HD, int KB>
+Status launch_split_v(int bits_v, const KvDeviceCache& c, dim3 grid, int shared, cudaStream_t stream, int n_heads,
+                      const uint16_t* q, bool bf16, float scale, int split_tokens, int splits, float* ws,
+                      const SplitLayout& lay) {
+  switch (bits_v) {
+    case 2: return launch_split<HD, KB, 2>(c, grid, shared, stream, n_heads, q, bf16, scale, split_tokens, splits, ws, lay);
+    case 3: return launch_split<HD, KB, 3>(c, grid, shared, stream, n_heads, q, bf16, scale, split_tokens, splits, ws, lay);
+    case 4: return launch_split<HD, KB, 4>(c, grid, shared, stream, n_heads, q, bf16, scale, split_tokens, splits, ws, lay);
+  }
+  return detail::invalid("kv_decode_attention: " + std::to_string(bits_v) + "-bit values have no kernel");
+}
+
+template <int HD>
+Status launch_split_kv(const KvDeviceCache& c, dim3 grid, int shared, cudaStream_t stream, int n_heads,
+                       const uint16_t* q, bool bf16, float scale, int split_tokens, int splits, float* ws,
+                       const SplitLayout& lay) {
+  switch (c.bits_k) {
+    case 2: return launch_split_v<HD, 2>(c.bits_v, c, grid, shared, stream, n_heads, q, bf16, scale, split_tokens, splits, ws, lay);
+    case 3: return launch_split_v<HD, 3>(c.bits_v, c, grid, shared, stream, n_heads, q, bf16, scale, split_tokens, splits, ws, lay);
+    case 4: return launch_split_v<HD, 4>(c.bits_v, c, grid, shared, stream, n_heads, q, bf16, scale, split_tokens, splits, ws, lay);
+  }
+  return detail::invalid("kv_decode_attention: " + std::to_string(c.bits_k) + "-bit keys have no kernel");
 }
 
 int round16(int64_t bytes) { return int((bytes + 15) / 16 * 16); }
@@ -768,8 +933,8 @@ SplitLayout split_layout(const KvDeviceCache& c, int group, int& total) {
   int at = 0;
   lay.value_pairs = at;
   at += 256 * 4;
-  lay.key_table = at;  // 1024-aligned: every head dimension's table is a multiple of 1024 bytes
-  at += round16(int64_t(hd) * 16 * 4);
+  lay.key_table = at;  // 1024-aligned, as table_load's addresses need (a table of 256 bytes at most per pair)
+  at += round16(key_table_bytes(hd, c.bits_k));
   lay.step_rotations = at;
   at += round16(int64_t(c.block_tokens) * hd / 2 * 8);
   lay.queries = at;
@@ -787,8 +952,9 @@ SplitLayout split_layout(const KvDeviceCache& c, int group, int& total) {
   w += round16(int64_t(kMaxGroup) * (hd + kKeyStride) * 2);
   lay.v_scale = w;
   w += kTile * 8;
-  w += 16;  // slack at the region's end; load_8_bytes's over-reads (<= 4 bytes past a record buffer) land in
-            // the buffer that follows the records, so nothing reaches it today
+  // sink_prologue's scratch runs from the region's start over the record buffers and the K tile, short of
+  // q_page (which holds zeros the loop relies on) at every head dimension.
+  static_assert(kTile * (64 + kKeyStride) * 2 >= kMaxSinkTokens * kMaxGroup * 4, "sink scratch reaches q_page");
   const int merge = 4 * (2 * kWarps * kMaxGroup + kWarps * kMaxGroup * hd);
   lay.warp_bytes = std::max(w, round16((merge + kWarps - 1) / kWarps));
   lay.warps = at;
@@ -805,11 +971,12 @@ Status launch_decode(const KvDeviceCache& c, int batch, int n_heads, const uint1
   const SplitLayout lay = split_layout(c, G, shared);
   const dim3 grid(unsigned(splits), unsigned(c.n_kv_heads), unsigned(batch));
   Status s;
+  const bool bf16 = std::is_same_v<T, __nv_bfloat16>;
   switch (c.head_dim) {
-    case 64: s = launch_split<64, T>(c, grid, shared, stream, n_heads, q, scale, split_tokens, splits, ws, lay); break;
-    case 80: s = launch_split<80, T>(c, grid, shared, stream, n_heads, q, scale, split_tokens, splits, ws, lay); break;
-    case 96: s = launch_split<96, T>(c, grid, shared, stream, n_heads, q, scale, split_tokens, splits, ws, lay); break;
-    default: s = launch_split<128, T>(c, grid, shared, stream, n_heads, q, scale, split_tokens, splits, ws, lay);
+    case 64: s = launch_split_kv<64>(c, grid, shared, stream, n_heads, q, bf16, scale, split_tokens, splits, ws, lay); break;
+    case 80: s = launch_split_kv<80>(c, grid, shared, stream, n_heads, q, bf16, scale, split_tokens, splits, ws, lay); break;
+    case 96: s = launch_split_kv<96>(c, grid, shared, stream, n_heads, q, bf16, scale, split_tokens, splits, ws, lay); break;
+    default: s = launch_split_kv<128>(c, grid, shared, stream, n_heads, q, bf16, scale, split_tokens, splits, ws, lay);
   }
   if (!s.ok()) return s;
   return detail::launch("kv_decode_attention merge launch", merge_kernel<T>, unsigned(batch * n_heads), 128, 0, stream,

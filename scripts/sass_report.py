@@ -117,14 +117,14 @@ def gemv_info(name):
 
 
 def kv_info(name):
-    m = re.search(r"split_kernel<(\d+), (__half|__nv_bfloat16)>", name)
+    m = re.search(r"split_kernel<(\d+), (\d+), (\d+)>", name)
     if not m:
         return None
+    bits_k, bits_v = int(m.group(2)), int(m.group(3))
     # One trip of the token loop: a warp's 16-token tile of one kv head, so 16/32 token-heads per lane.
-    # Any group size up to 8 runs this same loop (the MMA's N is 8); bits are a run-time value of the
-    # kernel (the loop decodes any width), so the count holds for every group and width.
-    return dict(family="kv_decode", group="1-8", head_dim=int(m.group(1)), bits="2-4",
-                dtype="fp16" if m.group(2) == "__half" else "bf16", token_heads_per_trip=16 / 32, marker="HMMA",
+    # Any group size up to 8 runs this same loop (the MMA's N is 8), so the count holds for every group.
+    return dict(family="kv_decode", group="1-8", head_dim=int(m.group(1)), bits=bits_k if bits_k == bits_v else None,
+                bits_k=bits_k, bits_v=bits_v, dtype="fp16/bf16", token_heads_per_trip=16 / 32, marker="HMMA",
                 outermost=True)
 
 
