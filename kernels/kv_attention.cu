@@ -60,6 +60,17 @@ __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
 }
 __device__ __forceinline__ float half_bits_to_float(uint16_t bits) { return __half2float(__ushort_as_half(bits)); }
 
+// 2^x by the SFU (ex2.approx: ~2 ulp, 2^-inf = 0), without exp2f's range handling.
+__device__ __forceinline__ float fast_exp2(float x) {
+#if defined(NUQ_CUDA_EMULATED)
+  return exp2f(x);
+#else
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#endif
+}
+
 // Half2 arithmetic on raw bits. a·b + c per half, rounded once (HFMA2), and the complex product
 // k·e^{iθ} = x·(cos, sin) + y·(−sin, cos) for k = (x, y), cs = (cos, sin), ns = (−sin, cos): an HMUL2
 // and an HFMA2, whose broadcasts of x and y are operand swizzles (.H0_H0, .H1_H1), not instructions.
@@ -233,29 +244,19 @@ struct Tile {
 };
 
 // Copies the tile's records with 16-byte loads (16 records of k_bytes are k_bytes 16-byte words; the tile
-// starts at a multiple of 16 tokens inside its page, so they are aligned) and zeroes those past the
-// length, whose bytes may be anything: zeroed records decode to finite keys and to values of 0.
-__device__ __forceinline__ void stage_records(const KvDeviceCache& c, const Sizes& sz, int b, int h, const Tile& tile,
-                                              int lane) {
-  uint8_t* k_dst = tile.k_records;
-  uint8_t* v_dst = tile.v_records;
+// starts at a multiple of 16 tokens inside its page, so they are aligned). Records past the length are
+// not copied: whatever the buffers hold decodes to finite keys and values (table entries), and those
+// tokens are masked (p = 0, no residuals, scale and offset overridden by patch_tile).
+__device__ __forceinline__ void stage_records(const Sizes& sz, const uint8_t* page, int h, int block_tokens,
+                                              const Tile& tile, int lane) {
   if (tile.live > 0) {
-    const int64_t page = c.block_tables[int64_t(b) * c.max_blocks + tile.start / c.block_tokens];
-    const uint8_t* base = c.pages + page * c.page_stride;
-    const int64_t first = int64_t(h) * c.block_tokens + tile.step0;
-    const uint4* k_src = reinterpret_cast<const uint4*>(base + first * sz.k_bytes);
-    const uint4* v_src = reinterpret_cast<const uint4*>(base + sz.v_region + first * sz.v_bytes);
+    const int first = h * block_tokens + tile.step0;
+    const uint4* k_src = reinterpret_cast<const uint4*>(page + first * sz.k_bytes);
+    const uint4* v_src = reinterpret_cast<const uint4*>(page + sz.v_region + first * sz.v_bytes);
 #pragma unroll 1
-    for (int i = lane; i < sz.k_bytes; i += 32) reinterpret_cast<uint4*>(k_dst)[i] = __ldg(k_src + i);
+    for (int i = lane; i < sz.k_bytes; i += 32) reinterpret_cast<uint4*>(tile.k_records)[i] = __ldg(k_src + i);
 #pragma unroll 1
-    for (int i = lane; i < sz.v_bytes; i += 32) reinterpret_cast<uint4*>(v_dst)[i] = __ldg(v_src + i);
-  }
-  __syncwarp();
-  if (tile.live < kTile) {
-#pragma unroll 1
-    for (int i = tile.live * sz.k_bytes + lane; i < kTile * sz.k_bytes; i += 32) k_dst[i] = 0;
-#pragma unroll 1
-    for (int i = tile.live * sz.v_bytes + lane; i < kTile * sz.v_bytes; i += 32) v_dst[i] = 0;
+    for (int i = lane; i < sz.v_bytes; i += 32) reinterpret_cast<uint4*>(tile.v_records)[i] = __ldg(v_src + i);
   }
   __syncwarp();
 }
@@ -437,7 +438,7 @@ __device__ __forceinline__ void patch_tile(const KvDeviceCache& c, const Sizes& 
 // running max of head gq, its share of the sum (lane tq = 0 takes all of it), and O^T for channels
 // 16mb + gq (+8) of heads 2tq, 2tq + 1. Every warp runs the same barriers (the others with no tokens).
 template <int HD>
-__device__ __forceinline__ void sink_prologue(const KvDeviceCache& c, int b, int h, int G, float scale,
+__device__ __forceinline__ void sink_prologue(const KvDeviceCache& c, int b, int h, int G, float scale_log2,
                                               const float* queries, int lo, int hi, float* scratch, int lane,
                                               float& m_run, float& l_run, float (&acc)[HD / 16][4]) {
   constexpr int kPairs = HD / 2;
@@ -460,7 +461,7 @@ __device__ __forceinline__ void sink_prologue(const KvDeviceCache& c, int b, int
         dot = fmaf(queries[g * HD + a], x * cs - y * sn, dot);
         dot = fmaf(queries[g * HD + a + 8], x * sn + y * cs, dot);
       }
-      score = dot * scale;
+      score = dot * scale_log2;
     }
     scratch[e] = score;
   }
@@ -474,14 +475,14 @@ __device__ __forceinline__ void sink_prologue(const KvDeviceCache& c, int b, int
   m_run = head_max(gq);
   if (tq == 0 && m_run != -INFINITY)
 #pragma unroll 1
-    for (int t = 0; t < n; ++t) l_run += __expf(scratch[t * kMaxGroup + gq] - m_run);
+    for (int t = 0; t < n; ++t) l_run += fast_exp2(scratch[t * kMaxGroup + gq] - m_run);
   const float m_head[2] = {head_max(2 * tq), head_max(2 * tq + 1)};
 #pragma unroll 1
   for (int t = 0; t < n; ++t) {
     float p[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i)
-      p[i] = m_head[i] == -INFINITY ? 0.0f : __expf(scratch[t * kMaxGroup + 2 * tq + i] - m_head[i]);
+      p[i] = m_head[i] == -INFINITY ? 0.0f : fast_exp2(scratch[t * kMaxGroup + 2 * tq + i] - m_head[i]);
     const uint16_t* v = c.sink_v + base + (lo + t) * stride;  // model order
 #pragma unroll
     for (int mb = 0; mb < HD / 16; ++mb)
@@ -526,6 +527,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2)  // 2 blocks per SM: ~91 KiB o
   const int len = c.lengths[b];
   const int t0 = split * split_tokens, t1 = min(len, t0 + split_tokens);
   const Sizes sz = sizes_of(c);
+  const float scale_log2 = scale * 1.4426950408889634f;  // softmax in powers of 2 (log2 e)
 
   auto key_value = [&](int p, int i) { return fmaf(c.k_codebook[i], c.k_scale[h * HD + p], c.k_offset[h * HD + p]); };
   if constexpr (kKeyPairTables<KB>) {
@@ -578,28 +580,31 @@ __global__ void __launch_bounds__(kWarps * 32, 2)  // 2 blocks per SM: ~91 KiB o
     for (int i = 0; i < 4; ++i) acc[j][i] = 0.0f;
   uint16_t* q_page = reinterpret_cast<uint16_t*>(region + lay.q_page);
   for (int e = lane; e < kMaxGroup * (HD + kKeyStride); e += 32) q_page[e] = 0;
-  int64_t query_page = -1;
-  sink_prologue<HD>(c, b, h, G, scale, queries, t0, warp == 0 ? min(t1, c.sink_tokens) : t0,
+  sink_prologue<HD>(c, b, h, G, scale_log2, queries, t0, warp == 0 ? min(t1, c.sink_tokens) : t0,
                     reinterpret_cast<float*>(tile.k_records), lane, m_run, l_run, acc);
   // Each warp takes a contiguous quarter of the split's tiles (so that its page, and the query rotated
   // to it, changes every block_tokens / 16 tiles). Every warp runs every round (a warp past the length
   // stages nothing and its scores are masked), so all warps execute the same sequence of warp operations.
+  // The tile's page and in-page step advance by counting, not by dividing.
   const int chunk = (split_tokens / kTile + kWarps - 1) / kWarps;
   const int tiles = t1 > t0 ? (t1 - t0 + kTile - 1) / kTile : 0;
   const int rounds = min(chunk, tiles);
+  tile.start = t0 + warp * chunk * kTile;
+  int64_t page = tile.start / c.block_tokens, open_page = -1;
+  tile.step0 = tile.start % c.block_tokens;
+  const int32_t* block_table = c.block_tables + int64_t(b) * c.max_blocks;
+  const uint8_t* page_bytes = nullptr;
   for (int round = 0; round < rounds; ++round) {
-    tile.start = t0 + (warp * chunk + round) * kTile;
     tile.live = max(0, min(kTile, t1 - tile.start));
-    tile.step0 = tile.start % c.block_tokens;
     tile.first = min(kTile, max(0, c.sink_tokens - tile.start));
-    stage_records(c, sz, b, h, tile, lane);
-    const int64_t page = tile.start / c.block_tokens;
-    if (tile.live > 0 && page != query_page) {  // warp-uniform
+    if (tile.live > 0 && page != open_page) {  // warp-uniform
+      page_bytes = c.pages + int64_t(block_table[page]) * c.page_stride;
       page_queries<HD>(q_page, c, queries, G, page, lane);
-      query_page = page;
+      open_page = page;
     }
-    // Decoded even when no token is live: zeroed records give finite keys and zero values, so the
-    // masked (p = 0) rows never bring stale or uninitialized shared memory (a NaN) into P·V.
+    stage_records(sz, page_bytes, h, c.block_tokens, tile, lane);
+    // Decoded even when no token is live: any record bytes give finite keys and values (table entries),
+    // so the masked (p = 0) rows never bring a NaN into P·V.
     decode_keys<HD, KB>(sz, tile, key_table, reinterpret_cast<const uint4*>(step_rotations), lane);
     decode_values<HD, VB>(c, sz, tile, value_pairs, lane);
     __syncwarp();
@@ -617,21 +622,24 @@ __global__ void __launch_bounds__(kWarps * 32, 2)  // 2 blocks per SM: ~91 KiB o
         const uint32_t kb[2] = {lds32(k), lds32(k + 8)};
         detail::mma_16816<false>(s[n], qa, kb);
       }
+    // Scores in log2 units (scale · log2 e folded in): p = 2^(s - m), one MUFU.EX2 and no range handling.
+    // Tokens outside [first, live) get -inf; while a head has seen no token, m is -inf and p, corr are 0
+    // (exp2(-inf)), which leaves its zero sums as they are.
+    const uint32_t live_bits = ((1u << tile.live) - 1u) & ~((1u << tile.first) - 1u);
     float sc[4] = {s[0][0], s[0][1], s[1][0], s[1][1]};
     float mx = -INFINITY;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {  // token of sc[i]: 8 (i / 2) + 2tq + i % 2
-      const int token = 8 * (i / 2) + 2 * tq + i % 2;
-      sc[i] = token >= tile.first && token < tile.live ? sc[i] * scale : -INFINITY;
+      sc[i] = live_bits >> (8 * (i / 2) + 2 * tq + i % 2) & 1u ? sc[i] * scale_log2 : -INFINITY;
       mx = fmaxf(mx, sc[i]);
     }
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float m_new = fmaxf(m_run, mx);
-    const float corr = m_new == -INFINITY ? 1.0f : __expf(m_run - m_new);
+    const float m_new = fmaxf(m_run, mx), m_safe = m_new == -INFINITY ? 0.0f : m_new;
+    const float corr = fast_exp2(m_run - m_safe);
     float p[4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) p[i] = m_new == -INFINITY ? 0.0f : __expf(sc[i] - m_new);
+    for (int i = 0; i < 4; ++i) p[i] = fast_exp2(sc[i] - m_safe);
     l_run = l_run * corr + (p[0] + p[1]) + (p[2] + p[3]);
     m_run = m_new;
     // value = tile · scale + offset: P·V = (P ∘ scale)·tile + Σ p · offset (the offset sum per head).
@@ -651,6 +659,12 @@ __global__ void __launch_bounds__(kWarps * 32, 2)  // 2 blocks per SM: ~91 KiB o
       detail::mma_16816<false>(acc[mb], va, pb);
     }
     __syncwarp();  // the next round overwrites this one's tiles
+    tile.start += kTile;
+    tile.step0 += kTile;
+    if (tile.step0 == c.block_tokens) {
+      tile.step0 = 0;
+      ++page;
+    }
   }
   l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
   l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
@@ -683,13 +697,13 @@ __global__ void __launch_bounds__(kWarps * 32, 2)  // 2 blocks per SM: ~91 KiB o
     float sum = 0, o = 0;
     for (int w = 0; w < kWarps; ++w) {
       if (wm[w * kMaxGroup + g] == -INFINITY) continue;
-      const float f = __expf(wm[w * kMaxGroup + g] - mx);
+      const float f = fast_exp2(wm[w * kMaxGroup + g] - mx);
       sum += f * wl[w * kMaxGroup + g];
       o += f * wacc[(w * kMaxGroup + g) * HD + ch];
     }
     float* dst = ws + ((int64_t(b) * n_heads + h * G + g) * splits + split) * (HD + 2);
     if (ch == 0) {
-      dst[0] = mx;
+      dst[0] = mx * 0.6931471805599453f;  // back to natural units for merge_kernel (ln 2)
       dst[1] = sum;
     }
     dst[2 + ch] = o;

@@ -315,6 +315,11 @@ TEST(CudaKvDecodeArgs, RefusalsNameTheProblem) {
   expect(4, 500, "split_tokens 500");
   c.page_stride = 1000;
   expect(4, 512, "page_stride (1000)");
+  c.page_stride = 0;
+  c.sink_tokens = 64;  // the kernel's sink prologue scores at most 64 sink tokens
+  EXPECT_EQ(refusal(c, 4, 512), "");
+  c.sink_tokens = 65;
+  expect(4, 512, "65 sink tokens (at most 64)");
 }
 
 }  // namespace
