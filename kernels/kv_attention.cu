@@ -39,7 +39,6 @@ constexpr int kWarps = 4;
 constexpr int kMaxGroup = 8;  // query heads per kv head: the MMA's N
 constexpr int kTile = 16;     // tokens per warp tile: the value MMA's K, two score MMAs' N
 constexpr int kKeyStride = 8;   // halves of padding per K tile row: fragment loads hit 32 distinct banks
-constexpr int kValueRow = kTile + 8;  // halves per V^T tile row (channel), padded for the same reason
 constexpr int kMaxPageTokens = 64;    // the in-page RoPE steps live in shared memory: 32 KiB at head dim 128
 constexpr int kMaxSinkTokens = 64;    // full-precision tokens per sequence (StreamingLLM and KVQuant keep 1-4)
 
@@ -187,14 +186,10 @@ __device__ __forceinline__ uint32_t table_load_u16(uint32_t address) {
   return v;
 #endif
 }
-// Nibble K of w times 4 (a float or a uint32 entry's byte offset), and byte K of w times 4.
+// Nibble K of w times 4 (a uint32 entry's byte offset).
 template <int K>
 __device__ __forceinline__ uint32_t nibble_x4(uint32_t w) {
   return (K == 0 ? w << 2 : w >> (4 * K - 2)) & 0x3cu;
-}
-template <int K>
-__device__ __forceinline__ uint32_t byte_x4(uint32_t w) {
-  return (K == 0 ? w << 2 : w >> (8 * K - 2)) & 0x3fcu;
 }
 
 // Host-computed byte offsets into the block's dynamic shared memory (launch_decode).
@@ -239,7 +234,7 @@ struct Tile {
   uint8_t* k_records;  // kTile records as stored in the page
   uint8_t* v_records;
   uint16_t* k_tile;  // fp16 [kTile][HD + kKeyStride]: RoPE pair p at 2p, 2p + 1, rotated by the step
-  uint16_t* v_tile;  // fp16 [HD][kValueRow]: V transposed, model order, in codebook units
+  uint16_t* v_tile;  // fp16 [kTile][HD + kKeyStride]: V, model order, in codebook units
   float* v_scale;    // float2 [kTile]: each token's value scale and offset (patch_tile)
 };
 
@@ -326,49 +321,68 @@ __device__ __forceinline__ void decode_keys(const Sizes& sz, const Tile& tile, c
   }
 }
 
-// Values: lane decodes tokens 2(lane % 8) and 2(lane % 8) + 1, index groups lane/8 + 4j. The tile holds
-// codebook values only (the token's scale goes into P and its offset into a per-head sum, see the
-// token loop), so one lookup in the table of codebook pairs gives both tokens' values of a channel,
-// packed as the A fragment wants them, and one 32-bit store puts them in V^T.
+// Value pair tables: entry (ia, ib) = fp16 (cb[ia], cb[ib]) for two channels of one token, indexed by
+// the pair's index bits as the record holds them, so that one shift and one mask per field give the
+// address: 2 bits a | b << 2 (nibble m of the group word); 3 bits the two low-bit fields (nibble m of the
+// 2-bit plane), then the two plane bits (bits 2m, 2m + 1 of the 1-bit plane); 4 bits a | b << 4.
+template <int VB>
+__host__ __device__ inline void value_pair_entry(int e, int& ia, int& ib) {
+  if (VB == 3) {
+    ia = (e & 3) | (e >> 4 & 1) << 2;
+    ib = (e >> 2 & 3) | (e >> 5 & 1) << 2;
+  } else {
+    ia = e & ((1 << VB) - 1);
+    ib = e >> VB;
+  }
+}
+template <int VB>
+constexpr int kValuePairEntries = 1 << (2 * VB);
+
+// Byte offset (entry · 4) of channels 2m, 2m + 1 of a group whose index words are w0, w1 (docs/kv-cache.md,
+// "Index packing"): at 2 and 3 bits the pair's low bits are nibble m of w0 and at 3 bits its plane bits
+// are bits 2m, 2m + 1 of w1; at 4 bits channel 2m is nibble m of w0 and 2m + 1 nibble m of w1.
+template <int VB, int M>
+__device__ __forceinline__ uint32_t value_pair_offset(uint32_t w0, uint32_t w1) {
+  auto shr = [](uint32_t w, int n) { return n >= 0 ? w >> n : w << -n; };
+  const uint32_t low = shr(w0, 4 * M - 2) & 0x3cu;
+  if constexpr (VB == 2) return low;
+  else if constexpr (VB == 3) return low | (shr(w1, 2 * M - 6) & 0xc0u);
+  else return low | (shr(w1, 4 * M - 6) & 0x3c0u);
+}
+
+// Values: lane decodes token lane/2, index groups (lane % 2) + 2j, into the V tile row-major ([token][HD +
+// kKeyStride], model order), which ldmatrix.trans turns into the A fragments of V^T. The tile holds
+// codebook values only (the token's scale goes into P and its offset into a per-head sum, see the token
+// loop), so one lookup in the pair table gives two channels, and two 16-byte stores write a group.
 template <int HD, int VB>
-__device__ __forceinline__ void decode_values(const KvDeviceCache& c, const Sizes& sz, const Tile& tile,
-                                              uint32_t* value_pairs, int lane) {
+__device__ __forceinline__ void decode_values(const Sizes& sz, const Tile& tile, const uint32_t* value_pairs,
+                                              int lane) {
   const uint32_t pairs_at = shared_address(value_pairs);  // 1024-aligned: entry i at pairs_at | 4i
   constexpr int kGroups = HD / 16;
-  const int tok = 2 * (lane % 8);
-  const uint8_t* r0 = tile.v_records + tok * sz.v_bytes + 4;
-  const uint8_t* r1 = r0 + sz.v_bytes;
+  const int tok = lane / 2;
+  const uint8_t* rec = tile.v_records + tok * sz.v_bytes + 4;
+  uint4* row = reinterpret_cast<uint4*>(tile.v_tile + tok * (HD + kKeyStride));
 #pragma unroll
-  for (int j = 0; j < (kGroups + 3) / 4; ++j) {
-    const int g = 4 * j + lane / 8;
+  for (int j = 0; j < (kGroups + 1) / 2; ++j) {
+    const int g = 2 * j + (lane & 1);
     if (g >= kGroups) break;
-    uint32_t e0, d0, e1, d1;
-    group_nibbles<VB>(r0 + g * 2 * VB, e0, d0);
-    group_nibbles<VB>(r1 + g * 2 * VB, e1, d1);
-    // Byte k of pair[m]: channel 4k + m's index for token tok (low nibble) and tok + 1 (high nibble).
-    const uint32_t pair[4] = {(e0 & 0x0f0f0f0fu) | (e1 & 0x0f0f0f0fu) << 4, (d0 & 0x0f0f0f0fu) | (d1 & 0x0f0f0f0fu) << 4,
-                              (e0 >> 4 & 0x0f0f0f0fu) | (e1 & 0xf0f0f0f0u), (d0 >> 4 & 0x0f0f0f0fu) | (d1 & 0xf0f0f0f0u)};
-    uint32_t* col = reinterpret_cast<uint32_t*>(tile.v_tile + 16 * g * kValueRow + tok);
-    auto channel = [&](auto r_c) {
-      constexpr int r = decltype(r_c)::value;
-      col[r * (kValueRow / 2)] = table_load<0>(pairs_at | byte_x4<r / 4>(pair[r % 4]));
+    uint32_t w0, w1;
+    load_8_bytes(rec + g * 2 * VB, w0, w1);
+    uint32_t out[8];
+    auto pair = [&](auto m_c) {
+      constexpr int m = decltype(m_c)::value;
+      out[m] = table_load<0>(pairs_at | value_pair_offset<VB, m>(w0, w1));
     };
-    channel(std::integral_constant<int, 0>{});
-    channel(std::integral_constant<int, 1>{});
-    channel(std::integral_constant<int, 2>{});
-    channel(std::integral_constant<int, 3>{});
-    channel(std::integral_constant<int, 4>{});
-    channel(std::integral_constant<int, 5>{});
-    channel(std::integral_constant<int, 6>{});
-    channel(std::integral_constant<int, 7>{});
-    channel(std::integral_constant<int, 8>{});
-    channel(std::integral_constant<int, 9>{});
-    channel(std::integral_constant<int, 10>{});
-    channel(std::integral_constant<int, 11>{});
-    channel(std::integral_constant<int, 12>{});
-    channel(std::integral_constant<int, 13>{});
-    channel(std::integral_constant<int, 14>{});
-    channel(std::integral_constant<int, 15>{});
+    pair(std::integral_constant<int, 0>{});
+    pair(std::integral_constant<int, 1>{});
+    pair(std::integral_constant<int, 2>{});
+    pair(std::integral_constant<int, 3>{});
+    pair(std::integral_constant<int, 4>{});
+    pair(std::integral_constant<int, 5>{});
+    pair(std::integral_constant<int, 6>{});
+    pair(std::integral_constant<int, 7>{});
+    row[2 * g] = make_uint4(out[0], out[1], out[2], out[3]);
+    row[2 * g + 1] = make_uint4(out[4], out[5], out[6], out[7]);
   }
 }
 
@@ -416,7 +430,7 @@ __device__ __forceinline__ void patch_tile(const KvDeviceCache& c, const Sizes& 
     } else if (scale == 0.0f) {
       scale = 1.0f;
 #pragma unroll 1
-      for (int ch = 0; ch < HD; ++ch) tile.v_tile[ch * kValueRow + tok] = 0;
+      for (int ch = 0; ch < HD; ++ch) tile.v_tile[tok * (HD + kKeyStride) + ch] = 0;
     }
     reinterpret_cast<float2*>(tile.v_scale)[tok] = make_float2(scale, offset);
     if (real) {
@@ -425,7 +439,7 @@ __device__ __forceinline__ void patch_tile(const KvDeviceCache& c, const Sizes& 
 #pragma unroll 1
       for (int s = 0; s < c.slots; ++s) {
         const int ch = rec[s];
-        if (ch < HD) add_to_half(tile.v_tile + ch * kValueRow + tok, load_fp16(rec + c.slots + 2 * s) * inv);
+        if (ch < HD) add_to_half(tile.v_tile + tok * (HD + kKeyStride) + ch, load_fp16(rec + c.slots + 2 * s) * inv);
       }
     }
   }
@@ -507,8 +521,6 @@ __device__ __forceinline__ void page_queries(uint16_t* q_page, const KvDeviceCac
   }
 }
 
-__device__ __forceinline__ uint32_t lds32(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
-
 // KB, VB: key and value bits (2-4), so that every width's decode is straight-line code.
 template <int HD, int KB, int VB>
 __global__ void __launch_bounds__(kWarps * 32, 2)  // 2 blocks per SM: ~91 KiB of shared memory each (4-bit, head dim 128)
@@ -548,7 +560,11 @@ __global__ void __launch_bounds__(kWarps * 32, 2)  // 2 blocks per SM: ~91 KiB o
     step_rotations[e] = make_uint2(pack_half2(cs, sn), pack_half2(-sn, cs));
   }
   for (int e = int(threadIdx.x); e < 256; e += int(blockDim.x))
-    value_pairs[e] = pack_half2(c.v_codebook[e & 15], c.v_codebook[e >> 4]);
+    if (e < kValuePairEntries<VB>) {
+      int ia, ib;
+      value_pair_entry<VB>(e, ia, ib);
+      value_pairs[e] = pack_half2(c.v_codebook[ia], c.v_codebook[ib]);
+    }
   // Queries of this kv head's group, rotated to position len - 1, in key storage order.
   for (int e = int(threadIdx.x); e < G * (HD / 2); e += int(blockDim.x)) {
     const int g = e / (HD / 2), pair = e % (HD / 2), blk = pair / 8, r = pair % 8;
@@ -606,22 +622,39 @@ __global__ void __launch_bounds__(kWarps * 32, 2)  // 2 blocks per SM: ~91 KiB o
     // Decoded even when no token is live: any record bytes give finite keys and values (table entries),
     // so the masked (p = 0) rows never bring a NaN into P·V.
     decode_keys<HD, KB>(sz, tile, key_table, reinterpret_cast<const uint4*>(step_rotations), lane);
-    decode_values<HD, VB>(c, sz, tile, value_pairs, lane);
+    decode_values<HD, VB>(sz, tile, value_pairs, lane);
     __syncwarp();
     patch_tile<HD>(c, sz, tile, step_rotations, lane);
     __syncwarp();
 
+    // Fragments by ldmatrix: lane L addresses row L % 8 of matrix L / 8. Queries (A, heads 0-7; rows 8-15
+    // are the MMA's zero padding) and keys (B) are row-major [row][HD + kKeyStride]; matrices 0-3 are
+    // channels 16j, 16j + 8, 16j + 16, 16j + 24 of two k-blocks.
     float s[2][4] = {{0, 0, 0, 0}, {0, 0, 0, 0}};  // S[head gq][tokens 8n + 2tq, +1]; [2], [3] padding rows
+    const uint16_t* q_rows = q_page + (lane % 8) * (HD + kKeyStride) + 8 * (lane / 8);
+    const uint16_t* k_rows = tile.k_tile + (lane % 8) * (HD + kKeyStride) + 8 * (lane / 8);
 #pragma unroll
-    for (int n = 0; n < 2; ++n)
-#pragma unroll
-      for (int j = 0; j < kBlocks; ++j) {
-        const uint16_t* qrow = q_page + gq * (HD + kKeyStride) + 16 * j + 2 * tq;
-        const uint32_t qa[4] = {lds32(qrow), 0u, lds32(qrow + 8), 0u};  // rows gq + 8: padding
-        const uint16_t* k = tile.k_tile + (8 * n + gq) * (HD + kKeyStride) + 16 * j + 2 * tq;
-        const uint32_t kb[2] = {lds32(k), lds32(k + 8)};
-        detail::mma_16816<false>(s[n], qa, kb);
+    for (int j = 0; j < kBlocks; j += 2) {
+      if (j + 1 < kBlocks) {
+        uint32_t qf[4], kf0[4], kf1[4];
+        detail::ldmatrix<4, false>(qf, q_rows + 16 * j);
+        detail::ldmatrix<4, false>(kf0, k_rows + 16 * j);
+        detail::ldmatrix<4, false>(kf1, k_rows + 8 * (HD + kKeyStride) + 16 * j);
+        const uint32_t qa0[4] = {qf[0], 0u, qf[1], 0u}, qa1[4] = {qf[2], 0u, qf[3], 0u};
+        detail::mma_16816<false>(s[0], qa0, {kf0[0], kf0[1]});
+        detail::mma_16816<false>(s[0], qa1, {kf0[2], kf0[3]});
+        detail::mma_16816<false>(s[1], qa0, {kf1[0], kf1[1]});
+        detail::mma_16816<false>(s[1], qa1, {kf1[2], kf1[3]});
+      } else {  // an odd last k-block (head dim 80)
+        uint32_t qf[2], kf0[2], kf1[2];
+        detail::ldmatrix<2, false>(qf, q_rows + 16 * j);
+        detail::ldmatrix<2, false>(kf0, k_rows + 16 * j);
+        detail::ldmatrix<2, false>(kf1, k_rows + 8 * (HD + kKeyStride) + 16 * j);
+        const uint32_t qa[4] = {qf[0], 0u, qf[1], 0u};
+        detail::mma_16816<false>(s[0], qa, kf0);
+        detail::mma_16816<false>(s[1], qa, kf1);
       }
+    }
     // Scores in log2 units (scale · log2 e folded in): p = 2^(s - m), one MUFU.EX2 and no range handling.
     // Tokens outside [first, live) get -inf; while a head has seen no token, m is -inf and p, corr are 0
     // (exp2(-inf)), which leaves its zero sums as they are.
@@ -648,14 +681,17 @@ __global__ void __launch_bounds__(kWarps * 32, 2)  // 2 blocks per SM: ~91 KiB o
     offset_run = offset_run * corr + fmaf(p[0], so_lo.y, p[1] * so_lo.w) + fmaf(p[2], so_hi.y, p[3] * so_hi.w);
     const uint32_t pb[2] = {pack_half2(p[0] * so_lo.x, p[1] * so_lo.z), pack_half2(p[2] * so_hi.x, p[3] * so_hi.z)};
     const float corr_lo = __shfl_sync(0xffffffffu, corr, 8 * tq), corr_hi = __shfl_sync(0xffffffffu, corr, 8 * tq + 4);
+    const uint16_t* v_rows = tile.v_tile + (lane % 8 + 8 * (lane / 16)) * (HD + kKeyStride) + 8 * (lane / 8 % 2);
 #pragma unroll
     for (int mb = 0; mb < kBlocks; ++mb) {
       acc[mb][0] *= corr_lo;
       acc[mb][1] *= corr_hi;
       acc[mb][2] *= corr_lo;
       acc[mb][3] *= corr_hi;
-      const uint16_t* v = tile.v_tile + (16 * mb + gq) * kValueRow + 2 * tq;
-      const uint32_t va[4] = {lds32(v), lds32(v + 8 * kValueRow), lds32(v + 8), lds32(v + 8 * kValueRow + 8)};
+      // A = V^T of channels 16mb..16mb + 15: matrices (tokens 0-7, channels +0), (0-7, +8), (8-15, +0),
+      // (8-15, +8), each transposed.
+      uint32_t va[4];
+      detail::ldmatrix<4, true>(va, v_rows + 16 * mb);
       detail::mma_16816<false>(acc[mb], va, pb);
     }
     __syncwarp();  // the next round overwrites this one's tiles
@@ -961,7 +997,7 @@ SplitLayout split_layout(const KvDeviceCache& c, int group, int& total) {
   lay.k_tile = w;
   w += round16(int64_t(kTile) * (hd + kKeyStride) * 2);
   lay.v_tile = w;
-  w += round16(int64_t(hd) * kValueRow * 2);
+  w += round16(int64_t(kTile) * (hd + kKeyStride) * 2);
   lay.q_page = w;
   w += round16(int64_t(kMaxGroup) * (hd + kKeyStride) * 2);
   lay.v_scale = w;

@@ -499,6 +499,32 @@ inline void mma_m16n8k16(bool bf16, float (&d)[4], const std::uint32_t (&a)[4], 
     d[i] = float(acc);
   }
 }
+
+// ldmatrix.sync.aligned.m8n8.x{1,2,4}[.trans].shared.b16 as the PTX ISA lays it out: lanes 8i..8i+7 give
+// the addresses of matrix i's eight rows (16 bytes each); lane 4g + t receives halves 2t, 2t + 1 of
+// matrix i's row g, or with .trans half g of rows 2t and 2t + 1 (the transposed matrix's row g). One
+// exchange of the row addresses (one barrier), then plain loads.
+inline void ldmatrix(bool trans, int count, std::uint32_t* r, const void* row) {
+  check_warp_op(0xffffffffu, kWarp, "ldmatrix");
+  using Row = const unsigned char*;
+  thread_local std::unique_ptr<Row[]> slots = std::make_unique<Row[]>(2 * 1024);
+  const unsigned me = linear_thread(), first = me / kWarp * kWarp;
+  Row* rows = slots.get() + 1024 * next_parity();
+  rows[me] = static_cast<Row>(row);
+  block_barrier();
+  const unsigned lane = me % kWarp, g = lane / 4, t = lane % 4;
+  for (int i = 0; i < count; ++i) {
+    const unsigned m = first + 8 * unsigned(i);
+    if (!trans) {
+      std::memcpy(&r[i], rows[m + g] + 4 * t, 4);
+    } else {
+      std::uint16_t lo, hi;
+      std::memcpy(&lo, rows[m + 2 * t] + 2 * g, 2);
+      std::memcpy(&hi, rows[m + 2 * t + 1] + 2 * g, 2);
+      r[i] = std::uint32_t(lo) | std::uint32_t(hi) << 16;
+    }
+  }
+}
 }  // namespace nuq_emulation
 
 template <class T>

@@ -270,4 +270,45 @@ TEST(CudaEmulation, MmaFollowsThePtxFragmentTables) {
   check_mma<true>();
 }
 
+// ldmatrix.m8n8.x4 from shared memory against the PTX ISA's description ("Warp-level matrix load
+// instruction: ldmatrix"), transcribed here independently of the emulation: threads 8i..8i+7 give the
+// addresses of matrix i's rows; thread 4g + t receives, of matrix i, elements 2t and 2t + 1 of row g, or
+// with .trans elements [2t][g] and [2t + 1][g]. Rows are 16 bytes apart by a stride of 40 halves here, and
+// the matrices sit at scattered offsets, so a wrong row or lane shows.
+template <bool TRANS>
+__global__ void ldmatrix_kernel(uint32_t* out) {
+  uint16_t* tile = nuq::cuda::detail::dynamic_shared<uint16_t>();
+  const int lane = int(threadIdx.x);
+  for (int e = lane; e < 32 * 40; e += 32) tile[e] = uint16_t(e);
+  __syncwarp();
+  // Matrix i's rows start at row 8i (lanes 8i..8i+7), column 8 (i % 2) + 16.
+  uint32_t r[4];
+  nuq::cuda::detail::ldmatrix<4, TRANS>(r, tile + lane * 40 + 8 * (lane / 8 % 2) + 16);
+  for (int i = 0; i < 4; ++i) out[lane * 4 + i] = r[i];
+}
+
+template <bool TRANS>
+void check_ldmatrix() {
+  uint32_t* d = nullptr;
+  ASSERT_EQ(cudaMalloc(&d, 32 * 4 * 4), cudaSuccess);
+  ASSERT_TRUE(launch("ldmatrix", ldmatrix_kernel<TRANS>, 1, 32, 32 * 40 * 2, nullptr, d).ok());
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  std::vector<uint32_t> got(32 * 4);
+  cudaMemcpy(got.data(), d, got.size() * 4, cudaMemcpyDeviceToHost);
+  cudaFree(d);
+  auto element = [](int i, int row, int col) { return uint32_t((8 * i + row) * 40 + 8 * (i % 2) + 16 + col); };
+  for (int lane = 0; lane < 32; ++lane)
+    for (int i = 0; i < 4; ++i) {
+      const int g = lane / 4, t = lane % 4;
+      const uint32_t lo = TRANS ? element(i, 2 * t, g) : element(i, g, 2 * t);
+      const uint32_t hi = TRANS ? element(i, 2 * t + 1, g) : element(i, g, 2 * t + 1);
+      EXPECT_EQ(got[size_t(lane * 4 + i)], lo | hi << 16) << "lane " << lane << " matrix " << i << (TRANS ? " trans" : "");
+    }
+}
+
+TEST(CudaEmulation, LdmatrixFollowsThePtxFragmentLayout) {
+  check_ldmatrix<false>();
+  check_ldmatrix<true>();
+}
+
 }  // namespace
