@@ -449,12 +449,12 @@ __device__ __forceinline__ void patch_tile(const KvDeviceCache& c, const Sizes& 
 // quantized records: warp 0 starts its softmax state with them before the token loop (the tiles mask
 // them), so the steady loop never replaces rows. The score of head g and sink t goes through the warp's
 // scratch ([hi - lo][kMaxGroup] floats); then each lane forms the state its MMA fragments hold: the
-// running max of head gq, its share of the sum (lane tq = 0 takes all of it), and O^T for channels
-// 16mb + gq (+8) of heads 2tq, 2tq + 1. Every warp runs the same barriers (the others with no tokens).
+// running maxima of heads 2tq and 2tq + 1, their shares of the sums (lanes gq = 0 take all of them), and
+// O^T for channels 16mb + gq (+8) of those heads. Every warp runs the same barriers (the others with no tokens).
 template <int HD>
 __device__ __forceinline__ void sink_prologue(const KvDeviceCache& c, int b, int h, int G, float scale_log2,
                                               const float* queries, int lo, int hi, float* scratch, int lane,
-                                              float& m_run, float& l_run, float (&acc)[HD / 16][4]) {
+                                              float (&m_run)[2], float (&l_run)[2], float (&acc)[HD / 16][4]) {
   constexpr int kPairs = HD / 2;
   const int gq = lane / 4, tq = lane % 4, n = max(0, hi - lo);
   const int64_t stride = int64_t(c.n_kv_heads) * HD;  // between tokens of sink_k / sink_v
@@ -486,11 +486,14 @@ __device__ __forceinline__ void sink_prologue(const KvDeviceCache& c, int b, int
     for (int t = 0; t < n; ++t) m = fmaxf(m, scratch[t * kMaxGroup + g]);
     return m;
   };
-  m_run = head_max(gq);
-  if (tq == 0 && m_run != -INFINITY)
-#pragma unroll 1
-    for (int t = 0; t < n; ++t) l_run += fast_exp2(scratch[t * kMaxGroup + gq] - m_run);
   const float m_head[2] = {head_max(2 * tq), head_max(2 * tq + 1)};
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    m_run[i] = m_head[i];
+    if (gq == 0 && m_head[i] != -INFINITY)  // one lane of the 8 that reduce a head's sum takes all of it
+#pragma unroll 1
+      for (int t = 0; t < n; ++t) l_run[i] += fast_exp2(scratch[t * kMaxGroup + 2 * tq + i] - m_head[i]);
+  }
 #pragma unroll 1
   for (int t = 0; t < n; ++t) {
     float p[2];
@@ -587,8 +590,9 @@ __global__ void __launch_bounds__(kWarps * 32, 2)  // 2 blocks per SM: ~91 KiB o
   tile.k_tile = reinterpret_cast<uint16_t*>(region + lay.k_tile);
   tile.v_tile = reinterpret_cast<uint16_t*>(region + lay.v_tile);
   tile.v_scale = reinterpret_cast<float*>(region + lay.v_scale);
-  // Head gq's running max, and over this lane's tokens only, the sum of p and of p times the value offset.
-  float m_run = -INFINITY, l_run = 0.0f, offset_run = 0.0f;
+  // Heads 2tq and 2tq + 1 (the heads of this lane's accumulators): the running max, and over this lane's
+  // tokens only (gq and gq + 8 of each tile), the sum of p and of p times the value offset.
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.0f, 0.0f}, offset_run[2] = {0.0f, 0.0f};
   float acc[kBlocks][4];                  // O^T[16mb + gq (+8)][heads 2tq, 2tq + 1]
 #pragma unroll
   for (int j = 0; j < kBlocks; ++j)
@@ -627,67 +631,69 @@ __global__ void __launch_bounds__(kWarps * 32, 2)  // 2 blocks per SM: ~91 KiB o
     patch_tile<HD>(c, sz, tile, step_rotations, lane);
     __syncwarp();
 
-    // Fragments by ldmatrix: lane L addresses row L % 8 of matrix L / 8. Queries (A, heads 0-7; rows 8-15
-    // are the MMA's zero padding) and keys (B) are row-major [row][HD + kKeyStride]; matrices 0-3 are
-    // channels 16j, 16j + 8, 16j + 16, 16j + 24 of two k-blocks.
-    float s[2][4] = {{0, 0, 0, 0}, {0, 0, 0, 0}};  // S[head gq][tokens 8n + 2tq, +1]; [2], [3] padding rows
+    // Scores transposed, S^T = K·Q^T, so that the K tile fills all 16 rows of the A operand and one MMA
+    // covers the tile's tokens for all 8 (padded) heads per k-block. Fragments by ldmatrix, lane L giving
+    // a row address of matrix L / 8: A = K (matrices: tokens 0-7 and 8-15 of channels 16j, then of 16j + 8),
+    // B = Q^T from the page's queries (matrices: heads 0-7 of channels 16j, 16j + 8, 16j + 16, 16j + 24).
+    float st[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // S^T[tokens gq, gq + 8 (st[2], st[3])][heads 2tq, 2tq + 1]
     const uint16_t* q_rows = q_page + (lane % 8) * (HD + kKeyStride) + 8 * (lane / 8);
-    const uint16_t* k_rows = tile.k_tile + (lane % 8) * (HD + kKeyStride) + 8 * (lane / 8);
+    const uint16_t* k_rows = tile.k_tile + (lane % 8 + 8 * (lane / 8 % 2)) * (HD + kKeyStride) + 8 * (lane / 16);
 #pragma unroll
     for (int j = 0; j < kBlocks; j += 2) {
+      uint32_t ka[4];
+      detail::ldmatrix<4, false>(ka, k_rows + 16 * j);
       if (j + 1 < kBlocks) {
-        uint32_t qf[4], kf0[4], kf1[4];
-        detail::ldmatrix<4, false>(qf, q_rows + 16 * j);
-        detail::ldmatrix<4, false>(kf0, k_rows + 16 * j);
-        detail::ldmatrix<4, false>(kf1, k_rows + 8 * (HD + kKeyStride) + 16 * j);
-        const uint32_t qa0[4] = {qf[0], 0u, qf[1], 0u}, qa1[4] = {qf[2], 0u, qf[3], 0u};
-        detail::mma_16816<false>(s[0], qa0, {kf0[0], kf0[1]});
-        detail::mma_16816<false>(s[0], qa1, {kf0[2], kf0[3]});
-        detail::mma_16816<false>(s[1], qa0, {kf1[0], kf1[1]});
-        detail::mma_16816<false>(s[1], qa1, {kf1[2], kf1[3]});
+        uint32_t qb[4], ka1[4];
+        detail::ldmatrix<4, false>(qb, q_rows + 16 * j);
+        detail::ldmatrix<4, false>(ka1, k_rows + 16 * (j + 1));
+        detail::mma_16816<false>(st, ka, {qb[0], qb[1]});
+        detail::mma_16816<false>(st, ka1, {qb[2], qb[3]});
       } else {  // an odd last k-block (head dim 80)
-        uint32_t qf[2], kf0[2], kf1[2];
-        detail::ldmatrix<2, false>(qf, q_rows + 16 * j);
-        detail::ldmatrix<2, false>(kf0, k_rows + 16 * j);
-        detail::ldmatrix<2, false>(kf1, k_rows + 8 * (HD + kKeyStride) + 16 * j);
-        const uint32_t qa[4] = {qf[0], 0u, qf[1], 0u};
-        detail::mma_16816<false>(s[0], qa, kf0);
-        detail::mma_16816<false>(s[1], qa, kf1);
+        uint32_t qb[2];
+        detail::ldmatrix<2, false>(qb, q_rows + 16 * j);
+        detail::mma_16816<false>(st, ka, qb);
       }
     }
     // Scores in log2 units (scale · log2 e folded in): p = 2^(s - m), one MUFU.EX2 and no range handling.
     // Tokens outside [first, live) get -inf; while a head has seen no token, m is -inf and p, corr are 0
-    // (exp2(-inf)), which leaves its zero sums as they are.
+    // (exp2(-inf)), which leaves its zero sums as they are. A head's max is over the 8 lanes of one tq.
     const uint32_t live_bits = ((1u << tile.live) - 1u) & ~((1u << tile.first) - 1u);
-    float sc[4] = {s[0][0], s[0][1], s[1][0], s[1][1]};
-    float mx = -INFINITY;
+    float mx[2];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {  // token of sc[i]: 8 (i / 2) + 2tq + i % 2
-      sc[i] = live_bits >> (8 * (i / 2) + 2 * tq + i % 2) & 1u ? sc[i] * scale_log2 : -INFINITY;
-      mx = fmaxf(mx, sc[i]);
+    for (int i = 0; i < 4; ++i) st[i] = live_bits >> (gq + 8 * (i / 2)) & 1u ? st[i] * scale_log2 : -INFINITY;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      mx[i] = fmaxf(st[i], st[i + 2]);
+      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 4));
+      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 8));
+      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 16));
     }
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float m_new = fmaxf(m_run, mx), m_safe = m_new == -INFINITY ? 0.0f : m_new;
-    const float corr = fast_exp2(m_run - m_safe);
-    float p[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) p[i] = fast_exp2(sc[i] - m_safe);
-    l_run = l_run * corr + (p[0] + p[1]) + (p[2] + p[3]);
-    m_run = m_new;
     // value = tile · scale + offset: P·V = (P ∘ scale)·tile + Σ p · offset (the offset sum per head).
-    const float4 so_lo = reinterpret_cast<const float4*>(tile.v_scale)[tq];      // tokens 2tq, 2tq + 1
-    const float4 so_hi = reinterpret_cast<const float4*>(tile.v_scale)[tq + 4];  // tokens 8 + 2tq, 9 + 2tq
-    offset_run = offset_run * corr + fmaf(p[0], so_lo.y, p[1] * so_lo.w) + fmaf(p[2], so_hi.y, p[3] * so_hi.w);
-    const uint32_t pb[2] = {pack_half2(p[0] * so_lo.x, p[1] * so_lo.z), pack_half2(p[2] * so_hi.x, p[3] * so_hi.z)};
-    const float corr_lo = __shfl_sync(0xffffffffu, corr, 8 * tq), corr_hi = __shfl_sync(0xffffffffu, corr, 8 * tq + 4);
+    const float4 so = make_float4(reinterpret_cast<const float2*>(tile.v_scale)[gq].x,
+                                  reinterpret_cast<const float2*>(tile.v_scale)[gq].y,
+                                  reinterpret_cast<const float2*>(tile.v_scale)[gq + 8].x,
+                                  reinterpret_cast<const float2*>(tile.v_scale)[gq + 8].y);
+    float corr[2], p[4];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const float m_new = fmaxf(m_run[i], mx[i]), m_safe = m_new == -INFINITY ? 0.0f : m_new;
+      corr[i] = fast_exp2(m_run[i] - m_safe);
+      p[i] = fast_exp2(st[i] - m_safe);
+      p[i + 2] = fast_exp2(st[i + 2] - m_safe);
+      l_run[i] = fmaf(l_run[i], corr[i], p[i] + p[i + 2]);
+      offset_run[i] = fmaf(offset_run[i], corr[i], fmaf(p[i], so.y, p[i + 2] * so.w));
+      m_run[i] = m_new;
+    }
+    // P^T as the value MMA's B operand (tokens 2tq.., heads gq): the transposes of this lane's rows.
+    const uint32_t pb[2] = {detail::movmatrix_trans(pack_half2(p[0] * so.x, p[1] * so.x)),
+                            detail::movmatrix_trans(pack_half2(p[2] * so.z, p[3] * so.z))};
     const uint16_t* v_rows = tile.v_tile + (lane % 8 + 8 * (lane / 16)) * (HD + kKeyStride) + 8 * (lane / 8 % 2);
 #pragma unroll
     for (int mb = 0; mb < kBlocks; ++mb) {
-      acc[mb][0] *= corr_lo;
-      acc[mb][1] *= corr_hi;
-      acc[mb][2] *= corr_lo;
-      acc[mb][3] *= corr_hi;
+      acc[mb][0] *= corr[0];
+      acc[mb][1] *= corr[1];
+      acc[mb][2] *= corr[0];
+      acc[mb][3] *= corr[1];
       // A = V^T of channels 16mb..16mb + 15: matrices (tokens 0-7, channels +0), (0-7, +8), (8-15, +0),
       // (8-15, +8), each transposed.
       uint32_t va[4];
@@ -702,29 +708,31 @@ __global__ void __launch_bounds__(kWarps * 32, 2)  // 2 blocks per SM: ~91 KiB o
       ++page;
     }
   }
-  l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
-  l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
-  offset_run += __shfl_xor_sync(0xffffffffu, offset_run, 1);
-  offset_run += __shfl_xor_sync(0xffffffffu, offset_run, 2);
-  // This lane's accumulators are heads 2tq and 2tq + 1, whose sums live in lanes 8tq and 8tq + 4.
-  const float offset_lo = __shfl_sync(0xffffffffu, offset_run, 8 * tq);
-  const float offset_hi = __shfl_sync(0xffffffffu, offset_run, 8 * tq + 4);
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int lanes = 4; lanes < 32; lanes *= 2) {
+      l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], lanes);
+      offset_run[i] += __shfl_xor_sync(0xffffffffu, offset_run[i], lanes);
+    }
 
   // Merge the warps in order; the warp regions become the merge buffers.
   __syncthreads();
   float* wm = reinterpret_cast<float*>(smem + lay.warps);  // [kWarps][kMaxGroup]
   float* wl = wm + kWarps * kMaxGroup;                     // [kWarps][kMaxGroup]
   float* wacc = wl + kWarps * kMaxGroup;                   // [kWarps][kMaxGroup][HD]
-  if (tq == 0) {
-    wm[warp * kMaxGroup + gq] = m_run;
-    wl[warp * kMaxGroup + gq] = l_run;
-  }
+  if (gq == 0)
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      wm[warp * kMaxGroup + 2 * tq + i] = m_run[i];
+      wl[warp * kMaxGroup + 2 * tq + i] = l_run[i];
+    }
 #pragma unroll
   for (int mb = 0; mb < kBlocks; ++mb)
 #pragma unroll
     for (int i = 0; i < 4; ++i)
       wacc[(warp * kMaxGroup + 2 * tq + i % 2) * HD + 16 * mb + gq + 8 * (i / 2)] =
-          acc[mb][i] + (i % 2 ? offset_hi : offset_lo);
+          acc[mb][i] + offset_run[i % 2];
   __syncthreads();
   for (int e = int(threadIdx.x); e < G * HD; e += int(blockDim.x)) {
     const int g = e / HD, ch = e % HD;

@@ -107,4 +107,16 @@ __device__ __forceinline__ void ldmatrix(uint32_t (&r)[N], const void* row) {
 #endif
 }
 
+// movmatrix.sync.aligned.m8n8.trans.b16 (sm_75+): an 8x8 matrix of 16-bit values held as an mma fragment
+// (lane 4g + t: row g, halves 2t and 2t + 1) becomes its transpose in the same layout, in registers.
+__device__ __forceinline__ uint32_t movmatrix_trans(uint32_t x) {
+#if defined(NUQ_CUDA_EMULATED)
+  return nuq_emulation::movmatrix_trans(x);
+#else
+  uint32_t y;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+  return y;
+#endif
+}
+
 }  // namespace nuq::cuda::detail

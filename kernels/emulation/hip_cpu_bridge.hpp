@@ -525,6 +525,21 @@ inline void ldmatrix(bool trans, int count, std::uint32_t* r, const void* row) {
     }
   }
 }
+
+// movmatrix.sync.aligned.m8n8.trans.b16: lane 4g + t holds halves 2t, 2t + 1 of row g of an 8x8 matrix and
+// receives those of the transpose: M[2t][g] (lane 8t + g/2, half g % 2) and M[2t + 1][g] (lane 8t + 4 + g/2).
+inline std::uint32_t movmatrix_trans(std::uint32_t x) {
+  check_warp_op(0xffffffffu, kWarp, "movmatrix");
+  thread_local std::unique_ptr<std::uint32_t[]> slots = std::make_unique<std::uint32_t[]>(2 * 1024);
+  const unsigned me = linear_thread(), first = me / kWarp * kWarp;
+  std::uint32_t* buffer = slots.get() + 1024 * next_parity();
+  buffer[me] = x;
+  block_barrier();
+  const unsigned lane = me % kWarp, g = lane / 4, t = lane % 4;
+  const std::uint32_t lo = buffer[first + 8 * t + g / 2] >> (16 * (g % 2)) & 0xffffu;
+  const std::uint32_t hi = buffer[first + 8 * t + 4 + g / 2] >> (16 * (g % 2)) & 0xffffu;
+  return lo | hi << 16;
+}
 }  // namespace nuq_emulation
 
 template <class T>

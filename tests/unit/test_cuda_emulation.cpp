@@ -311,4 +311,25 @@ TEST(CudaEmulation, LdmatrixFollowsThePtxFragmentLayout) {
   check_ldmatrix<true>();
 }
 
+// movmatrix.m8n8.trans: lane 4g + t holds row g's elements 2t, 2t + 1 of M (here M[r][c] = 8r + c) and
+// receives row g of M^T, i.e. M[2t][g] and M[2t + 1][g].
+__global__ void movmatrix_kernel(uint32_t* out) {
+  const uint32_t lane = threadIdx.x, g = lane / 4, t = lane % 4;
+  out[lane] = nuq::cuda::detail::movmatrix_trans((8 * g + 2 * t) | (8 * g + 2 * t + 1) << 16);
+}
+
+TEST(CudaEmulation, MovmatrixTransposesTheFragment) {
+  uint32_t* d = nullptr;
+  ASSERT_EQ(cudaMalloc(&d, 32 * 4), cudaSuccess);
+  ASSERT_TRUE(launch("movmatrix", movmatrix_kernel, 1, 32, 0, nullptr, d).ok());
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  std::vector<uint32_t> got(32);
+  cudaMemcpy(got.data(), d, got.size() * 4, cudaMemcpyDeviceToHost);
+  cudaFree(d);
+  for (uint32_t lane = 0; lane < 32; ++lane) {
+    const uint32_t g = lane / 4, t = lane % 4;
+    EXPECT_EQ(got[lane], (8 * (2 * t) + g) | (8 * (2 * t + 1) + g) << 16) << "lane " << lane;
+  }
+}
+
 }  // namespace
