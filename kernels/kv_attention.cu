@@ -121,34 +121,22 @@ __device__ __forceinline__ void load_8_bytes(const uint8_t* p, uint32_t& w0, uin
 }
 __device__ __forceinline__ float load_fp16(const uint8_t* p) { return fp16_to_float(uint16_t(p[0] | (p[1] << 8))); }
 
-// Bit k -> bit 2k of a 16-bit value.
-__device__ __forceinline__ uint32_t spread_bits(uint32_t x) {
-  x &= 0xffffu;
-  x = (x | (x << 8)) & 0x00ff00ffu;
-  x = (x | (x << 4)) & 0x0f0f0f0fu;
-  x = (x | (x << 2)) & 0x33333333u;
-  return (x | (x << 1)) & 0x55555555u;
-}
-
-// The 16 indices of one group (docs/kv-cache.md, "Index packing") in the 4-bit layout whatever the
-// width: channel 2i in nibble i of `even`, channel 2i + 1 in nibble i of `odd`, so that the decode
-// loops below extract every index with one shift and mask by a constant. The bytes it reads stay inside
-// the staged records' shared memory (the last group of a record reads into the next record or the
-// following buffer; those bytes are not used).
-template <int BITS>
-__device__ __forceinline__ void group_nibbles(const uint8_t* g, uint32_t& even, uint32_t& odd) {
-  uint32_t w0, w1;
-  load_8_bytes(g, w0, w1);
-  if constexpr (BITS == 4) {
-    even = w0;
-    odd = w1;
-  } else {
-    // 2 and 3 bits: channel r's low 2 bits at bit 2r, so even channels land at 4i, odd ones at 4i + 2 >> 2;
-    // at 3 bits the plane's bit r goes to bit 2r first (w1 at 2 bits is the next group's: not used).
-    const uint32_t plane = BITS == 3 ? spread_bits(w1) : 0u;
-    even = (w0 & 0x33333333u) | ((plane << 2) & 0x44444444u);
-    odd = ((w0 >> 2) & 0x33333333u) | (plane & 0x44444444u);
-  }
+// Byte offset (field · 4, an entry of 4 bytes) of pair R's index field in a group whose first eight bytes
+// are w0, w1 (docs/kv-cache.md, "Index packing"): channels R and R + 8 share the 2B-bit field at bit 2B·R,
+// which a table of pairs takes whole. One shift (a funnel shift for the 3-bit field across the two
+// words) and the mask, which the lookup's LOP3 merges with the table base.
+template <int B, int R>
+__device__ __forceinline__ uint32_t pair_field_x4(uint32_t w0, uint32_t w1) {
+  constexpr int at = 2 * B * R;
+  constexpr uint32_t mask = ((1u << (2 * B)) - 1) << 2;
+  uint32_t x;
+  if constexpr (at + 2 * B <= 32)
+    x = at >= 2 ? w0 >> (at - 2) : w0 << (2 - at);
+  else if constexpr (at >= 32)
+    x = at >= 34 ? w1 >> (at - 34) : w1 << (34 - at);
+  else
+    x = funnel_right(w0, w1, at - 2);
+  return x & mask;
 }
 
 // Shared-memory addresses as 32-bit integers, for the decode's table lookups: an entry's address is
@@ -185,11 +173,6 @@ __device__ __forceinline__ uint32_t table_load_u16(uint32_t address) {
   asm volatile("ld.shared.u16 %0, [%1+%2];\n" : "=h"(v) : "r"(address), "n"(OFFSET));
   return v;
 #endif
-}
-// Nibble K of w times 4 (a uint32 entry's byte offset).
-template <int K>
-__device__ __forceinline__ uint32_t nibble_x4(uint32_t w) {
-  return (K == 0 ? w << 2 : w >> (4 * K - 2)) & 0x3cu;
 }
 
 // Host-computed byte offsets into the block's dynamic shared memory (launch_decode).
@@ -269,8 +252,9 @@ __host__ __device__ inline int key_table_bytes(int head_dim, int bits) {
 }
 
 // Keys: lane decodes token lane/2, index groups (lane % 2) + 2j. The K tile holds RoPE pair p of the
-// storage order as one complex number, fp16 at positions 2p, 2p + 1 (the page's queries use the same
-// order: a dot product does not care about the order of its terms), rotated by the in-page step in half2.
+// storage order (channels 16g + r and 16g + r + 8, p = 8g + r) as one complex number, fp16 at positions
+// 2p, 2p + 1 (the page's queries use the same order: a dot product does not care about the order of its
+// terms), rotated by the in-page step in half2. The record holds the pair's indices as one field.
 template <int HD, int KB>
 __device__ __forceinline__ void decode_keys(const Sizes& sz, const Tile& tile, const void* key_table,
                                             const uint4* step_rotations, int lane) {
@@ -283,26 +267,22 @@ __device__ __forceinline__ void decode_keys(const Sizes& sz, const Tile& tile, c
   for (int j = 0; j < (kGroups + 1) / 2; ++j) {
     const int g = 2 * j + (lane & 1);
     if (g >= kGroups) break;
-    uint32_t even, odd;
-    group_nibbles<KB>(rec + g * 2 * KB, even, odd);
+    uint32_t w0, w1;
+    load_8_bytes(rec + g * 2 * KB, w0, w1);
     uint32_t out[8];
     auto pair = [&](auto r_c) {
-      constexpr int r = decltype(r_c)::value;  // channels r and r + 8: nibbles r/2 and r/2 + 4 of even/odd
-      constexpr int k = r / 2;
-      const uint32_t w = r % 2 ? odd : even;
+      constexpr int r = decltype(r_c)::value;
+      const uint32_t field = pair_field_x4<KB, r>(w0, w1);
       uint32_t packed;
       if constexpr (kKeyPairTables<KB>) {
-        constexpr uint32_t mask = (1u << KB) - 1;
-        // Tables of a group's 8 pairs are contiguous: the group's base | (ia·4 | ib·4 << KB), pair r by
-        // the load's immediate offset.
+        // A group's 8 pair tables are contiguous: the group's base | field, pair r by the load's offset.
         const uint32_t table = shared_address(key_table) + uint32_t(g) * (8 * kKeyPairEntries<KB> * 4);
-        const uint32_t ia = (k == 0 ? w << 2 : w >> (4 * k - 2)) & (mask << 2);
-        const uint32_t ib = (w >> (4 * k + 16 - KB - 2)) & (mask << (KB + 2));
-        packed = table_load<r * kKeyPairEntries<KB> * 4>(table | ia | ib);
+        packed = table_load<r * kKeyPairEntries<KB> * 4>(table | field);
       } else {
+        // 4 bits: channel r's index is the field's low nibble, r + 8's the high one; fp16 entries.
         const uint32_t table = shared_address(key_table) + uint32_t(g) * (16 * 16 * 2);  // channel r at + 32r
-        const uint32_t a = table_load_u16<32 * r>(table | ((k == 0 ? w << 1 : w >> (4 * k - 1)) & 0x1eu));
-        const uint32_t b = table_load_u16<32 * (r + 8)>(table | ((w >> (4 * k + 15)) & 0x1eu));
+        const uint32_t a = table_load_u16<32 * r>(table | (field >> 1 & 0x1eu));
+        const uint32_t b = table_load_u16<32 * (r + 8)>(table | (field >> 5 & 0x1eu));
         packed = a | b << 16;
       }
       const uint4 rot = rotations[4 * g + r / 2];  // (cos, sin), (−sin, cos) of pair 8g + r, then 8g + r + 1
@@ -321,39 +301,20 @@ __device__ __forceinline__ void decode_keys(const Sizes& sz, const Tile& tile, c
   }
 }
 
-// Value pair tables: entry (ia, ib) = fp16 (cb[ia], cb[ib]) for two channels of one token, indexed by
-// the pair's index bits as the record holds them, so that one shift and one mask per field give the
-// address: 2 bits a | b << 2 (nibble m of the group word); 3 bits the two low-bit fields (nibble m of the
-// 2-bit plane), then the two plane bits (bits 2m, 2m + 1 of the 1-bit plane); 4 bits a | b << 4.
-template <int VB>
-__host__ __device__ inline void value_pair_entry(int e, int& ia, int& ib) {
-  if (VB == 3) {
-    ia = (e & 3) | (e >> 4 & 1) << 2;
-    ib = (e >> 2 & 3) | (e >> 5 & 1) << 2;
-  } else {
-    ia = e & ((1 << VB) - 1);
-    ib = e >> VB;
-  }
-}
+// Value pair table: entry ia | ib << VB = fp16 (cb[ia], cb[ib]), the two channels of one index field.
 template <int VB>
 constexpr int kValuePairEntries = 1 << (2 * VB);
 
-// Byte offset (entry · 4) of channels 2m, 2m + 1 of a group whose index words are w0, w1 (docs/kv-cache.md,
-// "Index packing"): at 2 and 3 bits the pair's low bits are nibble m of w0 and at 3 bits its plane bits
-// are bits 2m, 2m + 1 of w1; at 4 bits channel 2m is nibble m of w0 and 2m + 1 nibble m of w1.
-template <int VB, int M>
-__device__ __forceinline__ uint32_t value_pair_offset(uint32_t w0, uint32_t w1) {
-  auto shr = [](uint32_t w, int n) { return n >= 0 ? w >> n : w << -n; };
-  const uint32_t low = shr(w0, 4 * M - 2) & 0x3cu;
-  if constexpr (VB == 2) return low;
-  else if constexpr (VB == 3) return low | (shr(w1, 2 * M - 6) & 0xc0u);
-  else return low | (shr(w1, 4 * M - 6) & 0x3c0u);
-}
+// The V tile's order within a group of 16 channels: pair r (channels r, r + 8) at positions 2r, 2r + 1,
+// as the index fields give them; the accumulators' rows follow it and are put back in model order once,
+// when the warp writes its partial.
+__device__ __forceinline__ int value_position(int ch) { return ch / 16 * 16 + ch % 8 * 2 + ch % 16 / 8; }
+__device__ __forceinline__ int value_channel(int pos) { return pos / 16 * 16 + pos % 16 / 2 + pos % 2 * 8; }
 
 // Values: lane decodes token lane/2, index groups (lane % 2) + 2j, into the V tile row-major ([token][HD +
-// kKeyStride], model order), which ldmatrix.trans turns into the A fragments of V^T. The tile holds
-// codebook values only (the token's scale goes into P and its offset into a per-head sum, see the token
-// loop), so one lookup in the pair table gives two channels, and two 16-byte stores write a group.
+// kKeyStride]), which ldmatrix.trans turns into the A fragments of V^T. The tile holds codebook values
+// only (the token's scale goes into P and its offset into a per-head sum, see the token loop), so one
+// lookup in the pair table gives two channels, and two 16-byte stores write a group.
 template <int HD, int VB>
 __device__ __forceinline__ void decode_values(const Sizes& sz, const Tile& tile, const uint32_t* value_pairs,
                                               int lane) {
@@ -369,9 +330,9 @@ __device__ __forceinline__ void decode_values(const Sizes& sz, const Tile& tile,
     uint32_t w0, w1;
     load_8_bytes(rec + g * 2 * VB, w0, w1);
     uint32_t out[8];
-    auto pair = [&](auto m_c) {
-      constexpr int m = decltype(m_c)::value;
-      out[m] = table_load<0>(pairs_at | value_pair_offset<VB, m>(w0, w1));
+    auto pair = [&](auto r_c) {
+      constexpr int r = decltype(r_c)::value;
+      out[r] = table_load<0>(pairs_at | pair_field_x4<VB, r>(w0, w1));
     };
     pair(std::integral_constant<int, 0>{});
     pair(std::integral_constant<int, 1>{});
@@ -439,7 +400,8 @@ __device__ __forceinline__ void patch_tile(const KvDeviceCache& c, const Sizes& 
 #pragma unroll 1
       for (int s = 0; s < c.slots; ++s) {
         const int ch = rec[s];
-        if (ch < HD) add_to_half(tile.v_tile + tok * (HD + kKeyStride) + ch, load_fp16(rec + c.slots + 2 * s) * inv);
+        if (ch < HD)
+          add_to_half(tile.v_tile + tok * (HD + kKeyStride) + value_position(ch), load_fp16(rec + c.slots + 2 * s) * inv);
       }
     }
   }
@@ -504,7 +466,8 @@ __device__ __forceinline__ void sink_prologue(const KvDeviceCache& c, int b, int
 #pragma unroll
     for (int mb = 0; mb < HD / 16; ++mb)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) acc[mb][i] = fmaf(p[i % 2], fp16_to_float(v[16 * mb + gq + 8 * (i / 2)]), acc[mb][i]);
+      for (int i = 0; i < 4; ++i)
+        acc[mb][i] = fmaf(p[i % 2], fp16_to_float(v[value_channel(16 * mb + gq + 8 * (i / 2))]), acc[mb][i]);
   }
   __syncwarp();  // the scratch is the warp's record buffer
 }
@@ -563,11 +526,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2)  // 2 blocks per SM: ~91 KiB o
     step_rotations[e] = make_uint2(pack_half2(cs, sn), pack_half2(-sn, cs));
   }
   for (int e = int(threadIdx.x); e < 256; e += int(blockDim.x))
-    if (e < kValuePairEntries<VB>) {
-      int ia, ib;
-      value_pair_entry<VB>(e, ia, ib);
-      value_pairs[e] = pack_half2(c.v_codebook[ia], c.v_codebook[ib]);
-    }
+    if (e < kValuePairEntries<VB>) value_pairs[e] = pack_half2(c.v_codebook[e & ((1 << VB) - 1)], c.v_codebook[e >> VB]);
   // Queries of this kv head's group, rotated to position len - 1, in key storage order.
   for (int e = int(threadIdx.x); e < G * (HD / 2); e += int(blockDim.x)) {
     const int g = e / (HD / 2), pair = e % (HD / 2), blk = pair / 8, r = pair % 8;
@@ -731,7 +690,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2)  // 2 blocks per SM: ~91 KiB o
   for (int mb = 0; mb < kBlocks; ++mb)
 #pragma unroll
     for (int i = 0; i < 4; ++i)
-      wacc[(warp * kMaxGroup + 2 * tq + i % 2) * HD + 16 * mb + gq + 8 * (i / 2)] =
+      wacc[(warp * kMaxGroup + 2 * tq + i % 2) * HD + value_channel(16 * mb + gq + 8 * (i / 2))] =
           acc[mb][i] + offset_run[i % 2];
   __syncthreads();
   for (int e = int(threadIdx.x); e < G * HD; e += int(blockDim.x)) {

@@ -149,16 +149,13 @@ void value_normalization(const float* v, int64_t n, const bool* outlier, uint16_
 
 namespace {
 
-// Bit position of bit b of channel c's b-bit index inside an index block (docs/kv-cache.md, "Index
-// packing"): groups of 16 channels take 2·bits bytes each, arranged so that a kernel decodes a group
-// from one broadcast load and one variable shift per lane.
+// Bit position of bit b of channel c's index inside an index block (docs/kv-cache.md, "Index packing"):
+// groups of 16 channels take 2·bits bytes each; channels r and r + 8 of a group (a RoPE pair of the key
+// storage order) form one 2·bits-bit field, field r at bit 2·bits·r, channel r in its low half. A GPU
+// warp gets a pair's index for a table of pairs with one shift and one mask.
 int64_t bit_position(int bits, int64_t c, int b) {
-  const int64_t base = c / 16 * 16 * bits, r = c % 16;
-  switch (bits) {
-    case 2: return base + 2 * r + b;
-    case 4: return base + 32 * (r % 2) + 4 * (r / 2) + b;
-    default: return b < 2 ? base + 2 * r + b : base + 32 + r;  // 3 bits: 2-bit plane, then a 1-bit plane
-  }
+  const int64_t base = c / 16 * 16 * bits, r = c % 8, half = c % 16 / 8;
+  return base + 2 * bits * r + bits * half + b;
 }
 
 void pack_bits(const uint8_t* idx, int64_t n, int bits, uint8_t* out) {

@@ -56,29 +56,34 @@ struct Avx2 {
   }
   static float exp1(float x) { return _mm256_cvtss_f32(exp(_mm256_set1_ps(x))); }
   static Cb codebook(const float* cb) { return {_mm256_loadu_ps(cb), _mm256_loadu_ps(cb + 8)}; }
-  // Vector j = half j % 2 of index group j / 2 (docs/kv-cache.md, "Index packing").
+  // Vector j = half j % 2 of index group j / 2 (docs/kv-cache.md, "Index packing"): lane r's index (channel
+  // 8h + r) sits at bit 2·B·r + B·h of the group.
   template <int B>
   static V decode(const uint8_t* idx, int64_t j, Cb cb) {
     const uint8_t* g = idx + (j / 2) * 2 * B;
     const int h = int(j % 2);
     __m256i i32;
-    if constexpr (B == 4) {
+    if constexpr (B == 2) {
+      int w;
+      std::memcpy(&w, g, 4);
+      const __m256i sh = _mm256_add_epi32(_mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28), _mm256_set1_epi32(2 * h));
+      i32 = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(w), sh), _mm256_set1_epi32(3));
+    } else if constexpr (B == 4) {
       long long w;
       std::memcpy(&w, g, 8);
-      const __m256i sh = _mm256_add_epi32(_mm256_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12), _mm256_set1_epi32(16 * h));
-      i32 = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi64x(w), sh), _mm256_set1_epi32(15));
+      // Lanes 0-3 read the group's first word, lanes 4-7 its second.
+      const __m256i words = _mm256_permutevar8x32_epi32(_mm256_set1_epi64x(w), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+      const __m256i sh = _mm256_add_epi32(_mm256_setr_epi32(0, 8, 16, 24, 0, 8, 16, 24), _mm256_set1_epi32(4 * h));
+      i32 = _mm256_and_si256(_mm256_srlv_epi32(words, sh), _mm256_set1_epi32(15));
     } else {
-      int lo;
-      std::memcpy(&lo, g, 4);
-      const __m256i sh = _mm256_add_epi32(_mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14), _mm256_set1_epi32(16 * h));
-      i32 = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(lo), sh), _mm256_set1_epi32(3));
-      if constexpr (B == 3) {
-        uint16_t hi16;
-        std::memcpy(&hi16, g + 4, 2);
-        const __m256i shh = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(8 * h));
-        const __m256i hi = _mm256_srlv_epi32(_mm256_set1_epi32(int(hi16) << 2), shh);
-        i32 = _mm256_or_si256(i32, _mm256_and_si256(hi, _mm256_set1_epi32(4)));
-      }
+      // 3 bits: 48 bits per group, so 64-bit shifts (fields cross the 32-bit boundary): even lanes from
+      // one, odd lanes from the other, each taking its 64-bit lane's low word.
+      long long w = 0;
+      std::memcpy(&w, g, 6);
+      const __m256i v = _mm256_set1_epi64x(w);
+      const __m256i even = _mm256_srlv_epi64(v, _mm256_add_epi64(_mm256_setr_epi64x(0, 12, 24, 36), _mm256_set1_epi64x(3 * h)));
+      const __m256i odd = _mm256_srlv_epi64(v, _mm256_add_epi64(_mm256_setr_epi64x(6, 18, 30, 42), _mm256_set1_epi64x(3 * h)));
+      i32 = _mm256_and_si256(_mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA), _mm256_set1_epi32(7));
     }
     const V lo = _mm256_permutevar8x32_ps(cb.lo, i32);
     if (B < 4) return lo;

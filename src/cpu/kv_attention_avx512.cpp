@@ -89,17 +89,18 @@ const __m512i kLaneIds = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
 
 __mmask16 lanes_below(int64_t k) { return k >= 16 ? __mmask16(0xffff) : __mmask16((1u << k) - 1); }
 
-// Index of channel R of a 16-channel group at 2 or 4 bits, for 16 tokens: w0/w1 hold each token's
-// group words (docs/kv-cache.md, "Index packing"). Only bits 0-3 matter (vpermps); the tables repeat
-// every 2^B entries, so bits above the index may hold the next channel's. (3-bit keys are decoded in
-// key_pair, two channels per 16-bit shift.)
+// Index of channel R of a 16-channel group, for 16 tokens: w0/w1 hold each token's group words
+// (docs/kv-cache.md, "Index packing": channel R at bit 2·B·(R % 8) + B·(R / 8)). Only bits 0-3 matter
+// (vpermps); the tables repeat every 2^B entries, so bits above the index may hold the next channel's.
 template <int B, int R>
 __attribute__((always_inline)) inline __m512i key_index(__m512i w0, __m512i w1) {
-  static_assert(B == 2 || B == 4, "3-bit key indices are decoded in key_pair");
-  if constexpr (B == 2)
-    return _mm512_srli_epi32(w0, 2 * R);
-  else
-    return _mm512_srli_epi32(R % 2 ? w1 : w0, 4 * (R / 2));
+  constexpr int at = 2 * B * (R % 8) + B * (R / 8);
+  if constexpr (at + B <= 32)
+    return _mm512_srli_epi32(w0, at);
+  else if constexpr (at >= 32)
+    return _mm512_srli_epi32(w1, at - 32);
+  else  // 3 bits, channel 5: bits 30-32
+    return _mm512_or_si512(_mm512_srli_epi32(w0, at), _mm512_slli_epi32(w1, 32 - at));
 }
 
 // The first kSlotsInLoop outlier slots of each token are added to the decoded keys inside the pair loop:
@@ -118,22 +119,7 @@ template <int BK, int GQ, int NACC, int NS, int R>
 __attribute__((always_inline)) inline void key_pair(__m512i w0, __m512i w1, const float* lut, const float* cs,
                                                     const float* sn, int64_t cstride, const float* q, int64_t hd,
                                                     const SlotRegs& sl, __m512 (&acc)[GQ][NACC]) {
-  __m512i ia, ib;
-  if constexpr (BK == 3) {
-    // Channels R and R + 8 sit at the same places of the two 16-bit halves of w0 (2-bit fields) and of
-    // w1 (high bits, spread by the caller): one 16-bit shift of each serves both.
-    const __m512i lo = _mm512_srli_epi16(w0, 2 * R);
-    __m512i hi;
-    if constexpr (R >= 2)
-      hi = _mm512_srli_epi16(w1, R - 2);
-    else
-      hi = _mm512_slli_epi16(w1, 2 - R);
-    ia = _mm512_ternarylogic_epi32(hi, lo, _mm512_set1_epi32(0x00030003), 0xD8);
-    ib = _mm512_srli_epi32(ia, 16);
-  } else {
-    ia = key_index<BK, R>(w0, w1);
-    ib = key_index<BK, R + 8>(w0, w1);
-  }
+  const __m512i ia = key_index<BK, R>(w0, w1), ib = key_index<BK, R + 8>(w0, w1);
   __m512 ka = _mm512_permutexvar_ps(ia, _mm512_loadu_ps(lut + R * 16));
   __m512 kb = _mm512_permutexvar_ps(ib, _mm512_loadu_ps(lut + (R + 8) * 16));
   for (int s = 0; s < NS; ++s) {
@@ -284,8 +270,6 @@ void key_scores(const ChunkArgs& a, int64_t h, int64_t g0, const float* cos_t, c
         w0 = record_dword_at<0>(tw, b * 2 * BK);
         w1 = BK == 2 ? w0 : record_dword_at<0>(tw, b * 2 * BK + 4);
       }
-      // 3 bits: the high bits of channels 8-15 moved to the upper 16-bit half (key_pair).
-      if constexpr (BK == 3) w1 = _mm512_ternarylogic_epi32(_mm512_slli_epi32(w1, 8), w1, _mm512_set1_epi32(0xff), 0xD8);
       key_group<BK, GQ, NACC, NS>(std::make_integer_sequence<int, 8>{}, w0, w1, lut + b * 256, cos_t + 8 * b * cstride + j0,
                                   sin_t + 8 * b * cstride + j0, cstride, q + 16 * b, hd, sl, acc);
     }
@@ -323,21 +307,26 @@ void key_scores(const ChunkArgs& a, int64_t h, int64_t g0, const float* cos_t, c
 template <int B>
 __attribute__((always_inline)) inline __m512i value_index(const uint8_t* idx, int64_t j) {
   const uint8_t* g = idx + j * 2 * B;
-  if constexpr (B == 4) {
+  // Lane c's index sits at bit 2·B·(c % 8) + B·(c / 8) of the group (docs/kv-cache.md, "Index packing").
+  if constexpr (B == 2) {
+    int w;
+    std::memcpy(&w, g, 4);
+    return _mm512_srlv_epi32(_mm512_set1_epi32(w), _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 2, 6, 10, 14, 18, 22, 26, 30));
+  } else if constexpr (B == 4) {
     long long w;
     std::memcpy(&w, g, 8);
-    return _mm512_srlv_epi32(_mm512_set1_epi64(w), _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28));
+    // Lanes 0-3 and 8-11 read the group's first word, the others its second.
+    const __m512i words = _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1), _mm512_set1_epi64(w));
+    return _mm512_srlv_epi32(words, _mm512_setr_epi32(0, 8, 16, 24, 0, 8, 16, 24, 4, 12, 20, 28, 4, 12, 20, 28));
   } else {
-    int lo;
-    std::memcpy(&lo, g, 4);
-    const __m512i l = _mm512_srlv_epi32(_mm512_set1_epi32(lo), _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30));
-    if constexpr (B == 2) return l;
-    // The 1-bit plane broadcast straight from memory (the bytes after it are the next group's or the
-    // outlier slots'), rotated so that lane r's bit lands at bit 2.
-    int hi32;
-    std::memcpy(&hi32, g + 4, 4);
-    const __m512i hi = _mm512_rorv_epi32(_mm512_set1_epi32(hi32), _mm512_sub_epi32(kLaneIds, _mm512_set1_epi32(2)));
-    return _mm512_ternarylogic_epi32(hi, l, _mm512_set1_epi32(3), 0xD8);  // bits 0-1 from l, the rest from hi
+    // 3 bits: fields cross the 32-bit boundary, so 64-bit shifts: even lanes from one, odd lanes from the
+    // other (its low words moved up), each 64-bit lane's low word being the lane's index.
+    long long w = 0;
+    std::memcpy(&w, g, 6);
+    const __m512i v = _mm512_set1_epi64(w);
+    const __m512i even = _mm512_srlv_epi64(v, _mm512_setr_epi64(0, 12, 24, 36, 3, 15, 27, 39));
+    const __m512i odd = _mm512_srlv_epi64(v, _mm512_setr_epi64(6, 18, 30, 42, 9, 21, 33, 45));
+    return _mm512_mask_blend_epi32(__mmask16(0xAAAA), even, _mm512_slli_epi64(odd, 32));
   }
 }
 

@@ -168,6 +168,37 @@ TEST(KvRope, AnglesAccurateFarPastAMillion) {
 
 // ---- layout ---------------------------------------------------------------------------------------------
 
+// The index packing of docs/kv-cache.md ("Index packing"), bit for bit: keys built from chosen codebook
+// entries land at bit 2b·(p mod 8) + b·⌊(p mod 16)/8⌋ of their group (channels r and r + 8 share a
+// 2b-bit field, r in the low half), as the CUDA kernel's pair tables read them.
+TEST(KvLayout, IndexPackingMatchesTheDocs) {
+  for (int bits : {2, 3, 4}) {
+    SCOPED_TRACE(bits);
+    const int64_t hd = 64;
+    const KvSetup s = calibrate_random(1, hd, bits, 0.0, 0, 11);
+    kv::LayerCache cache(s.layer, s.common, {});
+    const int seq = cache.add_sequence();
+    ASSERT_EQ(cache.layout().slots, 0);
+    auto e = cache.export_pages(std::vector<int>{seq});
+    std::vector<int> want(static_cast<size_t>(hd));
+    std::vector<float> k(static_cast<size_t>(hd)), v(static_cast<size_t>(hd), 0.5f);
+    for (int64_t p = 0; p < hd; ++p) {
+      want[size_t(p)] = int((p * 5 + 3) % (1 << bits));
+      k[size_t(e.storage[size_t(p)])] =
+          std::fma(e.k_codebook[size_t(want[size_t(p)])], e.k_scale[size_t(p)], e.k_offset[size_t(p)]);
+    }
+    v[3] = -0.25f;
+    cache.append(seq, k.data(), v.data(), 1);
+    e = cache.export_pages(std::vector<int>{seq});
+    const uint8_t* record = e.pages.data() + int64_t(e.block_tables[0]) * e.page_stride;  // head 0, token 0
+    for (int64_t p = 0; p < hd; ++p)
+      for (int b = 0; b < bits; ++b) {
+        const int64_t bit = p / 16 * 16 * bits + 2 * bits * (p % 8) + bits * (p % 16 / 8) + b;
+        EXPECT_EQ(record[bit / 8] >> (bit % 8) & 1, want[size_t(p)] >> b & 1) << "storage channel " << p << " bit " << b;
+      }
+  }
+}
+
 TEST(KvLayout, ThreeBitOnePercentIsUnderTwentyTwoPercentOfFp16) {
   // head_dim 128, 3 bits: 48 index bytes each for K and V, 2 outlier slots (ceil(1.28)) of 3 bytes
   // each, 4 bytes of per-token V scale and offset: 54 + 58 = 112 bytes against 2 * 128 * 2 = 512.
