@@ -70,6 +70,17 @@ __device__ __forceinline__ float fast_exp2(float x) {
 #endif
 }
 
+// 1/x by the SFU (rcp.approx: 1 ulp), without the IEEE division's slow path.
+__device__ __forceinline__ float fast_reciprocal(float x) {
+#if defined(NUQ_CUDA_EMULATED)
+  return 1.0f / x;
+#else
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#endif
+}
+
 // Half2 arithmetic on raw bits. a·b + c per half, rounded once (HFMA2), and the complex product
 // k·e^{iθ} = x·(cos, sin) + y·(−sin, cos) for k = (x, y), cs = (cos, sin), ns = (−sin, cos): an HMUL2
 // and an HFMA2, whose broadcasts of x and y are operand swizzles (.H0_H0, .H1_H1), not instructions.
@@ -391,11 +402,11 @@ __device__ __forceinline__ void patch_tile(const KvDeviceCache& c, const Sizes& 
     } else if (scale == 0.0f) {
       scale = 1.0f;
 #pragma unroll 1
-      for (int ch = 0; ch < HD; ++ch) tile.v_tile[tok * (HD + kKeyStride) + ch] = 0;
+      for (int k = 0; k < HD / 8; ++k) reinterpret_cast<uint4*>(tile.v_tile + tok * (HD + kKeyStride))[k] = make_uint4(0, 0, 0, 0);
     }
     reinterpret_cast<float2*>(tile.v_scale)[tok] = make_float2(scale, offset);
     if (real) {
-      const float inv = 1.0f / scale;
+      const float inv = fast_reciprocal(scale);
       rec += 4 + sz.v_index;
 #pragma unroll 1
       for (int s = 0; s < c.slots; ++s) {
@@ -569,103 +580,106 @@ __global__ void __launch_bounds__(kWarps * 32, 2)  // 2 blocks per SM: ~91 KiB o
   const int tiles = t1 > t0 ? (t1 - t0 + kTile - 1) / kTile : 0;
   const int rounds = min(chunk, tiles);
   tile.start = t0 + warp * chunk * kTile;
-  int64_t page = tile.start / c.block_tokens, open_page = -1;
+  int64_t page = tile.start / c.block_tokens;
   tile.step0 = tile.start % c.block_tokens;
   const int32_t* block_table = c.block_tables + int64_t(b) * c.max_blocks;
-  const uint8_t* page_bytes = nullptr;
-  for (int round = 0; round < rounds; ++round) {
-    tile.live = max(0, min(kTile, t1 - tile.start));
-    tile.first = min(kTile, max(0, c.sink_tokens - tile.start));
-    if (tile.live > 0 && page != open_page) {  // warp-uniform
+  // One trip per page: the page's address and the query rotated to it, then the page's tiles (the
+  // steady loop). A page past the length opens nothing: its tiles stage nothing and mask everything.
+  for (int round = 0; round < rounds;) {
+    const uint8_t* page_bytes = nullptr;
+    if (t1 > tile.start) {  // warp-uniform
       page_bytes = c.pages + int64_t(block_table[page]) * c.page_stride;
       page_queries<HD>(q_page, c, queries, G, page, lane);
-      open_page = page;
     }
-    stage_records(sz, page_bytes, h, c.block_tokens, tile, lane);
-    // Decoded even when no token is live: any record bytes give finite keys and values (table entries),
-    // so the masked (p = 0) rows never bring a NaN into P·V.
-    decode_keys<HD, KB>(sz, tile, key_table, reinterpret_cast<const uint4*>(step_rotations), lane);
-    decode_values<HD, VB>(sz, tile, value_pairs, lane);
-    __syncwarp();
-    patch_tile<HD>(c, sz, tile, step_rotations, lane);
-    __syncwarp();
+    const int page_rounds = min(rounds - round, (c.block_tokens - tile.step0) / kTile);
+    for (int in_page = 0; in_page < page_rounds; ++in_page) {
+      tile.live = max(0, min(kTile, t1 - tile.start));
+      tile.first = min(kTile, max(0, c.sink_tokens - tile.start));
+      stage_records(sz, page_bytes, h, c.block_tokens, tile, lane);
+      // Decoded even when no token is live: any record bytes give finite keys and values (table entries),
+      // so the masked (p = 0) rows never bring a NaN into P·V.
+      decode_keys<HD, KB>(sz, tile, key_table, reinterpret_cast<const uint4*>(step_rotations), lane);
+      decode_values<HD, VB>(sz, tile, value_pairs, lane);
+      __syncwarp();
+      patch_tile<HD>(c, sz, tile, step_rotations, lane);
+      __syncwarp();
 
-    // Scores transposed, S^T = K·Q^T, so that the K tile fills all 16 rows of the A operand and one MMA
-    // covers the tile's tokens for all 8 (padded) heads per k-block. Fragments by ldmatrix, lane L giving
-    // a row address of matrix L / 8: A = K (matrices: tokens 0-7 and 8-15 of channels 16j, then of 16j + 8),
-    // B = Q^T from the page's queries (matrices: heads 0-7 of channels 16j, 16j + 8, 16j + 16, 16j + 24).
-    float st[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // S^T[tokens gq, gq + 8 (st[2], st[3])][heads 2tq, 2tq + 1]
-    const uint16_t* q_rows = q_page + (lane % 8) * (HD + kKeyStride) + 8 * (lane / 8);
-    const uint16_t* k_rows = tile.k_tile + (lane % 8 + 8 * (lane / 8 % 2)) * (HD + kKeyStride) + 8 * (lane / 16);
+      // Scores transposed, S^T = K·Q^T, so that the K tile fills all 16 rows of the A operand and one MMA
+      // covers the tile's tokens for all 8 (padded) heads per k-block. Fragments by ldmatrix, lane L giving
+      // a row address of matrix L / 8: A = K (matrices: tokens 0-7 and 8-15 of channels 16j, then of 16j + 8),
+      // B = Q^T from the page's queries (matrices: heads 0-7 of channels 16j, 16j + 8, 16j + 16, 16j + 24).
+      float st[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // S^T[tokens gq, gq + 8 (st[2], st[3])][heads 2tq, 2tq + 1]
+      const uint16_t* q_rows = q_page + (lane % 8) * (HD + kKeyStride) + 8 * (lane / 8);
+      const uint16_t* k_rows = tile.k_tile + (lane % 8 + 8 * (lane / 8 % 2)) * (HD + kKeyStride) + 8 * (lane / 16);
 #pragma unroll
-    for (int j = 0; j < kBlocks; j += 2) {
-      uint32_t ka[4];
-      detail::ldmatrix<4, false>(ka, k_rows + 16 * j);
-      if (j + 1 < kBlocks) {
-        uint32_t qb[4], ka1[4];
-        detail::ldmatrix<4, false>(qb, q_rows + 16 * j);
-        detail::ldmatrix<4, false>(ka1, k_rows + 16 * (j + 1));
-        detail::mma_16816<false>(st, ka, {qb[0], qb[1]});
-        detail::mma_16816<false>(st, ka1, {qb[2], qb[3]});
-      } else {  // an odd last k-block (head dim 80)
-        uint32_t qb[2];
-        detail::ldmatrix<2, false>(qb, q_rows + 16 * j);
-        detail::mma_16816<false>(st, ka, qb);
+      for (int j = 0; j < kBlocks; j += 2) {
+        uint32_t ka[4];
+        detail::ldmatrix<4, false>(ka, k_rows + 16 * j);
+        if (j + 1 < kBlocks) {
+          uint32_t qb[4], ka1[4];
+          detail::ldmatrix<4, false>(qb, q_rows + 16 * j);
+          detail::ldmatrix<4, false>(ka1, k_rows + 16 * (j + 1));
+          detail::mma_16816<false>(st, ka, {qb[0], qb[1]});
+          detail::mma_16816<false>(st, ka1, {qb[2], qb[3]});
+        } else {  // an odd last k-block (head dim 80)
+          uint32_t qb[2];
+          detail::ldmatrix<2, false>(qb, q_rows + 16 * j);
+          detail::mma_16816<false>(st, ka, qb);
+        }
       }
-    }
-    // Scores in log2 units (scale · log2 e folded in): p = 2^(s - m), one MUFU.EX2 and no range handling.
-    // Tokens outside [first, live) get -inf; while a head has seen no token, m is -inf and p, corr are 0
-    // (exp2(-inf)), which leaves its zero sums as they are. A head's max is over the 8 lanes of one tq.
-    const uint32_t live_bits = ((1u << tile.live) - 1u) & ~((1u << tile.first) - 1u);
-    float mx[2];
+      // Scores in log2 units (scale · log2 e folded in): p = 2^(s - m), one MUFU.EX2 and no range handling.
+      // Tokens outside [first, live) get -inf; while a head has seen no token, m is -inf and p, corr are 0
+      // (exp2(-inf)), which leaves its zero sums as they are. A head's max is over the 8 lanes of one tq.
+      const uint32_t live_bits = ((1u << tile.live) - 1u) & ~((1u << tile.first) - 1u);
+      float mx[2];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) st[i] = live_bits >> (gq + 8 * (i / 2)) & 1u ? st[i] * scale_log2 : -INFINITY;
+      for (int i = 0; i < 4; ++i) st[i] = live_bits >> (gq + 8 * (i / 2)) & 1u ? st[i] * scale_log2 : -INFINITY;
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      mx[i] = fmaxf(st[i], st[i + 2]);
-      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 4));
-      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 8));
-      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 16));
-    }
-    // value = tile · scale + offset: P·V = (P ∘ scale)·tile + Σ p · offset (the offset sum per head).
-    const float4 so = make_float4(reinterpret_cast<const float2*>(tile.v_scale)[gq].x,
-                                  reinterpret_cast<const float2*>(tile.v_scale)[gq].y,
-                                  reinterpret_cast<const float2*>(tile.v_scale)[gq + 8].x,
-                                  reinterpret_cast<const float2*>(tile.v_scale)[gq + 8].y);
-    float corr[2], p[4];
+      for (int i = 0; i < 2; ++i) {
+        mx[i] = fmaxf(st[i], st[i + 2]);
+        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 4));
+        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 8));
+        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 16));
+      }
+      // value = tile · scale + offset: P·V = (P ∘ scale)·tile + Σ p · offset (the offset sum per head).
+      const float4 so = make_float4(reinterpret_cast<const float2*>(tile.v_scale)[gq].x,
+                                    reinterpret_cast<const float2*>(tile.v_scale)[gq].y,
+                                    reinterpret_cast<const float2*>(tile.v_scale)[gq + 8].x,
+                                    reinterpret_cast<const float2*>(tile.v_scale)[gq + 8].y);
+      float corr[2], p[4];
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const float m_new = fmaxf(m_run[i], mx[i]), m_safe = m_new == -INFINITY ? 0.0f : m_new;
-      corr[i] = fast_exp2(m_run[i] - m_safe);
-      p[i] = fast_exp2(st[i] - m_safe);
-      p[i + 2] = fast_exp2(st[i + 2] - m_safe);
-      l_run[i] = fmaf(l_run[i], corr[i], p[i] + p[i + 2]);
-      offset_run[i] = fmaf(offset_run[i], corr[i], fmaf(p[i], so.y, p[i + 2] * so.w));
-      m_run[i] = m_new;
-    }
-    // P^T as the value MMA's B operand (tokens 2tq.., heads gq): the transposes of this lane's rows.
-    const uint32_t pb[2] = {detail::movmatrix_trans(pack_half2(p[0] * so.x, p[1] * so.x)),
-                            detail::movmatrix_trans(pack_half2(p[2] * so.z, p[3] * so.z))};
-    const uint16_t* v_rows = tile.v_tile + (lane % 8 + 8 * (lane / 16)) * (HD + kKeyStride) + 8 * (lane / 8 % 2);
+      for (int i = 0; i < 2; ++i) {
+        const float m_new = fmaxf(m_run[i], mx[i]), m_safe = m_new == -INFINITY ? 0.0f : m_new;
+        corr[i] = fast_exp2(m_run[i] - m_safe);
+        p[i] = fast_exp2(st[i] - m_safe);
+        p[i + 2] = fast_exp2(st[i + 2] - m_safe);
+        l_run[i] = fmaf(l_run[i], corr[i], p[i] + p[i + 2]);
+        offset_run[i] = fmaf(offset_run[i], corr[i], fmaf(p[i], so.y, p[i + 2] * so.w));
+        m_run[i] = m_new;
+      }
+      // P^T as the value MMA's B operand (tokens 2tq.., heads gq): the transposes of this lane's rows.
+      const uint32_t pb[2] = {detail::movmatrix_trans(pack_half2(p[0] * so.x, p[1] * so.x)),
+                              detail::movmatrix_trans(pack_half2(p[2] * so.z, p[3] * so.z))};
+      const uint16_t* v_rows = tile.v_tile + (lane % 8 + 8 * (lane / 16)) * (HD + kKeyStride) + 8 * (lane / 8 % 2);
 #pragma unroll
-    for (int mb = 0; mb < kBlocks; ++mb) {
-      acc[mb][0] *= corr[0];
-      acc[mb][1] *= corr[1];
-      acc[mb][2] *= corr[0];
-      acc[mb][3] *= corr[1];
-      // A = V^T of channels 16mb..16mb + 15: matrices (tokens 0-7, channels +0), (0-7, +8), (8-15, +0),
-      // (8-15, +8), each transposed.
-      uint32_t va[4];
-      detail::ldmatrix<4, true>(va, v_rows + 16 * mb);
-      detail::mma_16816<false>(acc[mb], va, pb);
+      for (int mb = 0; mb < kBlocks; ++mb) {
+        acc[mb][0] *= corr[0];
+        acc[mb][1] *= corr[1];
+        acc[mb][2] *= corr[0];
+        acc[mb][3] *= corr[1];
+        // A = V^T of channels 16mb..16mb + 15: matrices (tokens 0-7, channels +0), (0-7, +8), (8-15, +0),
+        // (8-15, +8), each transposed.
+        uint32_t va[4];
+        detail::ldmatrix<4, true>(va, v_rows + 16 * mb);
+        detail::mma_16816<false>(acc[mb], va, pb);
+      }
+      __syncwarp();  // the next round overwrites this one's tiles
+      tile.start += kTile;
+      tile.step0 += kTile;
     }
-    __syncwarp();  // the next round overwrites this one's tiles
-    tile.start += kTile;
-    tile.step0 += kTile;
-    if (tile.step0 == c.block_tokens) {
-      tile.step0 = 0;
-      ++page;
-    }
+    round += page_rounds;
+    tile.step0 = 0;
+    ++page;
   }
 #pragma unroll
   for (int i = 0; i < 2; ++i)

@@ -68,7 +68,7 @@ def resources(cuobjdump, cubin):
 
 
 def disassemble(cuobjdump, cubin):
-    """Function -> list of (address, opcode, operands)."""
+    """Function -> list of (address, opcode, operands, predicated)."""
     text = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, check=True).stdout
     functions, name = {}, None
     for line in text.splitlines():
@@ -79,25 +79,97 @@ def disassemble(cuobjdump, cubin):
             continue
         m = INSTRUCTION.search(line)
         if m and name:
-            functions[name].append((int(m.group(1), 16), m.group(3), m.group(4)))
+            functions[name].append((int(m.group(1), 16), m.group(3), m.group(4), bool(m.group(2))))
     return functions
 
 
 def loops(code):
-    """(start index, end index) of every backward branch's body, innermost first."""
-    index = {addr: i for i, (addr, _, _) in enumerate(code)}
+    """Every loop of the control-flow graph, innermost (smallest) first, as the sorted indices of its body.
+
+    Basic blocks end at branches and start at branch targets; an edge to a block that dominates its source
+    closes a loop, whose body is that header plus every block that reaches the edge's source without
+    passing the header: the natural loop, merged over the header's back edges. BRA.DIV, the branch to the
+    copy of the code that nvcc emits for warp-synchronous operations (__syncwarp, shuffles) in case the
+    warp arrives divergent, is not followed: the kernels keep their warps converged. Unlike the address range between a loop's header and its back edge,
+    this holds the blocks nvcc places elsewhere and leaves out code merely laid out in between."""
+    n = len(code)
+    index = {addr: i for i, (addr, _, _, _) in enumerate(code)}
+
+    def target(args):
+        m = re.search(r"0x([0-9a-f]+)", args)
+        return index.get(int(m.group(1), 16)) if m else None
+
+    leaders = {0}
+    for i, (_, op, args, _) in enumerate(code):
+        if op.startswith(("BRA", "EXIT", "RET", "BRX", "JMX")):
+            leaders.add(i + 1)
+            t = target(args) if op.startswith("BRA") else None
+            if t is not None:
+                leaders.add(t)
+    starts = sorted(x for x in leaders if x < n)
+    block_of = {}
+    for b, s0 in enumerate(starts):
+        for i in range(s0, starts[b + 1] if b + 1 < len(starts) else n):
+            block_of[i] = b
+    succ = [set() for _ in starts]
+    for b, s0 in enumerate(starts):
+        last = (starts[b + 1] if b + 1 < len(starts) else n) - 1
+        _, op, args, predicated = code[last]
+        falls = True
+        if op.startswith("BRA.DIV"):
+            pass  # the fallback nvcc emits for a warp-synchronous operation in a divergent warp: not followed
+        elif op.startswith("BRA"):
+            t = target(args)
+            if t is not None:
+                succ[b].add(block_of[t])
+            falls = predicated
+        elif op.startswith(("EXIT", "RET", "BRX", "JMX")):
+            falls = predicated
+        if falls and last + 1 < n:
+            succ[b].add(block_of[last + 1])
+    pred = [set() for _ in starts]
+    for b, ss in enumerate(succ):
+        for t in ss:
+            pred[t].add(b)
+    # Dominators (iteratively, over the blocks reachable from the entry): an edge closes a loop when its
+    # target dominates its source.
+    reachable, stack = {0}, [0]
+    while stack:
+        for t in succ[stack.pop()]:
+            if t not in reachable:
+                reachable.add(t)
+                stack.append(t)
+    dom = {b: set(reachable) for b in reachable}
+    dom[0] = {0}
+    changed = True
+    while changed:
+        changed = False
+        for b in sorted(reachable - {0}):
+            ps = [dom[p] for p in pred[b] if p in reachable]
+            new = set.intersection(*ps) | {b} if ps else {b}
+            if new != dom[b]:
+                dom[b], changed = new, True
+    bodies = {}
+    for latch in sorted(reachable):
+        for header in succ[latch]:
+            if header not in dom[latch]:
+                continue
+            body, stack = {header, latch}, ([latch] if latch != header else [])
+            while stack:
+                for p in pred[stack.pop()]:
+                    if p not in body and p in reachable:
+                        body.add(p)
+                        stack.append(p)
+            bodies.setdefault(header, set()).update(body)
     found = []
-    for i, (addr, op, args) in enumerate(code):
-        if op.startswith("BRA"):
-            m = re.search(r"0x([0-9a-f]+)", args)
-            if m and int(m.group(1), 16) <= addr and int(m.group(1), 16) in index:
-                found.append((index[int(m.group(1), 16)], i))
-    return sorted(found, key=lambda r: r[1] - r[0])
+    for blocks in bodies.values():
+        found.append(sorted(i for b in blocks for i in range(starts[b], starts[b + 1] if b + 1 < len(starts) else n)))
+    return sorted(found, key=len)
 
 
 def load_widths(body):
     widths = {}
-    for _, op, _ in body:
+    for _, op, _, _ in body:
         if op.startswith(("LDG", "LDS", "LD.", "LDSM", "LDL")):
             widths[op] = widths.get(op, 0) + 1
     return widths
@@ -121,11 +193,13 @@ def kv_info(name):
     if not m:
         return None
     bits_k, bits_v = int(m.group(2)), int(m.group(3))
-    # One trip of the token loop: a warp's 16-token tile of one kv head, so 16/32 token-heads per lane.
+    # One trip of the tile loop: a warp's 16-token tile of one kv head, so 16/32 token-heads per lane.
     # Any group size up to 8 runs this same loop (the MMA's N is 8), so the count holds for every group.
+    # The tile loop is the innermost loop with the MMAs; the page loop around it (a page's address and
+    # the query rotated to it, once per 16-64 tokens) is not counted; its inner loops (record copies,
+    # outlier slots) are, once each.
     return dict(family="kv_decode", group="1-8", head_dim=int(m.group(1)), bits=bits_k if bits_k == bits_v else None,
-                bits_k=bits_k, bits_v=bits_v, dtype="fp16/bf16", token_heads_per_trip=16 / 32, marker="HMMA",
-                outermost=True)
+                bits_k=bits_k, bits_v=bits_v, dtype="fp16/bf16", token_heads_per_trip=16 / 32, marker="HMMA")
 
 
 def analyse(arch, cuobjdump, cubin):
@@ -136,7 +210,7 @@ def analyse(arch, cuobjdump, cubin):
     for raw, name in zip(mangled, demangle(mangled)):
         body = code[raw]
         entry = dict(arch=arch, kernel=name, instructions=len(body), **usage.get(raw, {}))
-        entry["fp64_instructions"] = sum(1 for _, op, _ in body if FP64.match(op))
+        entry["fp64_instructions"] = sum(1 for _, op, _, _ in body if FP64.match(op))
         info = gemv_info(name) or kv_info(name) or dict(family="other")
         entry.update({k: v for k, v in info.items() if k not in ("marker",)})
         marker = info.get("marker")
@@ -145,15 +219,15 @@ def analyse(arch, cuobjdump, cubin):
             # whose trip holds short inner loops, the outermost such loop; those inner loops are then
             # counted once, as their static size: "inner_loops" says how many there are).
             best = None
-            for start, end in loops(body):
-                n = sum(1 for _, op, _ in body[start:end + 1] if op.startswith(marker))
-                span = end - start
-                if n and (best is None or n > best[0] or (info.get("outermost") and span > best[2] - best[1])):
-                    best = (n, start, end)
+            all_loops = loops(body)
+            for indices in all_loops:
+                n = sum(1 for i in indices if body[i][1].startswith(marker))
+                if n and (best is None or n > best[0] or (info.get("outermost") and len(indices) > len(best[1]))):
+                    best = (n, indices)
             if best:
-                n, start, end = best
-                trip = body[start:end + 1]
-                inner = sum(1 for a, b in loops(body) if start <= a and b < end)
+                n, indices = best
+                trip = [body[i] for i in indices]
+                inner = sum(1 for other in all_loops if len(other) < len(indices) and set(other) <= set(indices))
                 entry["steady_loop"] = dict(first=hex(trip[0][0]), last=hex(trip[-1][0]), instructions=len(trip),
                                             marker_instructions=n, loads=load_widths(trip), inner_loops=inner)
                 if "weights_per_trip" in info:
