@@ -28,7 +28,6 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include "nuq/half.hpp"
 #include "nuq/kv_cuda.hpp"
 #include "portable.cuh"
 
@@ -130,7 +129,8 @@ __device__ __forceinline__ void load_8_bytes(const uint8_t* p, uint32_t& w0, uin
   w0 = funnel_right(u0, u1, shift);
   w1 = funnel_right(u1, u2, shift);
 }
-__device__ __forceinline__ float load_fp16(const uint8_t* p) { return fp16_to_float(uint16_t(p[0] | (p[1] << 8))); }
+// An fp16 value at a byte address (records are byte-aligned), converted by the hardware (HADD2.F32).
+__device__ __forceinline__ float load_fp16(const uint8_t* p) { return half_bits_to_float(uint16_t(p[0] | (p[1] << 8))); }
 
 // Byte offset (field · 4, an entry of 4 bytes) of pair R's index field in a group whose first eight bytes
 // are w0, w1 (docs/kv-cache.md, "Index packing"): channels R and R + 8 share the 2B-bit field at bit 2B·R,
@@ -199,7 +199,7 @@ struct SplitLayout {
 
 struct Sizes {
   int k_index, k_bytes, v_index, v_bytes;
-  int64_t v_region;
+  int v_region;  // pages are below 2 GiB (can_implement_kv_decode), so offsets inside one are 32-bit
 };
 
 __host__ __device__ inline Sizes sizes_of(const KvDeviceCache& c) {
@@ -208,7 +208,7 @@ __host__ __device__ inline Sizes sizes_of(const KvDeviceCache& c) {
   s.k_bytes = s.k_index + 3 * c.slots;
   s.v_index = c.head_dim * c.bits_v / 8;
   s.v_bytes = 4 + s.v_index + 3 * c.slots;
-  s.v_region = int64_t(c.n_kv_heads) * c.block_tokens * s.k_bytes;
+  s.v_region = c.n_kv_heads * c.block_tokens * s.k_bytes;
   return s;
 }
 
@@ -241,7 +241,7 @@ __device__ __forceinline__ void stage_records(const Sizes& sz, const uint8_t* pa
   if (tile.live > 0) {
     const int first = h * block_tokens + tile.step0;
     const uint4* k_src = reinterpret_cast<const uint4*>(page + first * sz.k_bytes);
-    const uint4* v_src = reinterpret_cast<const uint4*>(page + sz.v_region + first * sz.v_bytes);
+    const uint4* v_src = reinterpret_cast<const uint4*>(page + (sz.v_region + first * sz.v_bytes));
 #pragma unroll 1
     for (int i = lane; i < sz.k_bytes; i += 32) reinterpret_cast<uint4*>(tile.k_records)[i] = __ldg(k_src + i);
 #pragma unroll 1
@@ -444,7 +444,7 @@ __device__ __forceinline__ void sink_prologue(const KvDeviceCache& c, int b, int
         const int a = pair / 8 * 16 + pair % 8;
         float cs, sn;
         rope_at(c, t, pair, kPairs, cs, sn);
-        const float x = fp16_to_float(k[a]), y = fp16_to_float(k[a + 8]);
+        const float x = half_bits_to_float(k[a]), y = half_bits_to_float(k[a + 8]);
         dot = fmaf(queries[g * HD + a], x * cs - y * sn, dot);
         dot = fmaf(queries[g * HD + a + 8], x * sn + y * cs, dot);
       }
@@ -478,7 +478,7 @@ __device__ __forceinline__ void sink_prologue(const KvDeviceCache& c, int b, int
     for (int mb = 0; mb < HD / 16; ++mb)
 #pragma unroll
       for (int i = 0; i < 4; ++i)
-        acc[mb][i] = fmaf(p[i % 2], fp16_to_float(v[value_channel(16 * mb + gq + 8 * (i / 2))]), acc[mb][i]);
+        acc[mb][i] = fmaf(p[i % 2], half_bits_to_float(v[value_channel(16 * mb + gq + 8 * (i / 2))]), acc[mb][i]);
   }
   __syncwarp();  // the scratch is the warp's record buffer
 }
@@ -899,6 +899,8 @@ Status can_implement_kv_decode(const KvDeviceCache& c, int batch, int n_heads, i
                std::to_string(kMaxPageTokens));
   if (split_tokens % kTile != 0)
     return bad("split_tokens " + std::to_string(split_tokens) + " is not a multiple of 16");
+  if (c.page_stride >= (int64_t(1) << 31))
+    return bad("page_stride " + std::to_string(c.page_stride) + " bytes is 2 GiB or more");
   if (c.page_stride % 16 != 0 || reinterpret_cast<uintptr_t>(c.pages) % 16 != 0)
     return bad("pages must be 16-byte aligned with a page_stride (" + std::to_string(c.page_stride) +
                ") that is a multiple of 16");
