@@ -78,8 +78,11 @@ struct Avx2 {
     } else {
       // 3 bits: 48 bits per group, so 64-bit shifts (fields cross the 32-bit boundary): even lanes from
       // one, odd lanes from the other, each taking its 64-bit lane's low word.
-      long long w = 0;
-      std::memcpy(&w, g, 6);
+      // 8 bytes, not the group's 6: a 6-byte copy goes through the stack and stalls the load that
+      // follows (store forwarding); the 2 bytes past the group (the next group's, the outlier slots' or
+      // the page's padding) only reach index bits the 8-entry codebook ignores.
+      long long w;
+      std::memcpy(&w, g, 8);
       const __m256i v = _mm256_set1_epi64x(w);
       const __m256i even = _mm256_srlv_epi64(v, _mm256_add_epi64(_mm256_setr_epi64x(0, 12, 24, 36), _mm256_set1_epi64x(3 * h)));
       const __m256i odd = _mm256_srlv_epi64(v, _mm256_add_epi64(_mm256_setr_epi64x(6, 18, 30, 42), _mm256_set1_epi64x(3 * h)));
