@@ -757,8 +757,10 @@ __global__ void merge_kernel(const int32_t* __restrict__ lengths, int hd, int n_
 // lanes reads 8 channels of the key and the value row with one 16-byte load each, the scores of the G
 // query heads are summed by 4 shuffles, and running softmax states stay in the lanes. Partials go to
 // the same workspace as the quantized kernel's, merged by merge_kernel.
+// Eight heads keep 2 x 64 fp32 values per lane (query and accumulator), which four blocks per SM (128
+// registers) would spill to local memory: two blocks then.
 template <int GMAX, int HD, class T>
-__global__ void __launch_bounds__(kWarps * 32, 4)
+__global__ void __launch_bounds__(kWarps * 32, GMAX >= 8 ? 2 : 4)
     dense_split_kernel(DenseKvDevice kv, int n_heads, const uint16_t* __restrict__ q, float scale, int split_tokens,
                        int splits, float* __restrict__ ws) {
   constexpr int kSlots = 2 * kWarps;  // half-warps of the block

@@ -3,7 +3,7 @@
 # (or $NUQ_SASS_ARCHS) with nvcc, reads the machine code with cuobjdump (PyPI wheels
 # nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm, installed when absent; the toolkit here has neither),
 # prints one row per kernel instantiation and writes them as JSON into OUT_DIR/sass-report.json. Fails
-# (exit 1) when a kernel of the families in $NUQ_SASS_CHECK (default gemv,kv_decode) exceeds a budget:
+# (exit 1) when a kernel of the families in $NUQ_SASS_CHECK (default gemv,kv_decode,kv_dense) exceeds a budget:
 # instructions per weight or token-head in its steady loop, local memory, FP64.
 # Usage: bash scripts/sass-report.sh [OUT_DIR]   (default build-sass)
 set -euo pipefail
@@ -31,4 +31,4 @@ for arch in ${NUQ_SASS_ARCHS:-90 80}; do
   done
 done
 for pid in "${pids[@]}"; do wait "$pid"; done
-python3 scripts/sass_report.py "${cubins[@]}" --json "$out/sass-report.json" --check "${NUQ_SASS_CHECK:-gemv,kv_decode}"
+python3 scripts/sass_report.py "${cubins[@]}" --json "$out/sass-report.json" --check "${NUQ_SASS_CHECK:-gemv,kv_decode,kv_dense}"

@@ -206,6 +206,16 @@ def kv_info(name):
                 bits_k=bits_k, bits_v=bits_v, dtype="fp16/bf16", token_heads_per_trip=16 / 32, marker="HMMA")
 
 
+def kv_dense_info(name):
+    # The fp16/bf16 decode kernel the quantized one is benchmarked against: no instruction budget, but a
+    # baseline that spills would flatter the comparison, so it is held to no local memory and no FP64.
+    m = re.search(r"dense_split_kernel<(\d+), (\d+), (__half|__nv_bfloat16)>", name)
+    if not m:
+        return None
+    return dict(family="kv_dense", group=int(m.group(1)), head_dim=int(m.group(2)),
+                dtype="fp16" if m.group(3) == "__half" else "bf16")
+
+
 def analyse(arch, cuobjdump, cubin):
     usage = resources(cuobjdump, cubin)
     code = disassemble(cuobjdump, cubin)
@@ -215,7 +225,7 @@ def analyse(arch, cuobjdump, cubin):
         body = code[raw]
         entry = dict(arch=arch, kernel=name, instructions=len(body), **usage.get(raw, {}))
         entry["fp64_instructions"] = sum(1 for _, op, _, _ in body if FP64.match(op))
-        info = gemv_info(name) or kv_info(name) or dict(family="other")
+        info = gemv_info(name) or kv_info(name) or kv_dense_info(name) or dict(family="other")
         entry.update({k: v for k, v in info.items() if k not in ("marker",)})
         marker = info.get("marker")
         if marker:
@@ -250,9 +260,9 @@ def check(rows, families):
         if r.get("arch") != "sm_90" or r["family"] not in families:
             continue
         if r.get("local_bytes", 0) or r.get("stack_bytes", 0):
-            if r["family"] in ("gemv", "kv_decode"):
+            if r["family"] in ("gemv", "kv_decode", "kv_dense"):
                 problems.append(f"{r['kernel']}: {r.get('stack_bytes')} bytes of stack / {r.get('local_bytes')} local")
-        if r["family"] in ("gemv", "kv_decode") and r["fp64_instructions"]:
+        if r["family"] in ("gemv", "kv_decode", "kv_dense") and r["fp64_instructions"]:
             problems.append(f"{r['kernel']}: {r['fp64_instructions']} FP64 instructions")
         if r["family"] == "kv_decode" and (r["head_dim"], r["bits_k"], r["bits_v"]) in KV_BUDGET:
             budget = KV_BUDGET[(r["head_dim"], r["bits_k"], r["bits_v"])]
