@@ -1,22 +1,22 @@
 // Split-K flash decoding over the quantized KV cache (include/nuq/kv_cuda.hpp, docs/kv-cache.md).
 //
-// Kernel 1: one block of 4 warps per (context split, kv head, sequence). A warp takes 16-token tiles of
-// the split in turn: it copies the tile's K and V records (contiguous in the page) into its shared
-// memory with 16-byte loads, decodes them there into fp16 tiles (keys through a per-channel table with
-// the head's scale and offset folded in, rotated by the in-page RoPE step; values in codebook units,
-// transposed so that they are the A operand of the P·V product, with each token's scale folded into P
-// and its offset into a per-head sum), patches outlier residuals and sink tokens, and runs both
-// products on tensor cores (mma.m16n8k16, fp32 accumulation):
-//   scores  S[g][t]  = Q_page[g][:] · K[t][:]     A = the G ≤ 8 query heads (rows 8..15 zero), B = K tile
-//   values  O^T[c][g] += V^T[c][t] · P^T[t][g]    A = V tile, B = the score fragment reused as P
-// The score MMA's D fragment holds exactly the B fragment the value MMA needs (head gq, tokens 2tq,
-// 2tq+1 and 2tq+8, 2tq+9), so P never leaves the registers (FlashAttention-2's layout). The page base of
-// RoPE goes into the query once per page (Q_page = R(-base) q), the step into the key: R(t) = R(base)·R(s).
-// Any G ≤ 8 costs the same instructions (the MMA's N is 8), so G is not a template argument; the head
-// dimension is. Kernel 2 merges a sequence's splits in split order into fp16/bf16 outputs.
+// Kernel 1: one block of 4 warps per (context split, kv head, sequence). A warp takes its quarter of the
+// split page by page (the page's address and the queries rotated to the page's first position, Q_page =
+// R(-base) q), and the page in 16-token tiles: it copies the tile's K and V records (contiguous in the
+// page) into its shared memory with 16-byte loads and decodes them there into fp16 tiles, one lookup per
+// index field of two channels (keys: a RoPE pair from the pair's table, the head's scale and offset folded
+// in, rotated by the in-page step in half2; values: codebook units from a shared pair table, each token's
+// scale folded into P and its offset into a per-head sum), patches outlier residuals, and runs both
+// products on tensor cores (mma.m16n8k16, fp32 accumulation, fragments by ldmatrix):
+//   scores  S^T[t][g]  = K[t][:] · Q_page[g][:]     A = the 16-token K tile, B = the G ≤ 8 heads (padded)
+//   values  O^T[c][g] += V^T[c][t] · P^T[t][g]      A = V^T (ldmatrix.trans), B = P^T (movmatrix of S^T)
+// R(t) = R(base)·R(step): the base goes into the query once per page, the step into the key. Sink tokens
+// are counted in fp32 by a prologue of warp 0 and masked in the tiles. Any G ≤ 8 costs the same
+// instructions (the MMA's N is 8), so G is not a template argument; the head dimension and the key and
+// value widths are. Kernel 2 merges a sequence's splits in split order into fp16/bf16 outputs.
 //
-// NOT yet run on a GPU; run in CI under emulation. What a GPU run must check, and what is left to reach
-// the instruction budget, is in docs/kv-cache.md.
+// NOT yet run on a GPU; run in CI under emulation. What a GPU run must check, and the instruction
+// budget, are in docs/kv-cache.md.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -37,7 +37,7 @@ namespace {
 constexpr int kWarps = 4;
 constexpr int kMaxGroup = 8;  // query heads per kv head: the MMA's N
 constexpr int kTile = 16;     // tokens per warp tile: the value MMA's K, two score MMAs' N
-constexpr int kKeyStride = 8;   // halves of padding per K tile row: fragment loads hit 32 distinct banks
+constexpr int kKeyStride = 8;   // halves of padding per tile row (K, V, queries): ldmatrix rows hit distinct banks
 constexpr int kMaxPageTokens = 64;    // the in-page RoPE steps live in shared memory: 32 KiB at head dim 128
 constexpr int kMaxSinkTokens = 64;    // full-precision tokens per sequence (StreamingLLM and KVQuant keep 1-4)
 
@@ -228,7 +228,7 @@ struct Tile {
   uint8_t* k_records;  // kTile records as stored in the page
   uint8_t* v_records;
   uint16_t* k_tile;  // fp16 [kTile][HD + kKeyStride]: RoPE pair p at 2p, 2p + 1, rotated by the step
-  uint16_t* v_tile;  // fp16 [kTile][HD + kKeyStride]: V, model order, in codebook units
+  uint16_t* v_tile;  // fp16 [kTile][HD + kKeyStride]: V in codebook units, value_position order
   float* v_scale;    // float2 [kTile]: each token's value scale and offset (patch_tile)
 };
 
