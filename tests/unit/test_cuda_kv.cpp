@@ -26,6 +26,53 @@ T* upload(const std::vector<T>& host) {
   return static_cast<T*>(d);
 }
 
+// A cache's exported pages and tables on the device; freed with it.
+struct DeviceCache {
+  nuq::cuda::KvDeviceCache d;
+  std::vector<void*> owned;
+  DeviceCache() = default;
+  DeviceCache(const DeviceCache&) = delete;
+  DeviceCache& operator=(const DeviceCache&) = delete;
+  ~DeviceCache() {
+    for (void* p : owned) cudaFree(p);
+  }
+  template <class T>
+  const T* put(const std::vector<T>& host) {
+    T* p = upload(host);
+    owned.push_back(p);
+    return p;
+  }
+};
+
+void upload_cache(const kv::LayerCache& cache, const kv::LayerCache::Export& e, DeviceCache& dc) {
+  nuq::cuda::KvDeviceCache& d = dc.d;
+  const int64_t hd = cache.head_dim();
+  d.pages = dc.put(e.pages);
+  d.page_stride = e.page_stride;
+  d.block_tables = dc.put(e.block_tables);
+  d.max_blocks = e.max_blocks;
+  d.lengths = dc.put(e.lengths);
+  d.sink_k = dc.put(e.sink_k);
+  d.sink_v = dc.put(e.sink_v);
+  d.sink_tokens = cache.sink_tokens();
+  d.n_kv_heads = int(cache.n_kv_heads());
+  d.head_dim = int(hd);
+  d.block_tokens = cache.block_tokens();
+  d.bits_k = cache.layout().bits_k;
+  d.bits_v = cache.layout().bits_v;
+  d.slots = cache.layout().slots;
+  d.k_scale = dc.put(e.k_scale);
+  d.k_offset = dc.put(e.k_offset);
+  d.k_codebook = dc.put(e.k_codebook);
+  d.v_codebook = dc.put(e.v_codebook);
+  d.storage = dc.put(e.storage);
+  d.rope_page_cos = dc.put(e.rope_page_cos);
+  d.rope_page_sin = dc.put(e.rope_page_sin);
+  d.rope_pages = int64_t(e.rope_page_cos.size()) / (hd / 2);
+  d.rope_step_cos = dc.put(e.rope_step_cos);
+  d.rope_step_sin = dc.put(e.rope_step_sin);
+}
+
 struct KvCase {
   int64_t head_dim, n_kv, group;
   int bits_k, bits_v;
@@ -97,31 +144,9 @@ void check_case(const KvCase& kc) {
   kv::decode_attention_reference(cache, seqs, q.data(), n_heads, ref.data(), ro);
 
   const auto e = cache.export_pages(seqs);
-  nuq::cuda::KvDeviceCache d;
-  d.pages = upload(e.pages);
-  d.page_stride = e.page_stride;
-  d.block_tables = upload(e.block_tables);
-  d.max_blocks = e.max_blocks;
-  d.lengths = upload(e.lengths);
-  d.sink_k = upload(e.sink_k);
-  d.sink_v = upload(e.sink_v);
-  d.sink_tokens = cache.sink_tokens();
-  d.n_kv_heads = int(n_kv);
-  d.head_dim = int(hd);
-  d.block_tokens = cache.block_tokens();
-  d.bits_k = layer.bits_k;
-  d.bits_v = layer.bits_v;
-  d.slots = cache.layout().slots;
-  d.k_scale = upload(e.k_scale);
-  d.k_offset = upload(e.k_offset);
-  d.k_codebook = upload(e.k_codebook);
-  d.v_codebook = upload(e.v_codebook);
-  d.storage = upload(e.storage);
-  d.rope_page_cos = upload(e.rope_page_cos);
-  d.rope_page_sin = upload(e.rope_page_sin);
-  d.rope_pages = int64_t(e.rope_page_cos.size()) / (hd / 2);
-  d.rope_step_cos = upload(e.rope_step_cos);
-  d.rope_step_sin = upload(e.rope_step_sin);
+  DeviceCache dc;
+  upload_cache(cache, e, dc);
+  const nuq::cuda::KvDeviceCache& d = dc.d;
   const int split = kc.split_tokens, max_len = int(*std::max_element(kc.lengths.begin(), kc.lengths.end()));
   const int64_t ws_bytes = nuq::cuda::kv_decode_workspace_bytes(batch, int(n_heads), int(hd), max_len, split);
   void* ws = nullptr;
@@ -139,15 +164,7 @@ void check_case(const KvCase& kc) {
     const double got = bf16 ? nuq::bf16_to_float(out16[i]) : nuq::fp16_to_float(out16[i]);
     ASSERT_LE(std::fabs(got - ref[i]), u * std::fabs(ref[i]) + 2e-3) << "output " << i << ": " << got << " vs " << ref[i];
   }
-  for (const void* p : {static_cast<const void*>(d.pages), static_cast<const void*>(d.block_tables),
-                        static_cast<const void*>(d.lengths), static_cast<const void*>(d.sink_k),
-                        static_cast<const void*>(d.sink_v), static_cast<const void*>(d.k_scale),
-                        static_cast<const void*>(d.k_offset), static_cast<const void*>(d.k_codebook),
-                        static_cast<const void*>(d.v_codebook), static_cast<const void*>(d.storage),
-                        static_cast<const void*>(d.rope_page_cos), static_cast<const void*>(d.rope_page_sin),
-                        static_cast<const void*>(d.rope_step_cos), static_cast<const void*>(d.rope_step_sin),
-                        static_cast<const void*>(dq), static_cast<const void*>(dout), static_cast<const void*>(ws)})
-    cudaFree(const_cast<void*>(p));
+  for (void* p : {ws, static_cast<void*>(dq), static_cast<void*>(dout)}) cudaFree(p);
 }
 
 class CudaKvDecode : public ::testing::Test {
@@ -178,6 +195,121 @@ TEST_F(CudaKvDecode, PageSizesSplitsAndTileEdges) {
   check_case({128, 2, 4, 3, 3, {1, 16, 17, 300, 4097}, ActivationType::f16, 1, 16, 48});
   check_case({64, 2, 2, 4, 4, {15, 32, 33, 1000}, ActivationType::bf16, 20, 64, 16});
   check_case({80, 1, 8, 2, 3, {64, 65, 129}, ActivationType::f16, 2, 64, 2048});
+}
+
+// Attention over a cache's dequantized tokens with value rows replaced, in double, computed here (RoPE
+// from the exported frequencies, interleaved pairs): the reference for pages patched after export.
+std::vector<double> host_attention(const kv::LayerCache& cache, const kv::LayerCache::Export& e, int seq,
+                                   const std::vector<float>& q, int64_t n_heads, std::vector<float> v_override,
+                                   int64_t override_token) {
+  const int64_t hd = cache.head_dim(), n_kv = cache.n_kv_heads(), len = cache.length(seq), group = n_heads / n_kv;
+  std::vector<float> k(size_t(len * n_kv * hd)), v(k.size());
+  cache.dequantize(seq, k.data(), v.data());
+  if (override_token >= 0) std::copy(v_override.begin(), v_override.end(), v.begin() + override_token * n_kv * hd);
+  auto rotated = [&](const float* x, int64_t pos) {
+    std::vector<double> r(x, x + hd);
+    for (int64_t i = 0; i < hd / 2; ++i) {
+      const double a = pos * e.rope_freq[size_t(i)], x0 = r[size_t(2 * i)], x1 = r[size_t(2 * i + 1)];
+      r[size_t(2 * i)] = x0 * std::cos(a) - x1 * std::sin(a);
+      r[size_t(2 * i + 1)] = x0 * std::sin(a) + x1 * std::cos(a);
+    }
+    return r;
+  };
+  std::vector<double> out(size_t(n_heads * hd), 0.0);
+  for (int64_t h = 0; h < n_kv; ++h)
+    for (int64_t g = 0; g < group; ++g) {
+      const std::vector<double> qr = rotated(q.data() + (h * group + g) * hd, len - 1);
+      std::vector<double> p(static_cast<size_t>(len));
+      for (int64_t t = 0; t < len; ++t) {
+        const std::vector<double> kr = rotated(k.data() + (t * n_kv + h) * hd, t);
+        double d = 0;
+        for (int64_t i = 0; i < hd; ++i) d += qr[size_t(i)] * kr[size_t(i)];
+        p[size_t(t)] = d / std::sqrt(double(hd));
+      }
+      const double mx = *std::max_element(p.begin(), p.end());
+      double sum = 0;
+      for (double& x : p) sum += x = std::exp(x - mx);
+      for (int64_t t = 0; t < len; ++t)
+        for (int64_t i = 0; i < hd; ++i)
+          out[size_t((h * group + g) * hd + i)] += p[size_t(t)] / sum * v[size_t((t * n_kv + h) * hd + i)];
+    }
+  return out;
+}
+
+// A token whose value scale is 0 in the pages (nuq's writer stores 1 for a range of 0, src/kv_cache.cpp;
+// pages written elsewhere may not): its values are the offset plus the outlier residuals, which the
+// kernel gets by taking scale 1 and a row of zeros. The reference reads the offset and residuals from the
+// record as docs/kv-cache.md lays it out.
+TEST_F(CudaKvDecode, ZeroValueScaleMeansOffsetPlusResiduals) {
+  const int64_t hd = 64, n_kv = 1, group = 4, n_heads = n_kv * group, len = 12, t5 = 5;
+  std::mt19937_64 rng(7);
+  std::normal_distribution<float> nd;
+  std::vector<float> k(size_t(256 * n_kv * hd)), v(k.size());
+  for (auto& x : k) x = nd(rng);
+  for (auto& x : v) x = nd(rng);
+  kv::CalibrationOptions co;
+  co.sink_tokens = 0;
+  const auto layer = kv::calibrate_layer(k.data(), v.data(), nullptr, nullptr, 256, n_kv, hd, co);
+  kv::Calibration common;
+  common.sink_tokens = 0;
+  kv::CacheOptions opt;
+  opt.rope.layout = nuq::RopeLayout::interleaved;
+  kv::LayerCache cache(layer, common, opt);
+  const int seq = cache.add_sequence();
+  std::vector<float> kk(size_t(len * n_kv * hd)), vv(kk.size());
+  for (auto& x : kk) x = nd(rng);
+  for (auto& x : vv) x = nd(rng);
+  std::fill(vv.begin() + t5 * hd, vv.begin() + (t5 + 1) * hd, 0.25f);  // one level: stored with scale 1
+  vv[size_t(t5 * hd + 9)] = 6.0f;                                     // and one outlier
+  cache.append(seq, kk.data(), vv.data(), len);
+  auto e = cache.export_pages(std::vector<int>{seq});
+  const kv::TokenLayout& lay = cache.layout();
+  ASSERT_GE(lay.slots, 1);
+  uint8_t* rec = e.pages.data() + int64_t(e.block_tables[0]) * e.page_stride +
+                 n_kv * cache.block_tokens() * lay.k_bytes + t5 * lay.v_bytes;  // head 0's V record of token 5
+  auto fp16_at = [](const uint8_t* p) { return nuq::fp16_to_float(uint16_t(p[0] | p[1] << 8)); };
+  ASSERT_EQ(fp16_at(rec), 1.0f) << "the writer's scale for a constant vector";
+  rec[0] = rec[1] = 0;  // scale 0
+  std::vector<float> v5(size_t(hd), fp16_at(rec + 2));
+  const uint8_t* slots = rec + 4 + lay.v_index_bytes;
+  for (int s = 0; s < lay.slots; ++s)
+    if (slots[s] < hd) v5[slots[s]] += fp16_at(slots + lay.slots + 2 * s);
+
+  std::vector<uint16_t> q16(size_t(n_heads * hd));
+  std::vector<float> q(q16.size());
+  for (size_t i = 0; i < q.size(); ++i) q[i] = nuq::fp16_to_float(q16[i] = nuq::float_to_fp16(nd(rng) * 0.5f));
+  // The host reference agrees with the library's on the unpatched cache, and the patch matters.
+  std::vector<float> lib(q.size());
+  kv::AttentionOptions ro;
+  ro.isa = nuq::cpu::Isa::scalar;
+  kv::decode_attention_reference(cache, std::vector<int>{seq}, q.data(), n_heads, lib.data(), ro);
+  const std::vector<double> unpatched = host_attention(cache, e, seq, q, n_heads, {}, -1);
+  const std::vector<double> ref = host_attention(cache, e, seq, q, n_heads, v5, t5);
+  double moved = 0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    ASSERT_NEAR(unpatched[i], lib[i], 1e-5) << "output " << i;
+    moved = std::max(moved, std::fabs(ref[i] - unpatched[i]));
+  }
+  ASSERT_GT(moved, 1e-2) << "token 5's codebook term should move the output";
+
+  DeviceCache dc;
+  upload_cache(cache, e, dc);
+  const int split = 512;
+  const int64_t ws_bytes = nuq::cuda::kv_decode_workspace_bytes(1, int(n_heads), int(hd), int(len), split);
+  void* ws = nullptr;
+  ASSERT_EQ(cudaMalloc(&ws, size_t(ws_bytes)), cudaSuccess);
+  uint16_t* dq = upload(q16);
+  uint16_t* dout = upload(std::vector<uint16_t>(q16.size(), 0));
+  const auto status = nuq::cuda::kv_decode_attention(dc.d, 1, int(n_heads), dq, dout, float(1.0 / std::sqrt(double(hd))),
+                                                     int(len), split, ws, ws_bytes, nullptr, ActivationType::f16);
+  ASSERT_TRUE(status.ok()) << status.message;
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  std::vector<uint16_t> out16(q16.size());
+  cudaMemcpy(out16.data(), dout, out16.size() * 2, cudaMemcpyDeviceToHost);
+  for (void* p : {ws, static_cast<void*>(dq), static_cast<void*>(dout)}) cudaFree(p);
+  for (size_t i = 0; i < ref.size(); ++i)
+    ASSERT_LE(std::fabs(nuq::fp16_to_float(out16[i]) - ref[i]), std::ldexp(1.0, -11) * std::fabs(ref[i]) + 2e-3)
+        << "output " << i;
 }
 
 // A context past 32k tokens: positions where angles formed in fp32 would be off by ~1e-3 rad.
