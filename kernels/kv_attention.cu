@@ -24,6 +24,7 @@
 #include <cstring>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -262,54 +263,58 @@ __host__ __device__ inline int key_table_bytes(int head_dim, int bits) {
   return bits <= 3 ? head_dim / 2 * (1 << (2 * bits)) * 4 : head_dim * 16 * 2;
 }
 
-// Keys: lane decodes token lane/2, index groups (lane % 2) + 2j. The K tile holds RoPE pair p of the
-// storage order (channels 16g + r and 16g + r + 8, p = 8g + r) as one complex number, fp16 at positions
-// 2p, 2p + 1 (the page's queries use the same order: a dot product does not care about the order of its
-// terms), rotated by the in-page step in half2. The record holds the pair's indices as one field.
-template <int HD, int KB>
-__device__ __forceinline__ void decode_keys(const Sizes& sz, const Tile& tile, const void* key_table,
-                                            const uint4* step_rotations, int lane) {
-  constexpr int kGroups = HD / 16, kPairs = HD / 2;
+// One lane's share of decoding a tile's records into rows of 16-bit pairs: token lane/2, index groups
+// (lane % 2) + 2j. Field r of group g becomes word(g, r as a constant, field · 4) at positions
+// 16g + 2r, 2r + 1 of the token's row, and a group's 8 words go out as two 16-byte stores.
+template <int B, class Word, int... R>
+__device__ __forceinline__ void group_words(uint32_t (&out)[8], int g, uint32_t w0, uint32_t w1, Word& word,
+                                            std::integer_sequence<int, R...>) {
+  ((out[R] = word(g, std::integral_constant<int, R>{}, pair_field_x4<B, R>(w0, w1))), ...);
+}
+template <int HD, int B, class Word>
+__device__ __forceinline__ void decode_rows(const uint8_t* records, int record_bytes, uint16_t* rows, int lane,
+                                            Word word) {
+  constexpr int kGroups = HD / 16;
   const int tok = lane / 2;
-  const uint8_t* rec = tile.k_records + tok * sz.k_bytes;
-  const uint4* rotations = step_rotations + (tile.step0 + tok) * (kPairs / 2);  // two pairs per uint4
-  uint4* row = reinterpret_cast<uint4*>(tile.k_tile + tok * (HD + kKeyStride));
+  const uint8_t* rec = records + tok * record_bytes;
+  uint4* row = reinterpret_cast<uint4*>(rows + tok * (HD + kKeyStride));
 #pragma unroll
   for (int j = 0; j < (kGroups + 1) / 2; ++j) {
     const int g = 2 * j + (lane & 1);
     if (g >= kGroups) break;
-    uint32_t w0, w1;
-    load_8_bytes(rec + g * 2 * KB, w0, w1);
-    uint32_t out[8];
-    auto pair = [&](auto r_c) {
-      constexpr int r = decltype(r_c)::value;
-      const uint32_t field = pair_field_x4<KB, r>(w0, w1);
-      uint32_t packed;
-      if constexpr (kKeyPairTables<KB>) {
-        // A group's 8 pair tables are contiguous: the group's base | field, pair r by the load's offset.
-        const uint32_t table = shared_address(key_table) + uint32_t(g) * (8 * kKeyPairEntries<KB> * 4);
-        packed = table_load<r * kKeyPairEntries<KB> * 4>(table | field);
-      } else {
-        // 4 bits: channel r's index is the field's low nibble, r + 8's the high one; fp16 entries.
-        const uint32_t table = shared_address(key_table) + uint32_t(g) * (16 * 16 * 2);  // channel r at + 32r
-        const uint32_t a = table_load_u16<32 * r>(table | (field >> 1 & 0x1eu));
-        const uint32_t b = table_load_u16<32 * (r + 8)>(table | (field >> 5 & 0x1eu));
-        packed = a | b << 16;
-      }
-      const uint4 rot = rotations[4 * g + r / 2];  // (cos, sin), (−sin, cos) of pair 8g + r, then 8g + r + 1
-      out[r] = r % 2 ? rotate_half2(packed, rot.z, rot.w) : rotate_half2(packed, rot.x, rot.y);
-    };
-    pair(std::integral_constant<int, 0>{});
-    pair(std::integral_constant<int, 1>{});
-    pair(std::integral_constant<int, 2>{});
-    pair(std::integral_constant<int, 3>{});
-    pair(std::integral_constant<int, 4>{});
-    pair(std::integral_constant<int, 5>{});
-    pair(std::integral_constant<int, 6>{});
-    pair(std::integral_constant<int, 7>{});
+    uint32_t w0, w1, out[8];
+    load_8_bytes(rec + g * 2 * B, w0, w1);
+    group_words<B>(out, g, w0, w1, word, std::make_integer_sequence<int, 8>{});
     row[2 * g] = make_uint4(out[0], out[1], out[2], out[3]);
     row[2 * g + 1] = make_uint4(out[4], out[5], out[6], out[7]);
   }
+}
+
+// Keys: the K tile holds RoPE pair p of the storage order (channels 16g + r and 16g + r + 8, p = 8g + r)
+// as one complex number, fp16 at positions 2p, 2p + 1 (the page's queries use the same order: a dot
+// product does not care about the order of its terms), rotated by the in-page step in half2. The record
+// holds the pair's indices as one field.
+template <int HD, int KB>
+__device__ __forceinline__ void decode_keys(const Sizes& sz, const Tile& tile, const void* key_table,
+                                            const uint4* step_rotations, int lane) {
+  const uint4* rotations = step_rotations + (tile.step0 + lane / 2) * (HD / 4);  // two pairs per uint4
+  decode_rows<HD, KB>(tile.k_records, sz.k_bytes, tile.k_tile, lane, [&](int g, auto r_c, uint32_t field) {
+    constexpr int r = decltype(r_c)::value;
+    uint32_t packed;
+    if constexpr (kKeyPairTables<KB>) {
+      // A group's 8 pair tables are contiguous: the group's base | field, pair r by the load's offset.
+      const uint32_t table = shared_address(key_table) + uint32_t(g) * (8 * kKeyPairEntries<KB> * 4);
+      packed = table_load<r * kKeyPairEntries<KB> * 4>(table | field);
+    } else {
+      // 4 bits: channel r's index is the field's low nibble, r + 8's the high one; fp16 entries.
+      const uint32_t table = shared_address(key_table) + uint32_t(g) * (16 * 16 * 2);  // channel r at + 32r
+      const uint32_t a = table_load_u16<32 * r>(table | (field >> 1 & 0x1eu));
+      const uint32_t b = table_load_u16<32 * (r + 8)>(table | (field >> 5 & 0x1eu));
+      packed = a | b << 16;
+    }
+    const uint4 rot = rotations[4 * g + r / 2];  // (cos, sin), (−sin, cos) of pair 8g + r, then 8g + r + 1
+    return r % 2 ? rotate_half2(packed, rot.z, rot.w) : rotate_half2(packed, rot.x, rot.y);
+  });
 }
 
 // Value pair table: entry ia | ib << VB = fp16 (cb[ia], cb[ib]), the two channels of one index field.
@@ -322,40 +327,15 @@ constexpr int kValuePairEntries = 1 << (2 * VB);
 __device__ __forceinline__ int value_position(int ch) { return ch / 16 * 16 + ch % 8 * 2 + ch % 16 / 8; }
 __device__ __forceinline__ int value_channel(int pos) { return pos / 16 * 16 + pos % 16 / 2 + pos % 2 * 8; }
 
-// Values: lane decodes token lane/2, index groups (lane % 2) + 2j, into the V tile row-major ([token][HD +
-// kKeyStride]), which ldmatrix.trans turns into the A fragments of V^T. The tile holds codebook values
-// only (the token's scale goes into P and its offset into a per-head sum, see the token loop), so one
-// lookup in the pair table gives two channels, and two 16-byte stores write a group.
+// Values: the V tile is row-major ([token][HD + kKeyStride]), which ldmatrix.trans turns into the A
+// fragments of V^T. It holds codebook values only (the token's scale goes into P and its offset into a
+// per-head sum, see the token loop), so one lookup in the pair table gives two channels.
 template <int HD, int VB>
 __device__ __forceinline__ void decode_values(const Sizes& sz, const Tile& tile, const uint32_t* value_pairs,
                                               int lane) {
   const uint32_t pairs_at = shared_address(value_pairs);  // 1024-aligned: entry i at pairs_at | 4i
-  constexpr int kGroups = HD / 16;
-  const int tok = lane / 2;
-  const uint8_t* rec = tile.v_records + tok * sz.v_bytes + 4;
-  uint4* row = reinterpret_cast<uint4*>(tile.v_tile + tok * (HD + kKeyStride));
-#pragma unroll
-  for (int j = 0; j < (kGroups + 1) / 2; ++j) {
-    const int g = 2 * j + (lane & 1);
-    if (g >= kGroups) break;
-    uint32_t w0, w1;
-    load_8_bytes(rec + g * 2 * VB, w0, w1);
-    uint32_t out[8];
-    auto pair = [&](auto r_c) {
-      constexpr int r = decltype(r_c)::value;
-      out[r] = table_load<0>(pairs_at | pair_field_x4<VB, r>(w0, w1));
-    };
-    pair(std::integral_constant<int, 0>{});
-    pair(std::integral_constant<int, 1>{});
-    pair(std::integral_constant<int, 2>{});
-    pair(std::integral_constant<int, 3>{});
-    pair(std::integral_constant<int, 4>{});
-    pair(std::integral_constant<int, 5>{});
-    pair(std::integral_constant<int, 6>{});
-    pair(std::integral_constant<int, 7>{});
-    row[2 * g] = make_uint4(out[0], out[1], out[2], out[3]);
-    row[2 * g + 1] = make_uint4(out[4], out[5], out[6], out[7]);
-  }
+  decode_rows<HD, VB>(tile.v_records + 4, sz.v_bytes, tile.v_tile, lane,
+                      [&](int, auto, uint32_t field) { return table_load<0>(pairs_at | field); });
 }
 
 __device__ __forceinline__ void add_to_half(uint16_t* p, float v) { *p = __half_as_ushort(__float2half_rn(half_bits_to_float(*p) + v)); }
