@@ -895,9 +895,8 @@ Status can_implement_kv_decode(const KvDeviceCache& c, int batch, int n_heads, i
 namespace {
 
 
-// The one place where the run-time head dimension and bit widths become template arguments (any group
-// size up to kMaxGroup runs the same kernel; the query type is a run-time flag, read only outside the
-// token loop).
+// One instantiation's launch (any group size up to kMaxGroup runs the same kernel; the query type is a
+// run-time flag, read only outside the token loop); launch_decode picks it with with_head_dim/with_bits.
 template <int HD, int KB, int VB>
 Status launch_split(const KvDeviceCache& c, dim3 grid, int shared, cudaStream_t stream, int n_heads, const uint16_t* q,
                     bool bf16, float scale, int split_tokens, int splits, float* ws, const SplitLayout& lay) {
@@ -911,28 +910,25 @@ Status launch_split(const KvDeviceCache& c, dim3 grid, int shared, cudaStream_t 
                         stream, c, n_heads, q, bf16, scale, split_tokens, splits, ws, lay);
 }
 
-template <int HD, int KB>
-Status launch_split_v(int bits_v, const KvDeviceCache& c, dim3 grid, int shared, cudaStream_t stream, int n_heads,
-                      const uint16_t* q, bool bf16, float scale, int split_tokens, int splits, float* ws,
-                      const SplitLayout& lay) {
-  switch (bits_v) {
-    case 2: return launch_split<HD, KB, 2>(c, grid, shared, stream, n_heads, q, bf16, scale, split_tokens, splits, ws, lay);
-    case 3: return launch_split<HD, KB, 3>(c, grid, shared, stream, n_heads, q, bf16, scale, split_tokens, splits, ws, lay);
-    case 4: return launch_split<HD, KB, 4>(c, grid, shared, stream, n_heads, q, bf16, scale, split_tokens, splits, ws, lay);
+// Run-time head dimension and widths to template arguments, for both kernels' launches
+// (can_implement_* checked them; a width without a kernel is still refused, naming it).
+template <class F>
+Status with_head_dim(int head_dim, F&& f) {
+  switch (head_dim) {
+    case 64: return f(std::integral_constant<int, 64>{});
+    case 80: return f(std::integral_constant<int, 80>{});
+    case 96: return f(std::integral_constant<int, 96>{});
+    default: return f(std::integral_constant<int, 128>{});
   }
-  return detail::invalid("kv_decode_attention: " + std::to_string(bits_v) + "-bit values have no kernel");
 }
-
-template <int HD>
-Status launch_split_kv(const KvDeviceCache& c, dim3 grid, int shared, cudaStream_t stream, int n_heads,
-                       const uint16_t* q, bool bf16, float scale, int split_tokens, int splits, float* ws,
-                       const SplitLayout& lay) {
-  switch (c.bits_k) {
-    case 2: return launch_split_v<HD, 2>(c.bits_v, c, grid, shared, stream, n_heads, q, bf16, scale, split_tokens, splits, ws, lay);
-    case 3: return launch_split_v<HD, 3>(c.bits_v, c, grid, shared, stream, n_heads, q, bf16, scale, split_tokens, splits, ws, lay);
-    case 4: return launch_split_v<HD, 4>(c.bits_v, c, grid, shared, stream, n_heads, q, bf16, scale, split_tokens, splits, ws, lay);
+template <class F>
+Status with_bits(int bits, const char* what, F&& f) {
+  switch (bits) {
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
   }
-  return detail::invalid("kv_decode_attention: " + std::to_string(c.bits_k) + "-bit keys have no kernel");
+  return detail::invalid("kv_decode_attention: " + std::to_string(bits) + "-bit " + what + " have no kernel");
 }
 
 int round16(int64_t bytes) { return int((bytes + 15) / 16 * 16); }
@@ -985,14 +981,15 @@ Status launch_decode(const KvDeviceCache& c, int batch, int n_heads, const uint1
   int shared = 0;
   const SplitLayout lay = split_layout(c, G, shared);
   const dim3 grid(unsigned(splits), unsigned(c.n_kv_heads), unsigned(batch));
-  Status s;
   const bool bf16 = std::is_same_v<T, __nv_bfloat16>;
-  switch (c.head_dim) {
-    case 64: s = launch_split_kv<64>(c, grid, shared, stream, n_heads, q, bf16, scale, split_tokens, splits, ws, lay); break;
-    case 80: s = launch_split_kv<80>(c, grid, shared, stream, n_heads, q, bf16, scale, split_tokens, splits, ws, lay); break;
-    case 96: s = launch_split_kv<96>(c, grid, shared, stream, n_heads, q, bf16, scale, split_tokens, splits, ws, lay); break;
-    default: s = launch_split_kv<128>(c, grid, shared, stream, n_heads, q, bf16, scale, split_tokens, splits, ws, lay);
-  }
+  const Status s = with_head_dim(c.head_dim, [&](auto hd) {
+    return with_bits(c.bits_k, "keys", [&](auto kb) {
+      return with_bits(c.bits_v, "values", [&](auto vb) {
+        return launch_split<decltype(hd)::value, decltype(kb)::value, decltype(vb)::value>(
+            c, grid, shared, stream, n_heads, q, bf16, scale, split_tokens, splits, ws, lay);
+      });
+    });
+  });
   if (!s.ok()) return s;
   return detail::launch("kv_decode_attention merge launch", merge_kernel<T>, unsigned(batch * n_heads), 128, 0, stream,
                         c.lengths, c.head_dim, n_heads, splits, split_tokens, static_cast<const float*>(ws), out);
@@ -1011,14 +1008,7 @@ Status launch_dense(const DenseKvDevice& kv, int batch, int n_heads, const uint1
                           dense_split_kernel<decltype(gmax_c)::value, decltype(hd_c)::value, T>, grid, kWarps * 32,
                           shared, stream, kv, n_heads, q, scale, split_tokens, splits, ws);
   };
-  auto with_hd = [&](auto gmax_c) {
-    switch (kv.head_dim) {
-      case 64: return go(gmax_c, std::integral_constant<int, 64>{});
-      case 80: return go(gmax_c, std::integral_constant<int, 80>{});
-      case 96: return go(gmax_c, std::integral_constant<int, 96>{});
-      default: return go(gmax_c, std::integral_constant<int, 128>{});
-    }
-  };
+  auto with_hd = [&](auto gmax_c) { return with_head_dim(kv.head_dim, [&](auto hd_c) { return go(gmax_c, hd_c); }); };
   Status s = gmax == 1   ? with_hd(std::integral_constant<int, 1>{})
              : gmax == 2 ? with_hd(std::integral_constant<int, 2>{})
              : gmax == 4 ? with_hd(std::integral_constant<int, 4>{})
