@@ -229,14 +229,13 @@ def analyse(arch, cuobjdump, cubin):
         entry.update({k: v for k, v in info.items() if k not in ("marker",)})
         marker = info.get("marker")
         if marker:
-            # The steady loop: the innermost loop holding the most marker instructions (or, for kernels
-            # whose trip holds short inner loops, the outermost such loop; those inner loops are then
-            # counted once, as their static size: "inner_loops" says how many there are).
+            # The steady loop: the innermost loop holding the most marker instructions; short loops inside
+            # its trip are counted once, as their static size ("inner_loops" says how many there are).
             best = None
             all_loops = loops(body)
             for indices in all_loops:
                 n = sum(1 for i in indices if body[i][1].startswith(marker))
-                if n and (best is None or n > best[0] or (info.get("outermost") and len(indices) > len(best[1]))):
+                if n and (best is None or n > best[0]):
                     best = (n, indices)
             if best:
                 n, indices = best
