@@ -384,18 +384,25 @@ inline unsigned next_parity() {
   return counts[linear_thread()]++ & 1u;
 }
 
-// One warp-wide exchange: every thread of the block publishes v, then reads the value of thread
-// `source` (its own when source < 0). HIP-CPU's own shuffles are not used: __shfl and __shfl_down
-// compare the absolute slot with the width, which returns the caller's value on lanes 32-63 of its
-// 64-wide groups.
+// The one mechanism of every warp operation that moves data between lanes: each thread of the block
+// publishes v, and after one barrier reads the block's values (indexed by linear thread) from the
+// returned buffer, until its next warp operation.
+template <class T>
+const T* publish(T v) {
+  thread_local std::unique_ptr<T[]> slots = std::make_unique<T[]>(2 * 1024);
+  T* buffer = slots.get() + 1024 * next_parity();
+  buffer[linear_thread()] = v;
+  block_barrier();
+  return buffer;
+}
+
+// One warp-wide exchange: the value of thread `source` (the caller's own when source < 0). HIP-CPU's own
+// shuffles are not used: __shfl and __shfl_down compare the absolute slot with the width, which returns
+// the caller's value on lanes 32-63 of its 64-wide groups.
 template <class T>
 T exchange(T v, long source) {
-  thread_local std::unique_ptr<T[]> slots = std::make_unique<T[]>(2 * 1024);
-  const unsigned me = linear_thread();
-  T* buffer = slots.get() + 1024 * next_parity();
-  buffer[me] = v;
-  block_barrier();
-  return source < 0 ? v : buffer[std::size_t(source)];
+  const T* values = publish(v);
+  return source < 0 ? v : values[std::size_t(source)];
 }
 // Lane `lane` of the caller's warp, or -1 for "keep your own value".
 inline long warp_thread(int lane) { return lane < 0 ? -1 : long(linear_thread() / kWarp * kWarp + unsigned(lane)); }
@@ -439,11 +446,8 @@ T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
 }
 inline unsigned __ballot_sync(unsigned mask, int predicate) {
   nuq_emulation::check_warp_op(mask, nuq_emulation::kWarp, "__ballot_sync");
-  thread_local std::unique_ptr<unsigned char[]> slots = std::make_unique<unsigned char[]>(2 * 1024);
   const unsigned me = nuq_emulation::linear_thread(), first = me / nuq_emulation::kWarp * nuq_emulation::kWarp;
-  unsigned char* buffer = slots.get() + 1024 * nuq_emulation::next_parity();
-  buffer[me] = predicate != 0;
-  nuq_emulation::block_barrier();
+  const unsigned char* buffer = nuq_emulation::publish<unsigned char>(predicate != 0);
   unsigned bits = 0;
   for (int lane = 0; lane < nuq_emulation::kWarp; ++lane) bits |= unsigned(buffer[first + unsigned(lane)]) << lane;
   return bits;
@@ -503,15 +507,12 @@ inline void mma_m16n8k16(bool bf16, float (&d)[4], const std::uint32_t (&a)[4], 
 // ldmatrix.sync.aligned.m8n8.x{1,2,4}[.trans].shared.b16 as the PTX ISA lays it out: lanes 8i..8i+7 give
 // the addresses of matrix i's eight rows (16 bytes each); lane 4g + t receives halves 2t, 2t + 1 of
 // matrix i's row g, or with .trans half g of rows 2t and 2t + 1 (the transposed matrix's row g). One
-// exchange of the row addresses (one barrier), then plain loads.
+// publish of the row addresses (one barrier), then plain loads.
 inline void ldmatrix(bool trans, int count, std::uint32_t* r, const void* row) {
   check_warp_op(0xffffffffu, kWarp, "ldmatrix");
   using Row = const unsigned char*;
-  thread_local std::unique_ptr<Row[]> slots = std::make_unique<Row[]>(2 * 1024);
   const unsigned me = linear_thread(), first = me / kWarp * kWarp;
-  Row* rows = slots.get() + 1024 * next_parity();
-  rows[me] = static_cast<Row>(row);
-  block_barrier();
+  const Row* rows = publish(static_cast<Row>(row));
   const unsigned lane = me % kWarp, g = lane / 4, t = lane % 4;
   for (int i = 0; i < count; ++i) {
     const unsigned m = first + 8 * unsigned(i);
@@ -530,11 +531,8 @@ inline void ldmatrix(bool trans, int count, std::uint32_t* r, const void* row) {
 // receives those of the transpose: M[2t][g] (lane 8t + g/2, half g % 2) and M[2t + 1][g] (lane 8t + 4 + g/2).
 inline std::uint32_t movmatrix_trans(std::uint32_t x) {
   check_warp_op(0xffffffffu, kWarp, "movmatrix");
-  thread_local std::unique_ptr<std::uint32_t[]> slots = std::make_unique<std::uint32_t[]>(2 * 1024);
   const unsigned me = linear_thread(), first = me / kWarp * kWarp;
-  std::uint32_t* buffer = slots.get() + 1024 * next_parity();
-  buffer[me] = x;
-  block_barrier();
+  const std::uint32_t* buffer = publish(x);
   const unsigned lane = me % kWarp, g = lane / 4, t = lane % 4;
   const std::uint32_t lo = buffer[first + 8 * t + g / 2] >> (16 * (g % 2)) & 0xffffu;
   const std::uint32_t hi = buffer[first + 8 * t + 4 + g / 2] >> (16 * (g % 2)) & 0xffffu;
