@@ -333,8 +333,11 @@ CodebookTuningResult tune_codebooks(const std::string& packed_path, const std::s
   }
   NUQ_CHECK(!packed.empty(), Errc::invalid_argument, "{}: has no nuq-packed layer to tune", packed_path);
 
-  auto student = LlamaModel::load(packed_path, {options.threads, true});
-  auto teacher = LlamaModel::load(reference_path, {options.threads, true});
+  // The backward pass reads fp32 arrays: packed layers decoded, other weights copied to fp32.
+  LlamaLoadOptions load{options.threads, true};
+  load.fp32_weights = true;
+  auto student = LlamaModel::load(packed_path, load);
+  auto teacher = LlamaModel::load(reference_path, load);
   const LlamaConfig &cs = student->config(), &ct = teacher->config();
   NUQ_CHECK(cs.dim == ct.dim && cs.n_layers == ct.n_layers && cs.vocab_size == ct.vocab_size &&
                 cs.n_heads == ct.n_heads && cs.n_kv_heads == ct.n_kv_heads && cs.hidden_dim == ct.hidden_dim,

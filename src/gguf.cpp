@@ -8,8 +8,13 @@
 #include <numeric>
 #include <unordered_map>
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#endif
+
 #include <fmt/ranges.h>
 
+#include "cpu_features.hpp"
 #include "nuq/error.hpp"
 #include "nuq/half.hpp"
 
@@ -597,6 +602,67 @@ void dequant_q5_1(const std::byte* src, float* dst, int64_t nb) {
   }
 }
 
+// AVX-512 versions of the three block types most GGUF models store (the decoder converts weights as it
+// multiplies, so for generation this conversion is on the critical path: SmolLM2's Q4_1 file decoded
+// at 28 tokens/s with the loops above against 50 with an fp32 copy). Same arithmetic, same bits: q·d is
+// exact, so FMA or not gives the scalar loops' results.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define NUQ_GGUF_AVX512 1
+// GCC 12 warns about the deliberately undefined pass-through operands inside its own AVX-512 headers.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
+__attribute__((target("avx512f,f16c"))) inline __m512 block_scale(const std::byte* p) {
+  return _mm512_set1_ps(load_fp16(p));
+}
+
+__attribute__((target("avx512f,f16c"))) void dequant_q8_0_avx512(const std::byte* src, float* dst, int64_t nb) {
+  for (int64_t b = 0; b < nb; ++b, src += 34, dst += 32) {
+    const __m512 d = block_scale(src);
+    for (int h = 0; h < 2; ++h) {
+      const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 2 + 16 * h));
+      _mm512_storeu_ps(dst + 16 * h, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), d));
+    }
+  }
+}
+
+template <bool kWithMin>
+__attribute__((target("avx512f,f16c"))) void dequant_q4_avx512(const std::byte* src, float* dst, int64_t nb) {
+  constexpr int kQuants = kWithMin ? 4 : 2, kBlock = kWithMin ? 20 : 18;
+  const __m512i low = _mm512_set1_epi32(0x0F);
+  for (int64_t b = 0; b < nb; ++b, src += kBlock, dst += 32) {
+    const __m512 d = block_scale(src);
+    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + kQuants)));
+    __m512i lo = _mm512_and_si512(q, low), hi = _mm512_srli_epi32(q, 4);
+    if constexpr (kWithMin) {
+      const __m512 m = block_scale(src + 2);
+      _mm512_storeu_ps(dst, _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), d, m));
+      _mm512_storeu_ps(dst + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), d, m));
+    } else {
+      const __m512i eight = _mm512_set1_epi32(8);
+      lo = _mm512_sub_epi32(lo, eight);
+      hi = _mm512_sub_epi32(hi, eight);
+      _mm512_storeu_ps(dst, _mm512_mul_ps(_mm512_cvtepi32_ps(lo), d));
+      _mm512_storeu_ps(dst + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(hi), d));
+    }
+  }
+}
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+#endif
+
+bool use_avx512() {
+#if NUQ_GGUF_AVX512
+  static const bool yes = detail::cpu_features().avx512f && detail::cpu_features().f16c;
+  return yes;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 void ggml_dequantize(GgmlType type, const std::byte* src, float* dst, int64_t n) {
@@ -619,9 +685,15 @@ void ggml_dequantize(GgmlType type, const std::byte* src, float* dst, int64_t n)
     case GgmlType::I8: convert_plain<int8_t>(src, dst, n); break;
     case GgmlType::I16: convert_plain<int16_t>(src, dst, n); break;
     case GgmlType::I32: convert_plain<int32_t>(src, dst, n); break;
+#if NUQ_GGUF_AVX512
+    case GgmlType::Q8_0: use_avx512() ? dequant_q8_0_avx512(src, dst, nb) : dequant_q8_0(src, dst, nb); break;
+    case GgmlType::Q4_0: use_avx512() ? dequant_q4_avx512<false>(src, dst, nb) : dequant_q4_0(src, dst, nb); break;
+    case GgmlType::Q4_1: use_avx512() ? dequant_q4_avx512<true>(src, dst, nb) : dequant_q4_1(src, dst, nb); break;
+#else
     case GgmlType::Q8_0: dequant_q8_0(src, dst, nb); break;
     case GgmlType::Q4_0: dequant_q4_0(src, dst, nb); break;
     case GgmlType::Q4_1: dequant_q4_1(src, dst, nb); break;
+#endif
     case GgmlType::Q5_0: dequant_q5_0(src, dst, nb); break;
     case GgmlType::Q5_1: dequant_q5_1(src, dst, nb); break;
     default: fail(Errc::internal, "ggml_dequantize: {} is marked decodable but has no decoder", traits->name);

@@ -269,19 +269,53 @@ void causal_attention(Simd simd, int threads, const float* q, int64_t n, int64_t
 
 // ---- weights -------------------------------------------------------------------------------------------
 
+// A weight matrix read in place from the checkpoint's mapping, in the type it is stored in. Products
+// convert a few rows at a time to fp32 right before the tiles use them (exactly: fp16/bf16 widen, ggml
+// blocks decode as ggml does), so a model costs its file's bytes instead of 4 per weight, and the numbers
+// are those of the same model converted to fp32 at load: the tiles see the same values in the same order.
+struct StoredMatrix {
+  const std::byte* data = nullptr;
+  GgmlType type = GgmlType::F32;
+  uint64_t row_bytes = 0;
+
+  // fp32 rows that need no conversion (llama2.c files, fp32 safetensors): the tiles read the mapping.
+  bool fp32_in_place() const {
+    return type == GgmlType::F32 && reinterpret_cast<uintptr_t>(data) % alignof(float) == 0;
+  }
+  std::span<const std::byte> bytes(int64_t rows) const { return {data, std::size_t(row_bytes * uint64_t(rows))}; }
+};
+
 struct Linear {
   std::string name;  // base name in the checkpoint's naming
   int64_t rows = 0, cols = 0;
-  std::vector<float> dense;  // [rows, cols]; empty when the packed kernels run `packed`
-  std::optional<format::PackedLinearView> packed;  // into the checkpoint's mapping (Impl::keep_alive)
+  std::vector<float> dense;  // [rows, cols] fp32 copy (LlamaLoadOptions::fp32_weights, replaced weights)
+  std::optional<StoredMatrix> stored;  // else the checkpoint's own bytes (Impl::keep_alive holds the mapping)
+  std::optional<format::PackedLinearView> packed;  // or a nuq-packed layer in the mapping, run by the packed kernels
   int64_t backend_id = -1;  // LinearBackend::add_layer's id when `packed` runs on Impl::backend
   uint64_t stored_bytes = 0;  // in the checkpoint (packed layers: every part counted)
 
+  // W's fp32 rows as they lie in memory, or null when they have to be converted (or decoded) first.
+  const float* fp32_in_place() const {
+    if (!dense.empty()) return dense.data();
+    if (stored && stored->fp32_in_place()) return reinterpret_cast<const float*>(stored->data);
+    return nullptr;
+  }
+  // Rows [r0, r1) as fp32: in place when possible, else converted into `scratch` ((r1 − r0)·cols floats).
+  const float* fp32_rows(int64_t r0, int64_t r1, float* scratch) const {
+    if (const float* w = fp32_in_place()) return w + r0 * cols;
+    NUQ_CHECK(stored.has_value(), Errc::internal, "layer '{}' has no full-precision weights", name);
+    ggml_dequantize(stored->type, stored->data + uint64_t(r0) * stored->row_bytes, scratch, (r1 - r0) * cols);
+    return scratch;
+  }
   // W as fp32, decoded when packed (for exports).
   std::vector<float> decoded() const {
-    if (!dense.empty() || !packed) return dense;
+    if (!dense.empty()) return dense;
     std::vector<float> out(std::size_t(rows * cols));
-    dequantize_reference(*packed, out.data());
+    if (packed) {
+      dequantize_reference(*packed, out.data());
+    } else if (const float* w = fp32_rows(0, rows, out.data()); w != out.data()) {
+      std::memcpy(out.data(), w, out.size() * sizeof(float));
+    }
     return out;
   }
 };
@@ -297,8 +331,8 @@ struct LlamaModel::Impl {
   LlamaConfig config;
   std::string description;
   std::string tokenizer_path;
-  std::vector<float> embedding;   // [vocab, dim]
-  std::vector<float> classifier;  // [vocab, dim] when not tied
+  Linear embedding;   // [vocab, dim]
+  Linear classifier;  // [vocab, dim] when not tied
   std::vector<float> final_norm;
   std::vector<Block> blocks;
   ActivationHook hook;
@@ -306,14 +340,14 @@ struct LlamaModel::Impl {
   Simd simd = detect_simd();
   int threads = 1;
   cpu::Arithmetic arithmetic = cpu::Arithmetic::exact;
-  std::shared_ptr<const void> keep_alive;  // the mapped checkpoint that packed layers point into
+  bool release_weights = false;            // LlamaLoadOptions::release_weights
+  std::shared_ptr<const void> keep_alive;  // the mapped checkpoint that stored and packed layers point into
   std::shared_ptr<LinearBackend> backend;  // runs the packed layers when set
 
-  const float* classifier_weights() const { return config.tied_classifier ? embedding.data() : classifier.data(); }
+  const Linear& classifier_weights() const { return config.tied_classifier ? embedding : classifier; }
 
   void apply(const Linear& l, const float* x, int64_t n, float* y) const {
     if (hook) hook(l.name, x, n, l.cols);
-    const float* w = l.dense.data();
     if (l.backend_id >= 0) return backend->run(l.backend_id, x, n, y);
     if (l.packed) {
       if (n <= cpu::kMaxFusedBatch) return cpu::linear(*l.packed, x, l.cols, y, l.rows, n, {threads, std::nullopt, arithmetic});
@@ -322,25 +356,73 @@ struct LlamaModel::Impl {
       thread_local std::vector<float> scratch;
       scratch.resize(std::size_t(l.rows * l.cols));
       cpu::dequantize_dense(*l.packed, scratch.data(), l.cols, {threads, std::nullopt});
-      w = scratch.data();
+      return multiply(scratch.data(), l.rows, l.cols, x, n, y);
     }
-    parallel_for(threads, l.rows, 4, [&](int64_t r0, int64_t r1) {
-      matmul_rows(simd, x, n, l.cols, w, l.cols, l.cols, r0, r1, y, l.rows);
+    multiply(l, x, n, y);
+  }
+
+  // y [n, rows] = x [n, cols] · Wᵀ for fp32 weights in memory.
+  void multiply(const float* w, int64_t rows, int64_t cols, const float* x, int64_t n, float* y) const {
+    parallel_for(threads, rows, 4, [&](int64_t r0, int64_t r1) {
+      matmul_rows(simd, x, n, cols, w, cols, cols, r0, r1, y, rows);
     });
+  }
+
+  // The same for a full-precision layer in any stored type: each thread converts its rows a slab at a
+  // time (about 64 KiB of fp32, a multiple of the tiles' 4 rows so that every output is the same tile's
+  // sum as with the whole matrix in fp32) and multiplies the slab while it is in cache.
+  void multiply(const Linear& l, const float* x, int64_t n, float* y) const {
+    if (const float* w = l.fp32_in_place()) return multiply(w, l.rows, l.cols, x, n, y);
+    const int64_t slab = std::max<int64_t>(4, (16384 / l.cols) / 4 * 4);
+    parallel_for(threads, l.rows, 4, [&](int64_t r0, int64_t r1) {
+      thread_local std::vector<float> scratch;
+      scratch.resize(std::size_t(slab * l.cols));
+      for (int64_t r = r0; r < r1; r += slab) {
+        const int64_t re = std::min(r1, r + slab);
+        const float* w = l.fp32_rows(r, re, scratch.data());
+        matmul_rows(simd, x, n, l.cols, w, l.cols, l.cols, 0, re - r, y + r, l.rows);
+      }
+    });
+  }
+
+  // LlamaLoadOptions::release_weights: the mapped pages of a block's full-precision layers leave the
+  // resident set once the block has run (they stay in the page cache, or are read again from disk).
+  void release(const Linear& l) const {
+    if (release_weights && l.stored) release_mapped_pages(l.stored->bytes(l.rows));
   }
 };
 
 namespace {
 
-// Where tensors come from while loading: name -> fp32 copy, plus the packed layers of nuq checkpoints.
+// Where tensors come from while loading: small tensors (norm gains) as fp32 copies, matrices in place
+// (StoredMatrix) or, with LlamaLoadOptions::fp32_weights, as fp32 copies, plus the packed layers of nuq
+// checkpoints.
 class WeightSource {
  public:
+  explicit WeightSource(bool fp32_weights) : fp32_weights_(fp32_weights) {}
   virtual ~WeightSource() = default;
   virtual bool has(const std::string& name) const = 0;
   virtual std::vector<float> read(const std::string& name, const Shape& expected) const = 0;
-  // Fills `l` (dense fp32) from `<base>.weight` or from the packed tensors `<base>.qweight`... .
-  virtual void read_linear(const std::string& base, int64_t rows, int64_t cols, Linear& l) const = 0;
+  // The tensor's bytes in the mapping and their type, its shape checked against [rows, cols].
+  virtual StoredMatrix stored(const std::string& name, int64_t rows, int64_t cols) const = 0;
+  // Fills `l` from the full-precision tensor `name` [rows, cols].
+  void read_matrix(const std::string& name, int64_t rows, int64_t cols, Linear& l) const {
+    l.rows = rows;
+    l.cols = cols;
+    const StoredMatrix s = stored(name, rows, cols);
+    l.stored_bytes = s.row_bytes * uint64_t(rows);
+    if (fp32_weights_) l.dense = read(name, Shape{rows, cols});
+    else l.stored = s;
+  }
+  // Fills `l` from `<base>.weight` or from the packed tensors `<base>.qweight`... .
+  virtual void read_linear(const std::string& base, int64_t rows, int64_t cols, Linear& l) const {
+    l.name = base;
+    read_matrix(base + ".weight", rows, cols, l);
+  }
   virtual std::string source_name() const = 0;
+
+ private:
+  bool fp32_weights_;
 };
 
 void check_shape(const std::string& src, const std::string& name, const Shape& got, const Shape& want) {
@@ -350,33 +432,38 @@ void check_shape(const std::string& src, const std::string& name, const Shape& g
 
 class GgufSource : public WeightSource {
  public:
-  explicit GgufSource(const std::string& path) : file_(path) {}
+  GgufSource(const std::string& path, bool fp32_weights) : WeightSource(fp32_weights), file_(path) {}
   const GgufFile& file() const { return file_; }
   bool has(const std::string& name) const override { return file_.find_tensor(name) != nullptr; }
   std::vector<float> read(const std::string& name, const Shape& expected) const override {
-    const GgufTensorInfo* info = file_.find_tensor(name);
-    NUQ_CHECK(info, Errc::invalid_file, "{}: tensor '{}' is missing", file_.path(), name);
-    check_shape(file_.path(), name, info->shape, expected);
+    check_shape(file_.path(), name, info(name).shape, expected);
     Buffer b = file_.dequantize(name);
     const float* p = b.data_as<float>();
     return std::vector<float>(p, p + b.shape().numel());
   }
-  void read_linear(const std::string& base, int64_t rows, int64_t cols, Linear& l) const override {
-    l.name = base;
-    l.rows = rows;
-    l.cols = cols;
-    l.dense = read(base + ".weight", Shape{rows, cols});
-    l.stored_bytes = file_.find_tensor(base + ".weight")->nbytes;
+  StoredMatrix stored(const std::string& name, int64_t rows, int64_t cols) const override {
+    const GgufTensorInfo& t = info(name);
+    check_shape(file_.path(), name, t.shape, Shape{rows, cols});
+    const GgmlTypeTraits* traits = ggml_type_traits(uint32_t(t.type));
+    NUQ_CHECK(traits && traits->can_dequantize, Errc::unsupported, "{}: tensor '{}': nuq cannot decode type {}",
+              file_.path(), name, traits ? std::string(traits->name) : std::to_string(uint32_t(t.type)));
+    return {file_.tensor_bytes(t).data(), t.type, t.nbytes / uint64_t(rows)};
   }
   std::string source_name() const override { return file_.path(); }
 
  private:
+  const GgufTensorInfo& info(const std::string& name) const {
+    const GgufTensorInfo* t = file_.find_tensor(name);
+    NUQ_CHECK(t, Errc::invalid_file, "{}: tensor '{}' is missing", file_.path(), name);
+    return *t;
+  }
   GgufFile file_;
 };
 
 class SafetensorsSource : public WeightSource {
  public:
-  SafetensorsSource(const std::string& path, bool decode_packed) : ckpt_(path), decode_packed_(decode_packed) {
+  SafetensorsSource(const std::string& path, bool decode_packed, bool fp32_weights)
+      : WeightSource(fp32_weights), ckpt_(path), decode_packed_(decode_packed) {
     for (const auto& f : ckpt_.files()) {
       auto it = f->metadata().find(kQuantizationConfigKey);
       if (it == f->metadata().end()) continue;
@@ -388,26 +475,24 @@ class SafetensorsSource : public WeightSource {
   bool packed() const { return !packed_.empty(); }
   bool has(const std::string& name) const override { return ckpt_.contains(name); }
   std::vector<float> read(const std::string& name, const Shape& expected) const override {
-    NUQ_CHECK(ckpt_.contains(name), Errc::invalid_file, "{}: tensor '{}' is missing", ckpt_.path(), name);
-    check_shape(ckpt_.path(), name, ckpt_.info(name).shape, expected);
-    NUQ_CHECK(dtype_is_float(ckpt_.info(name).dtype) && ckpt_.info(name).dtype != DType::F64 &&
-                  dtype_size(ckpt_.info(name).dtype) >= 2,
-              Errc::unsupported, "{}: tensor '{}' has dtype {}; the decoder reads F32, F16 and BF16", ckpt_.path(),
-              name, dtype_name(ckpt_.info(name).dtype));
+    check(name, expected);
     Buffer b = to_float32(ckpt_.tensor(name));
     const float* p = b.data_as<float>();
     return std::vector<float>(p, p + b.shape().numel());
   }
+  StoredMatrix stored(const std::string& name, int64_t rows, int64_t cols) const override {
+    check(name, Shape{rows, cols});
+    const ConstTensorView t = ckpt_.tensor(name);
+    const DType d = ckpt_.info(name).dtype;
+    const GgmlType type = d == DType::F32 ? GgmlType::F32 : d == DType::F16 ? GgmlType::F16 : GgmlType::BF16;
+    return {t.data(), type, uint64_t(cols) * dtype_size(d)};
+  }
   void read_linear(const std::string& base, int64_t rows, int64_t cols, Linear& l) const override {
+    auto it = packed_.find(base);
+    if (it == packed_.end()) return WeightSource::read_linear(base, rows, cols, l);
     l.name = base;
     l.rows = rows;
     l.cols = cols;
-    auto it = packed_.find(base);
-    if (it == packed_.end()) {
-      l.dense = read(base + ".weight", Shape{rows, cols});
-      l.stored_bytes = ckpt_.info(base + ".weight").nbytes();
-      return;
-    }
     const PackedTensorMeta& meta = it->second;
     NUQ_CHECK(meta.rows == rows && meta.cols == cols, Errc::invalid_file,
               "{}: packed layer '{}' is [{}, {}], the model's configuration implies [{}, {}]", ckpt_.path(), base,
@@ -426,6 +511,13 @@ class SafetensorsSource : public WeightSource {
   std::string source_name() const override { return ckpt_.path(); }
 
  private:
+  void check(const std::string& name, const Shape& expected) const {
+    NUQ_CHECK(ckpt_.contains(name), Errc::invalid_file, "{}: tensor '{}' is missing", ckpt_.path(), name);
+    check_shape(ckpt_.path(), name, ckpt_.info(name).shape, expected);
+    const DType d = ckpt_.info(name).dtype;
+    NUQ_CHECK(d == DType::F32 || d == DType::F16 || d == DType::BF16, Errc::unsupported,
+              "{}: tensor '{}' has dtype {}; the decoder reads F32, F16 and BF16", ckpt_.path(), name, dtype_name(d));
+  }
   SafetensorsCheckpoint ckpt_;
   std::map<std::string, PackedTensorMeta> packed_;
   bool decode_packed_;
@@ -561,16 +653,20 @@ void load_blocks(const WeightSource& src, const Naming& names, LlamaModel::Impl&
     src.read_linear(p + names.up, c.hidden_dim, c.dim, b.up);
     src.read_linear(p + names.down, c.dim, c.hidden_dim, b.down);
   }
-  m.embedding = src.read(names.embedding, Shape{c.vocab_size, c.dim});
+  m.embedding.name = names.embedding;
+  src.read_matrix(names.embedding, c.vocab_size, c.dim, m.embedding);
   m.final_norm = src.read(names.final_norm, Shape{c.dim});
   m.config.tied_classifier = !src.has(names.classifier);
-  if (!m.config.tied_classifier) m.classifier = src.read(names.classifier, Shape{c.vocab_size, c.dim});
+  m.classifier.name = names.classifier;
+  if (!m.config.tied_classifier) src.read_matrix(names.classifier, c.vocab_size, c.dim, m.classifier);
 }
 
 // llama2.c's legacy format: 7 int32 (dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size —
 // negative when the classifier is stored separately —, seq_len), then fp32 arrays in a fixed order.
-void load_llama2c(const std::string& path, LlamaModel::Impl& m) {
-  MappedFile file(path);
+void load_llama2c(const std::string& path, bool fp32_weights, LlamaModel::Impl& m) {
+  auto mapping = std::make_shared<MappedFile>(path);
+  m.keep_alive = mapping;
+  const MappedFile& file = *mapping;
   NUQ_CHECK(file.size() >= 28, Errc::invalid_file, "{}: too short for a llama2.c header ({} bytes)", path, file.size());
   int32_t h[7];
   std::memcpy(h, file.data(), sizeof h);
@@ -604,36 +700,42 @@ void load_llama2c(const std::string& path, LlamaModel::Impl& m) {
     p += n;
     return v;
   };
-  m.embedding = take(c.vocab_size * D);
+  // Matrices stay in the mapping (fp32 already, 4-byte aligned after the 28-byte header) unless asked for
+  // copies.
+  auto take_matrix = [&](Linear& l, int64_t rows, int64_t cols) {
+    l.rows = rows;
+    l.cols = cols;
+    l.stored_bytes = uint64_t(rows * cols) * 4;
+    if (fp32_weights) l.dense.assign(p, p + rows * cols);
+    else l.stored = StoredMatrix{reinterpret_cast<const std::byte*>(p), GgmlType::F32, uint64_t(cols) * 4};
+    p += rows * cols;
+  };
+  m.embedding.name = "token_embedding_table";
+  take_matrix(m.embedding, c.vocab_size, D);
   m.blocks.resize(std::size_t(L));
-  // Per-kind arrays over all layers, in the file's order.
-  auto per_layer = [&](auto setter, int64_t n) {
-    for (int64_t l = 0; l < L; ++l) setter(m.blocks[std::size_t(l)], take(n), l);
-  };
   auto linear = [&](Linear Block::*field, const char* name, int64_t rows, int64_t cols) {
-    per_layer(
-        [&](Block& b, std::vector<float> v, int64_t l) {
-          Linear& lin = b.*field;
-          lin.name = fmt::format("layers.{}.{}", l, name);
-          lin.rows = rows;
-          lin.cols = cols;
-          lin.dense = std::move(v);
-          lin.stored_bytes = uint64_t(rows * cols) * 4;
-        },
-        rows * cols);
+    for (int64_t l = 0; l < L; ++l) {
+      Linear& lin = m.blocks[std::size_t(l)].*field;
+      lin.name = fmt::format("layers.{}.{}", l, name);
+      take_matrix(lin, rows, cols);
+    }
   };
-  per_layer([](Block& b, std::vector<float> v, int64_t) { b.attn_norm = std::move(v); }, D);
+  auto gains = [&](std::vector<float> Block::*field) {
+    for (Block& b : m.blocks) b.*field = take(D);
+  };
+  gains(&Block::attn_norm);
   linear(&Block::q, "attention.wq", D, D);
   linear(&Block::k, "attention.wk", kv, D);
   linear(&Block::v, "attention.wv", kv, D);
   linear(&Block::o, "attention.wo", D, D);
-  per_layer([](Block& b, std::vector<float> v, int64_t) { b.ffn_norm = std::move(v); }, D);
+  gains(&Block::ffn_norm);
   linear(&Block::gate, "feed_forward.w1", H, D);
   linear(&Block::down, "feed_forward.w2", D, H);
   linear(&Block::up, "feed_forward.w3", H, D);
   m.final_norm = take(D);
   p += c.max_seq_len * c.head_dim;  // precomputed RoPE tables (freq_cis real and imaginary halves): recomputed
-  if (!c.tied_classifier) m.classifier = take(c.vocab_size * D);
+  m.classifier.name = "wcls";
+  if (!c.tied_classifier) take_matrix(m.classifier, c.vocab_size, D);
   m.description = "llama2.c checkpoint, fp32 weights";
 }
 
@@ -655,9 +757,11 @@ std::unique_ptr<LlamaModel> LlamaModel::load(const std::string& path, const Llam
     else if (path.ends_with(".safetensors")) kind = CheckpointKind::safetensors;
   }
   if (!kind) {
-    load_llama2c(path, *m);
+    load_llama2c(path, options.fp32_weights, *m);
   } else if (*kind == CheckpointKind::gguf) {
-    GgufSource src(path);
+    auto owned = std::make_shared<GgufSource>(path, options.fp32_weights);
+    m->keep_alive = owned;
+    const GgufSource& src = *owned;
     m->config = config_from_gguf_keys(
         [&](const std::string& key) -> const Json* {
           static thread_local Json holder;
@@ -675,9 +779,10 @@ std::unique_ptr<LlamaModel> LlamaModel::load(const std::string& path, const Llam
     validate_config(m->config, path);
     load_blocks(src, kGguf, *m);
     m->tokenizer_path = path;
-    m->description = "GGUF checkpoint, weights dequantized to fp32";
+    m->description = options.fp32_weights ? "GGUF checkpoint, weights dequantized to fp32"
+                                          : "GGUF checkpoint, weights multiplied as stored";
   } else {
-    auto owned = std::make_shared<SafetensorsSource>(path, options.decode_packed);
+    auto owned = std::make_shared<SafetensorsSource>(path, options.decode_packed, options.fp32_weights);
     m->keep_alive = owned;
     const SafetensorsSource& src = *owned;
     const SafetensorsCheckpoint& ck = src.checkpoint();
@@ -716,6 +821,8 @@ std::unique_ptr<LlamaModel> LlamaModel::load(const std::string& path, const Llam
   const int threads = cpu::detail::resolve_threads(options.threads);
   m->threads = threads;
   m->arithmetic = options.arithmetic;
+  m->release_weights = options.release_weights;
+  if (options.release_weights) m->description += ", mapped pages released after each block";
   if (options.linear_backend) {
     // Packed layers move to the backend (their host copies stay mapped, for exports); a checkpoint
     // without packed layers runs entirely on the CPU, which the description says.
@@ -744,6 +851,15 @@ void LlamaModel::set_activation_hook(ActivationHook hook) { impl_->hook = std::m
 void LlamaModel::set_kv_hook(KvHook hook) { impl_->kv_hook = std::move(hook); }
 
 int LlamaModel::threads() const noexcept { return impl_->threads; }
+
+int64_t LlamaModel::block_of_linear(const std::string& base) const {
+  for (std::size_t i = 0; i < impl_->blocks.size(); ++i) {
+    const Block& b = impl_->blocks[i];
+    for (const Linear* l : {&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down})
+      if (l->name == base) return int64_t(i);
+  }
+  return -1;
+}
 
 int64_t LlamaModel::linear_weight_count() const noexcept {
   int64_t n = 0;
@@ -803,7 +919,7 @@ void LlamaModel::save_hf(const std::string& dir) const {
                        ConstTensorView(reinterpret_cast<const std::byte*>(owned.back().second.data()), DType::F32, shape));
   };
   owned.reserve(std::size_t(12 * c.n_layers + 4));
-  add(kHuggingFace.embedding, m.embedding, Shape{c.vocab_size, c.dim});
+  add(kHuggingFace.embedding, m.embedding.decoded(), Shape{c.vocab_size, c.dim});
   for (int64_t i = 0; i < c.n_layers; ++i) {
     const Block& b = m.blocks[std::size_t(i)];
     const std::string p = kHuggingFace.block(i);
@@ -821,7 +937,7 @@ void LlamaModel::save_hf(const std::string& dir) const {
     lin(kHuggingFace.down, b.down, b.down.decoded());
   }
   add(kHuggingFace.final_norm, m.final_norm, Shape{c.dim});
-  if (!c.tied_classifier) add(kHuggingFace.classifier, m.classifier, Shape{c.vocab_size, c.dim});
+  if (!c.tied_classifier) add(kHuggingFace.classifier, m.classifier.decoded(), Shape{c.vocab_size, c.dim});
   write_safetensors((fs::path(dir) / "model.safetensors").string(), views, {{"format", "pt"}});
   Json config = {{"architectures", {"LlamaForCausalLM"}},
                  {"model_type", "llama"},
@@ -946,7 +1062,8 @@ void LlamaModel::embed(const int32_t* tokens, int64_t n, float* x, int64_t first
     NUQ_CHECK(tokens[t] >= 0 && tokens[t] < m.config.vocab_size, Errc::invalid_argument,
               "forward: token {} at position {} is outside the vocabulary of {}", tokens[t], first_position + t,
               m.config.vocab_size);
-    std::memcpy(&x[t * D], &m.embedding[std::size_t(tokens[t]) * std::size_t(D)], std::size_t(D) * 4);
+    const float* row = m.embedding.fp32_rows(tokens[t], tokens[t] + 1, &x[t * D]);
+    if (row != &x[t * D]) std::memcpy(&x[t * D], row, std::size_t(D) * sizeof(float));
   }
 }
 
@@ -1021,6 +1138,7 @@ void LlamaModel::forward_blocks(int64_t first, int64_t last, float* x, int64_t n
     }
     m.apply(b.down, g.data(), n, o.data());
     for (int64_t i = 0; i < n * D; ++i) x[i] += o[std::size_t(i)];
+    for (const Linear* w : {&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down}) m.release(*w);
   }
 }
 
@@ -1028,10 +1146,11 @@ void LlamaModel::set_linear_weights(const std::string& base, const float* weight
   for (Block& b : impl_->blocks)
     for (Linear* l : {&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down}) {
       if (l->name != base) continue;
-      NUQ_CHECK(!l->dense.empty(), Errc::unsupported,
+      NUQ_CHECK(!l->packed, Errc::unsupported,
                 "layer '{}' is nuq-packed and runs packed; load the model with decode_packed to replace its weights",
                 base);
-      std::memcpy(l->dense.data(), weights, l->dense.size() * sizeof(float));
+      l->dense.assign(weights, weights + l->rows * l->cols);
+      l->stored.reset();
       return;
     }
   fail(Errc::invalid_argument, "the model has no linear layer '{}'", base);
@@ -1039,18 +1158,24 @@ void LlamaModel::set_linear_weights(const std::string& base, const float* weight
 
 void LlamaModel::logits(const float* hidden, int64_t n, float* out) const {
   const Impl& m = *impl_;
-  const LlamaConfig& c = m.config;
-  parallel_for(m.threads, c.vocab_size, 4, [&](int64_t r0, int64_t r1) {
-    matmul_rows(m.simd, hidden, n, c.dim, m.classifier_weights(), c.dim, c.dim, r0, r1, out, c.vocab_size);
-  });
+  m.multiply(m.classifier_weights(), hidden, n, out);
+  m.release(m.classifier_weights());
 }
 
 LlamaWeights LlamaModel::weights() const {
   const Impl& m = *impl_;
   LlamaWeights w;
   w.config = m.config;
-  w.embedding = m.embedding.data();
-  w.classifier = m.classifier_weights();
+  // The backward pass reads fp32 arrays; weights that need converting were not copied at load.
+  auto fp32 = [](const Linear& l) {
+    const float* p = l.fp32_in_place();
+    NUQ_CHECK(p, Errc::unsupported,
+              "'{}' is stored as {} and read in place; load the model with fp32_weights for fp32 arrays", l.name,
+              l.stored ? ggml_type_traits(uint32_t(l.stored->type))->name : "?");
+    return p;
+  };
+  w.embedding = fp32(m.embedding);
+  w.classifier = fp32(m.classifier_weights());
   w.final_norm = m.final_norm.data();
   for (const Block& b : m.blocks) {
     LlamaBlockWeights& bw = w.blocks.emplace_back();
@@ -1058,10 +1183,10 @@ LlamaWeights LlamaModel::weights() const {
     bw.ffn_norm = b.ffn_norm.data();
     const Linear* ls[kLlamaLinearKinds] = {&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down};
     for (int i = 0; i < kLlamaLinearKinds; ++i) {
-      NUQ_CHECK(!ls[i]->dense.empty(), Errc::unsupported,
+      NUQ_CHECK(!ls[i]->packed, Errc::unsupported,
                 "layer '{}' is nuq-packed and runs packed; load the model with decode_packed for dense weights",
                 ls[i]->name);
-      bw.linear[std::size_t(i)] = {ls[i]->name, ls[i]->rows, ls[i]->cols, ls[i]->dense.data()};
+      bw.linear[std::size_t(i)] = {ls[i]->name, ls[i]->rows, ls[i]->cols, fp32(*ls[i])};
     }
     // The gains' tensor names, in the naming the linear layers show (llama2.c checkpoints have none).
     const int64_t l = int64_t(w.blocks.size()) - 1;

@@ -276,17 +276,13 @@ namespace detail {
 
 std::vector<int64_t> decoder_blocks(const LlamaModel& model, const std::vector<std::string>& bases,
                                     const std::string& model_path) {
-  const LlamaWeights w = model.weights();
-  std::map<std::string, int64_t> block;
-  for (std::size_t b = 0; b < w.blocks.size(); ++b)
-    for (const LlamaLinearWeights& l : w.blocks[b].linear) block[l.name] = int64_t(b);
   std::vector<int64_t> out;
   for (const std::string& base : bases) {
-    const auto it = block.find(base);
-    NUQ_CHECK(it != block.end(), Errc::invalid_argument,
+    const int64_t block = model.block_of_linear(base);
+    NUQ_CHECK(block >= 0, Errc::invalid_argument,
               "{}: '{}' is not a linear layer of the decoder's blocks, so its effect on the output cannot be measured",
               model_path, base);
-    out.push_back(it->second);
+    out.push_back(block);
   }
   return out;
 }

@@ -14,6 +14,8 @@
 #include <optional>
 #include <random>
 
+#include <unistd.h>
+
 #include "nuq/kv_cache.hpp"
 #include "nuq/llama_grad.hpp"
 #include "nuq/safetensors.hpp"
@@ -42,6 +44,24 @@ struct ModelAndText {
   double load_seconds = 0;
 };
 
+// A checkpoint of more than half this machine's memory runs with LlamaLoadOptions::release_weights:
+// otherwise each forward pass would leave all of its mapped pages resident, and the process would be
+// counted (and, beside the page cache and other jobs, killed) at the checkpoint's size.
+LlamaLoadOptions sized_for(LlamaLoadOptions load, const std::string& model_path) {
+  std::error_code ec;
+  const fs::path p = model_path.ends_with(".json") ? fs::path(model_path).parent_path() : fs::path(model_path);
+  uint64_t bytes = 0;
+  if (fs::is_directory(p, ec)) {
+    for (const auto& e : fs::directory_iterator(p, ec))
+      if (e.path().extension() == ".safetensors") bytes += e.file_size(ec);
+  } else {
+    bytes = fs::file_size(p, ec);
+  }
+  const uint64_t memory = uint64_t(::sysconf(_SC_PHYS_PAGES)) * uint64_t(::sysconf(_SC_PAGESIZE));
+  if (!ec && bytes > memory / 2) load.release_weights = true;
+  return load;
+}
+
 // Loads the model and its tokenizer and tokenizes the text as one string, keeping tokens [skip, skip + max)
 // (max <= 0: all), as `nuq eval` and `nuq calibrate` always have.
 ModelAndText load_model_and_text(const std::string& model_path, const std::string& tokenizer,
@@ -49,7 +69,7 @@ ModelAndText load_model_and_text(const std::string& model_path, const std::strin
                                  const LlamaLoadOptions& load, ArgStyle style) {
   ModelAndText r;
   const auto t0 = Clock::now();
-  r.model = LlamaModel::load(model_path, load);
+  r.model = LlamaModel::load(model_path, sized_for(load, model_path));
   const std::string tok_path = find_tokenizer(*r.model, model_path, tokenizer, style);
   r.tok = Tokenizer::load(tok_path);
   NUQ_CHECK(r.tok->vocab_size() <= r.model->config().vocab_size, Errc::invalid_argument,
@@ -393,8 +413,11 @@ FisherResult compute_fisher(const FisherOptions& o, const TextTaskCallback& prog
             out_dir.string());
   NUQ_CHECK(!fs::is_directory(o.out), Errc::invalid_argument, "{}: is a directory; {} names a file", o.out, out_flag);
   const auto t0 = Clock::now();
-  // Packed layers are decoded: gradients are taken with respect to the dense weights they stand for.
-  auto model = LlamaModel::load(o.model, {o.threads, true});
+  // Packed layers are decoded and the rest copied to fp32: gradients are taken with respect to the dense
+  // weights they stand for, in the arrays the backward pass reads.
+  LlamaLoadOptions load{o.threads, true};
+  load.fp32_weights = true;
+  auto model = LlamaModel::load(o.model, sized_for(load, o.model));
   const std::string tok_path = find_tokenizer(*model, o.model, o.tokenizer, style);
   auto tok = Tokenizer::load(tok_path);
   const std::vector<int32_t> ids =
@@ -561,7 +584,7 @@ GenerateResult generate_text(const GenerateOptions& o, const std::function<void(
   NUQ_CHECK(std::isfinite(o.temperature) && o.temperature >= 0, Errc::invalid_argument,
             "{} must be finite and >= 0, got {}", arg_name(style, "--temperature", "temperature"), o.temperature);
   const LlamaLoadOptions load = load_options(o.threads, o.decode_packed, o.arithmetic, o.device, o.make_backend, style);
-  auto model = LlamaModel::load(o.model, load);
+  auto model = LlamaModel::load(o.model, sized_for(load, o.model));
   const LlamaConfig& c = model->config();
   std::optional<kv::Calibration> kv_calibration;
   if (!o.kv_calibration.empty()) kv_calibration = kv::load_calibration(o.kv_calibration);

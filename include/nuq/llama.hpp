@@ -81,6 +81,16 @@ struct LlamaLoadOptions {
   // Non-null: nuq-packed layers run there instead of on the CPU kernels (every call length; `arithmetic`
   // then does not apply). Cannot be combined with decode_packed; full-precision layers stay on the CPU.
   std::shared_ptr<LinearBackend> linear_backend = nullptr;
+  // Full-precision weights (fp32/fp16/bf16 safetensors, GGUF F32/F16/BF16/Q8_0/Q4_x/Q5_x, llama2.c) are
+  // read in place from the memory-mapped checkpoint and converted to fp32 a few rows at a time inside
+  // the products, so the model takes its file's bytes, not 4 per weight; the logits are bit-identical to
+  // those of an fp32 copy. true copies them to fp32 at load instead, as weights() (the backward pass)
+  // needs for anything not stored as fp32.
+  bool fp32_weights = false;
+  // For models larger than memory: after each block of a forward pass (and after the classifier) the
+  // mapped pages of its full-precision weights leave the resident set; they stay in the page cache, or
+  // are read again from disk, on the next pass. Resident memory then holds about one block's weights.
+  bool release_weights = false;
 };
 
 class LlamaModel {
@@ -105,6 +115,8 @@ class LlamaModel {
   // Of those, the layers the CPU kernels multiply in int8 in forward calls of <= cpu::kMaxFusedBatch
   // tokens (cpu::fused_arithmetic of each layer under LlamaLoadOptions::arithmetic); the rest are exact.
   int64_t int8_layer_count() const;
+  // The decoder block holding the linear layer with base name `base` (as in the checkpoint), or -1.
+  int64_t block_of_linear(const std::string& base) const;
   // Worker threads its products use (LlamaLoadOptions::threads resolved).
   int threads() const noexcept;
   // Where the tokenizer can be read from when it travels with the weights (GGUF metadata, a llama2.c
@@ -154,7 +166,8 @@ class LlamaModel {
   void set_kv_hook(KvHook hook);
 
   // The dense fp32 weights as pointers into this model, for the backward pass (llama_grad.hpp). Throws
-  // Errc::unsupported when linear layers are nuq-packed and run packed (load with decode_packed = true).
+  // Errc::unsupported when linear layers are nuq-packed and run packed (load with decode_packed = true)
+  // or weights are stored in another type than fp32 (load with fp32_weights = true).
   LlamaWeights weights() const;
 
   // Writes the model as a Hugging Face LLaMA checkpoint: <dir>/model.safetensors (fp32, Hugging Face

@@ -18,42 +18,12 @@
 #include "nuq/linear_cpu.hpp"
 #include "nuq/llama.hpp"
 #include "nuq/quantize_checkpoint.hpp"
+#include "random_llama.hpp"
 
 namespace {
 
 namespace fs = std::filesystem;
 using nuq::LlamaModel;
-
-// A random llama2.c checkpoint: 2 layers, grouped-query attention, odd SwiGLU width (so that packed rows
-// of 172 columns take the padded tail of a packing unit).
-void write_random_llama2c(const fs::path& path) {
-  const int32_t dim = 128, hidden = 172, layers = 2, heads = 4, kv_heads = 2, vocab = 97, seq = 64;
-  const int64_t kvd = int64_t(kv_heads) * (dim / heads);
-  std::mt19937_64 rng(5);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  std::vector<float> w;
-  auto add = [&](int64_t n, float sd) {
-    for (int64_t i = 0; i < n; ++i) w.push_back(sd * normal(rng));
-  };
-  auto ones = [&](int64_t n) { w.insert(w.end(), size_t(n), 1.0f); };
-  const float in_sd = 1.0f / std::sqrt(float(dim));
-  add(int64_t(vocab) * dim, 1.0f);
-  ones(int64_t(layers) * dim);
-  add(int64_t(layers) * dim * dim, 2 * in_sd);
-  add(int64_t(layers) * kvd * dim, 2 * in_sd);
-  add(int64_t(layers) * kvd * dim, in_sd);
-  add(int64_t(layers) * dim * dim, in_sd);
-  ones(int64_t(layers) * dim);
-  add(int64_t(layers) * hidden * dim, in_sd);
-  add(int64_t(layers) * dim * hidden, 1.0f / std::sqrt(float(hidden)));
-  add(int64_t(layers) * hidden * dim, in_sd);
-  ones(dim);
-  w.insert(w.end(), size_t(seq) * size_t(dim / heads), 0.0f);  // llama2.c's unused RoPE tables
-  const int32_t header[7] = {dim, hidden, layers, heads, kv_heads, vocab, seq};
-  std::ofstream out(path, std::ios::binary);
-  out.write(reinterpret_cast<const char*>(header), sizeof header);
-  out.write(reinterpret_cast<const char*>(w.data()), std::streamsize(w.size() * sizeof(float)));
-}
 
 // Runs every layer with the scalar reference and records what it was given.
 class ReferenceBackend final : public nuq::LinearBackend {
@@ -85,7 +55,7 @@ const Checkpoints& checkpoints() {
     Checkpoints r;
     r.dir = fs::temp_directory_path() / ("nuq_llama_backend_" + std::to_string(::getpid()));
     fs::create_directories(r.dir);
-    write_random_llama2c(r.dir / "random.bin");
+    nuq::testing::write_random_llama2c(r.dir / "random.bin");
     r.fp32 = r.dir / "hf";
     LlamaModel::load((r.dir / "random.bin").string(), {1, false})->save_hf(r.fp32.string());
     r.packed = r.dir / "packed";
