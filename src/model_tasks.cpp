@@ -16,6 +16,8 @@
 
 #include <unistd.h>
 
+#include "activation_statistics.hpp"
+#include "block_calibration.hpp"
 #include "nuq/kv_cache.hpp"
 #include "nuq/llama_grad.hpp"
 #include "nuq/safetensors.hpp"
@@ -140,6 +142,29 @@ struct TextTaskReporter {
     window_start = now;
     if (callback) callback(p);
   }
+
+  // The same callback for calibrate's by-block run.
+  detail::BlockProgress block_progress() {
+    detail::BlockProgress b;
+    if (!callback) return b;
+    b.plan = [this](uint64_t need, uint64_t available, const std::string& where) {
+      p.stage = TextTaskProgress::Stage::disk;
+      p.bytes_needed = need;
+      p.bytes_free = available;
+      p.where = where;
+      callback(p);
+    };
+    b.block = [this](int64_t block, int64_t blocks, int64_t first, double seconds) {
+      p.stage = TextTaskProgress::Stage::block;
+      p.block = block;
+      p.blocks = blocks;
+      p.first_block = first;
+      p.block_seconds = seconds;
+      p.elapsed_seconds = std::chrono::duration<double>(Clock::now() - start).count();
+      callback(p);
+    };
+    return b;
+  }
 };
 
 // The int8 arithmetic as the caller asked for it.
@@ -215,77 +240,6 @@ void uniform_per_token(float* x, int64_t vectors, int64_t width, int bits) {
     for (int64_t i = 0; i < width; ++i) p[i] = a + std::nearbyint((p[i] - a) / step) * step;
   }
 }
-
-// ---- calibrate: the activation hook's statistics -------------------------------------------------------
-
-// Collects, for every linear layer's input, the sum of x² per column and (optionally) the full XᵀX.
-class ActivationStatistics {
- public:
-  explicit ActivationStatistics(bool full) : full_(full) {}
-
-  void add(const std::string& layer, const float* x, int64_t n, int64_t cols) {
-    auto& s = sums_[layer];
-    s.resize(std::size_t(cols), 0.0);
-    for (int64_t t = 0; t < n; ++t)
-      for (int64_t c = 0; c < cols; ++c) {
-        const double v = x[t * cols + c];
-        NUQ_CHECK(std::isfinite(v), Errc::invalid_argument, "calibration: the input of {} is {} at token {}", layer,
-                  v, t);
-        s[std::size_t(c)] += v * v;
-      }
-    tokens_[layer] += n;
-    if (full_) add_hessian(layer, x, n, cols);
-  }
-
-  // Writes the per-column means; returns the number of layers.
-  int64_t save_means(const std::string& path, const std::map<std::string, std::string>& metadata) const {
-    std::vector<std::vector<float>> data;
-    std::vector<std::pair<std::string, ConstTensorView>> views;
-    data.reserve(sums_.size());
-    for (const auto& [layer, s] : sums_) {
-      std::vector<float> mean(s.size());
-      for (std::size_t c = 0; c < s.size(); ++c) mean[c] = float(s[c] / double(tokens_.at(layer)));
-      data.push_back(std::move(mean));
-      views.emplace_back(layer + ".weight", ConstTensorView(reinterpret_cast<const std::byte*>(data.back().data()),
-                                                            DType::F32, Shape{int64_t(s.size())}));
-    }
-    write_safetensors(path, views, metadata);
-    return int64_t(views.size());
-  }
-
-  const HessianAccumulator& hessian() const { return hessian_; }
-
- private:
-  // q/k/v (and gate/up) are applied to one input; storing its XᵀX once saves 2/3 of the rank updates
-  // and of the file. Compared by contents: the decoder reuses its buffers.
-  void add_hessian(const std::string& layer, const float* x, int64_t n, int64_t cols) {
-    const bool same_input = !last_layer_.empty() && last_n_ == n && last_cols_ == cols &&
-                            std::memcmp(last_x_.data(), x, std::size_t(n * cols) * sizeof(float)) == 0;
-    if (hessian_.contains(layer) && hessian_.resolve(layer) != layer) {
-      NUQ_CHECK(same_input && hessian_.resolve(last_layer_) == hessian_.resolve(layer), Errc::internal,
-                "calibration: {} shared the input of {} in the first window but not now", layer,
-                hessian_.resolve(layer));
-    } else if (same_input && !hessian_.contains(layer)) {
-      hessian_.alias(layer, hessian_.resolve(last_layer_));
-    } else {
-      hessian_.add(layer, x, n, cols, cols);
-    }
-    last_x_.assign(x, x + n * cols);
-    last_n_ = n;
-    last_cols_ = cols;
-    last_layer_ = layer;
-  }
-
-  bool full_;
-  // Sums in double: a long calibration run adds up millions of squares per column.
-  std::map<std::string, std::vector<double>> sums_;
-  std::map<std::string, int64_t> tokens_;
-  HessianAccumulator hessian_;
-  // The input the hook saw last (a copy), to recognize layers fed the same activations.
-  std::vector<float> last_x_;
-  int64_t last_n_ = 0, last_cols_ = 0;
-  std::string last_layer_;
-};
 
 // ---- evaluate ----------------------------------------------------------------------------------------
 
@@ -363,13 +317,19 @@ CalibrateResult calibrate_activations(const CalibrateOptions& o, const TextTaskC
   LlamaLoadOptions load;
   load.threads = o.threads;
   ModelAndText mt = load_model_and_text(o.model, o.tokenizer, o.text, o.skip_tokens, o.max_tokens, load, style);
-  ActivationStatistics stats(!o.hessian.empty());
+  detail::ActivationStatistics stats(!o.hessian.empty());
   mt.model->set_activation_hook(
       [&stats](const std::string& layer, const float* x, int64_t n, int64_t cols) { stats.add(layer, x, n, cols); });
   CalibrateResult r;
   r.tokens = int64_t(mt.ids.size());
   TextTaskReporter report(progress, *mt.model, window_count(r.tokens, o.ctx), r.tokens, mt.load_seconds);
   const auto t0 = Clock::now();
+  if (o.by_block) {
+    mt.model->set_activation_hook(nullptr);
+    detail::calibrate_blocks(*mt.model, mt.tok->bos(), mt.ids, o, report.block_progress(), r);
+    r.seconds = seconds_since(t0);
+    return r;
+  }
   r.windows = for_each_window(*mt.model, *mt.tok, mt.ids, o.ctx,
                               [&](int64_t w, int64_t, int64_t begin, int64_t len, const float*) {
                                 report.window(w, begin + len, 0);

@@ -47,6 +47,8 @@ struct TextTaskProgress {
   enum class Stage {
     loaded,  // model, tokenizer and text are ready; `windows` and `tokens` are set, `window` is -1
     window,  // window `window` (0-based) of `windows` is done
+    disk,    // by_block: `bytes_needed` will be written to `where`, which has `bytes_free`
+    block,   // by_block: block `block` of `blocks` is done (blocks before `first_block` were resumed)
   };
   Stage stage = Stage::loaded;
   int64_t window = -1, windows = 0;
@@ -58,6 +60,10 @@ struct TextTaskProgress {
   double elapsed_seconds = 0;  // since the first window started
   double load_seconds = 0;     // loading model, tokenizer and text
   const LlamaModel* model = nullptr;  // the loaded model (description, config)
+  int64_t block = -1, blocks = 0, first_block = 0;  // by_block
+  double block_seconds = 0;
+  uint64_t bytes_needed = 0, bytes_free = 0;
+  std::string where;
 };
 using TextTaskCallback = std::function<void(const TextTaskProgress&)>;
 
@@ -71,6 +77,12 @@ struct CalibrateOptions {
   std::string hessian;    // optional: the full XᵀX / tokens of every layer input, for `quantize --hessian`
   int64_t ctx = 512, max_tokens = 32768, skip_tokens = 0;  // max_tokens 0: all
   int threads = 0;
+  // Run the model one decoder block at a time over all tokens instead of window by window through every
+  // block: memory holds one block's weights and statistics plus the tokens' hidden states (what a model
+  // larger than memory needs), the work resumes after the last finished block when run again with the
+  // same inputs (`<out>.blocks/` holds it meanwhile), and `hessian` is written as a directory of
+  // per-block shards with an index. Same values as the one-pass run.
+  bool by_block = false;
   ArgStyle arg_style = ArgStyle::cli;
 };
 

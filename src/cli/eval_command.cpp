@@ -126,11 +126,25 @@ void add_calibrate_command(CLI::App& app, Action& action) {
                   "start this many tokens into the text (keep calibration and evaluation text apart)")
       ->capture_default_str();
   cmd->add_option("--threads,-j", o->threads, "worker threads (0: all cores)")->capture_default_str();
+  cmd->add_flag("--by-block", o->by_block,
+                "run the model one decoder block at a time over all tokens (memory: one block's weights and "
+                "statistics plus the tokens' hidden states, for models larger than memory); resumes after the last "
+                "finished block when run again; --hessian then names a directory of per-block shards");
   cmd->callback([o, &action] {
     action = [o]() -> int {
       const CalibrateResult r = calibrate_activations(*o, [](const TextTaskProgress& p) {
-        if (p.stage == TextTaskProgress::Stage::window && ((p.window + 1) % 8 == 0 || p.window + 1 == p.windows))
+        using Stage = TextTaskProgress::Stage;
+        if (p.stage == Stage::window && ((p.window + 1) % 8 == 0 || p.window + 1 == p.windows))
           std::fprintf(stderr, "window %lld/%lld\n", (long long)(p.window + 1), (long long)p.windows);
+        if (p.stage == Stage::disk)
+          fmt::print(stderr, "{}: writes up to {:.2f} GiB, {:.2f} GiB free\n", p.where,
+                     double(p.bytes_needed) / (1 << 30), double(p.bytes_free) / (1 << 30));
+        if (p.stage == Stage::block) {
+          const int64_t done = p.block + 1 - p.first_block, left = p.blocks - p.block - 1;
+          fmt::print(stderr, "block {}/{}{} in {:.1f} s, ETA {:.0f} s\n", p.block + 1, p.blocks,
+                     p.first_block > 0 && done == 1 ? fmt::format(" (resumed after block {})", p.first_block) : "",
+                     p.block_seconds, p.elapsed_seconds / double(done) * double(left));
+        }
       });
       fmt::print("wrote {}: mean squared inputs of {} layers over {} tokens ({} windows) in {:.1f} s\n", o->out,
                  r.layers, r.tokens, r.windows, r.seconds);
