@@ -51,6 +51,12 @@ class ActivationStatistics {
   }
 
   const HessianAccumulator& hessian() const { return hessian_; }
+  // The layers seen, by base name, in order.
+  std::vector<std::string> layers() const {
+    std::vector<std::string> out;
+    for (const auto& [layer, s] : sums_) out.push_back(layer);
+    return out;
+  }
 
  private:
   // q/k/v (and gate/up) are applied to one input; storing its XᵀX once saves 2/3 of the rank updates

@@ -15,6 +15,8 @@
 #include "activation_statistics.hpp"
 #include "nuq/error.hpp"
 #include "nuq/mapped_file.hpp"
+#include "nuq/packed.hpp"
+#include "nuq/quantize.hpp"
 #include "nuq/safetensors.hpp"
 #include "nuq/sensitivity.hpp"
 #include "run_identity.hpp"
@@ -49,11 +51,18 @@ Windows cut_windows(const std::vector<int32_t>& ids, int32_t bos, int64_t ctx) {
   return w;
 }
 
+Json sequential_options(const std::optional<QuantizeOptions>& q) {
+  if (!q) return nullptr;
+  return {{"method", std::string(to_string(q->method))}, {"bits", q->bits},
+          {"group_size", q->group_size},               {"outlier_fraction", q->outlier_fraction},
+          {"outliers_per_row", q->outliers_per_row},   {"damping", q->hessian_damping}};
+}
+
 Json fingerprint(const CalibrateOptions& o, const std::vector<int32_t>& ids) {
   return {{"version", kStateVersion},        {"model", file_identity(o.model)},
           {"tokens", ids.size()},            {"token_ids_fnv1a", token_ids_fnv1a(ids)},
           {"ctx", o.ctx},                    {"hessian", !o.hessian.empty()},
-          {"skip_tokens", o.skip_tokens}};
+          {"skip_tokens", o.skip_tokens},    {"sequential", sequential_options(o.sequential)}};
 }
 
 // Bytes of one block's XᵀX shard in F32: the four distinct inputs (q/k/v, o, gate/up, down), each a
@@ -115,6 +124,22 @@ ActivationStatistics run_block(LlamaModel& model, int64_t b, const Windows& w, s
   return stats;
 }
 
+// Sequential order: block b's layers quantized with its XᵀX and replaced by their dequantized weights.
+// The matrix is rounded to F32 first, as its shard stores it, so that `nuq quantize --hessian` with the
+// same options finds the same weights.
+void quantize_block(LlamaModel& model, const ActivationStatistics& stats, const QuantizeOptions& q) {
+  for (const std::string& base : stats.layers()) {
+    LlamaModel::LinearWeights w = model.linear_weights(base);
+    std::vector<double> xtx = stats.hessian().matrix(stats.hessian().resolve(base));
+    for (double& v : xtx) v = double(float(v));
+    QuantizeOptions o = q;
+    o.hessian = xtx.data();
+    const PackedLinear packed = quantize_linear(w.weights.data(), nullptr, w.rows, w.cols, w.cols, o, base);
+    dequantize_reference(packed.view(), w.weights.data());
+    model.set_linear_weights(base, w.weights.data());
+  }
+}
+
 // Block b's statistics, then the hidden states after it, then the state naming them: a run killed at any
 // point resumes from a consistent block.
 void save_block(const fs::path& work, int64_t b, const ActivationStatistics& stats, const std::vector<float>& x,
@@ -154,7 +179,8 @@ int64_t write_means(const fs::path& work, int64_t blocks, const CalibrateOptions
 // o.hessian as a directory: the per-block shards moved in, then an index whose metadata merges their
 // counts and aliases (StatisticsFile and HessianAccumulator::load read it like one file). An earlier
 // index goes first, so that the directory is never taken for complete while shards are replaced.
-void write_hessian(const fs::path& work, int64_t blocks, const std::string& dir, CalibrateResult& r) {
+void write_hessian(const fs::path& work, int64_t blocks, const std::string& dir, const Json& sequential,
+                   CalibrateResult& r) {
   const fs::path out(dir);
   std::error_code ec;
   fs::create_directories(out, ec);
@@ -178,14 +204,17 @@ void write_hessian(const fs::path& work, int64_t blocks, const std::string& dir,
     r.hessian_inputs += int64_t(meta["counts"].size());
     r.hessian_layers += int64_t(meta["counts"].size() + meta["aliases"].size());
   }
-  write_safetensors_index((out / "model.safetensors.index.json").string(), tensor_to_file, total,
-                          {{kStatsMetadataKey, merged.dump()}});
+  std::map<std::string, std::string> metadata{{kStatsMetadataKey, merged.dump()}};
+  if (!sequential.is_null()) metadata["nuq_sequential"] = sequential.dump();
+  write_safetensors_index((out / "model.safetensors.index.json").string(), tensor_to_file, total, metadata);
 }
 
 }  // namespace
 
 void calibrate_blocks(LlamaModel& model, int32_t bos, const std::vector<int32_t>& ids, const CalibrateOptions& o,
                       const BlockProgress& progress, CalibrateResult& r) {
+  NUQ_CHECK(!o.sequential || !o.hessian.empty(), Errc::invalid_argument,
+            "the sequential order quantizes each block with its XᵀX: it needs the Hessian statistics");
   NUQ_CHECK(o.hessian.empty() || !fs::is_regular_file(o.hessian), Errc::invalid_argument,
             "{}: is a file; calibrating by block writes the Hessian statistics as a directory of per-block shards",
             o.hessian);
@@ -203,13 +232,19 @@ void calibrate_blocks(LlamaModel& model, int32_t bos, const std::vector<int32_t>
   auto cache = model.new_cache(o.ctx);
   for (int64_t b = first; b < c.n_layers; ++b) {
     const auto t0 = Clock::now();
+    const std::vector<float> inputs = o.sequential ? x : std::vector<float>();
     const ActivationStatistics stats = run_block(model, b, w, x, !o.hessian.empty(), *cache);
+    if (o.sequential) {
+      quantize_block(model, stats, *o.sequential);
+      x = inputs;
+      run_block(model, b, w, x, false, *cache);  // the next block's inputs, through the quantized block
+    }
     save_block(work, b, stats, x, fp, !o.hessian.empty());
     if (progress.block)
       progress.block(b, c.n_layers, first, std::chrono::duration<double>(Clock::now() - t0).count());
   }
   r.layers = write_means(work, c.n_layers, o, ids);
-  if (!o.hessian.empty()) write_hessian(work, c.n_layers, o.hessian, r);
+  if (!o.hessian.empty()) write_hessian(work, c.n_layers, o.hessian, sequential_options(o.sequential), r);
   std::error_code ec;
   fs::remove_all(work, ec);
 }

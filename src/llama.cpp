@@ -1156,6 +1156,13 @@ void LlamaModel::set_linear_weights(const std::string& base, const float* weight
   fail(Errc::invalid_argument, "the model has no linear layer '{}'", base);
 }
 
+LlamaModel::LinearWeights LlamaModel::linear_weights(const std::string& base) const {
+  for (const Block& b : impl_->blocks)
+    for (const Linear* l : {&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down})
+      if (l->name == base) return {l->rows, l->cols, l->decoded()};
+  fail(Errc::invalid_argument, "the model has no linear layer '{}'", base);
+}
+
 void LlamaModel::logits(const float* hidden, int64_t n, float* out) const {
   const Impl& m = *impl_;
   m.multiply(m.classifier_weights(), hidden, n, out);

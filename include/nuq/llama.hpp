@@ -161,6 +161,13 @@ class LlamaModel {
   // e.g. "blk.3.ffn_down"), copied. Throws Errc::invalid_argument for an unknown name and Errc::unsupported
   // for a layer that runs packed. Not thread-safe against a concurrent forward().
   void set_linear_weights(const std::string& base, const float* weights);
+  // A copy of the fp32 weights [rows, cols] of the linear layer `base`, decoded when packed or stored in
+  // another type. Throws Errc::invalid_argument for an unknown name.
+  struct LinearWeights {
+    int64_t rows = 0, cols = 0;
+    std::vector<float> weights;
+  };
+  LinearWeights linear_weights(const std::string& base) const;
 
   void set_activation_hook(ActivationHook hook);
   void set_kv_hook(KvHook hook);

@@ -14,12 +14,14 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
 
 #include "nuq/error.hpp"
 #include "nuq/llama.hpp"
+#include "nuq/quantize.hpp"
 
 namespace nuq {
 
@@ -83,6 +85,12 @@ struct CalibrateOptions {
   // same inputs (`<out>.blocks/` holds it meanwhile), and `hessian` is written as a directory of
   // per-block shards with an index. Same values as the one-pass run.
   bool by_block = false;
+  // With by_block and hessian: GPTQ's sequential order. Each block's linear layers are quantized with
+  // these options and the block's XᵀX (error feedback) as soon as its statistics are complete, and the
+  // block runs again with the quantized weights to give the next block its inputs, so that later
+  // statistics see the errors of earlier blocks. `nuq quantize --hessian` with the same options then
+  // reproduces those weights.
+  std::optional<QuantizeOptions> sequential;
   ArgStyle arg_style = ArgStyle::cli;
 };
 

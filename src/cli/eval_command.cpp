@@ -130,7 +130,25 @@ void add_calibrate_command(CLI::App& app, Action& action) {
                 "run the model one decoder block at a time over all tokens (memory: one block's weights and "
                 "statistics plus the tokens' hidden states, for models larger than memory); resumes after the last "
                 "finished block when run again; --hessian then names a directory of per-block shards");
-  cmd->callback([o, &action] {
+  auto sequential = std::make_shared<std::pair<int, std::string>>(0, "0");
+  cmd->add_option("--sequential", sequential->first,
+                  "with --by-block and --hessian: GPTQ's sequential order, quantizing each block to this many bits "
+                  "(nuq, error feedback from the block's XᵀX) before the next block runs on its outputs; then quantize "
+                  "with `nuq quantize --hessian DIR --bits B [--sparse F]`, the same options")
+      ->check(CLI::IsMember({2, 3, 4}));
+  cmd->add_option("--sequential-sparse", sequential->second,
+                  "with --sequential: the sparse fraction (e.g. 0.45%), as `nuq quantize --sparse`")
+      ->capture_default_str();
+  cmd->callback([o, sequential, &action] {
+    if (sequential->first > 0) {
+      NUQ_CHECK(o->by_block && !o->hessian.empty(), Errc::invalid_argument,
+                "--sequential needs --by-block and --hessian");
+      QuantizeOptions q;
+      q.bits = sequential->first;
+      q.outlier_fraction = parse_percent(sequential->second, "--sequential-sparse");
+      q.threads = o->threads;
+      o->sequential = q;
+    }
     action = [o]() -> int {
       const CalibrateResult r = calibrate_activations(*o, [](const TextTaskProgress& p) {
         using Stage = TextTaskProgress::Stage;

@@ -111,3 +111,39 @@ def test_smollm2_by_block_killed_between_blocks_resumes_to_the_same_bytes(nuq_cl
     assert set(a) == set(b)
     for k in a:
         assert np.array_equal(a[k], b[k]), k
+
+
+def test_sequential_order_feeds_quantized_blocks_that_quantize_reproduces(nuq_cli, shared_data, tmp_path):
+    """GPTQ's order: block b's statistics are collected on the outputs of blocks < b already quantized. Block 0
+    sees the same inputs as the one-pass run, later blocks other inputs; and `nuq quantize --hessian` with the
+    same options must rebuild exactly the weights the run quantized in memory. The check: calibrating the
+    final checkpoint gives every block's first input (the XᵀX q/k/v share) bit for bit as the sequential run
+    recorded it, which only holds if every earlier block's quantized weights are the same."""
+    hf = tmp_path / "hf"
+    assert run(nuq_cli, "convert", shared_data / "stories260K.bin", "--out", hf).returncode == 0
+    args = ["calibrate", "--tokenizer", shared_data / "tok512.bin", "--text", shared_data / "tinystories_valid.txt",
+            "--max-tokens", 3000, "--by-block"]
+    r = run(nuq_cli, *args, "--model", hf, "--out", tmp_path / "one.safetensors", "--hessian", tmp_path / "one")
+    assert r.returncode == 0, r.stderr
+    r = run(nuq_cli, *args, "--model", hf, "--out", tmp_path / "seq.safetensors", "--hessian", tmp_path / "seq",
+            "--sequential", 3, "--sequential-sparse", "0.5%")
+    assert r.returncode == 0, r.stderr
+    seq_meta = json.load(open(tmp_path / "seq" / "model.safetensors.index.json"))["metadata"]
+    assert json.loads(seq_meta["nuq_sequential"])["bits"] == 3
+    q = tmp_path / "q"
+    r = run(nuq_cli, "quantize", hf, "--out", q, "--bits", 3, "--sparse", "0.5%", "--hessian", tmp_path / "seq", "-q")
+    assert r.returncode == 0, r.stderr
+    r = run(nuq_cli, *args, "--model", q, "--out", tmp_path / "qc.safetensors", "--hessian", tmp_path / "qc")
+    assert r.returncode == 0, r.stderr
+    one, seq, qc = sharded(tmp_path / "one"), sharded(tmp_path / "seq"), sharded(tmp_path / "qc")
+    first_inputs = sorted(k for k in seq if k.endswith("self_attn.q_proj.xtx"))
+    assert len(first_inputs) == 5
+    for k in first_inputs:
+        assert np.array_equal(seq[k], qc[k]), k
+        assert np.array_equal(seq[k], one[k]) == k.startswith("model.layers.0."), k
+
+
+def test_sequential_needs_the_by_block_run(nuq_cli, shared_data, tmp_path):
+    r = run(nuq_cli, "calibrate", "--model", shared_data / "stories260K.bin", "--tokenizer", shared_data / "tok512.bin",
+            "--text", shared_data / "tinystories_valid.txt", "--out", tmp_path / "a.safetensors", "--sequential", 3)
+    assert r.returncode != 0 and "--sequential needs --by-block and --hessian" in r.stderr, r.stderr
