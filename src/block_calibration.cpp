@@ -191,7 +191,8 @@ void write_hessian(const fs::path& work, int64_t blocks, const std::string& dir,
   uint64_t total = 0;
   for (int64_t b = 0; b < blocks; ++b) {
     const std::string name = block_file("xtx", b);
-    fs::rename(work / name, out / name, ec);
+    // A run killed while moving shards left the earlier ones moved already; their work copies are gone.
+    if (fs::exists(work / name) || !fs::exists(out / name)) fs::rename(work / name, out / name, ec);
     NUQ_CHECK(!ec, Errc::io, "{}: cannot move {} into it: {}", dir, name, ec.message());
     const SafetensorsFile f((out / name).string());
     const Json meta = Json::parse(f.metadata().at(kStatsMetadataKey));
