@@ -316,6 +316,9 @@ CalibrateResult calibrate_activations(const CalibrateOptions& o, const TextTaskC
             o.out);
   LlamaLoadOptions load;
   load.threads = o.threads;
+  // By block, each block's weights are read once per window and not again after the block: they need
+  // not stay resident beside the block's statistics.
+  load.release_weights = o.by_block;
   ModelAndText mt = load_model_and_text(o.model, o.tokenizer, o.text, o.skip_tokens, o.max_tokens, load, style);
   detail::ActivationStatistics stats(!o.hessian.empty());
   mt.model->set_activation_hook(
