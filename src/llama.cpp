@@ -340,7 +340,7 @@ struct LlamaModel::Impl {
   Simd simd = detect_simd();
   int threads = 1;
   cpu::Arithmetic arithmetic = cpu::Arithmetic::exact;
-  bool release_weights = false;            // LlamaLoadOptions::release_weights
+  bool release_weights = false;            // LlamaLoadOptions::release_weights, resolved
   std::shared_ptr<const void> keep_alive;  // the mapped checkpoint that stored and packed layers point into
   std::shared_ptr<LinearBackend> backend;  // runs the packed layers when set
 
@@ -743,6 +743,26 @@ void load_llama2c(const std::string& path, bool fp32_weights, LlamaModel::Impl& 
 
 // ---- loading -------------------------------------------------------------------------------------------
 
+namespace {
+
+// LlamaLoadOptions::Release resolved for a loaded model: `automatic` from the bytes its matrices map
+// (full-precision and packed alike: all of them would stay resident after a pass).
+bool releases_weights(const LlamaModel::Impl& m, LlamaLoadOptions::Release release) {
+  if (release != LlamaLoadOptions::Release::automatic) return release == LlamaLoadOptions::Release::after_each_block;
+  uint64_t mapped = 0;
+  auto add = [&](const Linear& l) {
+    if (l.dense.empty()) mapped += l.stored_bytes;
+  };
+  add(m.embedding);
+  if (!m.config.tied_classifier) add(m.classifier);
+  for (const Block& b : m.blocks)
+    for (const Linear* l : {&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down}) add(*l);
+  const uint64_t memory = physical_memory_bytes();
+  return memory > 0 && mapped > memory / 2;
+}
+
+}  // namespace
+
 std::unique_ptr<LlamaModel> LlamaModel::load(const std::string& path, const LlamaLoadOptions& options) {
   NUQ_CHECK(!(options.decode_packed && options.linear_backend), Errc::invalid_argument,
             "{}: decode_packed decodes packed layers for the CPU; it cannot be combined with a linear backend", path);
@@ -821,8 +841,8 @@ std::unique_ptr<LlamaModel> LlamaModel::load(const std::string& path, const Llam
   const int threads = cpu::detail::resolve_threads(options.threads);
   m->threads = threads;
   m->arithmetic = options.arithmetic;
-  m->release_weights = options.release_weights;
-  if (options.release_weights) m->description += ", mapped pages released after each block";
+  m->release_weights = releases_weights(*m, options.release_weights);
+  if (m->release_weights) m->description += ", mapped pages released after each block";
   if (options.linear_backend) {
     // Packed layers move to the backend (their host copies stay mapped, for exports); a checkpoint
     // without packed layers runs entirely on the CPU, which the description says.

@@ -14,7 +14,6 @@
 #include <optional>
 #include <random>
 
-#include <unistd.h>
 
 #include "activation_statistics.hpp"
 #include "block_calibration.hpp"
@@ -46,24 +45,6 @@ struct ModelAndText {
   double load_seconds = 0;
 };
 
-// A checkpoint of more than half this machine's memory runs with LlamaLoadOptions::release_weights:
-// otherwise each forward pass would leave all of its mapped pages resident, and the process would be
-// counted (and, beside the page cache and other jobs, killed) at the checkpoint's size.
-LlamaLoadOptions sized_for(LlamaLoadOptions load, const std::string& model_path) {
-  std::error_code ec;
-  const fs::path p = model_path.ends_with(".json") ? fs::path(model_path).parent_path() : fs::path(model_path);
-  uint64_t bytes = 0;
-  if (fs::is_directory(p, ec)) {
-    for (const auto& e : fs::directory_iterator(p, ec))
-      if (e.path().extension() == ".safetensors") bytes += e.file_size(ec);
-  } else {
-    bytes = fs::file_size(p, ec);
-  }
-  const uint64_t memory = uint64_t(::sysconf(_SC_PHYS_PAGES)) * uint64_t(::sysconf(_SC_PAGESIZE));
-  if (!ec && bytes > memory / 2) load.release_weights = true;
-  return load;
-}
-
 // Loads the model and its tokenizer and tokenizes the text as one string, keeping tokens [skip, skip + max)
 // (max <= 0: all), as `nuq eval` and `nuq calibrate` always have.
 ModelAndText load_model_and_text(const std::string& model_path, const std::string& tokenizer,
@@ -71,7 +52,7 @@ ModelAndText load_model_and_text(const std::string& model_path, const std::strin
                                  const LlamaLoadOptions& load, ArgStyle style) {
   ModelAndText r;
   const auto t0 = Clock::now();
-  r.model = LlamaModel::load(model_path, sized_for(load, model_path));
+  r.model = LlamaModel::load(model_path, load);
   const std::string tok_path = find_tokenizer(*r.model, model_path, tokenizer, style);
   r.tok = Tokenizer::load(tok_path);
   NUQ_CHECK(r.tok->vocab_size() <= r.model->config().vocab_size, Errc::invalid_argument,
@@ -318,7 +299,7 @@ CalibrateResult calibrate_activations(const CalibrateOptions& o, const TextTaskC
   load.threads = o.threads;
   // By block, each block's weights are read once per window and not again after the block: they need
   // not stay resident beside the block's statistics.
-  load.release_weights = o.by_block;
+  if (o.by_block) load.release_weights = LlamaLoadOptions::Release::after_each_block;
   ModelAndText mt = load_model_and_text(o.model, o.tokenizer, o.text, o.skip_tokens, o.max_tokens, load, style);
   detail::ActivationStatistics stats(!o.hessian.empty());
   mt.model->set_activation_hook(
@@ -380,7 +361,7 @@ FisherResult compute_fisher(const FisherOptions& o, const TextTaskCallback& prog
   // weights they stand for, in the arrays the backward pass reads.
   LlamaLoadOptions load{o.threads, true};
   load.fp32_weights = true;
-  auto model = LlamaModel::load(o.model, sized_for(load, o.model));
+  auto model = LlamaModel::load(o.model, load);
   const std::string tok_path = find_tokenizer(*model, o.model, o.tokenizer, style);
   auto tok = Tokenizer::load(tok_path);
   const std::vector<int32_t> ids =
@@ -547,7 +528,7 @@ GenerateResult generate_text(const GenerateOptions& o, const std::function<void(
   NUQ_CHECK(std::isfinite(o.temperature) && o.temperature >= 0, Errc::invalid_argument,
             "{} must be finite and >= 0, got {}", arg_name(style, "--temperature", "temperature"), o.temperature);
   const LlamaLoadOptions load = load_options(o.threads, o.decode_packed, o.arithmetic, o.device, o.make_backend, style);
-  auto model = LlamaModel::load(o.model, sized_for(load, o.model));
+  auto model = LlamaModel::load(o.model, load);
   const LlamaConfig& c = model->config();
   std::optional<kv::Calibration> kv_calibration;
   if (!o.kv_calibration.empty()) kv_calibration = kv::load_calibration(o.kv_calibration);

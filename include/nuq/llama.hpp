@@ -90,7 +90,11 @@ struct LlamaLoadOptions {
   // For models larger than memory: after each block of a forward pass (and after the classifier) the
   // mapped pages of its full-precision weights leave the resident set; they stay in the page cache, or
   // are read again from disk, on the next pass. Resident memory then holds about one block's weights.
-  bool release_weights = false;
+  // `automatic` does so when the mapped weights exceed half of this machine's physical memory: below
+  // that, keeping them resident saves re-reading them on every pass; above, a resident checkpoint would
+  // be counted (and, beside the page cache and other jobs, killed) at its full size.
+  enum class Release { never, after_each_block, automatic };
+  Release release_weights = Release::automatic;
 };
 
 class LlamaModel {

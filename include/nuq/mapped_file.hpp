@@ -38,4 +38,7 @@ class MappedFile {
 // each tensor keeps the resident set at about one tensor whatever the checkpoint's size.
 void release_mapped_pages(std::span<const std::byte> bytes) noexcept;
 
+// Bytes of physical memory on this machine (0 where the system does not say).
+uint64_t physical_memory_bytes() noexcept;
+
 }  // namespace nuq

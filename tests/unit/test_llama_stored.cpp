@@ -90,7 +90,8 @@ void expect_in_place_equals_copy(const std::string& path) {
   LlamaLoadOptions copy, in_place, released;
   copy.threads = in_place.threads = released.threads = 2;
   copy.fp32_weights = true;
-  released.release_weights = true;
+  in_place.release_weights = LlamaLoadOptions::Release::never;
+  released.release_weights = LlamaLoadOptions::Release::after_each_block;
   const auto reference = LlamaModel::load(path, copy);
   const std::vector<int32_t> tokens = some_tokens(reference->config().vocab_size);
   const std::vector<float> want = logits_of(*reference, tokens);
@@ -98,7 +99,8 @@ void expect_in_place_equals_copy(const std::string& path) {
     const std::vector<float> got = logits_of(*LlamaModel::load(path, o), tokens);
     ASSERT_EQ(got.size(), want.size());
     EXPECT_EQ(std::memcmp(got.data(), want.data(), got.size() * sizeof(float)), 0)
-        << path << (o.release_weights ? " (release_weights)" : "") << ": logits differ from the fp32 copy's";
+        << path << (o.release_weights == LlamaLoadOptions::Release::after_each_block ? " (released)" : "")
+        << ": logits differ from the fp32 copy's";
   }
 }
 
@@ -112,6 +114,17 @@ TEST(LlamaStored, SafetensorsF16InPlaceEqualsCopy) {
 
 TEST(LlamaStored, SafetensorsBf16InPlaceEqualsCopy) {
   expect_in_place_equals_copy(half_checkpoint(nuq::DType::BF16).string());
+}
+
+// `automatic` releases only what would not fit comfortably: a model of a few MB keeps its pages.
+TEST(LlamaStored, AutomaticReleaseKeepsSmallModelsResident) {
+  const std::string path = (work_dir() / "random.bin").string();
+  const std::string released = ", mapped pages released after each block";
+  LlamaLoadOptions o;
+  EXPECT_EQ(o.release_weights, LlamaLoadOptions::Release::automatic);
+  EXPECT_EQ(LlamaModel::load(path, o)->description().find(released), std::string::npos);
+  o.release_weights = LlamaLoadOptions::Release::after_each_block;
+  EXPECT_NE(LlamaModel::load(path, o)->description().find(released), std::string::npos);
 }
 
 // A real GGUF file of quantized blocks (Q4_1 and the types beside it), read in place.
