@@ -109,19 +109,19 @@ int64_t resume_point(const fs::path& work, const Json& want, std::vector<float>&
   return 0;
 }
 
-// Runs block `b` over every window, its statistics collected by the activation hook.
-ActivationStatistics run_block(LlamaModel& model, int64_t b, const Windows& w, std::vector<float>& x, bool full,
-                               LlamaModel::Cache& cache) {
-  ActivationStatistics stats(full);
-  model.set_activation_hook(
-      [&stats](const std::string& layer, const float* in, int64_t n, int64_t cols) { stats.add(layer, in, n, cols); });
+// Runs block `b` over every window, its statistics collected by the activation hook when `stats` is
+// given (the sequential order's second run, through the quantized block, only moves `x` on).
+void run_block(LlamaModel& model, int64_t b, const Windows& w, std::vector<float>& x, LlamaModel::Cache& cache,
+               ActivationStatistics* stats) {
+  if (stats)
+    model.set_activation_hook(
+        [stats](const std::string& layer, const float* in, int64_t n, int64_t cols) { stats->add(layer, in, n, cols); });
   const int64_t dim = model.config().dim;
   for (std::size_t i = 0; i + 1 < w.offset.size(); ++i) {
     cache.length = 0;
     model.forward_blocks(b, b + 1, x.data() + w.offset[i] * dim, w.offset[i + 1] - w.offset[i], cache);
   }
   model.set_activation_hook(nullptr);
-  return stats;
 }
 
 // Sequential order: block b's layers quantized with its XᵀX and replaced by their dequantized weights.
@@ -234,11 +234,12 @@ void calibrate_blocks(LlamaModel& model, int32_t bos, const std::vector<int32_t>
   for (int64_t b = first; b < c.n_layers; ++b) {
     const auto t0 = Clock::now();
     const std::vector<float> inputs = o.sequential ? x : std::vector<float>();
-    const ActivationStatistics stats = run_block(model, b, w, x, !o.hessian.empty(), *cache);
+    ActivationStatistics stats(!o.hessian.empty());
+    run_block(model, b, w, x, *cache, &stats);
     if (o.sequential) {
       quantize_block(model, stats, *o.sequential);
       x = inputs;
-      run_block(model, b, w, x, false, *cache);  // the next block's inputs, through the quantized block
+      run_block(model, b, w, x, *cache, nullptr);  // the next block's inputs, through the quantized block
     }
     save_block(work, b, stats, x, fp, !o.hessian.empty());
     if (progress.block)

@@ -301,19 +301,18 @@ CalibrateResult calibrate_activations(const CalibrateOptions& o, const TextTaskC
   // not stay resident beside the block's statistics.
   if (o.by_block) load.release_weights = LlamaLoadOptions::Release::after_each_block;
   ModelAndText mt = load_model_and_text(o.model, o.tokenizer, o.text, o.skip_tokens, o.max_tokens, load, style);
-  detail::ActivationStatistics stats(!o.hessian.empty());
-  mt.model->set_activation_hook(
-      [&stats](const std::string& layer, const float* x, int64_t n, int64_t cols) { stats.add(layer, x, n, cols); });
   CalibrateResult r;
   r.tokens = int64_t(mt.ids.size());
   TextTaskReporter report(progress, *mt.model, window_count(r.tokens, o.ctx), r.tokens, mt.load_seconds);
   const auto t0 = Clock::now();
   if (o.by_block) {
-    mt.model->set_activation_hook(nullptr);
     detail::calibrate_blocks(*mt.model, mt.tok->bos(), mt.ids, o, report.block_progress(), r);
     r.seconds = seconds_since(t0);
     return r;
   }
+  detail::ActivationStatistics stats(!o.hessian.empty());
+  mt.model->set_activation_hook(
+      [&stats](const std::string& layer, const float* x, int64_t n, int64_t cols) { stats.add(layer, x, n, cols); });
   r.windows = for_each_window(*mt.model, *mt.tok, mt.ids, o.ctx,
                               [&](int64_t w, int64_t, int64_t begin, int64_t len, const float*) {
                                 report.window(w, begin + len, 0);
