@@ -55,6 +55,52 @@ void quantize(benchmark::State& state) {
   state.counters["rel_mse"] = rep.mse / (0.02 * 0.02 * 3.0);  // Student-t(3) variance is 3
 }
 
+// An XᵀX-like matrix: low-rank correlation (a few shared directions, as in real activations) plus a
+// per-column diagonal spread over two decades, so that act-order and the factorization see a realistic
+// conditioning. Built in O(rank·cols²).
+std::vector<double> make_hessian(int64_t cols, uint64_t seed) {
+  constexpr int64_t kRank = 16;
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<double> g(0.0, 1.0);
+  std::uniform_real_distribution<double> u(0.0, 2.0);
+  std::vector<double> f(std::size_t(cols * kRank)), h(std::size_t(cols * cols));
+  for (auto& x : f) x = g(rng);
+  for (int64_t i = 0; i < cols; ++i)
+    for (int64_t j = 0; j <= i; ++j) {
+      double sum = 0;
+      for (int64_t k = 0; k < kRank; ++k) sum += f[i * kRank + k] * f[j * kRank + k];
+      h[i * cols + j] = h[j * cols + i] = sum / kRank;
+    }
+  for (int64_t i = 0; i < cols; ++i) h[i * cols + i] += std::pow(10.0, u(rng));
+  return h;
+}
+
+// `nuq quantize --hessian`'s cost per layer: codebooks, the error-feedback sweep (factorization
+// included: each iteration sees a new XᵀX) and the output-error measure, 3 bits + 0.45% sparse. The
+// shapes are LLaMA-2-7B's attention (4096 in) and down projection (11008 in).
+void quantize_hessian(benchmark::State& state) {
+  const int64_t rows = state.range(0), cols = state.range(1);
+  const int threads = int(state.range(2));
+  std::vector<float> w, s;
+  make_problem(rows, cols, w, s, 3);
+  std::vector<double> h = make_hessian(cols, 4);
+  nuq::QuantizeOptions opt;
+  opt.bits = 3;
+  opt.threads = threads;
+  opt.outlier_fraction = 0.0045;
+  opt.hessian = h.data();
+  nuq::QuantizeReport rep;
+  const auto start = std::chrono::steady_clock::now();
+  for (auto _ : state) {
+    h[0] *= 1 + 1e-12;  // a different matrix each iteration: the factor cache must not answer
+    auto packed = nuq::quantize_linear(w.data(), nullptr, rows, cols, cols, opt, "bench", &rep);
+    benchmark::DoNotOptimize(packed.qweight.data());
+  }
+  nuq::bench::report_counters(state, nuq::bench::seconds_since(start), double(rows * cols) * 4,
+                              double(rows * cols), threads);
+  state.counters["output_rel_err"] = rep.relative_output_error;
+}
+
 // The reference approach: k-means++ seeding and Lloyd over all points and centers each iteration.
 double naive_lloyd(const float* x, const float* w, int64_t n, int k, uint64_t seed, float* out) {
   std::mt19937_64 rng(seed);
@@ -156,6 +202,14 @@ BENCHMARK(quantize)
     ->Args({4096, 11008, 3, 2})
     ->Args({4096, 11008, 4, 1})
     ->Args({4096, 11008, 4, 2})
+    ->UseRealTime()
+    ->Unit(benchmark::kSecond)
+    ->Iterations(1);
+
+BENCHMARK(quantize_hessian)
+    ->ArgNames({"rows", "cols", "threads"})
+    ->Args({4096, 4096, 2})
+    ->Args({4096, 11008, 2})
     ->UseRealTime()
     ->Unit(benchmark::kSecond)
     ->Iterations(1);

@@ -281,18 +281,55 @@ void check_hessian(const double* h, int64_t cols, double damping, std::string_vi
 // stored exactly, so its error is zero and it passes nothing on. Returns the value every weight is
 // finally rounded from (row-major [rows, cols], original column order).
 // What error feedback needs from XᵀX alone: the column order and the upper Cholesky factor U of the
-// damped inverse (in that order), with the trailing blocks of U laid out for the lazy batch update.
+// damped inverse (in that order), laid out for the blocked sweep: per block of kFeedbackBlock columns,
+// the block's own triangle (diagonal[bi][b·nb + j] = U[i1 + b, i1 + j]) and the B operand of the
+// trailing update (trailing[bi][j·nb + b] = U[i1 + b, i2 + j], [cols − i2, nb]). U's other entries are
+// never read, so they are not kept: a 28672-column factor takes 1.6 GB instead of 4.9.
 struct FeedbackFactor {
   uint64_t hessian_hash = 0;  // of the XᵀX it was computed from: the cache's key, with cols and damping
   int64_t cols = 0;
   double damping = 0;
   std::vector<int64_t> order;
-  std::vector<float> U;                      // row-major [cols, cols], fp32: what the weights are
-  std::vector<std::vector<float>> trailing;  // per block of kFeedbackBlock columns, see below
+  std::vector<std::vector<float>> diagonal;  // fp32: what the weights are
+  std::vector<std::vector<float>> trailing;
 };
 constexpr int64_t kFeedbackBlock = 128;
 
-std::shared_ptr<const FeedbackFactor> factor_hessian(const double* hessian, int64_t cols, double damping,
+// In-place lower Cholesky factor of the symmetric matrix in A's lower triangle (the upper one is left
+// as it was), right-looking in panels: the panel below the diagonal and the trailing update, which
+// carry nearly all of the ~n³/3 flops, run as independent tiles over `threads`. A tile's arithmetic
+// does not depend on which thread runs it, so neither does the factor. False if A is not positive
+// definite.
+bool cholesky_in_place(Eigen::MatrixXd& A, int threads) {
+  constexpr int64_t kPanel = 256;
+  const int64_t n = A.rows();
+  for (int64_t k0 = 0; k0 < n; k0 += kPanel) {
+    const int64_t kb = std::min(kPanel, n - k0), k1 = k0 + kb, rest = n - k1;
+    Eigen::Ref<Eigen::MatrixXd> diagonal_block = A.block(k0, k0, kb, kb);
+    Eigen::LLT<Eigen::Ref<Eigen::MatrixXd>> llt(diagonal_block);
+    if (llt.info() != Eigen::Success) return false;
+    if (rest == 0) break;
+    const int64_t tiles = (rest + kPanel - 1) / kPanel;
+    const auto L11 = A.block(k0, k0, kb, kb).triangularView<Eigen::Lower>();
+    parallel_rows(tiles, threads, [&](int, int64_t t) {  // A21 ← A21 · L11⁻ᵀ
+      const int64_t r0 = k1 + t * kPanel;
+      auto panel = A.block(r0, k0, std::min(kPanel, n - r0), kb);
+      L11.transpose().solveInPlace<Eigen::OnTheRight>(panel);
+    });
+    parallel_rows(tiles, threads, [&](int, int64_t t) {  // A22 ← A22 − A21·A21ᵀ, on and below the diagonal
+      const int64_t j0 = k1 + t * kPanel, jb = std::min(kPanel, n - j0);
+      A.block(j0, j0, n - j0, jb).noalias() -= A.block(j0, k0, n - j0, kb) * A.block(j0, k0, jb, kb).transpose();
+    });
+  }
+  return true;
+}
+
+// GPTQ forms H⁻¹ and factors it again (≈ 4/3·n³ multiply-adds). The same U costs n³/3: with J the
+// reversal permutation, factor J·H·J = L·Lᵀ; then H = R·Rᵀ with R = J·L·J upper triangular, so
+// H⁻¹ = R⁻ᵀ·R⁻¹ = Uᵀ·U with U = R⁻¹ = J·L⁻¹·J, upper with a positive diagonal: the upper Cholesky
+// factor of H⁻¹. U's rows [i1, i2) are L⁻¹'s rows [n − i2, n − i1) reversed, and those rows X solve
+// X·L = I restricted to L's leading n − i1 rows and columns, independently per block of rows.
+std::shared_ptr<const FeedbackFactor> factor_hessian(const double* hessian, int64_t cols, double damping, int threads,
                                                      std::string_view name) {
   auto f = std::make_shared<FeedbackFactor>();
   f->cols = cols;
@@ -305,39 +342,49 @@ std::shared_ptr<const FeedbackFactor> factor_hessian(const double* hessian, int6
   double mean_diag = 0;
   for (int64_t c = 0; c < cols; ++c) mean_diag += hessian[c * cols + c];
   mean_diag /= double(cols);
-  Eigen::MatrixXd H(cols, cols);
-  for (int64_t i = 0; i < cols; ++i)
-    for (int64_t j = 0; j < cols; ++j) H(i, j) = 0.5 * (hessian[order[i] * cols + order[j]] + hessian[order[j] * cols + order[i]]);
-  for (int64_t i = 0; i < cols; ++i) {
+  const int64_t n = cols;
+  Eigen::MatrixXd A(n, n);  // J·H·J in the processing order, damped
+  parallel_rows(n, threads, [&](int, int64_t j) {
+    const int64_t cj = order[n - 1 - j];
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t ci = order[n - 1 - i];
+      A(i, j) = 0.5 * (hessian[ci * cols + cj] + hessian[cj * cols + ci]);
+    }
+  });
+  for (int64_t i = 0; i < n; ++i) {
     // A column no calibration token touched cannot change the output: give it a unit diagonal so the
     // factorization exists; its zero couplings keep its rounding error to itself.
-    if (H(i, i) == 0) H(i, i) = 1;
-    H(i, i) += damping * mean_diag;
+    if (A(i, i) == 0) A(i, i) = 1;
+    A(i, i) += damping * mean_diag;
   }
-  Eigen::LLT<Eigen::MatrixXd> llt(H);
-  NUQ_CHECK(llt.info() == Eigen::Success, Errc::invalid_argument,
+  NUQ_CHECK(cholesky_in_place(A, threads), Errc::invalid_argument,
             "{}: XᵀX is not positive definite after damping {} (too few calibration tokens for {} columns? raise "
             "the damping)",
             name, damping, cols);
-  const Eigen::MatrixXd Hinv = llt.solve(Eigen::MatrixXd::Identity(cols, cols));
-  Eigen::LLT<Eigen::MatrixXd> llt_inv(Hinv);
-  NUQ_CHECK(llt_inv.info() == Eigen::Success, Errc::invalid_argument,
-            "{}: the inverse of the damped XᵀX is numerically singular; raise the damping", name);
-  std::vector<float>& U = f->U;
-  U.assign(std::size_t(cols * cols), 0.0f);
-  {
-    const Eigen::MatrixXd Ud = llt_inv.matrixU();
-    for (int64_t i = 0; i < cols; ++i)
-      for (int64_t j = i; j < cols; ++j) U[i * cols + j] = float(Ud(i, j));
-  }
-  // trailing[block][j, b] = U[i1 + b, i2 + j]: the B operand of the trailing update, [cols - i2, nb].
-  for (int64_t i1 = 0; i1 < cols; i1 += kFeedbackBlock) {
-    const int64_t i2 = std::min(cols, i1 + kFeedbackBlock), nb = i2 - i1, rest = cols - i2;
-    std::vector<float> t(std::size_t(rest * nb));
-    for (int64_t j = 0; j < rest; ++j)
-      for (int64_t b = 0; b < nb; ++b) t[j * nb + b] = U[(i1 + b) * cols + i2 + j];
-    f->trailing.push_back(std::move(t));
-  }
+  const int64_t blocks = (n + kFeedbackBlock - 1) / kFeedbackBlock;
+  f->diagonal.resize(std::size_t(blocks));
+  f->trailing.resize(std::size_t(blocks));
+  bool finite = true;
+  parallel_rows(blocks, threads, [&](int, int64_t bi) {
+    const int64_t i1 = bi * kFeedbackBlock, i2 = std::min(n, i1 + kFeedbackBlock), nb = i2 - i1;
+    const int64_t p0 = n - i2, p1 = n - i1;  // L⁻¹'s rows for U's rows [i1, i2)
+    Eigen::MatrixXd X = Eigen::MatrixXd::Zero(nb, p1);
+    for (int64_t a = 0; a < nb; ++a) X(a, p0 + a) = 1;
+    A.topLeftCorner(p1, p1).triangularView<Eigen::Lower>().solveInPlace<Eigen::OnTheRight>(X);
+    // U[i1 + b, j] = L⁻¹[n − 1 − i1 − b, n − 1 − j] = X(nb − 1 − b, n − 1 − j).
+    std::vector<float>& d = f->diagonal[bi];
+    d.assign(std::size_t(nb * nb), 0.0f);
+    for (int64_t b = 0; b < nb; ++b)
+      for (int64_t j = b; j < nb; ++j) d[b * nb + j] = float(X(nb - 1 - b, p1 - 1 - j));
+    std::vector<float>& t = f->trailing[bi];
+    t.resize(std::size_t((n - i2) * nb));
+    for (int64_t j = 0; j < n - i2; ++j)
+      for (int64_t b = 0; b < nb; ++b) t[j * nb + b] = float(X(nb - 1 - b, p0 - 1 - j));
+    for (int64_t b = 0; b < nb; ++b)
+      if (!(d[b * nb + b] > 0) || !std::isfinite(d[b * nb + b])) finite = false;
+  });
+  NUQ_CHECK(finite, Errc::invalid_argument, "{}: the inverse of the damped XᵀX is numerically singular; raise the damping",
+            name);
   return f;
 }
 
@@ -352,16 +399,16 @@ uint64_t hash_words(const double* x, int64_t n) {
   return h;
 }
 
-// The factorization costs ~2·cols³ double flops (6 GFLOP at 1536 columns) and is the same for every
+// The factorization costs ~2/3·cols³ double flops (2.3 GFLOP at 1536 columns) and is the same for every
 // candidate of a layer (nuq plan quantizes each layer up to a dozen ways) and for layers that share their
 // input (q/k/v, gate/up): the last one is kept and reused when the same XᵀX and damping come again. The
 // key is a hash of the matrix's content, not its address, so a reused buffer cannot return a stale
 // factor. Factors above kCachedFactorBytes are not kept: held between layers they would raise the peak
-// memory of models with very wide layers (a 28672-column XᵀX's factor takes 4.9 GB).
+// memory of models with very wide layers (a 28672-column XᵀX's factor takes 1.6 GB).
 constexpr std::size_t kCachedFactorBytes = std::size_t(256) << 20;
 
 std::shared_ptr<const FeedbackFactor> cached_hessian_factor(const double* hessian, int64_t cols, double damping,
-                                                            std::string_view name) {
+                                                            int threads, std::string_view name) {
   static std::mutex mutex;
   static std::shared_ptr<const FeedbackFactor> last;
   const uint64_t hash = hash_words(hessian, cols * cols);
@@ -369,9 +416,12 @@ std::shared_ptr<const FeedbackFactor> cached_hessian_factor(const double* hessia
     std::lock_guard<std::mutex> lock(mutex);
     if (last && last->hessian_hash == hash && last->cols == cols && last->damping == damping) return last;
   }
-  auto f = std::const_pointer_cast<FeedbackFactor>(factor_hessian(hessian, cols, damping, name));
+  auto f = std::const_pointer_cast<FeedbackFactor>(factor_hessian(hessian, cols, damping, threads, name));
   f->hessian_hash = hash;
-  if (std::size_t(cols) * std::size_t(cols) * sizeof(float) * 3 / 2 <= kCachedFactorBytes) {
+  std::size_t bytes = 0;
+  for (const auto* parts : {&f->diagonal, &f->trailing})
+    for (const auto& p : *parts) bytes += p.size() * sizeof(float);
+  if (bytes <= kCachedFactorBytes) {
     std::lock_guard<std::mutex> lock(mutex);
     last = f;
   }
@@ -382,9 +432,9 @@ std::vector<float> error_feedback_targets(const float* weight, int64_t ld, int64
                                           const double* hessian, double damping, const uint8_t* kept,
                                           const Codebook* books, int64_t group, int threads, std::string_view name) {
   const int64_t groups = cols / group;
-  const std::shared_ptr<const FeedbackFactor> factor = cached_hessian_factor(hessian, cols, damping, name);
+  const std::shared_ptr<const FeedbackFactor> factor = cached_hessian_factor(hessian, cols, damping, threads, name);
   const std::vector<int64_t>& order = factor->order;
-  const std::vector<float>& U = factor->U;
+  const std::vector<std::vector<float>>& diagonal = factor->diagonal;
   const std::vector<std::vector<float>>& trailing = factor->trailing;
   // Columns are swept in blocks; within a block updates go column by column, and the rest of the
   // matrix receives the block's errors as one product (GPTQ's lazy batch update), which is where the
@@ -405,9 +455,10 @@ std::vector<float> error_feedback_targets(const float* weight, int64_t ld, int64
       const int64_t i2 = std::min(cols, i1 + kBlock), nb = i2 - i1, rest = cols - i2;
       for (int64_t b = 0; b < nb; ++b)  // column-major copy: the sweep walks one column of all rows
         for (int64_t r = 0; r < m; ++r) block[b * m + r] = w[r * cols + i1 + b];
+      const float* U = diagonal[bi].data();  // U[i1 + b, i1 + j] at [b·nb + j]
       for (int64_t b = 0; b < nb; ++b) {
         const int64_t i = i1 + b, c = order[i];
-        const float inv_diag = 1.0f / U[i * cols + i];
+        const float inv_diag = 1.0f / U[b * nb + b];
         float* col = block.data() + b * m;
         for (int64_t r = 0; r < m; ++r) {
           const int64_t row = r0 + r;
@@ -419,7 +470,7 @@ std::vector<float> error_feedback_targets(const float* weight, int64_t ld, int64
           err[r * nb + b] = e[r];
         }
         for (int64_t j = b + 1; j < nb; ++j) {
-          const float u = U[i * cols + i1 + j];
+          const float u = U[b * nb + j];
           float* dst = block.data() + j * m;
           for (int64_t r = 0; r < m; ++r) dst[r] -= e[r] * u;
         }
@@ -435,22 +486,32 @@ std::vector<float> error_feedback_targets(const float* weight, int64_t ld, int64
 }
 
 // Adds Δ_r H Δ_rᵀ and w_r H w_rᵀ to every row's stats, in fixed chunks of rows (thread-count invariant).
+// With H symmetric, x·H·xᵀ = Σ_J x_J·(H_JJ·x_Jᵀ + 2·H_J,<J·x_<Jᵀ) over blocks J of columns: the blocks
+// left of the diagonal are multiplied once and counted twice, half the multiply-adds of x·H.
 void measure_output_error(const float* weight, int64_t ld, const float* deltas, int64_t rows, int64_t cols,
                           const double* hessian, int threads, std::vector<RowStats>& stats) {
+  constexpr int64_t kColumnBlock = 256;
   std::vector<float> h(std::size_t(cols * cols));
   for (int64_t i = 0; i < cols * cols; ++i) h[i] = float(hessian[i]);
   parallel_rows((rows + kRowChunk - 1) / kRowChunk, threads, [&](int, int64_t chunk) {
     const int64_t r0 = chunk * kRowChunk, m = std::min(kRowChunk, rows - r0);
-    std::vector<float> w(std::size_t(m * cols)), product(std::size_t(m * cols));
+    std::vector<float> w(std::size_t(m * cols)), left(std::size_t(m * kColumnBlock)), own(left.size());
     for (int64_t r = 0; r < m; ++r) std::copy(weight + (r0 + r) * ld, weight + (r0 + r) * ld + cols, w.begin() + r * cols);
     for (int pass = 0; pass < 2; ++pass) {
       const float* a = pass == 0 ? deltas + r0 * cols : w.data();
-      detail::dense_gemm_nt(1, a, m, cols, h.data(), cols, cols, cols, product.data(), cols);  // A·H (H symmetric)
-      for (int64_t r = 0; r < m; ++r) {
-        double sum = 0;
-        for (int64_t c = 0; c < cols; ++c) sum += double(a[r * cols + c]) * double(product[r * cols + c]);
-        (pass == 0 ? stats[r0 + r].output_sse : stats[r0 + r].output_energy) = sum;
+      std::vector<double> sum(std::size_t(m), 0.0);
+      for (int64_t j0 = 0; j0 < cols; j0 += kColumnBlock) {
+        const int64_t jb = std::min(kColumnBlock, cols - j0);
+        const float* h_rows = h.data() + j0 * cols;  // H[J, :], = H[:, J]ᵀ
+        if (j0 > 0) detail::dense_gemm_nt(1, a, m, cols, h_rows, jb, cols, j0, left.data(), jb);
+        detail::dense_gemm_nt(1, a + j0, m, cols, h_rows + j0, jb, cols, jb, own.data(), jb);
+        for (int64_t r = 0; r < m; ++r)
+          for (int64_t j = 0; j < jb; ++j) {
+            const double twice_left = j0 > 0 ? 2.0 * double(left[r * jb + j]) : 0.0;
+            sum[r] += double(a[r * cols + j0 + j]) * (twice_left + double(own[r * jb + j]));
+          }
       }
+      for (int64_t r = 0; r < m; ++r) (pass == 0 ? stats[r0 + r].output_sse : stats[r0 + r].output_energy) = sum[r];
     }
   });
 }

@@ -217,6 +217,39 @@ TEST(ErrorFeedback, MatchesTheUnblockedFloat64SweepAndLowersTheOutputError) {
   }
 }
 
+// The factorization runs in panels of 256 columns (with tiles over threads) and the sweep in blocks of
+// 128: 601 columns cross both boundaries with ragged ends. Same checks as above, and threads must not
+// change a bit.
+TEST(ErrorFeedback, WideMatricesAcrossFactorPanelsMatchTheReferenceWhateverTheThreads) {
+  const int64_t rows = 5, cols = 601;
+  const std::vector<double> h = correlated_hessian(cols, 2 * cols, 13);
+  const std::vector<float> w = random_weights(rows, cols, 17);
+  QuantizeOptions o;
+  o.bits = 3;
+  o.hessian = h.data();
+  o.threads = 1;
+  nuq::QuantizeReport report;
+  const PackedLinear p1 = nuq::quantize_linear(w.data(), nullptr, rows, cols, cols, o, "w", &report);
+  // Quantizing with another matrix in between evicts the cached factor, so that each thread count
+  // factors `h` itself.
+  const std::vector<double> other = correlated_hessian(cols, 2 * cols, 19);
+  for (int t : {2, 3}) {
+    QuantizeOptions evict = o;
+    evict.hessian = other.data();
+    (void)nuq::quantize_linear(w.data(), nullptr, rows, cols, cols, evict);
+    o.threads = t;
+    EXPECT_TRUE(same_packed(p1, nuq::quantize_linear(w.data(), nullptr, rows, cols, cols, o))) << t << " threads";
+  }
+  const std::vector<float> d1 = decode(p1), ref = reference_sweep(w, h, rows, cols, p1, o.hessian_damping);
+  int64_t equal = 0;
+  for (std::size_t i = 0; i < d1.size(); ++i) equal += d1[i] == ref[i];
+  EXPECT_GE(double(equal) / double(d1.size()), 0.99);
+  const double energy = output_error(w, std::vector<float>(w.size(), 0.0f), h, rows, cols);
+  const double e1 = output_error(w, d1, h, rows, cols), er = output_error(w, ref, h, rows, cols);
+  EXPECT_NEAR(e1, er, 0.01 * er);
+  EXPECT_NEAR(report.relative_output_error, e1 / energy, 1e-4 * report.relative_output_error);
+}
+
 TEST(ErrorFeedback, DiagonalHessianChangesNothing) {
   // With no coupling between columns there is nothing to compensate: the result must be bit-identical
   // to plain rounding, sparse part included. A unit diagonal also leaves nuq's k-means weights (the
