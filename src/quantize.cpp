@@ -14,9 +14,8 @@
 #include <mutex>
 #include <thread>
 
-#include <Eigen/Cholesky>
-#include <Eigen/Core>
 
+#include "cholesky.hpp"
 #include "dense_ops.hpp"
 #include "nuq/error.hpp"
 #include "nuq/half.hpp"
@@ -295,40 +294,11 @@ struct FeedbackFactor {
 };
 constexpr int64_t kFeedbackBlock = 128;
 
-// In-place lower Cholesky factor of the symmetric matrix in A's lower triangle (the upper one is left
-// as it was), right-looking in panels: the panel below the diagonal and the trailing update, which
-// carry nearly all of the ~n³/3 flops, run as independent tiles over `threads`. A tile's arithmetic
-// does not depend on which thread runs it, so neither does the factor. False if A is not positive
-// definite.
-bool cholesky_in_place(Eigen::MatrixXd& A, int threads) {
-  constexpr int64_t kPanel = 256;
-  const int64_t n = A.rows();
-  for (int64_t k0 = 0; k0 < n; k0 += kPanel) {
-    const int64_t kb = std::min(kPanel, n - k0), k1 = k0 + kb, rest = n - k1;
-    Eigen::Ref<Eigen::MatrixXd> diagonal_block = A.block(k0, k0, kb, kb);
-    Eigen::LLT<Eigen::Ref<Eigen::MatrixXd>> llt(diagonal_block);
-    if (llt.info() != Eigen::Success) return false;
-    if (rest == 0) break;
-    const int64_t tiles = (rest + kPanel - 1) / kPanel;
-    const auto L11 = A.block(k0, k0, kb, kb).triangularView<Eigen::Lower>();
-    parallel_rows(tiles, threads, [&](int, int64_t t) {  // A21 ← A21 · L11⁻ᵀ
-      const int64_t r0 = k1 + t * kPanel;
-      auto panel = A.block(r0, k0, std::min(kPanel, n - r0), kb);
-      L11.transpose().solveInPlace<Eigen::OnTheRight>(panel);
-    });
-    parallel_rows(tiles, threads, [&](int, int64_t t) {  // A22 ← A22 − A21·A21ᵀ, on and below the diagonal
-      const int64_t j0 = k1 + t * kPanel, jb = std::min(kPanel, n - j0);
-      A.block(j0, j0, n - j0, jb).noalias() -= A.block(j0, k0, n - j0, kb) * A.block(j0, k0, jb, kb).transpose();
-    });
-  }
-  return true;
-}
-
 // GPTQ forms H⁻¹ and factors it again (≈ 4/3·n³ multiply-adds). The same U costs n³/3: with J the
 // reversal permutation, factor J·H·J = L·Lᵀ; then H = R·Rᵀ with R = J·L·J upper triangular, so
 // H⁻¹ = R⁻ᵀ·R⁻¹ = Uᵀ·U with U = R⁻¹ = J·L⁻¹·J, upper with a positive diagonal: the upper Cholesky
-// factor of H⁻¹. U's rows [i1, i2) are L⁻¹'s rows [n − i2, n − i1) reversed, and those rows X solve
-// X·L = I restricted to L's leading n − i1 rows and columns, independently per block of rows.
+// factor of H⁻¹, U[i, j] = L⁻¹[n − 1 − i, n − 1 − j]. Both steps run in place in one n × n double matrix
+// (cholesky.hpp), whose parts the sweep reads are then copied out in fp32.
 std::shared_ptr<const FeedbackFactor> factor_hessian(const double* hessian, int64_t cols, double damping, int threads,
                                                      std::string_view name) {
   auto f = std::make_shared<FeedbackFactor>();
@@ -343,43 +313,41 @@ std::shared_ptr<const FeedbackFactor> factor_hessian(const double* hessian, int6
   for (int64_t c = 0; c < cols; ++c) mean_diag += hessian[c * cols + c];
   mean_diag /= double(cols);
   const int64_t n = cols;
-  Eigen::MatrixXd A(n, n);  // J·H·J in the processing order, damped
-  parallel_rows(n, threads, [&](int, int64_t j) {
-    const int64_t cj = order[n - 1 - j];
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t ci = order[n - 1 - i];
-      A(i, j) = 0.5 * (hessian[ci * cols + cj] + hessian[cj * cols + ci]);
+  std::vector<double> a(std::size_t(n * n));  // J·H·J in the processing order, damped; then L, then L⁻¹
+  parallel_rows(n, threads, [&](int, int64_t i) {
+    const int64_t ci = order[n - 1 - i];
+    for (int64_t j = 0; j <= i; ++j) {
+      const int64_t cj = order[n - 1 - j];
+      a[i * n + j] = 0.5 * (hessian[ci * cols + cj] + hessian[cj * cols + ci]);
     }
   });
   for (int64_t i = 0; i < n; ++i) {
     // A column no calibration token touched cannot change the output: give it a unit diagonal so the
     // factorization exists; its zero couplings keep its rounding error to itself.
-    if (A(i, i) == 0) A(i, i) = 1;
-    A(i, i) += damping * mean_diag;
+    double& d = a[i * n + i];
+    if (d == 0) d = 1;
+    d += damping * mean_diag;
   }
-  NUQ_CHECK(cholesky_in_place(A, threads), Errc::invalid_argument,
+  NUQ_CHECK(detail::cholesky_lower_in_place(a.data(), n, threads), Errc::invalid_argument,
             "{}: XᵀX is not positive definite after damping {} (too few calibration tokens for {} columns? raise "
             "the damping)",
             name, damping, cols);
+  detail::invert_lower_in_place(a.data(), n, threads);
   const int64_t blocks = (n + kFeedbackBlock - 1) / kFeedbackBlock;
   f->diagonal.resize(std::size_t(blocks));
   f->trailing.resize(std::size_t(blocks));
-  bool finite = true;
+  std::atomic<bool> finite{true};
   parallel_rows(blocks, threads, [&](int, int64_t bi) {
     const int64_t i1 = bi * kFeedbackBlock, i2 = std::min(n, i1 + kFeedbackBlock), nb = i2 - i1;
-    const int64_t p0 = n - i2, p1 = n - i1;  // L⁻¹'s rows for U's rows [i1, i2)
-    Eigen::MatrixXd X = Eigen::MatrixXd::Zero(nb, p1);
-    for (int64_t a = 0; a < nb; ++a) X(a, p0 + a) = 1;
-    A.topLeftCorner(p1, p1).triangularView<Eigen::Lower>().solveInPlace<Eigen::OnTheRight>(X);
-    // U[i1 + b, j] = L⁻¹[n − 1 − i1 − b, n − 1 − j] = X(nb − 1 − b, n − 1 − j).
+    auto U = [&](int64_t i, int64_t j) { return float(a[(n - 1 - i) * n + (n - 1 - j)]); };
     std::vector<float>& d = f->diagonal[bi];
     d.assign(std::size_t(nb * nb), 0.0f);
     for (int64_t b = 0; b < nb; ++b)
-      for (int64_t j = b; j < nb; ++j) d[b * nb + j] = float(X(nb - 1 - b, p1 - 1 - j));
+      for (int64_t j = b; j < nb; ++j) d[b * nb + j] = U(i1 + b, i1 + j);
     std::vector<float>& t = f->trailing[bi];
     t.resize(std::size_t((n - i2) * nb));
     for (int64_t j = 0; j < n - i2; ++j)
-      for (int64_t b = 0; b < nb; ++b) t[j * nb + b] = float(X(nb - 1 - b, p0 - 1 - j));
+      for (int64_t b = 0; b < nb; ++b) t[j * nb + b] = U(i1 + b, i2 + j);
     for (int64_t b = 0; b < nb; ++b)
       if (!(d[b * nb + b] > 0) || !std::isfinite(d[b * nb + b])) finite = false;
   });
