@@ -458,7 +458,7 @@ CheckpointPlan plan_checkpoint(const CheckpointPlanOptions& options) {
   } else {
     plan.omega = OmegaKind::hessian;
     const ModelTensor& first = model.tensors().front();
-    if (stats->has_layer(base_of(first.name)) && stats->hessian_matrix(base_of(first.name), first.shape[1]).empty())
+    if (stats->has_layer(base_of(first.name)) && !stats->has_hessian_matrix(base_of(first.name), first.shape[1]))
       plan.omega = OmegaKind::hessian_diagonal;
   }
   const bool need_fisher = plan.omega == OmegaKind::fisher || plan.omega == OmegaKind::fisher_output;
@@ -483,15 +483,12 @@ CheckpointPlan plan_checkpoint(const CheckpointPlanOptions& options) {
           : options.candidates;
 
   // Every statistic is checked to exist before hours of quantization.
-  std::set<std::pair<std::string, int64_t>> feedback_checked;  // aliases share one stored matrix: read once
   for (const ModelTensor& t : model.tensors()) {
     if (need_fisher)
       NUQ_CHECK(stats->has_fisher(t.name), Errc::invalid_argument,
                 "{}: no Fisher tensor '{}' for the weight of that name in {}", stats->path(), t.name, options.model);
     if (feedback)
-      NUQ_CHECK(feedback->has_layer(base_of(t.name)) &&
-                    (!feedback_checked.emplace(feedback->resolve(base_of(t.name)), t.shape[1]).second ||
-                     !feedback->hessian_matrix(base_of(t.name), t.shape[1]).empty()),
+      NUQ_CHECK(feedback->has_layer(base_of(t.name)) && feedback->has_hessian_matrix(base_of(t.name), t.shape[1]),
                 Errc::invalid_argument, "{}: no full XᵀX for layer '{}' of {}", feedback->path(), base_of(t.name),
                 options.model);
     if (need_hessian || (stats && stats->is_calibrate_output()))

@@ -2,7 +2,6 @@
 #include "plan_inputs.hpp"
 
 #include <cstring>
-#include <set>
 
 #include "nuq/error.hpp"
 #include "nuq/inspect.hpp"
@@ -71,7 +70,6 @@ QuantizerSteering::QuantizerSteering(const std::string& stats_path, const std::s
 }
 
 void QuantizerSteering::check(const std::vector<ModelTensor>& tensors) const {
-  std::set<std::pair<std::string, int64_t>> checked;  // aliases share one stored matrix: read once
   for (const ModelTensor& t : tensors) {
     if (stats_ && stats_->kind() == StatsKind::fisher)
       NUQ_CHECK(stats_->has_fisher(t.name), Errc::invalid_argument, "{}: no Fisher tensor '{}'", stats_->path(),
@@ -80,9 +78,7 @@ void QuantizerSteering::check(const std::vector<ModelTensor>& tensors) const {
       NUQ_CHECK(stats_->has_layer(base_of(t.name)), Errc::invalid_argument, "{}: no activation statistics for '{}'",
                 stats_->path(), t.name);
     if (feedback_)
-      NUQ_CHECK(feedback_->has_layer(base_of(t.name)) &&
-                    (!checked.emplace(feedback_->resolve(base_of(t.name)), t.shape[1]).second ||
-                     !feedback_->hessian_matrix(base_of(t.name), t.shape[1]).empty()),
+      NUQ_CHECK(feedback_->has_layer(base_of(t.name)) && feedback_->has_hessian_matrix(base_of(t.name), t.shape[1]),
                 Errc::invalid_argument, "{}: no full XᵀX for layer '{}'", feedback_->path(), base_of(t.name));
   }
 }

@@ -548,7 +548,6 @@ QuantizeCheckpointResult quantize_checkpoint(const CheckpointQuantizeOptions& op
               options.hessian_damping);
   }
   bool warned_missing_hessian = false;
-  std::set<std::pair<std::string, int64_t>> hessian_checked;  // (stored layer, cols) already read
 
   // ---- choose the layers and check everything that can be checked before hours of work ----
   std::vector<LayerJob> jobs;
@@ -648,12 +647,10 @@ QuantizeCheckpointResult quantize_checkpoint(const CheckpointQuantizeOptions& op
     if (hessian) {
       const std::string layer = t.name.ends_with(".weight") ? t.name.substr(0, t.name.size() - 7) : t.name;
       if (hessian->has_layer(layer)) {
-        // Read now, not at the layer's turn: a wrong width or a full matrix missing should fail before
-        // any work; one layer's matrix is small next to its weights.
-        // q/k/v (gate/up) resolve to one stored matrix: read and checked once.
+        // Checked now, not at the layer's turn: a wrong width or a full matrix missing fails before any
+        // work. The header says both; the values (20 GiB for a 7B model) are checked as each is read.
         job.hessian_layer = hessian->resolve(layer);
-        if (hessian_checked.emplace(job.hessian_layer, t.shape[1]).second)
-          NUQ_CHECK(!hessian->hessian_matrix(layer, t.shape[1]).empty(), Errc::invalid_argument,
+        NUQ_CHECK(hessian->has_hessian_matrix(layer, t.shape[1]), Errc::invalid_argument,
                     "{}: layer {} has only the diagonal of XᵀX; error feedback needs the full matrix (nuq "
                     "calibrate --hessian)", options.hessian_path, in_quotes(layer));
         job.options.hessian_damping = options.hessian_damping;

@@ -504,13 +504,20 @@ bool StatisticsFile::has_layer(std::string_view base) const {
   return kind_ == StatsKind::hessian && file_->contains(diag_name(base));
 }
 
-std::vector<double> StatisticsFile::hessian_matrix(std::string_view base, int64_t cols) const {
+bool StatisticsFile::has_hessian_matrix(std::string_view base, int64_t cols) const {
   NUQ_CHECK(kind_ == StatsKind::hessian, Errc::invalid_argument, "{}: holds Fisher statistics, not Hessian", path_);
   const std::string name = resolve(base) + kXtxSuffix;
-  if (calibrate_ || !file_->contains(name)) return {};
+  if (calibrate_ || !file_->contains(name)) return false;
   const SafetensorsTensorInfo& info = file_->info(name);
   NUQ_CHECK(info.shape == Shape({cols, cols}), Errc::invalid_argument,
             "{}: '{}' has shape {} but layer '{}' has {} input columns", path_, name, to_string(info.shape), base, cols);
+  return true;
+}
+
+std::vector<double> StatisticsFile::hessian_matrix(std::string_view base, int64_t cols) const {
+  if (!has_hessian_matrix(base, cols)) return {};
+  const std::string name = resolve(base) + kXtxSuffix;
+  const SafetensorsTensorInfo& info = file_->info(name);
   std::vector<double> v = read_values(*file_, path_, name, false);
   release_mapped_pages(file_->file_of(name).tensor_bytes(info));
   return v;

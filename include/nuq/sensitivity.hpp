@@ -145,6 +145,10 @@ class StatisticsFile {
   bool has_layer(std::string_view base) const;
   std::string resolve(std::string_view base) const;
   std::vector<double> hessian_matrix(std::string_view base, int64_t cols) const;
+  // Whether hessian_matrix would return the full matrix, from the file's header alone (its values are
+  // checked when it is read): what a run checks up front without reading gigabytes of statistics.
+  // Throws, as hessian_matrix does, when the stored matrix has the wrong width.
+  bool has_hessian_matrix(std::string_view base, int64_t cols) const;
   std::vector<double> hessian_diagonal(std::string_view base, int64_t cols) const;
 
  private:

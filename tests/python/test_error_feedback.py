@@ -113,6 +113,32 @@ def test_calibrate_hessian_matches_numpy_and_drives_quantize(nuq, nuq_cli, share
     assert_error(r, "--measure-only needs --hessian")
 
 
+def test_a_nan_in_a_later_xtx_fails_at_that_layer_naming_it(nuq_cli, shared_data, hf, tmp_path):
+    # Only headers are checked before the first layer (reading every matrix up front took 5 minutes on a
+    # 7B model); a bad value is found when its layer is reached, and the run stops there, naming it.
+    text = tmp_path / "t.txt"
+    text.write_text((shared_data / "tinystories_valid.txt").read_text()[:300])
+    act, hess = tmp_path / "act.safetensors", tmp_path / "h.safetensors"
+    r = run(nuq_cli, "calibrate", "--model", hf, "--tokenizer", shared_data / "tok512.bin", "--text", text,
+            "--out", act, "--hessian", hess)
+    assert r.returncode == 0, r.stderr
+    raw = bytearray(hess.read_bytes())
+    header_len = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + header_len])
+    name = next(n for n in header if n.startswith("model.layers.4.mlp.down_proj") and n.endswith("xtx"))
+    info = header[name]
+    assert info["dtype"] == "F32"
+    at = 8 + header_len + info["data_offsets"][0] + 4 * 3  # element [0, 3]
+    raw[at:at + 4] = np.array([np.nan], dtype=np.float32).tobytes()
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(bytes(raw))
+    out = tmp_path / "q"
+    r = run(nuq_cli, "quantize", hf, "--out", out, "--bits", 3, "--hessian", bad, "--quiet")
+    assert_error(r, name)
+    assert "nan" in r.stderr.lower(), r.stderr
+    assert not (out / "model.safetensors").exists()
+
+
 def test_plan_with_error_feedback_is_what_quantize_produces(nuq_cli, shared_data, hf, tmp_path):
     # Fisher and XᵀX on the same tokens; the plan rounds its candidates with error feedback and weighs
     # output errors by the Fisher's per-row gradient scale (fisher-output), and `nuq quantize` given the
