@@ -217,9 +217,9 @@ TEST(ErrorFeedback, MatchesTheUnblockedFloat64SweepAndLowersTheOutputError) {
   }
 }
 
-// The factorization runs in panels of 256 columns (with tiles over threads) and the sweep in blocks of
-// 128: 601 columns cross both boundaries with ragged ends. Same checks as above, and threads must not
-// change a bit.
+// The factorization runs in panels of 128 columns (row blocks over threads), the sweep in blocks of 128:
+// 601 columns cross several of both, with ragged ends. Same checks as above, and threads must not change
+// a bit.
 TEST(ErrorFeedback, WideMatricesAcrossFactorPanelsMatchTheReferenceWhateverTheThreads) {
   const int64_t rows = 5, cols = 601;
   const std::vector<double> h = correlated_hessian(cols, 2 * cols, 13);
