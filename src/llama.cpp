@@ -5,6 +5,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -323,6 +324,10 @@ struct Linear {
 struct Block {
   std::vector<float> attn_norm, ffn_norm;
   Linear q, k, v, o, gate, up, down;
+
+  // In LlamaLinearKind order, so index i is the kind i that hooks, plans and gradients use.
+  std::array<Linear*, kLlamaLinearKinds> linears() { return {&q, &k, &v, &o, &gate, &up, &down}; }
+  std::array<const Linear*, kLlamaLinearKinds> linears() const { return {&q, &k, &v, &o, &gate, &up, &down}; }
 };
 
 }  // namespace
@@ -756,7 +761,7 @@ bool releases_weights(const LlamaModel::Impl& m, LlamaLoadOptions::Release relea
   add(m.embedding);
   if (!m.config.tied_classifier) add(m.classifier);
   for (const Block& b : m.blocks)
-    for (const Linear* l : {&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down}) add(*l);
+    for (const Linear* l : b.linears()) add(*l);
   const uint64_t memory = physical_memory_bytes();
   return memory > 0 && mapped > memory / 2;
 }
@@ -848,7 +853,7 @@ std::unique_ptr<LlamaModel> LlamaModel::load(const std::string& path, const Llam
     // without packed layers runs entirely on the CPU, which the description says.
     int64_t moved = 0;
     for (Block& b : m->blocks)
-      for (Linear* l : {&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down})
+      for (Linear* l : b.linears())
         if (l->packed) {
           l->backend_id = options.linear_backend->add_layer(l->name, *l->packed);
           ++moved;
@@ -875,7 +880,7 @@ int LlamaModel::threads() const noexcept { return impl_->threads; }
 int64_t LlamaModel::block_of_linear(const std::string& base) const {
   for (std::size_t i = 0; i < impl_->blocks.size(); ++i) {
     const Block& b = impl_->blocks[i];
-    for (const Linear* l : {&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down})
+    for (const Linear* l : b.linears())
       if (l->name == base) return int64_t(i);
   }
   return -1;
@@ -884,14 +889,14 @@ int64_t LlamaModel::block_of_linear(const std::string& base) const {
 int64_t LlamaModel::linear_weight_count() const noexcept {
   int64_t n = 0;
   for (const Block& b : impl_->blocks)
-    for (const Linear* l : {&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down}) n += l->rows * l->cols;
+    for (const Linear* l : b.linears()) n += l->rows * l->cols;
   return n;
 }
 
 int64_t LlamaModel::packed_layer_count() const noexcept {
   int64_t n = 0;
   for (const Block& b : impl_->blocks)
-    for (const Linear* l : {&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down}) n += l->packed.has_value();
+    for (const Linear* l : b.linears()) n += l->packed.has_value();
   return n;
 }
 
@@ -899,7 +904,7 @@ int64_t LlamaModel::int8_layer_count() const {
   const cpu::LinearOptions options{impl_->threads, std::nullopt, impl_->arithmetic};
   int64_t n = 0;
   for (const Block& b : impl_->blocks)
-    for (const Linear* l : {&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down})
+    for (const Linear* l : b.linears())
       n += l->packed && l->backend_id < 0 && cpu::fused_arithmetic(*l->packed, options) == cpu::Arithmetic::int8;
   return n;
 }
@@ -907,7 +912,7 @@ int64_t LlamaModel::int8_layer_count() const {
 double LlamaModel::linear_bits_per_weight() const noexcept {
   uint64_t bytes = 0;
   for (const Block& b : impl_->blocks)
-    for (const Linear* l : {&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down}) bytes += l->stored_bytes;
+    for (const Linear* l : b.linears()) bytes += l->stored_bytes;
   const int64_t n = linear_weight_count();
   return n ? 8.0 * double(bytes) / double(n) : 0.0;
 }
@@ -1158,13 +1163,13 @@ void LlamaModel::forward_blocks(int64_t first, int64_t last, float* x, int64_t n
     }
     m.apply(b.down, g.data(), n, o.data());
     for (int64_t i = 0; i < n * D; ++i) x[i] += o[std::size_t(i)];
-    for (const Linear* w : {&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down}) m.release(*w);
+    for (const Linear* w : b.linears()) m.release(*w);
   }
 }
 
 void LlamaModel::set_linear_weights(const std::string& base, const float* weights) {
   for (Block& b : impl_->blocks)
-    for (Linear* l : {&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down}) {
+    for (Linear* l : b.linears()) {
       if (l->name != base) continue;
       NUQ_CHECK(!l->packed, Errc::unsupported,
                 "layer '{}' is nuq-packed and runs packed; load the model with decode_packed to replace its weights",
@@ -1178,7 +1183,7 @@ void LlamaModel::set_linear_weights(const std::string& base, const float* weight
 
 LlamaModel::LinearWeights LlamaModel::linear_weights(const std::string& base) const {
   for (const Block& b : impl_->blocks)
-    for (const Linear* l : {&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down})
+    for (const Linear* l : b.linears())
       if (l->name == base) return {l->rows, l->cols, l->decoded()};
   fail(Errc::invalid_argument, "the model has no linear layer '{}'", base);
 }
@@ -1208,7 +1213,7 @@ LlamaWeights LlamaModel::weights() const {
     LlamaBlockWeights& bw = w.blocks.emplace_back();
     bw.attn_norm = b.attn_norm.data();
     bw.ffn_norm = b.ffn_norm.data();
-    const Linear* ls[kLlamaLinearKinds] = {&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down};
+    const auto ls = b.linears();
     for (int i = 0; i < kLlamaLinearKinds; ++i) {
       NUQ_CHECK(!ls[i]->packed, Errc::unsupported,
                 "layer '{}' is nuq-packed and runs packed; load the model with decode_packed for dense weights",

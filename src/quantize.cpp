@@ -14,7 +14,6 @@
 #include <mutex>
 #include <thread>
 
-
 #include "cholesky.hpp"
 #include "dense_ops.hpp"
 #include "nuq/error.hpp"
