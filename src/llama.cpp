@@ -286,6 +286,22 @@ struct StoredMatrix {
   std::span<const std::byte> bytes(int64_t rows) const { return {data, std::size_t(row_bytes * uint64_t(rows))}; }
 };
 
+// Rows [r0, r1) of a packed layer as a layer of their own, for decoding a few rows at a time. The sparse
+// row pointers keep indexing the whole layer's column and value arrays (decoders read the nonzeros of
+// row r from row_ptr[r] to row_ptr[r + 1]), so nothing is copied.
+format::PackedLinearView packed_rows(const format::PackedLinearView& w, int64_t r0, int64_t r1) {
+  format::PackedLinearView s = w;
+  s.rows = r1 - r0;
+  s.qweight = w.qweight + r0 * w.row_stride();
+  s.lut = w.lut + r0 * w.groups() * format::lut_entries(w.bits);
+  if (w.nnz > 0) {
+    s.sparse_row_ptr = w.sparse_row_ptr + r0;
+    s.nnz = int64_t(w.sparse_row_ptr[r1]) - w.sparse_row_ptr[r0];
+    if (s.nnz == 0) s.sparse_row_ptr = nullptr, s.sparse_col_idx = nullptr, s.sparse_values = nullptr;
+  }
+  return s;
+}
+
 struct Linear {
   std::string name;  // base name in the checkpoint's naming
   int64_t rows = 0, cols = 0;
@@ -301,9 +317,14 @@ struct Linear {
     if (stored && stored->fp32_in_place()) return reinterpret_cast<const float*>(stored->data);
     return nullptr;
   }
-  // Rows [r0, r1) as fp32: in place when possible, else converted into `scratch` ((r1 − r0)·cols floats).
+  // Rows [r0, r1) as fp32: in place when possible, else converted (or decoded, bit-identical to the
+  // reference dequantizer) into `scratch` ((r1 − r0)·cols floats).
   const float* fp32_rows(int64_t r0, int64_t r1, float* scratch) const {
     if (const float* w = fp32_in_place()) return w + r0 * cols;
+    if (packed) {
+      cpu::dequantize_dense(packed_rows(*packed, r0, r1), scratch, cols, {1, std::nullopt});
+      return scratch;
+    }
     NUQ_CHECK(stored.has_value(), Errc::internal, "layer '{}' has no full-precision weights", name);
     ggml_dequantize(stored->type, stored->data + uint64_t(r0) * stored->row_bytes, scratch, (r1 - r0) * cols);
     return scratch;
@@ -351,18 +372,20 @@ struct LlamaModel::Impl {
 
   const Linear& classifier_weights() const { return config.tied_classifier ? embedding : classifier; }
 
+  // A block's linear layer: the activation hook sees its input, then run().
   void apply(const Linear& l, const float* x, int64_t n, float* y) const {
     if (hook) hook(l.name, x, n, l.cols);
+    run(l, x, n, y);
+  }
+
+  // y [n, rows] = x [n, cols] · Wᵀ in the layer's own format.
+  void run(const Linear& l, const float* x, int64_t n, float* y) const {
     if (l.backend_id >= 0) return backend->run(l.backend_id, x, n, y);
-    if (l.packed) {
-      if (n <= cpu::kMaxFusedBatch) return cpu::linear(*l.packed, x, l.cols, y, l.rows, n, {threads, std::nullopt, arithmetic});
-      // Prefill: decode the layer once (bit-identical to the reference dequantizer) and reuse the dense
-      // tiles below, which are built for the CPU's widest ISA, unlike the library's baseline-ISA GEMM.
-      thread_local std::vector<float> scratch;
-      scratch.resize(std::size_t(l.rows * l.cols));
-      cpu::dequantize_dense(*l.packed, scratch.data(), l.cols, {threads, std::nullopt});
-      return multiply(scratch.data(), l.rows, l.cols, x, n, y);
-    }
+    if (l.packed && n <= cpu::kMaxFusedBatch)
+      return cpu::linear(*l.packed, x, l.cols, y, l.rows, n, {threads, std::nullopt, arithmetic});
+    // Prefill of a packed layer: decode a slab of rows at a time (bit-identical to the reference
+    // dequantizer) into the dense tiles below, built for the CPU's widest ISA unlike the library's
+    // baseline-ISA GEMM; a slab at a time keeps the scratch at 64 KiB however large the layer.
     multiply(l, x, n, y);
   }
 
@@ -402,11 +425,20 @@ namespace {
 // Where tensors come from while loading: small tensors (norm gains) as fp32 copies, matrices in place
 // (StoredMatrix) or, with LlamaLoadOptions::fp32_weights, as fp32 copies, plus the packed layers of nuq
 // checkpoints.
+// A weight's base name, the name its packed tensors share (`model.embed_tokens.weight` →
+// `model.embed_tokens`).
+std::string weight_base(const std::string& name) {
+  constexpr std::string_view kSuffix = ".weight";
+  return name.ends_with(kSuffix) ? name.substr(0, name.size() - kSuffix.size()) : name;
+}
+
 class WeightSource {
  public:
   explicit WeightSource(bool fp32_weights) : fp32_weights_(fp32_weights) {}
   virtual ~WeightSource() = default;
   virtual bool has(const std::string& name) const = 0;
+  // `<base>.weight` or a nuq-packed layer `<base>`, given the weight's full name.
+  virtual bool has_matrix(const std::string& name) const { return has(name); }
   virtual std::vector<float> read(const std::string& name, const Shape& expected) const = 0;
   // The tensor's bytes in the mapping and their type, its shape checked against [rows, cols].
   virtual StoredMatrix stored(const std::string& name, int64_t rows, int64_t cols) const = 0;
@@ -479,6 +511,11 @@ class SafetensorsSource : public WeightSource {
   const SafetensorsCheckpoint& checkpoint() const { return ckpt_; }
   bool packed() const { return !packed_.empty(); }
   bool has(const std::string& name) const override { return ckpt_.contains(name); }
+  bool has_matrix(const std::string& name) const override { return has(name) || packed_meta(weight_base(name)); }
+  const PackedTensorMeta* packed_meta(const std::string& base) const {
+    auto it = packed_.find(base);
+    return it == packed_.end() ? nullptr : &it->second;
+  }
   std::vector<float> read(const std::string& name, const Shape& expected) const override {
     check(name, expected);
     Buffer b = to_float32(ckpt_.tensor(name));
@@ -658,12 +695,13 @@ void load_blocks(const WeightSource& src, const Naming& names, LlamaModel::Impl&
     src.read_linear(p + names.up, c.hidden_dim, c.dim, b.up);
     src.read_linear(p + names.down, c.dim, c.hidden_dim, b.down);
   }
-  m.embedding.name = names.embedding;
-  src.read_matrix(names.embedding, c.vocab_size, c.dim, m.embedding);
+  // The embedding and a separate classifier may be nuq-packed too (`nuq quantize --plan` naming them):
+  // rows are then decoded per token, and the classifier runs on the packed kernels.
+  src.read_linear(weight_base(names.embedding), c.vocab_size, c.dim, m.embedding);
   m.final_norm = src.read(names.final_norm, Shape{c.dim});
-  m.config.tied_classifier = !src.has(names.classifier);
-  m.classifier.name = names.classifier;
-  if (!m.config.tied_classifier) src.read_matrix(names.classifier, c.vocab_size, c.dim, m.classifier);
+  m.config.tied_classifier = !src.has_matrix(names.classifier);
+  if (!m.config.tied_classifier) src.read_linear(weight_base(names.classifier), c.vocab_size, c.dim, m.classifier);
+  else m.classifier.name = weight_base(names.classifier);
 }
 
 // llama2.c's legacy format: 7 int32 (dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size —
@@ -811,7 +849,7 @@ std::unique_ptr<LlamaModel> LlamaModel::load(const std::string& path, const Llam
     m->keep_alive = owned;
     const SafetensorsSource& src = *owned;
     const SafetensorsCheckpoint& ck = src.checkpoint();
-    const bool gguf_names = ck.contains(kGguf.embedding);
+    const bool gguf_names = src.has_matrix(kGguf.embedding);
     if (gguf_names) {
       // A checkpoint `nuq quantize` made from a GGUF file carries that file's scalar metadata.
       Json meta;
@@ -827,7 +865,10 @@ std::unique_ptr<LlamaModel> LlamaModel::load(const std::string& path, const Llam
             return it == meta.end() ? nullptr : &*it;
           },
           path);
-      if (m->config.vocab_size == 0) m->config.vocab_size = ck.info(kGguf.embedding).shape[0];
+      if (m->config.vocab_size == 0) {
+        const PackedTensorMeta* packed = src.packed_meta(weight_base(kGguf.embedding));
+        m->config.vocab_size = packed ? packed->rows : ck.info(kGguf.embedding).shape[0];
+      }
     } else {
       const fs::path dir = is_dir ? fs::path(path) : fs::path(path).parent_path();
       const fs::path config_path = dir / "config.json";
@@ -1190,7 +1231,7 @@ LlamaModel::LinearWeights LlamaModel::linear_weights(const std::string& base) co
 
 void LlamaModel::logits(const float* hidden, int64_t n, float* out) const {
   const Impl& m = *impl_;
-  m.multiply(m.classifier_weights(), hidden, n, out);
+  m.run(m.classifier_weights(), hidden, n, out);
   m.release(m.classifier_weights());
 }
 
@@ -1200,6 +1241,8 @@ LlamaWeights LlamaModel::weights() const {
   w.config = m.config;
   // The backward pass reads fp32 arrays; weights that need converting were not copied at load.
   auto fp32 = [](const Linear& l) {
+    NUQ_CHECK(!l.packed, Errc::unsupported,
+              "'{}' is nuq-packed and runs packed; load the model with decode_packed for dense weights", l.name);
     const float* p = l.fp32_in_place();
     NUQ_CHECK(p, Errc::unsupported,
               "'{}' is stored as {} and read in place; load the model with fp32_weights for fp32 arrays", l.name,

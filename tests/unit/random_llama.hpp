@@ -11,8 +11,9 @@
 namespace nuq::testing {
 
 // A random llama2.c checkpoint: 2 layers, grouped-query attention, odd SwiGLU width (so that packed rows
-// of 172 columns take the padded tail of a packing unit).
-inline void write_random_llama2c(const std::filesystem::path& path) {
+// of 172 columns take the padded tail of a packing unit); the classifier tied to the embedding unless
+// `tied` is false (llama2.c then stores it last, after the RoPE tables, with a negative vocabulary size).
+inline void write_random_llama2c(const std::filesystem::path& path, bool tied = true) {
   const int32_t dim = 128, hidden = 172, layers = 2, heads = 4, kv_heads = 2, vocab = 97, seq = 64;
   const int64_t kvd = int64_t(kv_heads) * (dim / heads);
   std::mt19937_64 rng(5);
@@ -35,7 +36,8 @@ inline void write_random_llama2c(const std::filesystem::path& path) {
   add(int64_t(layers) * hidden * dim, in_sd);
   ones(dim);
   w.insert(w.end(), size_t(seq) * size_t(dim / heads), 0.0f);  // llama2.c's unused RoPE tables
-  const int32_t header[7] = {dim, hidden, layers, heads, kv_heads, vocab, seq};
+  if (!tied) add(int64_t(vocab) * dim, in_sd);
+  const int32_t header[7] = {dim, hidden, layers, heads, kv_heads, tied ? vocab : -vocab, seq};
   std::ofstream out(path, std::ios::binary);
   out.write(reinterpret_cast<const char*>(header), sizeof header);
   out.write(reinterpret_cast<const char*>(w.data()), std::streamsize(w.size() * sizeof(float)));
