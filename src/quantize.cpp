@@ -582,7 +582,10 @@ PackedLinear quantize_linear(const float* weight, const float* sensitivity, int6
     for (int64_t c = 0; c < cols; ++c) column_weight[c] = float(options.hessian[c * cols + c]);
   }
   std::vector<uint8_t> kept_all(feedback ? rows * cols : 0);
-  std::vector<float> deltas(options.hessian ? rows * cols : 0);  // ŵ − w, for the output error figure
+  // ŵ − w, for the output error figure; sized only when indices are assigned, after error feedback's
+  // factorization, whose n × n double workspace sets the peak memory of wide layers (8192 × 28672: the
+  // deltas' 0.9 GB on top of it took a 70B-shaped down_proj past 16 GiB).
+  std::vector<float> deltas;
   std::vector<Codebook> books_all(feedback ? rows * groups : 0);
 
   struct Scratch {
@@ -684,6 +687,7 @@ PackedLinear quantize_linear(const float* weight, const float* sensitivity, int6
   };
 
   if (!feedback) {
+    if (options.hessian) deltas.resize(std::size_t(rows * cols));
     parallel_rows(rows, threads, [&](int t, int64_t r) {
       Scratch& s = scratch[t];
       s.kept.resize(cols);
@@ -699,6 +703,7 @@ PackedLinear quantize_linear(const float* weight, const float* sensitivity, int6
     const std::vector<float> targets =
         error_feedback_targets(weight, ld, rows, cols, options.hessian, options.hessian_damping, kept_all.data(),
                                books_all.data(), group, threads, name);
+    deltas.resize(std::size_t(rows * cols));
     parallel_rows(rows, threads, [&](int t, int64_t r) {
       assign(scratch[t], r, kept_all.data() + r * cols, books_all.data() + r * groups, targets.data() + r * cols);
     });
