@@ -77,7 +77,9 @@ uint64_t hessian_bytes_per_block(const LlamaConfig& c) {
 void check_disk(const CalibrateOptions& o, const LlamaConfig& c, int64_t first_block, uint64_t hidden_bytes,
                 const fs::path& work, const BlockProgress& progress) {
   const int64_t blocks = c.n_layers - first_block;
-  const uint64_t need = 2 * hidden_bytes + (o.hessian.empty() ? 0 : uint64_t(blocks) * hessian_bytes_per_block(c));
+  const uint64_t classifier_xtx = uint64_t(c.dim * (c.dim + 1)) * 4;  // in the last block's shard
+  const uint64_t need =
+      2 * hidden_bytes + (o.hessian.empty() ? 0 : uint64_t(blocks) * hessian_bytes_per_block(c) + classifier_xtx);
   std::error_code ec;
   const fs::space_info space = fs::space(work, ec);
   if (progress.plan) progress.plan(need, ec ? 0 : space.available, work.string());
@@ -122,6 +124,21 @@ void run_block(LlamaModel& model, int64_t b, const Windows& w, std::vector<float
     model.forward_blocks(b, b + 1, x.data() + w.offset[i] * dim, w.offset[i + 1] - w.offset[i], cache);
   }
   model.set_activation_hook(nullptr);
+}
+
+// The classifier's input, the final normed hidden states of every window, into the last block's
+// statistics (after the sequential order has replaced that block: the classifier then sees the outputs
+// of the quantized blocks), in the order the one-pass run adds them.
+void add_classifier_input(const LlamaModel& model, const Windows& w, const std::vector<float>& x,
+                          ActivationStatistics& stats) {
+  const int64_t dim = model.config().dim;
+  std::vector<float> hidden;
+  for (std::size_t i = 0; i + 1 < w.offset.size(); ++i) {
+    const int64_t n = w.offset[i + 1] - w.offset[i];
+    hidden.resize(std::size_t(n * dim));
+    model.final_norm(x.data() + w.offset[i] * dim, n, hidden.data());
+    stats.add(model.classifier_layer(), hidden.data(), n, dim);
+  }
 }
 
 // Sequential order: block b's layers quantized with its XᵀX and replaced by their dequantized weights.
@@ -241,6 +258,7 @@ void calibrate_blocks(LlamaModel& model, int32_t bos, const std::vector<int32_t>
       x = inputs;
       run_block(model, b, w, x, *cache, nullptr);  // the next block's inputs, through the quantized block
     }
+    if (b + 1 == c.n_layers) add_classifier_input(model, w, x, stats);
     save_block(work, b, stats, x, fp, !o.hessian.empty());
     if (progress.block)
       progress.block(b, c.n_layers, first, std::chrono::duration<double>(Clock::now() - t0).count());

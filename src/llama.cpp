@@ -918,6 +918,8 @@ void LlamaModel::set_kv_hook(KvHook hook) { impl_->kv_hook = std::move(hook); }
 
 int LlamaModel::threads() const noexcept { return impl_->threads; }
 
+const std::string& LlamaModel::classifier_layer() const noexcept { return impl_->classifier_weights().name; }
+
 int64_t LlamaModel::block_of_linear(const std::string& base) const {
   for (std::size_t i = 0; i < impl_->blocks.size(); ++i) {
     const Block& b = impl_->blocks[i];

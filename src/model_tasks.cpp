@@ -313,8 +313,11 @@ CalibrateResult calibrate_activations(const CalibrateOptions& o, const TextTaskC
   detail::ActivationStatistics stats(!o.hessian.empty());
   mt.model->set_activation_hook(
       [&stats](const std::string& layer, const float* x, int64_t n, int64_t cols) { stats.add(layer, x, n, cols); });
+  // The classifier's input is the window's final hidden states (one row per input token, as the
+  // blocks' layers see them); forward() stops before the classifier, so they are added here.
   r.windows = for_each_window(*mt.model, *mt.tok, mt.ids, o.ctx,
-                              [&](int64_t w, int64_t, int64_t begin, int64_t len, const float*) {
+                              [&](int64_t w, int64_t, int64_t begin, int64_t len, const float* hidden) {
+                                stats.add(mt.model->classifier_layer(), hidden, len, mt.model->config().dim);
                                 report.window(w, begin + len, 0);
                               });
   r.seconds = seconds_since(t0);

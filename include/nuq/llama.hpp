@@ -121,6 +121,11 @@ class LlamaModel {
   int64_t int8_layer_count() const;
   // The decoder block holding the linear layer with base name `base` (as in the checkpoint), or -1.
   int64_t block_of_linear(const std::string& base) const;
+  // The base name of the classifier's weights as the checkpoint stores them: the embedding's when tied
+  // (`model.embed_tokens`, `token_embd`), else `lm_head` / `output`. Calibration statistics of the
+  // classifier's input (the final normed hidden states) go under this name, so that quantizing the
+  // classifier (or a tied embedding) finds them.
+  const std::string& classifier_layer() const noexcept;
   // Worker threads its products use (LlamaLoadOptions::threads resolved).
   int threads() const noexcept;
   // Where the tokenizer can be read from when it travels with the weights (GGUF metadata, a llama2.c

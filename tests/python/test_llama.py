@@ -48,6 +48,11 @@ def numpy_logits(w, cfg, tokens, layer_inputs=None):
     """w: dict of float64 arrays with keys emb, final_norm, cls and per layer l: attn_norm, ffn_norm, q, k, v,
     o, gate, up, down ([out, in] matrices). layer_inputs: optional list that receives, per layer, the input
     of every linear layer by kind."""
+    return numpy_hidden(w, cfg, tokens, layer_inputs) @ w["cls"].T
+
+
+def numpy_hidden(w, cfg, tokens, layer_inputs=None):
+    """The final normed hidden states, the classifier's input (arguments as numpy_logits)."""
     h, kvh, hd = cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
     x = w["emb"][tokens]
     t = len(tokens)
@@ -69,7 +74,7 @@ def numpy_logits(w, cfg, tokens, layer_inputs=None):
         x = x + act @ layer["down"].T
         if layer_inputs is not None:
             layer_inputs.append({"q": xb, "k": xb, "v": xb, "o": attn_out, "gate": xf, "up": xf, "down": act})
-    return rmsnorm(x, w["final_norm"], cfg["eps"]) @ w["cls"].T
+    return rmsnorm(x, w["final_norm"], cfg["eps"])
 
 
 def read_llama2c(path):
@@ -204,7 +209,8 @@ def test_calibrate_writes_column_statistics_that_improve_quantization(nuq_cli, s
     assert r.returncode == 0, r.stderr
     from safetensors.numpy import load_file
     act = load_file(str(stats))
-    assert len(act) == 5 * 7
+    assert len(act) == 5 * 7 + 1  # and the classifier's input, under the tied embedding's name
+    assert act["model.embed_tokens.weight"].shape == (64,)
     # Inputs shared by Q, K and V (and by gate and up) give identical statistics; down sees the SwiGLU width.
     for i in range(5):
         p = f"model.layers.{i}."
@@ -221,6 +227,41 @@ def test_calibrate_writes_column_statistics_that_improve_quantization(nuq_cli, s
         ppl[name] = eval_json(nuq_cli, "--model", out, *args)["perplexity"]
     # Weighting by E[x²] per column targets the layers' output error instead of their weight error.
     assert ppl["act"] < ppl["plain"]
+
+
+def test_calibrate_records_the_classifier_input_and_quantize_weights_a_packed_embedding_by_it(
+        nuq_cli, generate, shared_data, tmp_path):
+    hf = tmp_path / "hf"
+    assert run(nuq_cli, "convert", shared_data / "stories260K.bin", "--out", hf).returncode == 0
+    text = tmp_path / "t.txt"
+    text.write_text("Once upon a time, there was a little girl named Lily. She loved to play outside in the sun. "
+                    "One day, she saw a big red ball in the park and ran to get it.")
+    tok = shared_data / "tok512.bin"
+    r = run(generate, "--tokenizer", tok, "--tokenize", text)
+    assert r.returncode == 0, r.stderr
+    ids = [int(x) for x in r.stdout.split()]
+    stats = tmp_path / "act.safetensors"
+    r = run(nuq_cli, "calibrate", "--model", hf, "--tokenizer", tok, "--text", text, "--out", stats)
+    assert r.returncode == 0, r.stderr
+    from safetensors.numpy import load_file
+    got = load_file(str(stats))["model.embed_tokens.weight"]
+    # One window: BOS, then every token but the last (window_input); the mean of the squared final hidden
+    # states per column, from the independent NumPy decoder.
+    w, cfg = read_llama2c(shared_data / "stories260K.bin")
+    hidden = numpy_hidden(w, cfg, [TOK_IDS[0]] + ids[:-1])
+    np.testing.assert_allclose(got, (hidden ** 2).mean(axis=0), rtol=1e-4)
+    # Quantizing the tied embedding finds the statistics (no "unweighted" warning), and the packed
+    # embedding and classifier evaluate.
+    out = tmp_path / "q"
+    r = run(nuq_cli, "quantize", hf, "--out", out, "--bits", 4, "--include", "embed_tokens|layers", "--fisher", stats)
+    assert r.returncode == 0, r.stderr
+    assert "unweighted" not in r.stderr, r.stderr
+    assert "model.embed_tokens" in (out / "quant_report.json").read_text()
+    j = eval_json(nuq_cli, "--model", out, "--tokenizer", tok, "--text", shared_data / "tinystories_valid.txt",
+                  "--max-tokens", 1000)
+    assert np.isfinite(j["perplexity"]) and j["perplexity"] < 2 * eval_json(
+        nuq_cli, "--model", hf, "--tokenizer", tok, "--text", shared_data / "tinystories_valid.txt",
+        "--max-tokens", 1000)["perplexity"]
 
 
 def test_bad_checkpoints_and_arguments(nuq_cli, generate, shared_data, tmp_path):

@@ -53,8 +53,8 @@ def test_calibrate_writes_what_nuq_calibrate_writes(nuq, nuq_cli, s260, tmp_path
     events = []
     r = nuq.calibrate(s260["hf"], s260["text"], tmp_path / "act.safetensors", hessian=tmp_path / "xtx.safetensors",
                       tokenizer=s260["tok"], max_tokens=3000, skip_tokens=100, threads=2, progress=events.append)
-    assert r["tokens"] == 3000 and r["windows"] == 6 and r["layers"] == 35
-    assert (r["hessian_inputs"], r["hessian_layers"]) == (20, 35)  # q/k/v and gate/up share their input
+    assert r["tokens"] == 3000 and r["windows"] == 6 and r["layers"] == 36  # 35 linear layers + the classifier
+    assert (r["hessian_inputs"], r["hessian_layers"]) == (21, 36)  # q/k/v and gate/up share their input
     assert [e["stage"] for e in events] == ["loaded"] + ["window"] * 6
     assert [e["window"] for e in events[1:]] == list(range(6)) and events[-1]["tokens_done"] == 3000
     assert all(e["windows"] == 6 and e["tokens"] == 3000 for e in events)
