@@ -18,6 +18,7 @@
 #include "nuq/linear_cpu.hpp"
 #include "nuq/llama.hpp"
 #include "nuq/quantize_checkpoint.hpp"
+#include "llama_logits.hpp"
 #include "random_llama.hpp"
 
 namespace {
@@ -81,20 +82,7 @@ class RemoveCheckpoints : public ::testing::Environment {
 };
 const auto* const remove_checkpoints = ::testing::AddGlobalTestEnvironment(new RemoveCheckpoints);
 
-std::vector<float> logits_of(const LlamaModel& model, const std::vector<int32_t>& tokens,
-                             const std::vector<int64_t>& steps) {
-  const auto& c = model.config();
-  const int64_t n = int64_t(tokens.size());
-  auto cache = model.new_cache(n);
-  std::vector<float> hidden(size_t(n * c.dim)), out(size_t(n * c.vocab_size));
-  for (int64_t i = 0, s = 0; i < n; s = (s + 1) % int64_t(steps.size())) {
-    const int64_t m = std::min(steps[size_t(s)], n - i);
-    model.forward(tokens.data() + i, m, *cache, hidden.data() + i * c.dim);
-    i += m;
-  }
-  model.logits(hidden.data(), n, out.data());
-  return out;
-}
+using nuq::testing::logits_of;
 
 TEST(LlamaLinearBackend, RunsEveryPackedLayerAndMatchesTheDecodedModel) {
   const Checkpoints& ck = checkpoints();
