@@ -383,9 +383,9 @@ struct LlamaModel::Impl {
     if (l.backend_id >= 0) return backend->run(l.backend_id, x, n, y);
     if (l.packed && n <= cpu::kMaxFusedBatch)
       return cpu::linear(*l.packed, x, l.cols, y, l.rows, n, {threads, std::nullopt, arithmetic});
-    // Prefill of a packed layer: decode a slab of rows at a time (bit-identical to the reference
-    // dequantizer) into the dense tiles below, built for the CPU's widest ISA unlike the library's
-    // baseline-ISA GEMM; a slab at a time keeps the scratch at 64 KiB however large the layer.
+    // Prefill of a packed layer: each thread decodes a slab of rows at a time (bit-identical to the
+    // reference dequantizer; ~64 KiB, at least 4 rows) into the dense tiles below, built for the CPU's
+    // widest ISA unlike the library's baseline-ISA GEMM, so the scratch does not grow with the layer.
     multiply(l, x, n, y);
   }
 
@@ -422,9 +422,6 @@ struct LlamaModel::Impl {
 
 namespace {
 
-// Where tensors come from while loading: small tensors (norm gains) as fp32 copies, matrices in place
-// (StoredMatrix) or, with LlamaLoadOptions::fp32_weights, as fp32 copies, plus the packed layers of nuq
-// checkpoints.
 // A weight's base name, the name its packed tensors share (`model.embed_tokens.weight` →
 // `model.embed_tokens`).
 std::string weight_base(const std::string& name) {
@@ -432,6 +429,9 @@ std::string weight_base(const std::string& name) {
   return name.ends_with(kSuffix) ? name.substr(0, name.size() - kSuffix.size()) : name;
 }
 
+// Where tensors come from while loading: small tensors (norm gains) as fp32 copies, matrices in place
+// (StoredMatrix) or, with LlamaLoadOptions::fp32_weights, as fp32 copies, plus the packed layers of nuq
+// checkpoints.
 class WeightSource {
  public:
   explicit WeightSource(bool fp32_weights) : fp32_weights_(fp32_weights) {}
