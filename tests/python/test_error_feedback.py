@@ -8,7 +8,7 @@ import pytest
 
 from nuq_package import dense_weight, import_nuq
 from test_fisher_cli import find_generate, hf  # noqa: F401 (hf: the converted stories260K fixture)
-from test_llama import numpy_logits, read_llama2c
+from test_llama import numpy_hidden, numpy_logits, read_llama2c
 from test_quantize_cli import assert_error, run
 
 
@@ -69,7 +69,7 @@ def test_calibrate_hessian_matches_numpy_and_drives_quantize(nuq, nuq_cli, share
     r = run(nuq_cli, "calibrate", "--model", hf, "--tokenizer", shared_data / "tok512.bin", "--text", text,
             "--out", act, "--hessian", hess)
     assert r.returncode == 0, r.stderr
-    assert "XᵀX of 20 distinct layer inputs (35 layers)" in r.stdout
+    assert "XᵀX of 21 distinct layer inputs (36 layers)" in r.stdout  # the 35 linear layers and the classifier
 
     r = run(find_generate(), "--tokenizer", shared_data / "tok512.bin", "--tokenize", text)
     assert r.returncode == 0, r.stderr
@@ -93,6 +93,11 @@ def test_calibrate_hessian_matches_numpy_and_drives_quantize(nuq, nuq_cli, share
             got = acc.matrix(name[kind])
             assert acc.count(name[kind]) == len(tokens)
             assert np.abs(got - want).max() <= 2e-4 * np.abs(want).max(), (layer, kind)
+    # The classifier's input, the final normed hidden states, under the tied embedding's name.
+    h = numpy_hidden(w, cfg, tokens)
+    want, got = h.T @ h / len(h), acc.matrix("model.embed_tokens")
+    assert acc.count("model.embed_tokens") == len(tokens)
+    assert np.abs(got - want).max() <= 2e-4 * np.abs(want).max()
 
     # Error feedback lowers nearly every layer's output error on the calibration inputs (what it minimizes).
     fb, measured = tmp_path / "fb", tmp_path / "measured"
