@@ -404,7 +404,7 @@ namespace {
 
 using detail::ModelReader;
 using detail::ModelTensor;
-using detail::base_of;
+using detail::weight_base;
 
 // Evenly spaced (by size) subset of the frontier for printing and the plan file; ends always kept.
 Json frontier_json(const std::vector<FrontierPoint>& frontier, int64_t weights, std::size_t max_points) {
@@ -458,7 +458,7 @@ CheckpointPlan plan_checkpoint(const CheckpointPlanOptions& options) {
   } else {
     plan.omega = OmegaKind::hessian;
     const ModelTensor& first = model.tensors().front();
-    if (stats->has_layer(base_of(first.name)) && !stats->has_hessian_matrix(base_of(first.name), first.shape[1]))
+    if (stats->has_layer(weight_base(first.name)) && !stats->has_hessian_matrix(weight_base(first.name), first.shape[1]))
       plan.omega = OmegaKind::hessian_diagonal;
   }
   const bool need_fisher = plan.omega == OmegaKind::fisher || plan.omega == OmegaKind::fisher_output;
@@ -488,14 +488,14 @@ CheckpointPlan plan_checkpoint(const CheckpointPlanOptions& options) {
       NUQ_CHECK(stats->has_fisher(t.name), Errc::invalid_argument,
                 "{}: no Fisher tensor '{}' for the weight of that name in {}", stats->path(), t.name, options.model);
     if (feedback)
-      NUQ_CHECK(feedback->has_layer(base_of(t.name)) && feedback->has_hessian_matrix(base_of(t.name), t.shape[1]),
-                Errc::invalid_argument, "{}: no full XᵀX for layer '{}' of {}", feedback->path(), base_of(t.name),
+      NUQ_CHECK(feedback->has_layer(weight_base(t.name)) && feedback->has_hessian_matrix(weight_base(t.name), t.shape[1]),
+                Errc::invalid_argument, "{}: no full XᵀX for layer '{}' of {}", feedback->path(), weight_base(t.name),
                 options.model);
     if (need_hessian || (stats && stats->is_calibrate_output()))
-      NUQ_CHECK(stats->has_layer(base_of(t.name)), Errc::invalid_argument,
+      NUQ_CHECK(stats->has_layer(weight_base(t.name)), Errc::invalid_argument,
                 "{}: no Hessian statistics for layer '{}' of {} (nor an alias naming the layer it shares its "
                 "input with)",
-                stats->path(), base_of(t.name), options.model);
+                stats->path(), weight_base(t.name), options.model);
   }
 
   const int64_t count = int64_t(model.tensors().size());
@@ -513,7 +513,7 @@ CheckpointPlan plan_checkpoint(const CheckpointPlanOptions& options) {
       ls.sensitivity = fisher.data();
     }
     if (need_hessian || (stats && stats->is_calibrate_output())) {
-      hdiag = stats->hessian_diagonal(base_of(t.name), cols);
+      hdiag = stats->hessian_diagonal(weight_base(t.name), cols);
       ls.hessian_diagonal = hdiag.data();
       if (stats->is_calibrate_output()) {
         // `nuq quantize --fisher` gives every row the same per-column sensitivities.
@@ -523,23 +523,23 @@ CheckpointPlan plan_checkpoint(const CheckpointPlanOptions& options) {
         ls.sensitivity = per_column.data();
       }
       if (plan.omega == OmegaKind::hessian) {
-        hessian = stats->hessian_matrix(base_of(t.name), cols);
+        hessian = stats->hessian_matrix(weight_base(t.name), cols);
         NUQ_CHECK(!hessian.empty(), Errc::invalid_argument,
                   "{}: layer '{}' has only the diagonal of XᵀX; use --omega hessian-diag or hawq", stats->path(),
-                  base_of(t.name));
+                  weight_base(t.name));
         ls.hessian = hessian.data();
       }
     }
     std::vector<double> xtx;
     if (feedback) {
-      xtx = feedback->hessian_matrix(base_of(t.name), cols);
+      xtx = feedback->hessian_matrix(weight_base(t.name), cols);
       ls.error_feedback_hessian = xtx.data();
       ls.damping = options.damping;
       if (plan.omega == OmegaKind::fisher_output) ls.hessian = xtx.data();
     }
     PlannedLayer layer;
     layer.name = t.name;
-    layer.base = base_of(t.name);
+    layer.base = weight_base(t.name);
     layer.rows = rows;
     layer.cols = cols;
     try {

@@ -15,6 +15,7 @@
 #include "activation_statistics.hpp"
 #include "nuq/error.hpp"
 #include "nuq/mapped_file.hpp"
+#include "tensor_names.hpp"
 #include "nuq/packed.hpp"
 #include "nuq/quantize.hpp"
 #include "nuq/safetensors.hpp"
@@ -178,7 +179,7 @@ int64_t write_means(const fs::path& work, int64_t blocks, const CalibrateOptions
     for (const auto& t : f.tensors()) {
       const ConstTensorView v = f.tensor(t.name);
       const auto* p = reinterpret_cast<const float*>(v.data());
-      means[t.name.substr(0, t.name.size() - std::string_view(".weight").size())].assign(p, p + v.shape().numel());
+      means[detail::weight_base(t.name)].assign(p, p + v.shape().numel());
     }
   }
   std::vector<std::pair<std::string, ConstTensorView>> views;

@@ -26,6 +26,7 @@
 #include "nuq/packed.hpp"
 #include "nuq/safetensors.hpp"
 #include "nuq/tensor.hpp"
+#include "tensor_names.hpp"
 
 namespace nuq {
 namespace {
@@ -422,12 +423,7 @@ struct LlamaModel::Impl {
 
 namespace {
 
-// A weight's base name, the name its packed tensors share (`model.embed_tokens.weight` →
-// `model.embed_tokens`).
-std::string weight_base(const std::string& name) {
-  constexpr std::string_view kSuffix = ".weight";
-  return name.ends_with(kSuffix) ? name.substr(0, name.size() - kSuffix.size()) : name;
-}
+using detail::weight_base;
 
 // Where tensors come from while loading: small tensors (norm gains) as fp32 copies, matrices in place
 // (StoredMatrix) or, with LlamaLoadOptions::fp32_weights, as fp32 copies, plus the packed layers of nuq

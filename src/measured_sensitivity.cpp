@@ -357,7 +357,7 @@ LayerMeasurement measure_layer(LlamaModel& model, DivergenceMeter& meter, int64_
                                const float* weight, const detail::QuantizerSteering& steering,
                                const std::vector<LayerConfig>& candidates, int threads) {
   const int64_t rows = t.shape[0], cols = t.shape[1];
-  const std::string base = detail::base_of(t.name);
+  const std::string base = detail::weight_base(t.name);
   const detail::QuantizerSteering::Layer inputs = steering.load(t);
   const LayerStatistics stats = inputs.statistics();
   std::vector<float> decoded(std::size_t(rows * cols));
@@ -396,7 +396,7 @@ ConstTensorView f64_view(const std::vector<double>& v) {
 
 // A finished layer in the partial directory: the values and the packed candidates (named as in the table).
 void write_layer_file(const std::string& path, int64_t index, const detail::ModelTensor& t, const LayerMeasurement& m) {
-  const std::string base = detail::base_of(t.name);
+  const std::string base = detail::weight_base(t.name);
   Json record{{"index", index}, {"name", t.name}, {"rows", t.shape[0]}, {"cols", t.shape[1]}};
   Json cs = Json::array();
   for (std::size_t i = 0; i < m.config.size(); ++i)
@@ -510,7 +510,7 @@ bool measure_sensitivity_table(const MeasuredTableOptions& o, const std::string&
   load.threads = o.threads;
   const auto model = LlamaModel::load(o.model, load);
   std::vector<std::string> bases;
-  for (const auto& t : reader.tensors()) bases.push_back(detail::base_of(t.name));
+  for (const auto& t : reader.tensors()) bases.push_back(detail::weight_base(t.name));
   const std::vector<int64_t> blocks = detail::decoder_blocks(*model, bases, o.model);
   DivergenceMeter meter(*model, windows);
 
@@ -615,7 +615,7 @@ DivergenceTable::DivergenceTable(const std::string& path) : impl_(std::make_uniq
     for (const Json& r : j.at("layers")) {
       Layer l;
       l.name = r.at("name").get<std::string>();
-      l.base = detail::base_of(l.name);
+      l.base = detail::weight_base(l.name);
       l.rows = r.at("rows").get<int64_t>();
       l.cols = r.at("cols").get<int64_t>();
       const auto values = [&](const std::string& suffix) {

@@ -43,13 +43,11 @@ Buffer ModelReader::read(const ModelTensor& t) const {
   return b;
 }
 
-std::string base_of(const std::string& name) { return name.substr(0, name.size() - std::string_view(".weight").size()); }
-
 std::vector<float> steering_sensitivity(const StatisticsFile& stats, const ModelTensor& t) {
   if (stats.kind() == StatsKind::fisher) return stats.fisher(t.name, t.shape);
   if (!stats.is_calibrate_output()) return {};
   const int64_t rows = t.shape[0], cols = t.shape[1];
-  const std::vector<double> diag = stats.hessian_diagonal(base_of(t.name), cols);
+  const std::vector<double> diag = stats.hessian_diagonal(weight_base(t.name), cols);
   std::vector<float> out(std::size_t(rows * cols));
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < cols; ++c) out[std::size_t(r * cols + c)] = float(diag[std::size_t(c)]);
@@ -75,18 +73,18 @@ void QuantizerSteering::check(const std::vector<ModelTensor>& tensors) const {
       NUQ_CHECK(stats_->has_fisher(t.name), Errc::invalid_argument, "{}: no Fisher tensor '{}'", stats_->path(),
                 t.name);
     if (stats_ && stats_->is_calibrate_output())
-      NUQ_CHECK(stats_->has_layer(base_of(t.name)), Errc::invalid_argument, "{}: no activation statistics for '{}'",
+      NUQ_CHECK(stats_->has_layer(weight_base(t.name)), Errc::invalid_argument, "{}: no activation statistics for '{}'",
                 stats_->path(), t.name);
     if (feedback_)
-      NUQ_CHECK(feedback_->has_layer(base_of(t.name)) && feedback_->has_hessian_matrix(base_of(t.name), t.shape[1]),
-                Errc::invalid_argument, "{}: no full XᵀX for layer '{}'", feedback_->path(), base_of(t.name));
+      NUQ_CHECK(feedback_->has_layer(weight_base(t.name)) && feedback_->has_hessian_matrix(weight_base(t.name), t.shape[1]),
+                Errc::invalid_argument, "{}: no full XᵀX for layer '{}'", feedback_->path(), weight_base(t.name));
   }
 }
 
 QuantizerSteering::Layer QuantizerSteering::load(const ModelTensor& t) const {
   Layer l;
   if (steers_) l.sensitivity = steering_sensitivity(*stats_, t);
-  if (feedback_) l.xtx = feedback_->hessian_matrix(base_of(t.name), t.shape[1]);
+  if (feedback_) l.xtx = feedback_->hessian_matrix(weight_base(t.name), t.shape[1]);
   l.damping = damping_;
   return l;
 }

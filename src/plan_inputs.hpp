@@ -13,6 +13,7 @@
 #include "nuq/safetensors.hpp"
 #include "nuq/sensitivity.hpp"
 #include "nuq/tensor.hpp"
+#include "tensor_names.hpp"
 
 namespace nuq::detail {
 
@@ -34,9 +35,6 @@ class ModelReader {
   std::unique_ptr<SafetensorsCheckpoint> st_;
   std::vector<ModelTensor> tensors_;
 };
-
-// "model.layers.0.mlp.up_proj.weight" -> "model.layers.0.mlp.up_proj"
-std::string base_of(const std::string& name);
 
 // The per-weight sensitivity `nuq quantize --fisher FILE` gives the nuq quantizer for tensor t: the Fisher
 // tensor itself, or a `nuq calibrate` file's per-column values repeated over the rows. Empty when the file
