@@ -233,6 +233,19 @@ void nuq_args(benchmark::internal::Benchmark* b) {
         for (int64_t threads : {1, 2}) b->Args({bits, s[0], s[1], batch, threads});
 }
 
+// A small decoder's layers (SmolLM2-135M: 576 wide, 1536 in the MLP, a 49152-token classifier), whose
+// 576-column rows are 2¼ activation blocks: per-row work (codebook tables, sums, sparse entries) weighs
+// as much as the dot products there, which the 4096-wide shapes above do not show.
+const std::vector<std::vector<int64_t>> kSmallDecoderShapes = {
+    {576, 576}, {192, 576}, {1536, 576}, {576, 1536}, {49152, 576}};
+
+void small_decoder_args(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"bits", "rows", "cols", "batch", "threads"});
+  for (const auto& s : kSmallDecoderShapes)
+    for (int64_t bits : {3, 4})
+      for (int64_t threads : {1, 2}) b->Args({bits, s[0], s[1], 1, threads});
+}
+
 void dense_args(benchmark::internal::Benchmark* b) {
   b->ArgNames({"bits", "rows", "cols", "batch", "threads"});
   for (const auto& s : kShapes)
@@ -244,6 +257,7 @@ void dense_args(benchmark::internal::Benchmark* b) {
 
 BENCHMARK_CAPTURE(nuq_gemv, avx512, Isa::avx512, nuq::cpu::Arithmetic::exact)->Name("gemv/impl:nuq/isa:avx512")->Apply(nuq_args)->UseRealTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK_CAPTURE(nuq_gemv, avx512_int8, Isa::avx512, nuq::cpu::Arithmetic::int8)->Name("gemv/impl:nuq_int8/isa:avx512")->Apply(nuq_args)->UseRealTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK_CAPTURE(nuq_gemv, avx512_int8_small, Isa::avx512, nuq::cpu::Arithmetic::int8)->Name("gemv_small/impl:nuq_int8/isa:avx512")->Apply(small_decoder_args)->UseRealTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK_CAPTURE(nuq_gemv, avx2, Isa::avx2, nuq::cpu::Arithmetic::exact)->Name("gemv/impl:nuq/isa:avx2")->Apply(nuq_args)->UseRealTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(eigen_fp32)->Name("gemv/impl:eigen_fp32")->Apply(dense_args)->UseRealTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(bf16_avx512)->Name("gemv/impl:bf16_avx512")->Apply(dense_args)->UseRealTime()->Unit(benchmark::kMicrosecond);

@@ -223,19 +223,27 @@ void check_int8_layer(const format::PackedLinearView& w) {
 // One block of activations to int8 in natural column order; returns its scale d (0 for an all-zero
 // block, NaN when the block holds a non-finite value, which then propagates to the outputs as it
 // would in the exact path). The one definition of activation quantization for the kernel and the
-// reference.
+// reference. Written so that the compiler vectorizes both loops (it runs once per block on every
+// decode step of every layer; with a libm call per element it was 4% of SmolLM2's generation time):
+// the largest |x| as the largest sign-cleared bit pattern (for non-negative floats the integer order is
+// the numeric order, and every non-finite value lies above the largest finite one), and rounding by
+// adding and taking away 1.5·2²³, which leaves v rounded to nearest even as std::nearbyint does in the
+// default rounding mode (|v| <= 127 here; the build never enables -ffast-math, which would fold it).
 float quantize_activation_block(const float* x, int64_t n, int8_t* q) {
-  float max_abs = 0.0f;
-  bool finite = true;
+  uint32_t max_bits = 0;
   for (int64_t i = 0; i < n; ++i) {
-    finite = finite && std::isfinite(x[i]);
-    max_abs = std::max(max_abs, std::fabs(x[i]));
+    uint32_t bits;
+    std::memcpy(&bits, x + i, sizeof bits);
+    max_bits = std::max(max_bits, bits & 0x7FFFFFFFu);
   }
   std::fill(q, q + kInt8Block, int8_t(0));
-  if (!finite) return std::numeric_limits<float>::quiet_NaN();
-  if (max_abs == 0.0f) return 0.0f;
+  if (max_bits >= 0x7F800000u) return std::numeric_limits<float>::quiet_NaN();
+  if (max_bits == 0) return 0.0f;
+  float max_abs;
+  std::memcpy(&max_abs, &max_bits, sizeof max_abs);
   const float d = max_abs / 127.0f;
-  for (int64_t i = 0; i < n; ++i) q[i] = int8_t(std::nearbyint(x[i] / d));
+  constexpr float kRound = 12582912.0f;  // 1.5·2²³
+  for (int64_t i = 0; i < n; ++i) q[i] = int8_t(int32_t((x[i] / d + kRound) - kRound));
   return d;
 }
 

@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "linear_kernel.hpp"
 
@@ -84,62 +85,129 @@ struct TableIndices {
   }
 };
 
-// The row's codebook for group g as unsigned bytes q + 128, spread into the 4 vpermb tables of
-// table_maps, and its scale s. q = round-to-nearest-even(c / s), as linear_int8_ref computes it; the +128
-// makes the table unsigned for vpdpbusd, and the dispatcher's xoffset removes it again.
+// Every (row, group) codebook of rows [r0, r1) as unsigned bytes q + 128 (16 bytes each, the first E
+// used) and its scale s, converted in one pass before any row is multiplied. q = round-to-nearest-even(
+// c / s), as linear_int8_ref computes it; the +128 makes the table unsigned for vpdpbusd, and the
+// dispatcher's xoffset removes it again. Converted up front because each conversion is a long
+// dependency chain (fp16 → max → divide → round) that, done at the top of its row, delays the row's
+// first block; here the chains of consecutive codebooks overlap, and 3-bit codebooks go two at a time.
+// That weighs on narrow rows (SmolLM2's 576 columns are 2¼ blocks), not on 4096-wide ones.
+struct Int8Codebooks {
+  const uint8_t* codes;  // [row - first_row][group][16]
+  const float* scales;   // [row - first_row][group]
+  int64_t first_row;
+};
+
 template <int BITS>
-inline void int8_tables(const uint16_t* lut, const TableIndices<BITS>& maps, __m512i tables[4], float* scale) {
+Int8Codebooks int8_codebooks(const KernelArgs& a, int64_t r0, int64_t r1) {
   constexpr int E = 1 << BITS;
-  const __m512 c = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(__mmask16((1u << E) - 1), lut));
-  const float s = int8_codebook_scale(_mm512_reduce_max_ps(_mm512_abs_ps(c)));
-  *scale = s;
-  const __m128i q = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_div_ps(c, _mm512_set1_ps(s))));
-  const __m512i codes = _mm512_zextsi128_si512(_mm_xor_si128(q, _mm_set1_epi8(char(0x80))));
-  for (int t = 0; t < 4; ++t) tables[t] = _mm512_permutexvar_epi8(maps.map[t], codes);
+  thread_local std::vector<uint8_t> codes;
+  thread_local std::vector<float> scales;
+  const int64_t n = (r1 - r0) * a.groups;
+  codes.resize(size_t(n * 16));
+  scales.resize(size_t(n));
+  const uint16_t* lut = a.lut + r0 * a.groups * E;
+  int64_t i = 0;
+  if constexpr (E == 8) {
+    // Two 3-bit codebooks per register: each 8-lane half reduces to its own maximum (within 128-bit
+    // lanes, then across the pair of them), so one division and conversion serve both.
+    const __m512 smallest = _mm512_set1_ps(int8_codebook_scale(0.0f));
+    for (; i + 2 <= n; i += 2) {
+      const __m512 c = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(lut + i * E)));
+      __m512 m = _mm512_abs_ps(c);
+      m = _mm512_max_ps(m, _mm512_permute_ps(m, 0x4E));
+      m = _mm512_max_ps(m, _mm512_permute_ps(m, 0xB1));
+      m = _mm512_max_ps(m, _mm512_shuffle_f32x4(m, m, 0xB1));
+      // int8_codebook_scale per lane: max/127, the smallest normal float for an all-zero codebook.
+      const __m512 scale = _mm512_mask_div_ps(smallest, _mm512_cmp_ps_mask(m, _mm512_setzero_ps(), _CMP_GT_OQ), m,
+                                              _mm512_set1_ps(127.0f));
+      const __m128i q = _mm_xor_si128(_mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_div_ps(c, scale))),
+                                      _mm_set1_epi8(char(0x80)));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(codes.data() + 16 * i), q);
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(codes.data() + 16 * (i + 1)), _mm_unpackhi_epi64(q, q));
+      scales[size_t(i)] = _mm512_cvtss_f32(scale);
+      scales[size_t(i + 1)] = _mm512_cvtss_f32(_mm512_shuffle_f32x4(scale, scale, 0x02));
+    }
+  }
+  for (; i < n; ++i) {
+    const __m512 c = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(__mmask16((1u << E) - 1), lut + i * E));
+    const float s = int8_codebook_scale(_mm512_reduce_max_ps(_mm512_abs_ps(c)));
+    const __m128i q = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_div_ps(c, _mm512_set1_ps(s))));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes.data() + 16 * i), _mm_xor_si128(q, _mm_set1_epi8(char(0x80))));
+    scales[size_t(i)] = s;
+  }
+  return {codes.data(), scales.data(), r0};
+}
+
+// A codebook's 4 vpermb tables (table_maps).
+template <int BITS>
+inline void int8_tables(const uint8_t* codes, const TableIndices<BITS>& maps, __m512i tables[4]) {
+  const __m512i c = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
+  for (int t = 0; t < 4; ++t) tables[t] = _mm512_permutexvar_epi8(maps.map[t], c);
+}
+
+// What every row of a layer shares, worked out once per task instead of once per block: where the
+// 1-bit plane starts, how many blocks lie wholly inside the stored row, and the load masks of the one
+// block that does not (rows are padded to 64 columns, blocks are 256).
+struct RowGeometry {
+  int64_t hi_offset;     // bytes from a row's start to its 1-bit plane (3 bits)
+  int64_t full_blocks;   // blocks read with plain loads; a block after them is the tail
+  __mmask64 lo_tail[2];  // the tail block's low-plane bytes, per 64-byte half (the second: 4 bits)
+  __mmask32 hi_tail;     // and its 1-bit plane bytes
+};
+
+template <int BITS>
+RowGeometry row_geometry(const KernelArgs& a) {
+  auto first = [](int64_t n) {  // a mask of the first n of 64 bytes
+    return n <= 0 ? __mmask64(0) : n >= 64 ? ~__mmask64(0) : (~__mmask64(0)) >> (64 - n);
+  };
+  const int64_t tail_cols = a.padded % 256;  // 0, 64, 128 or 192
+  const int64_t lo_tail_bytes = tail_cols * (BITS == 4 ? 4 : 2) / 8;
+  RowGeometry geo{};
+  geo.hi_offset = a.padded / 4;
+  geo.full_blocks = a.padded / 256;
+  geo.lo_tail[0] = first(lo_tail_bytes);
+  geo.lo_tail[1] = first(lo_tail_bytes - 64);
+  geo.hi_tail = __mmask32(first(tail_cols / 8));
+  return geo;
 }
 
 // The 4 looked-up vectors (table bytes) of block k of a row, in the activation order of Int8Args:
 // lane l of vector t holds column 4l + t (2 and 3 bits) or 128h + 2l + (t & 1) for t = 2h + (t & 1)
 // (4 bits), i.e. what the old shift-and-mask decode produced, so the activation layout is unchanged.
-template <int BITS>
-inline void lookup_block(const KernelArgs& a, const uint8_t* row, int64_t k, const __m512i tables[4],
+// TAIL: the block runs past the stored row; masked loads read what is there and zeros beyond (masked-off
+// bytes are never touched, so they cannot fault), and those columns meet zero activations.
+template <int BITS, bool TAIL>
+inline void lookup_block(const RowGeometry& geo, const uint8_t* row, int64_t k, const __m512i tables[4],
                          __m512i v[4]) {
   constexpr int LO = BITS == 4 ? 128 : 64;  // low-plane bytes per 256 columns
-  const int64_t lo_bytes = a.padded * (BITS == 4 ? 4 : 2) / 8;
-  // The last block may extend past the row (rows are padded to 64 columns only): masked loads read what
-  // is there and zeros beyond (masked-off bytes are never touched, so they cannot fault); those columns
-  // meet zero activations.
-  const int64_t avail = lo_bytes - k * LO;
-  auto load64 = [](const uint8_t* p, int64_t n) {
-    return n >= 64 ? _mm512_loadu_si512(p)
-                   : _mm512_maskz_loadu_epi8(n <= 0 ? __mmask64(0) : (~__mmask64(0)) >> (64 - n), p);
-  };
   const uint8_t* lo = row + k * LO;
+  auto load_lo = [&](int half) {
+    return TAIL ? _mm512_maskz_loadu_epi8(geo.lo_tail[half], lo + 64 * half) : _mm512_loadu_si512(lo + 64 * half);
+  };
   // 16-bit shifts move bits across the two bytes of a word, but only into bit positions the tables
   // ignore (vpermb never reads bits 6-7; the select below takes the top bits from elsewhere).
   if constexpr (BITS == 4) {
     for (int h = 0; h < 2; ++h) {
-      const __m512i w = load64(lo + 64 * h, avail - 64 * h);
+      const __m512i w = load_lo(h);
       v[2 * h] = _mm512_permutexvar_epi8(w, tables[0]);
       v[2 * h + 1] = _mm512_permutexvar_epi8(_mm512_srli_epi16(w, 2), tables[1]);
     }
   } else if constexpr (BITS == 2) {
-    const __m512i w = load64(lo, avail);
+    const __m512i w = load_lo(0);
     v[0] = _mm512_permutexvar_epi8(w, tables[0]);
     v[1] = _mm512_permutexvar_epi8(w, tables[1]);
     v[2] = _mm512_permutexvar_epi8(w, tables[2]);
     v[3] = _mm512_permutexvar_epi8(_mm512_srli_epi16(w, 2), tables[3]);
   } else {
-    const __m512i w = load64(lo, avail);
+    const __m512i w = load_lo(0);
     // The top bits of these 256 columns are 32 bytes of the 1-bit plane, byte m holding columns
     // 8m .. 8m + 7, i.e. the columns of low-plane bytes 2m (bits 0-3) and 2m + 1 (bits 4-7). Widened to
     // 4 bytes per 64-bit lane, one vpmultishiftqb puts the nibble of low-plane byte l into bits 0-3 of
     // byte l (byte j of a lane takes the 8 bits from bit 4j).
-    const uint8_t* hi = row + a.padded / 4 + k * 32;
-    const int64_t hi_avail = a.padded / 8 - k * 32;
-    const __m256i hi_bytes =
-        hi_avail >= 32 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(hi))
-                       : _mm256_maskz_loadu_epi8(__mmask32((uint64_t(1) << hi_avail) - 1), hi);
+    const uint8_t* hi = row + geo.hi_offset + k * 32;
+    const __m256i hi_bytes = TAIL ? _mm256_maskz_loadu_epi8(geo.hi_tail, hi)
+                                  : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(hi));
     const __m512i top = _mm512_multishift_epi64_epi8(_mm512_set1_epi64(0x1C1814100C080400LL),
                                                      _mm512_cvtepu32_epi64(hi_bytes));
     // select(mask, a, b) = mask ? a : b per bit (vpternlogd 0xCA).
@@ -156,20 +224,18 @@ inline void lookup_block(const KernelArgs& a, const uint8_t* row, int64_t k, con
 // batch row's 4 activation vectors in vpdpbusd (exact int32: at most 16 products of 255·127 per lane),
 // then one conversion and one FMA with the block's activation scale d, read as an embedded broadcast.
 // The codebook scale s is constant over a group, so it multiplies the group's sum once (a horizontal
-// sum per group; once per row with per-row codebooks) instead of costing a scalar multiply and a
-// broadcast per block and batch row. A row's result is that total minus s·xoffset, which takes the +128
-// of the table out again (Σ (q+128)·xq·d = Σ q·xq·d + 128·Σ xq·d). Every row adds its blocks in column
-// order into its own accumulators whatever R and BT are, so results do not depend on how rows or batch
-// rows are grouped.
+// sum per group; once per row with per-row codebooks) instead of costing a scalar multiply and a broadcast per block and batch row. A row's result is that
+// total minus s·xoffset, which takes the +128 of the table out again (Σ (q+128)·xq·d = Σ q·xq·d +
+// 128·Σ xq·d). Every row adds its blocks in column order into its own accumulators whatever R and BT
+// are, so results do not depend on how rows or batch rows are grouped.
 template <int BITS, int BT, int R>
-inline void gemv_rows_int8(const Int8Args& g, int64_t r, int64_t b0, float* out) {
+inline void gemv_rows_int8(const Int8Args& g, const RowGeometry& geo, const TableIndices<BITS>& maps,
+                           const Int8Codebooks& books, int64_t r, int64_t b0, float* out) {
   const KernelArgs& a = g.layer;
-  constexpr int E = 1 << BITS;
   constexpr int LO = BITS == 4 ? 128 : 64;  // low-plane bytes per block
   // Up to 2 batch rows, two interleaved vpdpbusd chains per block hide the instruction's latency; from 3
   // on the batch rows themselves are independent chains.
   constexpr bool kTwoChains = BT <= 2;
-  static const TableIndices<BITS> maps;
   const uint8_t* rows[R];
   float total[R][BT], offset[R][BT];
   for (int i = 0; i < R; ++i) {
@@ -181,15 +247,15 @@ inline void gemv_rows_int8(const Int8Args& g, int64_t r, int64_t b0, float* out)
     __m512i tables[R][4];
     __m512 acc[R][BT];
     for (int i = 0; i < R; ++i) {
-      int8_tables<BITS>(a.lut + ((r + i) * a.groups + grp) * E, maps, tables[i], &s[i]);
+      const int64_t book = (r + i - books.first_row) * a.groups + grp;
+      int8_tables<BITS>(books.codes + 16 * book, maps, tables[i]);
+      s[i] = books.scales[book];
       for (int b = 0; b < BT; ++b) {
         acc[i][b] = _mm512_setzero_ps();
         offset[i][b] += s[i] * g.xoffset[(b0 + b) * a.groups + grp];
       }
     }
-    const int64_t k0 = grp * g.blocks_per_group;
-    const int64_t k1 = k0 + g.blocks_per_group < g.blocks ? k0 + g.blocks_per_group : g.blocks;
-    for (int64_t k = k0; k < k1; ++k) {
+    auto block = [&](int64_t k, auto tail) {
       __m512i v[R][4];
       for (int i = 0; i < R; ++i) {
         // Every cache line of the weights is requested 16 KiB ahead of the pass, as in the exact kernel
@@ -202,8 +268,8 @@ inline void gemv_rows_int8(const Int8Args& g, int64_t r, int64_t b0, float* out)
         __builtin_prefetch(ahead + k * LO, 0, 3);
         if constexpr (BITS == 4) __builtin_prefetch(ahead + k * LO + 64, 0, 3);
         if constexpr (BITS == 3)
-          if (k % 2 == 0) __builtin_prefetch(ahead + a.padded / 4 + k * 32, 0, 3);
-        lookup_block<BITS>(a, rows[i], k, tables[i], v[i]);
+          if (k % 2 == 0) __builtin_prefetch(ahead + geo.hi_offset + k * 32, 0, 3);
+        lookup_block<BITS, decltype(tail)::value>(geo, rows[i], k, tables[i], v[i]);
       }
       for (int b = 0; b < BT; ++b) {
         const int8_t* xq = g.xq + (k * a.batch + b0 + b) * 256;
@@ -223,7 +289,12 @@ inline void gemv_rows_int8(const Int8Args& g, int64_t r, int64_t b0, float* out)
           acc[i][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(*d), acc[i][b]);
         }
       }
-    }
+    };
+    const int64_t k0 = grp * g.blocks_per_group;
+    const int64_t k1 = k0 + g.blocks_per_group < g.blocks ? k0 + g.blocks_per_group : g.blocks;
+    const int64_t full_end = k1 < geo.full_blocks ? k1 : geo.full_blocks;
+    for (int64_t k = k0; k < full_end; ++k) block(k, std::false_type{});
+    for (int64_t k = full_end > k0 ? full_end : k0; k < k1; ++k) block(k, std::true_type{});
     for (int i = 0; i < R; ++i)
       for (int b = 0; b < BT; ++b) total[i][b] += s[i] * _mm512_reduce_add_ps(acc[i][b]);
   }
@@ -240,17 +311,18 @@ inline void gemv_rows_int8(const Int8Args& g, int64_t r, int64_t b0, float* out)
 constexpr int int8_rows_per_pass(int bits, int bt) { return bits != 4 || bt > 2 ? 2 : 1; }
 
 template <int BITS, int BT>
-void gemv_tile_int8(const Int8Args& g, int64_t r0, int64_t r1, int64_t b0) {
+void gemv_tile_int8(const Int8Args& g, const RowGeometry& geo, const TableIndices<BITS>& maps,
+                    const Int8Codebooks& books, int64_t r0, int64_t r1, int64_t b0) {
   const KernelArgs& a = g.layer;
   constexpr int R = int8_rows_per_pass(BITS, BT);
   for (int64_t r = r0; r < r1;) {
     float sum[R * BT];
     int n = 1;
     if (r + R <= r1) {
-      gemv_rows_int8<BITS, BT, R>(g, r, b0, sum);
+      gemv_rows_int8<BITS, BT, R>(g, geo, maps, books, r, b0, sum);
       n = R;
     } else {
-      gemv_rows_int8<BITS, BT, 1>(g, r, b0, sum);
+      gemv_rows_int8<BITS, BT, 1>(g, geo, maps, books, r, b0, sum);
     }
     for (int i = 0; i < n; ++i) {
       if (a.nnz > 0) {
@@ -267,9 +339,11 @@ void gemv_tile_int8(const Int8Args& g, int64_t r0, int64_t r1, int64_t b0) {
 }
 
 template <int BITS, int... T>
-inline void int8_tile_switch(int bt, std::integer_sequence<int, T...>, const Int8Args& g, int64_t r0, int64_t r1,
+inline void int8_tile_switch(int bt, std::integer_sequence<int, T...>, const Int8Args& g, const RowGeometry& geo,
+                             const TableIndices<BITS>& maps, const Int8Codebooks& books, int64_t r0, int64_t r1,
                              int64_t b0) {
-  const bool done = ((bt == T + 1 ? (gemv_tile_int8<BITS, T + 1>(g, r0, r1, b0), true) : false) || ...);
+  const bool done =
+      ((bt == T + 1 ? (gemv_tile_int8<BITS, T + 1>(g, geo, maps, books, r0, r1, b0), true) : false) || ...);
   if (!done) kernel_unsupported("int8 batch tile", bt);
 }
 
@@ -278,9 +352,12 @@ inline void int8_tile_switch(int bt, std::integer_sequence<int, T...>, const Int
 void gemv_rows_int8_avx512(const Int8Args& g, int64_t r0, int64_t r1) {
   with_bits(g.layer.bits, [&](auto bc) {
     constexpr int BITS = decltype(bc)::value;
+    static const TableIndices<BITS> maps;
+    const RowGeometry geo = row_geometry<BITS>(g.layer);
+    const Int8Codebooks books = int8_codebooks<BITS>(g.layer, r0, r1);
     for (int64_t b0 = 0; b0 < g.layer.batch; b0 += kMaxTile) {
       const int bt = int(g.layer.batch - b0 < kMaxTile ? g.layer.batch - b0 : kMaxTile);
-      int8_tile_switch<BITS>(bt, std::make_integer_sequence<int, kMaxTile>{}, g, r0, r1, b0);
+      int8_tile_switch<BITS>(bt, std::make_integer_sequence<int, kMaxTile>{}, g, geo, maps, books, r0, r1, b0);
     }
   });
 }

@@ -63,10 +63,14 @@ struct Int8Args {
   int64_t blocks_per_group;
 };
 void gemv_rows_int8_avx512(const Int8Args& args, int64_t r0, int64_t r1);
-// The int8 scale of a codebook of n fp16 values: max|c|/127, or 1 when all are 0. Shared definition
+// The int8 scale of a codebook of n fp16 values: max|c|/127, or the smallest normal float when all are 0
+// (any positive scale gives codes of 0; a tiny one keeps the kernel's 128·s offset, which it adds and
+// takes out again around the sparse entries, from costing those entries precision). Shared definition
 // for the kernel and the reference (both divide by it and round to nearest even). `static`: every unit
 // gets its own copy, so the AVX-512 unit's cannot serve the baseline code (see the top of this file).
-static inline float int8_codebook_scale(float max_abs) { return max_abs > 0.0f ? max_abs / 127.0f : 1.0f; }
+static inline float int8_codebook_scale(float max_abs) {
+  return max_abs > 0.0f ? max_abs / 127.0f : 1.17549435e-38f;  // FLT_MIN
+}
 
 // Columns of one chunk for `lanes` 32-bit lanes (fields per word × lanes).
 constexpr int64_t chunk_cols(int bits, int lanes) { return int64_t(lanes) * (bits == 4 ? 8 : 16); }
