@@ -106,6 +106,10 @@ Int8Codebooks int8_codebooks(const KernelArgs& a, int64_t r0, int64_t r1) {
   const int64_t n = (r1 - r0) * a.groups;
   codes.resize(size_t(n * 16));
   scales.resize(size_t(n));
+  // Plain pointers: the byte stores below may alias anything, so through the thread_local vectors the
+  // compiler would reload their data pointers (a thread-local access) on every codebook.
+  uint8_t* const code_out = codes.data();
+  float* const scale_out = scales.data();
   const uint16_t* lut = a.lut + r0 * a.groups * E;
   int64_t i = 0;
   if constexpr (E == 8) {
@@ -123,20 +127,20 @@ Int8Codebooks int8_codebooks(const KernelArgs& a, int64_t r0, int64_t r1) {
                                               _mm512_set1_ps(127.0f));
       const __m128i q = _mm_xor_si128(_mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_div_ps(c, scale))),
                                       _mm_set1_epi8(char(0x80)));
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(codes.data() + 16 * i), q);
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(codes.data() + 16 * (i + 1)), _mm_unpackhi_epi64(q, q));
-      scales[size_t(i)] = _mm512_cvtss_f32(scale);
-      scales[size_t(i + 1)] = _mm512_cvtss_f32(_mm512_shuffle_f32x4(scale, scale, 0x02));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(code_out + 16 * i), q);
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(code_out + 16 * (i + 1)), _mm_unpackhi_epi64(q, q));
+      scale_out[i] = _mm512_cvtss_f32(scale);
+      scale_out[i + 1] = _mm512_cvtss_f32(_mm512_shuffle_f32x4(scale, scale, 0x02));
     }
   }
   for (; i < n; ++i) {
     const __m512 c = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(__mmask16((1u << E) - 1), lut + i * E));
     const float s = int8_codebook_scale(_mm512_reduce_max_ps(_mm512_abs_ps(c)));
     const __m128i q = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_div_ps(c, _mm512_set1_ps(s))));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes.data() + 16 * i), _mm_xor_si128(q, _mm_set1_epi8(char(0x80))));
-    scales[size_t(i)] = s;
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(code_out + 16 * i), _mm_xor_si128(q, _mm_set1_epi8(char(0x80))));
+    scale_out[i] = s;
   }
-  return {codes.data(), scales.data(), r0};
+  return {code_out, scale_out, r0};
 }
 
 // A codebook's 4 vpermb tables (table_maps).
