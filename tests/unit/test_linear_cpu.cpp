@@ -312,7 +312,13 @@ std::vector<LayerSpec> int8_specs() {
   std::vector<LayerSpec> specs;
   for (const LayerSpec& s : layer_specs())
     if (s.group_size == s.cols || s.group_size % nuq::cpu::kInt8Block == 0) specs.push_back(s);
-  for (int bits : {2, 3, 4}) specs.push_back({5, 14336, bits, 14336, true});  // a long row, several blocks
+  for (int bits : {2, 3, 4}) {
+    specs.push_back({5, 14336, bits, 14336, true});  // a long row, several blocks
+    // Rows whose last block holds 192 of its 256 columns (700 → 704 stored), the one tail length the
+    // shapes above miss (they leave 0, 64 or 128), and SmolLM2's 576 columns (a 64-column tail).
+    specs.push_back({9, 700, bits, 700, true});
+    specs.push_back({9, 576, bits, 576, true});
+  }
   return specs;
 }
 
@@ -414,6 +420,44 @@ TEST(LinearCpuInt8, KernelMatchesTheInt8ReferenceForAnyThreadCount) {
       }
     }
   }
+}
+
+// A row whose codebook is all zeros (everything it has lives in the sparse part) gives its sparse sum
+// to fp32 precision. Its int8 scale must be tiny rather than, say, 1: the kernel multiplies table entries
+// q + 128 and takes 128·s·Σ d·xq out again, so with s = 1 that cancellation (≈ 128·Σ|x|) would swamp
+// the row's actual value.
+TEST(LinearCpuInt8, AllZeroCodebookRowKeepsItsSparseSum) {
+  const int64_t rows = 3, cols = 700, per_row = 4;
+  nuq::PackedLinear p(rows, cols, 3, cols, rows * per_row);
+  auto* q = p.qweight.data_as<uint8_t>();
+  for (int64_t i = 0; i < rows * p.view().row_stride(); ++i) q[i] = uint8_t(i * 37 + 11);
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  auto* lut = p.lut.data_as<uint16_t>();
+  for (int64_t r = 0; r < rows; ++r)
+    for (int e = 0; e < 8; ++e) lut[r * 8 + e] = nuq::float_to_fp16(r == 1 ? 0.0f : 0.02f * float(e - 4));
+  auto* row_ptr = p.sparse_row_ptr.data_as<int32_t>();
+  auto* col = p.sparse_col_idx.data_as<uint16_t>();
+  auto* val = p.sparse_values.data_as<uint16_t>();
+  for (int64_t r = 0; r <= rows; ++r) row_ptr[r] = int32_t(r * per_row);
+  for (int64_t k = 0; k < rows * per_row; ++k) {
+    col[k] = uint16_t(k % per_row * 170 + 3);
+    val[k] = nuq::float_to_fp16(0.1f * normal(rng));
+  }
+  std::vector<float> x(cols);
+  for (auto& v : x) v = normal(rng);
+  double expected = 0, magnitude = 0;
+  for (int32_t k = row_ptr[1]; k < row_ptr[2]; ++k) {
+    expected += double(nuq::fp16_to_float(val[k])) * double(x[col[k]]);
+    magnitude += std::fabs(double(nuq::fp16_to_float(val[k])) * double(x[col[k]]));
+  }
+  LinearOptions opt;
+  opt.arithmetic = nuq::cpu::Arithmetic::int8;
+  std::vector<float> y(rows), y_ref(rows);
+  nuq::cpu::linear(p.view(), x.data(), cols, y.data(), rows, 1, opt);
+  nuq::cpu::linear_int8_ref(p.view(), x.data(), cols, y_ref.data(), rows, 1);
+  EXPECT_NEAR(y_ref[1], expected, 1e-6 * magnitude);
+  EXPECT_NEAR(y[1], expected, 1e-6 * magnitude) << "int8 kernel (reference: " << y_ref[1] << ")";
 }
 
 TEST(LinearCpuInt8, UnsupportedGroupsAndNonFiniteActivations) {
