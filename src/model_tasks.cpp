@@ -295,6 +295,9 @@ CalibrateResult calibrate_activations(const CalibrateOptions& o, const TextTaskC
   NUQ_CHECK(o.hessian.empty() || fs::path(o.hessian) != fs::path(o.out), Errc::invalid_argument,
             "{} and {} name the same file {}", arg_name(style, "--hessian", "hessian"), arg_name(style, "--out", "out"),
             o.out);
+  NUQ_CHECK(!o.sequential || (o.by_block && !o.hessian.empty()), Errc::invalid_argument,
+            "the sequential order ({}) needs {} and {}", arg_name(style, "--sequential", "sequential"),
+            arg_name(style, "--by-block", "by_block=True"), arg_name(style, "--hessian", "hessian"));
   LlamaLoadOptions load;
   load.threads = o.threads;
   // By block, each block's weights are read once per window and not again after the block: they need

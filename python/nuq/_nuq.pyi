@@ -203,7 +203,8 @@ def cuda_kv_decode_workspace_bytes(batch: int, n_heads: int, head_dim: int, max_
 
 # Private entry points of python/nuq/_tasks.py.
 def _calibrate(model: str, text: str, out: str, hessian: Optional[str], tokenizer: Optional[str], ctx: int,
-               max_tokens: int, skip_tokens: int, threads: int, progress: object) -> Any: ...
+               max_tokens: int, skip_tokens: int, threads: int, by_block: bool, sequential_bits: int,
+               sequential_sparse: float, progress: object) -> Any: ...
 def _fisher(model: str, text: str, out: str, tokenizer: Optional[str], ctx: int, max_tokens: int, skip_tokens: int,
             threads: int, progress: object) -> Any: ...
 def _evaluate(model: str, text: str, tokenizer: Optional[str], ctx: int, max_tokens: int, step: int, threads: int,

@@ -157,9 +157,16 @@ def _named(value_name: str, reporter: Reporter) -> Any:
 
 # ---- whole-model tasks ---------------------------------------------------------------------------------
 
+def _calibrate_bar(event: ProgressEvent) -> Optional[BarStep]:
+    if event["stage"] == "block":
+        return event["blocks"], event["block"] + 1, ""
+    return _window_bar(event)
+
+
 def calibrate(model: PathLike, text: PathLike, out: PathLike, *, hessian: Optional[PathLike] = None,
               tokenizer: Optional[PathLike] = None, ctx: int = 512, max_tokens: int = 32768, skip_tokens: int = 0,
-              threads: int = 0, progress: ProgressArg = True) -> CalibrateResult:
+              threads: int = 0, by_block: bool = False, sequential: Optional[int] = None,
+              sequential_sparse: _args.Fraction = 0.0, progress: ProgressArg = True) -> CalibrateResult:
     """Activation statistics of every linear layer's input, from a forward pass over a text (`nuq calibrate`).
 
     model: the checkpoint to be quantized (llama2.c .bin, .gguf, safetensors file or directory; the
@@ -171,16 +178,32 @@ def calibrate(model: PathLike, text: PathLike, out: PathLike, *, hessian: Option
     tokenizer: default the model's own (GGUF) or tokenizer.json next to a safetensors checkpoint.
     ctx: window length in tokens, BOS included. max_tokens: tokens of text to run (0: all).
     skip_tokens: start this far into the text (keep calibration and evaluation text apart).
-    threads: 0 = all cores. progress: see the module docstring (events: stage 'loaded', then 'window'
-        with window, windows, tokens_done, window_seconds, elapsed_seconds).
-    Both files are written atomically after the last window; a stopped run writes neither.
+    threads: 0 = all cores.
+    by_block: run the model one decoder block at a time over all tokens (`nuq calibrate --by-block`):
+        memory holds one block's weights and statistics plus the tokens' hidden states (for models larger
+        than memory), a rerun with the same inputs resumes after the last finished block, and `hessian`
+        names a directory of per-block shards. Same values as the one-pass run.
+    sequential: with by_block and hessian, GPTQ's sequential order (`--sequential B`): each block is
+        quantized to this many bits (nuq, error feedback from its XᵀX, `sequential_sparse` as
+        quantize_checkpoint's outlier_fraction) before the next block runs on its outputs; then
+        quantize_checkpoint(bits=B, outlier_fraction=F, hessian=...) with the same values reproduces them.
+    progress: see the module docstring (events: stage 'loaded', then 'window' with window, windows,
+        tokens_done, window_seconds, elapsed_seconds; by block, 'disk' with where, bytes_needed,
+        bytes_free, then 'block' with block, blocks, first_block, block_seconds, elapsed_seconds).
+    Both files are written atomically after the last window (block); a stopped run writes neither.
     """
     fn = "calibrate"
+    if sequential is not None:
+        sequential = _args.bits(fn, sequential, name="sequential")
+    sparse = _args.fraction(fn, "sequential_sparse", sequential_sparse)
+    if sparse and sequential is None:
+        raise ValueError(f"{fn}: sequential_sparse is used only with sequential=BITS")
     args = (_args.path(fn, "model", model), _args.path(fn, "text", text), _args.path(fn, "out", out),
             _args.optional_path(fn, "hessian", hessian), _args.optional_path(fn, "tokenizer", tokenizer),
             _args.integer(fn, "ctx", ctx, 2), _args.integer(fn, "max_tokens", max_tokens),
-            _args.integer(fn, "skip_tokens", skip_tokens), _args.integer(fn, "threads", threads))
-    with Reporter(fn, progress, "calibrate", "window", _window_bar) as reporter:
+            _args.integer(fn, "skip_tokens", skip_tokens), _args.integer(fn, "threads", threads), bool(by_block),
+            sequential or 0, sparse)
+    with Reporter(fn, progress, "calibrate", "window", _calibrate_bar) as reporter:
         result: CalibrateResult = _nuq._calibrate(*args, progress=reporter)
     return result
 

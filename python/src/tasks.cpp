@@ -36,14 +36,34 @@ void check_callable(const py::object& progress, const char* fn) {
     throw py::type_error(std::string(fn) + ": progress must be callable or None");
 }
 
-// The C++ callback that forwards a window's progress to `progress` as a dict.
+const char* stage_name(TextTaskProgress::Stage stage) {
+  switch (stage) {
+    case TextTaskProgress::Stage::loaded: return "loaded";
+    case TextTaskProgress::Stage::window: return "window";
+    case TextTaskProgress::Stage::disk: return "disk";
+    case TextTaskProgress::Stage::block: return "block";
+  }
+  return "?";
+}
+
+// The C++ callback that forwards a window's (or, by block, a block's) progress to `progress` as a dict.
 TextTaskCallback text_task_callback(CallbackScope& scope, const py::object& progress) {
   return [&scope, &progress](const TextTaskProgress& p) {
     py::gil_scoped_acquire gil;
     scope.call([&] {
       if (progress.is_none()) return;
       py::dict d;
-      d["stage"] = p.stage == TextTaskProgress::Stage::loaded ? "loaded" : "window";
+      d["stage"] = stage_name(p.stage);
+      if (p.stage == TextTaskProgress::Stage::block) {
+        d["block"] = p.block;
+        d["blocks"] = p.blocks;
+        d["first_block"] = p.first_block;
+        d["block_seconds"] = p.block_seconds;
+      } else if (p.stage == TextTaskProgress::Stage::disk) {
+        d["where"] = p.where;
+        d["bytes_needed"] = p.bytes_needed;
+        d["bytes_free"] = p.bytes_free;
+      }
       d["window"] = p.window;
       d["windows"] = p.windows;
       d["tokens"] = p.tokens;
@@ -60,12 +80,21 @@ TextTaskCallback text_task_callback(CallbackScope& scope, const py::object& prog
 
 py::dict calibrate_py(const std::string& model, const std::string& text, const std::string& out,
                       const std::optional<std::string>& hessian, const std::optional<std::string>& tokenizer,
-                      int64_t ctx, int64_t max_tokens, int64_t skip_tokens, int threads, py::object progress) {
+                      int64_t ctx, int64_t max_tokens, int64_t skip_tokens, int threads, bool by_block,
+                      int sequential_bits, double sequential_sparse, py::object progress) {
   check_callable(progress, "calibrate");
   CalibrateOptions o;
   o.model = model, o.text = text, o.out = out, o.hessian = hessian.value_or("");
   o.tokenizer = tokenizer.value_or("");
   o.ctx = ctx, o.max_tokens = max_tokens, o.skip_tokens = skip_tokens, o.threads = threads;
+  o.by_block = by_block;
+  if (sequential_bits > 0) {  // what `nuq calibrate --sequential B --sequential-sparse F` builds
+    QuantizeOptions q;
+    q.bits = sequential_bits;
+    q.outlier_fraction = sequential_sparse;
+    q.threads = threads;
+    o.sequential = q;
+  }
   o.arg_style = ArgStyle::python;
   CallbackScope scope;
   const TextTaskCallback cb = text_task_callback(scope, progress);
@@ -198,7 +227,8 @@ py::dict convert_py(const std::string& input, const std::string& out) {
 void bind_tasks(py::module_& m) {
   m.def("_calibrate", &calibrate_py, py::arg("model"), py::arg("text"), py::arg("out"), py::arg("hessian"),
         py::arg("tokenizer"), py::arg("ctx"), py::arg("max_tokens"), py::arg("skip_tokens"), py::arg("threads"),
-        py::arg("progress"), "nuq.calibrate without the argument checks and progress bar (python/nuq/_tasks.py).");
+        py::arg("by_block"), py::arg("sequential_bits"), py::arg("sequential_sparse"), py::arg("progress"),
+        "nuq.calibrate without the argument checks and progress bar (python/nuq/_tasks.py).");
   m.def("_fisher", &fisher_py, py::arg("model"), py::arg("text"), py::arg("out"), py::arg("tokenizer"),
         py::arg("ctx"), py::arg("max_tokens"), py::arg("skip_tokens"), py::arg("threads"), py::arg("progress"),
         "nuq.fisher without the argument checks and progress bar.");

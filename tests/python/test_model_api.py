@@ -66,6 +66,48 @@ def test_calibrate_writes_what_nuq_calibrate_writes(nuq, nuq_cli, s260, tmp_path
     assert_same_tensors(tmp_path / "xtx.safetensors", tmp_path / "cli-xtx.safetensors")
 
 
+def test_calibrate_by_block_in_sequential_order_writes_what_the_cli_writes(nuq, nuq_cli, s260, tmp_path):
+    events = []
+    r = nuq.calibrate(s260["hf"], s260["text"], tmp_path / "act.safetensors", hessian=tmp_path / "xtx",
+                      tokenizer=s260["tok"], max_tokens=1500, skip_tokens=100, threads=2, by_block=True, sequential=3,
+                      sequential_sparse="0.45%", progress=events.append)
+    assert r["tokens"] == 1500 and r["layers"] == 36 and (r["hessian_inputs"], r["hessian_layers"]) == (21, 36)
+    stages = [e["stage"] for e in events]
+    assert stages[0] == "loaded" and stages.count("disk") == 1 and stages.count("window") == 0
+    blocks = [e for e in events if e["stage"] == "block"]
+    assert [e["block"] for e in blocks] == list(range(5)) and all(e["blocks"] == 5 for e in blocks)
+    disk = next(e for e in events if e["stage"] == "disk")
+    assert disk["bytes_needed"] > 0 and disk["bytes_free"] >= disk["bytes_needed"]
+    c = run(nuq_cli, "calibrate", "--model", s260["hf"], "--tokenizer", s260["tok"], "--text", s260["text"],
+            "--max-tokens", 1500, "--skip-tokens", 100, "-j", 2, "--by-block", "--sequential", 3,
+            "--sequential-sparse", "0.45%", "--out", tmp_path / "cli-act.safetensors", "--hessian", tmp_path / "cli-xtx")
+    assert c.returncode == 0, c.stderr
+    assert_same_tensors(tmp_path / "act.safetensors", tmp_path / "cli-act.safetensors")
+    shards = sorted(f.name for f in (tmp_path / "xtx").iterdir())
+    assert shards == sorted(f.name for f in (tmp_path / "cli-xtx").iterdir()) and len(shards) > 1
+    for name in shards:
+        a, b = tmp_path / "xtx" / name, tmp_path / "cli-xtx" / name
+        if name.endswith(".safetensors"):
+            assert_same_tensors(a, b)
+        else:
+            assert a.read_bytes() == b.read_bytes(), name
+    # The sequential order changes the statistics of later blocks (they see the quantized blocks' outputs).
+    nuq.calibrate(s260["hf"], s260["text"], tmp_path / "plain.safetensors", tokenizer=s260["tok"], max_tokens=1500,
+                  skip_tokens=100, threads=2, by_block=True, progress=False)
+    plain, seq = load_file(str(tmp_path / "plain.safetensors")), load_file(str(tmp_path / "act.safetensors"))
+    first = next(n for n in plain if ".layers.0." in n)
+    last = next(n for n in plain if ".layers.4." in n)
+    np.testing.assert_array_equal(plain[first], seq[first])
+    assert not np.array_equal(plain[last], seq[last])
+    with pytest.raises(ValueError, match=r"sequential order \(sequential\) needs by_block=True and hessian"):
+        nuq.calibrate(s260["hf"], s260["text"], tmp_path / "x.safetensors", hessian=tmp_path / "x-xtx",
+                      tokenizer=s260["tok"], max_tokens=300, sequential=3, progress=False)
+    with pytest.raises(ValueError, match="sequential must be 2, 3 or 4, got 5"):
+        nuq.calibrate(s260["hf"], s260["text"], tmp_path / "x.safetensors", by_block=True, sequential=5)
+    with pytest.raises(ValueError, match="sequential_sparse is used only with sequential=BITS"):
+        nuq.calibrate(s260["hf"], s260["text"], tmp_path / "x.safetensors", sequential_sparse=0.01)
+
+
 def test_fisher_writes_what_nuq_fisher_writes(nuq, nuq_cli, s260, tmp_path):
     events = []
     r = nuq.fisher(s260["hf"], s260["text"], tmp_path / "f.safetensors", tokenizer=s260["tok"], ctx=256,
