@@ -33,6 +33,7 @@
 #include "nuq/sensitivity.hpp"
 #include "nuq/version.hpp"
 #include "run_identity.hpp"
+#include "tensor_names.hpp"
 
 namespace nuq {
 namespace {
@@ -507,89 +508,158 @@ std::string_view default_quantize_rule_text() {
          "and output heads (lm_head, classifier, GGUF's output.weight)";
 }
 
-QuantizeCheckpointResult quantize_checkpoint(const CheckpointQuantizeOptions& options) {
-  const Clock::time_point t0 = Clock::now();
-  QuantizeCheckpointResult result;
-  const std::string tool = options.tool_version.empty() ? std::string("nuq ") + NUQ_VERSION_STRING : options.tool_version;
-  NUQ_CHECK(!options.output_dir.empty(), Errc::invalid_argument, "no output directory given");
-  NUQ_CHECK(format::is_supported_bits(options.layer.bits), Errc::invalid_argument,
-            "bits must be 2, 3 or 4, got {}", options.layer.bits);
-  const ArgStyle style = options.arg_style;
-  check_fraction(options.layer.outlier_fraction,
-                 style == ArgStyle::cli ? "the outlier fraction" : "outlier_fraction");
-  check_fraction(options.layer.sensitive_fraction,
-                 style == ArgStyle::cli ? "the sensitive fraction" : "sensitive_fraction");
-  NUQ_CHECK(options.max_shard_bytes > 0, Errc::invalid_argument, "the maximum shard size must be positive");
+namespace {
 
-  const InputCheckpoint in(options.input);
-  NUQ_CHECK(!in.already_quantized(), Errc::invalid_argument,
-            "{}: this checkpoint is already quantized (it has quantization_config metadata)", options.input);
-  // config.json gets the quantization_config at the very end; a broken one is refused before any work.
-  if (const fs::path config = in.directory() / "config.json";
-      in.kind() != CheckpointKind::gguf && fs::is_regular_file(config))
-    hf_config_with_quantization(read_small_file(config.string(), "a companion file"), {}, config.string());
-  const auto include = compile_patterns(options.include, arg_name(style, "--include", "include"));
-  const auto exclude = compile_patterns(options.exclude, arg_name(style, "--exclude", "exclude"));
-  std::map<std::string, PlanEntry> plan;
-  if (!options.plan_path.empty()) plan = load_plan(options.plan_path);
-  std::set<std::string> plan_used;
+// One run of quantize_checkpoint, as the sequence of stages run() calls: check the options, open the
+// inputs, choose the layers (and check everything that can be checked before hours of work), claim the
+// output directory (refuse to clobber, resume or start the partial directory), quantize each layer into
+// its own file, assemble the checkpoint. The members are what the stages hand on to each other.
+class CheckpointRun {
+ public:
+  explicit CheckpointRun(const CheckpointQuantizeOptions& options)
+      : options_(options),
+        style_(options.arg_style),
+        tool_(options.tool_version.empty() ? std::string("nuq ") + NUQ_VERSION_STRING : options.tool_version) {}
 
-  std::unique_ptr<SafetensorsCheckpoint> fisher;
-  if (!options.fisher_path.empty()) fisher = std::make_unique<SafetensorsCheckpoint>(options.fisher_path);
-  std::unique_ptr<StatisticsFile> hessian;
-  if (!options.hessian_path.empty()) {
-    hessian = std::make_unique<StatisticsFile>(options.hessian_path);
-    NUQ_CHECK(hessian->kind() == StatsKind::hessian && !hessian->is_calibrate_output(), Errc::invalid_argument,
-              "{}: {} needs the full XᵀX statistics of {} (this file holds {})", options.hessian_path,
-              arg_name(style, "--hessian", "hessian"),
-              arg_name(style, "`nuq calibrate --hessian`", "nuq.calibrate(..., hessian=...)"), hessian->is_calibrate_output() ? "per-column means only" : "Fisher statistics");
-    NUQ_CHECK(std::isfinite(options.hessian_damping) && options.hessian_damping >= 0, Errc::invalid_argument,
-              "{} must be finite and >= 0, got {}", arg_name(style, "the Hessian damping", "damping"),
-              options.hessian_damping);
+  QuantizeCheckpointResult run() {
+    check_options();
+    open_inputs();
+    choose_layers();
+    claim_output_directory();
+    quantize_layers();
+    assemble_checkpoint();
+    result_.seconds = seconds_since(t0_);
+    report(CheckpointQuantizeProgress::Stage::done, n_jobs(), n_jobs(), options_.output_dir, 0, nullptr);
+    return std::move(result_);
   }
-  bool warned_missing_hessian = false;
 
-  // ---- choose the layers and check everything that can be checked before hours of work ----
-  std::vector<LayerJob> jobs;
-  std::vector<std::optional<std::size_t>> job_of(in.tensors().size());
-  std::set<std::string> input_names;
-  for (const SourceTensor& t : in.tensors()) input_names.insert(t.name);
-  bool warned_ignored_sensitivity = false;
-  for (std::size_t i = 0; i < in.tensors().size(); ++i) {
-    const SourceTensor& t = in.tensors()[i];
-    const std::string base = t.name.ends_with(".weight") ? t.name.substr(0, t.name.size() - 7) : t.name;
-    const PlanEntry* entry = nullptr;
+ private:
+  int64_t n_jobs() const { return int64_t(jobs_.size()); }
+  const SourceTensor& tensor_of(const LayerJob& job) const { return in_->tensors()[job.tensor]; }
+  std::string layer_file(std::size_t j) const {
+    return (partial_ / fmt::format("layer-{:05d}.safetensors", j)).string();
+  }
+
+  void report(CheckpointQuantizeProgress::Stage stage, int64_t index, int64_t count, const std::string& name,
+              double tensor_seconds, const QuantizedTensorRecord* layer) const {
+    if (!options_.progress) return;
+    CheckpointQuantizeProgress p;
+    p.stage = stage;
+    p.tensor_index = index;
+    p.tensor_count = count;
+    p.name = name;
+    p.weights_done = weights_done_;
+    p.weights_total = weights_total_;
+    p.weights_resumed = weights_resumed_;
+    p.elapsed_seconds = seconds_since(t0_);
+    p.tensor_seconds = tensor_seconds;
+    p.layer = layer;
+    options_.progress(p);
+  }
+
+  void check_options() const {
+    NUQ_CHECK(!options_.output_dir.empty(), Errc::invalid_argument, "no output directory given");
+    NUQ_CHECK(format::is_supported_bits(options_.layer.bits), Errc::invalid_argument,
+              "bits must be 2, 3 or 4, got {}", options_.layer.bits);
+    check_fraction(options_.layer.outlier_fraction,
+                   style_ == ArgStyle::cli ? "the outlier fraction" : "outlier_fraction");
+    check_fraction(options_.layer.sensitive_fraction,
+                   style_ == ArgStyle::cli ? "the sensitive fraction" : "sensitive_fraction");
+    NUQ_CHECK(options_.max_shard_bytes > 0, Errc::invalid_argument, "the maximum shard size must be positive");
+  }
+
+  // The checkpoint, the plan and the statistics files, each checked as far as its header allows.
+  void open_inputs() {
+    in_.emplace(options_.input);
+    NUQ_CHECK(!in_->already_quantized(), Errc::invalid_argument,
+              "{}: this checkpoint is already quantized (it has quantization_config metadata)", options_.input);
+    // config.json gets the quantization_config at the very end; a broken one is refused before any work.
+    if (const fs::path config = in_->directory() / "config.json";
+        in_->kind() != CheckpointKind::gguf && fs::is_regular_file(config))
+      hf_config_with_quantization(read_small_file(config.string(), "a companion file"), {}, config.string());
+    include_ = compile_patterns(options_.include, arg_name(style_, "--include", "include"));
+    exclude_ = compile_patterns(options_.exclude, arg_name(style_, "--exclude", "exclude"));
+    if (!options_.plan_path.empty()) plan_ = load_plan(options_.plan_path);
+    if (!options_.fisher_path.empty()) fisher_ = std::make_unique<SafetensorsCheckpoint>(options_.fisher_path);
+    if (!options_.hessian_path.empty()) {
+      hessian_ = std::make_unique<StatisticsFile>(options_.hessian_path);
+      NUQ_CHECK(hessian_->kind() == StatsKind::hessian && !hessian_->is_calibrate_output(), Errc::invalid_argument,
+                "{}: {} needs the full XᵀX statistics of {} (this file holds {})", options_.hessian_path,
+                arg_name(style_, "--hessian", "hessian"),
+                arg_name(style_, "`nuq calibrate --hessian`", "nuq.calibrate(..., hessian=...)"),
+                hessian_->is_calibrate_output() ? "per-column means only" : "Fisher statistics");
+      NUQ_CHECK(std::isfinite(options_.hessian_damping) && options_.hessian_damping >= 0, Errc::invalid_argument,
+                "{} must be finite and >= 0, got {}", arg_name(style_, "the Hessian damping", "damping"),
+                options_.hessian_damping);
+    }
+  }
+
+  // The plan's entry for tensor t (by its name or its base name), marked as used.
+  const PlanEntry* plan_entry(const SourceTensor& t, const std::string& base) {
     for (const std::string& key : {t.name, base}) {
-      auto it = plan.find(key);
-      if (it != plan.end()) {
-        entry = &it->second;
-        plan_used.insert(key);
-        break;
+      auto it = plan_.find(key);
+      if (it != plan_.end()) {
+        plan_used_.insert(key);
+        return &it->second;
       }
     }
-    bool quantize;
-    if (matches_any(exclude, t.name)) {
-      if (entry) result.warnings.push_back(fmt::format("{} is in the plan but excluded by {}: kept unquantized", t.name,
-                                                                arg_name(style, "--exclude", "exclude")));
-      quantize = false;
-    } else if (entry) {
-      NUQ_CHECK(t.shape.rank() == 2, Errc::invalid_argument, "{}: plan entry {} names a tensor of shape {}; only 2-D weights are quantized",
-                options.plan_path, in_quotes(t.name), to_string(t.shape));
-      quantize = true;
-    } else if (!include.empty()) {
-      quantize = matches_any(include, t.name) && t.shape.rank() == 2 && t.shape.numel() > 0;
-    } else {
-      quantize = t.floating && default_quantize_rule(t.name, t.shape);
+    return nullptr;
+  }
+
+  bool selected(const SourceTensor& t, const PlanEntry* entry) {
+    if (matches_any(exclude_, t.name)) {
+      if (entry)
+        result_.warnings.push_back(fmt::format("{} is in the plan but excluded by {}: kept unquantized", t.name,
+                                               arg_name(style_, "--exclude", "exclude")));
+      return false;
     }
-    if (!quantize) continue;
+    if (entry) {
+      NUQ_CHECK(t.shape.rank() == 2, Errc::invalid_argument,
+                "{}: plan entry {} names a tensor of shape {}; only 2-D weights are quantized", options_.plan_path,
+                in_quotes(t.name), to_string(t.shape));
+      return true;
+    }
+    if (!include_.empty()) return matches_any(include_, t.name) && t.shape.rank() == 2 && t.shape.numel() > 0;
+    return t.floating && default_quantize_rule(t.name, t.shape);
+  }
+
+  void choose_layers() {
+    job_of_.assign(in_->tensors().size(), std::nullopt);
+    std::set<std::string> input_names;
+    for (const SourceTensor& t : in_->tensors()) input_names.insert(t.name);
+    for (std::size_t i = 0; i < in_->tensors().size(); ++i) {
+      const SourceTensor& t = in_->tensors()[i];
+      const std::string base = detail::weight_base(t.name);
+      const PlanEntry* entry = plan_entry(t, base);
+      if (!selected(t, entry)) continue;
+      LayerJob job = make_job(i, base, entry);
+      for (const std::string& out : packed_tensor_names(base, true))
+        NUQ_CHECK(!input_names.count(out), Errc::invalid_argument,
+                  "{}: quantizing {} would write {}, which the input already has", options_.input, in_quotes(t.name),
+                  in_quotes(out));
+      if (fisher_) check_sensitivity(t, job);
+      if (hessian_) attach_hessian(t, job);
+      job_of_[i] = jobs_.size();
+      jobs_.push_back(std::move(job));
+    }
+    for (const auto& [name, entry] : plan_)
+      NUQ_CHECK(plan_used_.count(name), Errc::invalid_argument, "{}: plan names {}, which is not a tensor of {}",
+                options_.plan_path, in_quotes(name), options_.input);
+    NUQ_CHECK(!jobs_.empty(), Errc::invalid_argument,
+              "{}: no tensor selected for quantization (the default rule takes {}; use {} to choose others)",
+              options_.input, default_quantize_rule_text(), arg_name(style_, "--include", "include"));
+  }
+
+  LayerJob make_job(std::size_t i, const std::string& base, const PlanEntry* entry) const {
+    const SourceTensor& t = in_->tensors()[i];
     NUQ_CHECK(t.floating, Errc::unsupported,
               "{}: tensor {} has dtype {}; nuq quantizes F32, F16 and BF16 weights (and decodable GGUF types). "
               "Leave it out with {}",
-              options.input, in_quotes(t.name), t.dtype, arg_name(style, "--exclude", "exclude"));
+              options_.input, in_quotes(t.name), t.dtype, arg_name(style_, "--exclude", "exclude"));
     LayerJob job;
     job.tensor = i;
     job.base = base;
-    job.options = options.layer;
+    job.options = options_.layer;
     if (entry) {
       if (entry->bits) job.options.bits = *entry->bits;
       if (entry->method) job.options.method = *entry->method;
@@ -598,203 +668,200 @@ QuantizeCheckpointResult quantize_checkpoint(const CheckpointQuantizeOptions& op
       if (entry->sensitive_fraction) job.options.sensitive_fraction = *entry->sensitive_fraction;
       if (entry->outliers_per_row) job.options.outliers_per_row = *entry->outliers_per_row;
     }
-    job.options.threads = options.threads;
+    job.options.threads = options_.threads;
     const int64_t cols = t.shape[1];
     NUQ_CHECK(job.options.group_size == 0 || cols % job.options.group_size == 0, Errc::invalid_argument,
-              "{}: group size {} does not divide the {} columns of {} (shape {})", options.input,
+              "{}: group size {} does not divide the {} columns of {} (shape {})", options_.input,
               job.options.group_size, cols, in_quotes(t.name), to_string(t.shape));
-    for (const std::string& out : packed_tensor_names(base, true))
-      NUQ_CHECK(!input_names.count(out), Errc::invalid_argument,
-                "{}: quantizing {} would write {}, which the input already has", options.input, in_quotes(t.name),
-                in_quotes(out));
-    if (fisher) {
-      if (!fisher->contains(t.name)) {
-        job.sensitivity = SensitivitySource::missing;
-        result.warnings.push_back(fmt::format("{} has no tensor {}: that layer is quantized unweighted",
-                                              options.fisher_path, in_quotes(t.name)));
-      } else {
-        const SafetensorsTensorInfo& f = fisher->info(t.name);
-        // A 1-D [cols] tensor weighs input columns (activation statistics, diag(XᵀX)) and applies to every row.
-        const bool per_column = f.shape.rank() == 1 && f.shape[0] == t.shape[1];
-        NUQ_CHECK(f.shape == t.shape || per_column, Errc::invalid_argument,
-                  "{}: sensitivity {} has shape {} but the weight in {} has shape {} (expected {} or [{}])",
-                  options.fisher_path, in_quotes(t.name), to_string(f.shape), options.input, to_string(t.shape),
-                  to_string(t.shape), t.shape[1]);
-        NUQ_CHECK(f.dtype == DType::F32 || f.dtype == DType::F16 || f.dtype == DType::BF16, Errc::unsupported,
-                  "{}: sensitivity {} has dtype {}; expected F32, F16 or BF16", options.fisher_path, in_quotes(t.name),
-                  dtype_name(f.dtype));
-        job.sensitivity = job.options.method == QuantMethod::nuq ? SensitivitySource::fisher : SensitivitySource::none;
-        // Checked now rather than at the layer's turn: sensitivities come from user code (NaN gradients
-        // are common), and a fixed file is a different job, so a late failure would cost the work before it.
-        if (job.sensitivity == SensitivitySource::fisher) {
-          const Buffer sens = to_float32(fisher->tensor(t.name));
-          release_mapped_pages(fisher->file_of(t.name).tensor_bytes(f));
-          const float* s = sens.data_as<float>();
-          const int64_t n = f.shape.numel(), cols = f.shape[f.shape.rank() - 1];
-          for (int64_t k = 0; k < n; ++k)
-            NUQ_CHECK(std::isfinite(s[k]) && s[k] >= 0, Errc::invalid_argument,
-                      "{}: sensitivity {} at {} is {} (must be finite and >= 0)", options.fisher_path,
-                      in_quotes(t.name),
-                      per_column ? fmt::format("[{}]", k) : fmt::format("[{}, {}]", k / cols, k % cols), s[k]);
-        }
-        if (job.options.method != QuantMethod::nuq && !warned_ignored_sensitivity) {
-          warned_ignored_sensitivity = true;
-          result.warnings.push_back(fmt::format("method {} does not use sensitivities: {} is ignored for its layers",
-                                                to_string(job.options.method), options.fisher_path));
-        }
-      }
+    return job;
+  }
+
+  // The --fisher file's tensor for t: its shape, dtype and values are checked now rather than at the layer's
+  // turn, since sensitivities come from user code (NaN gradients are common) and a fixed file is a different
+  // job, so a late failure would cost the work before it.
+  void check_sensitivity(const SourceTensor& t, LayerJob& job) {
+    if (!fisher_->contains(t.name)) {
+      job.sensitivity = SensitivitySource::missing;
+      result_.warnings.push_back(fmt::format("{} has no tensor {}: that layer is quantized unweighted",
+                                             options_.fisher_path, in_quotes(t.name)));
+      return;
     }
-    if (hessian) {
-      const std::string layer = t.name.ends_with(".weight") ? t.name.substr(0, t.name.size() - 7) : t.name;
-      if (hessian->has_layer(layer)) {
-        // Checked now, not at the layer's turn: a wrong width or a full matrix missing fails before any
-        // work. The header says both; the values (20 GiB for a 7B model) are checked as each is read.
-        job.hessian_layer = hessian->resolve(layer);
-        NUQ_CHECK(hessian->has_hessian_matrix(layer, t.shape[1]), Errc::invalid_argument,
-                    "{}: layer {} has only the diagonal of XᵀX; error feedback needs the full matrix (nuq "
-                    "calibrate --hessian)", options.hessian_path, in_quotes(layer));
-        job.options.hessian_damping = options.hessian_damping;
-        job.options.error_feedback = options.error_feedback;
-      } else if (!warned_missing_hessian) {
-        warned_missing_hessian = true;
-        result.warnings.push_back(fmt::format("{} has no statistics for {} (and maybe others): those layers are "
-                                              "rounded without error feedback",
-                                              options.hessian_path, in_quotes(layer)));
-      }
-    }
-    job_of[i] = jobs.size();
-    jobs.push_back(std::move(job));
-  }
-  for (const auto& [name, entry] : plan)
-    NUQ_CHECK(plan_used.count(name), Errc::invalid_argument, "{}: plan names {}, which is not a tensor of {}",
-              options.plan_path, in_quotes(name), options.input);
-  NUQ_CHECK(!jobs.empty(), Errc::invalid_argument,
-            "{}: no tensor selected for quantization (the default rule takes {}; use {} to choose others)",
-            options.input, default_quantize_rule_text(), arg_name(style, "--include", "include"));
-
-  // ---- the output directory: refuse to clobber, resume or start the partial directory ----
-  const fs::path out_dir(options.output_dir);
-  std::error_code ec;
-  fs::create_directories(out_dir, ec);
-  NUQ_CHECK(!ec && fs::is_directory(out_dir), Errc::io, "{}: cannot create the output directory: {}",
-            options.output_dir, ec.message());
-  for (const std::string& f : in.files())
-    NUQ_CHECK(!fs::equivalent(fs::path(f).parent_path().empty() ? fs::path(".") : fs::path(f).parent_path(), out_dir, ec),
-              Errc::invalid_argument, "{}: the output directory holds the input checkpoint {}; choose another",
-              options.output_dir, f);
-  const fs::path partial = out_dir / kPartialDirName;
-  for (const auto& e : fs::directory_iterator(out_dir)) {
-    // A previous run died while deleting its finished partial directory.
-    const std::string n = e.path().filename().string();
-    if (n.rfind(std::string(kPartialDirName) + ".done", 0) == 0) fs::remove_all(e.path(), ec);
-  }
-  remove_stale_temporaries(out_dir);
-  const bool complete_exists = !fs::exists(partial) && (fs::exists(out_dir / kSingleFileName) ||
-                                                         fs::exists(out_dir / kIndexFileName));
-  NUQ_CHECK(!complete_exists || options.force, Errc::invalid_argument,
-            "{} already holds a quantized checkpoint; pass {} to replace it", options.output_dir,
-            flag_name(style, "--force", "force"));
-  if (options.restart) fs::remove_all(partial);
-
-  const Json fingerprint = job_fingerprint(in, jobs, options.fisher_path, fisher.get(), options.hessian_path, tool);
-  const fs::path job_file = partial / kJobFileName;
-  if (fs::exists(partial) && !fs::exists(job_file)) {
-    // job.json is written before any layer, so a partial directory without it holds no work.
-    fs::remove_all(partial);
-  }
-  if (fs::exists(partial)) {
-    // Nothing finished there (a run that failed on its first layer): nothing to lose by starting over.
-    bool has_layers = false;
-    for (const auto& e : fs::directory_iterator(partial))
-      has_layers |= e.path().filename().string().rfind("layer-", 0) == 0;
-    if (!has_layers) fs::remove_all(partial);
-  }
-  if (fs::exists(partial)) {
-    const Json was = Json::parse(read_small_file(job_file.string(), "the saved job"), nullptr, false);
-    NUQ_CHECK(!was.is_discarded(), Errc::invalid_file, "{}: unreadable; rerun with {} to discard the unfinished work",
-              job_file.string(), flag_name(style, "--restart", "restart"));
-    NUQ_CHECK(was == fingerprint, Errc::invalid_argument,
-              "{} holds unfinished work from a run with different input or settings (first difference: {}); "
-              "rerun with the same settings to resume it, or with {} to discard it",
-              options.output_dir, first_difference(was, fingerprint), flag_name(style, "--restart", "restart"));
-  } else {
-    fs::create_directories(partial, ec);
-    NUQ_CHECK(!ec, Errc::io, "{}: cannot create {}: {}", options.output_dir, partial.string(), ec.message());
-    write_file_atomically(job_file.string(), fingerprint.dump(1) + "\n");
-  }
-  remove_stale_temporaries(partial);
-
-  // ---- phase 1: quantize each layer into its own file ----
-  int64_t weights_total = 0, weights_done = 0, weights_resumed = 0;
-  for (const LayerJob& job : jobs) weights_total += in.tensors()[job.tensor].shape.numel();
-  auto report = [&](CheckpointQuantizeProgress::Stage stage, int64_t index, int64_t count, const std::string& name,
-                    double tensor_seconds, const QuantizedTensorRecord* layer) {
-    if (!options.progress) return;
-    CheckpointQuantizeProgress p;
-    p.stage = stage;
-    p.tensor_index = index;
-    p.tensor_count = count;
-    p.name = name;
-    p.weights_done = weights_done;
-    p.weights_total = weights_total;
-    p.weights_resumed = weights_resumed;
-    p.elapsed_seconds = seconds_since(t0);
-    p.tensor_seconds = tensor_seconds;
-    p.layer = layer;
-    options.progress(p);
-  };
-  auto layer_file = [&](std::size_t j) { return (partial / fmt::format("layer-{:05d}.safetensors", j)).string(); };
-
-  result.layers.resize(jobs.size());
-  const int64_t n_jobs = int64_t(jobs.size());
-  for (std::size_t j = 0; j < jobs.size(); ++j) {
-    const LayerJob& job = jobs[j];
-    const SourceTensor& t = in.tensors()[job.tensor];
-    const int64_t n_weights = t.shape.numel();
-    const std::string part = layer_file(j);
-    if (fs::exists(part)) {
-      // A finished layer from an interrupted run. Files there are complete by construction; a damaged one
-      // (disk trouble) is checked fully and redone rather than trusted.
-      try {
-        SafetensorsCheckpoint ck(part);
-        const auto it = ck.metadata().find(kLayerMetadataKey);
-        NUQ_CHECK(it != ck.metadata().end(), Errc::invalid_file, "{}: no layer record", part);
-        QuantizedTensorRecord r = record_from_json(Json::parse(it->second));
-        NUQ_CHECK(r.name == t.name && r.base == job.base, Errc::invalid_file, "{}: holds {}, expected {}", part, r.name, t.name);
-        validate_packed(packed_view(ck, r.base, meta_of(r)), r.base);
-        r.resumed = true;
-        weights_done += n_weights;
-        weights_resumed += n_weights;
-        result.layers[j] = std::move(r);
-        report(CheckpointQuantizeProgress::Stage::resumed, int64_t(j), n_jobs, t.name, 0, &result.layers[j]);
-        continue;
-      } catch (const Error& e) {
-        result.warnings.push_back(fmt::format("{}: damaged ({}); quantizing {} again", part, e.what(), t.name));
-        fs::remove(part, ec);
-      } catch (const nlohmann::json::exception& e) {
-        result.warnings.push_back(fmt::format("{}: damaged ({}); quantizing {} again", part, e.what(), t.name));
-        fs::remove(part, ec);
-      }
-    }
-    report(CheckpointQuantizeProgress::Stage::start, int64_t(j), n_jobs, t.name, 0, nullptr);
-    const Clock::time_point t1 = Clock::now();
-    const Buffer weight = in.read_float32(t);
-    Buffer sens;
+    const SafetensorsTensorInfo& f = fisher_->info(t.name);
+    // A 1-D [cols] tensor weighs input columns (activation statistics, diag(XᵀX)) and applies to every row.
+    const bool per_column = f.shape.rank() == 1 && f.shape[0] == t.shape[1];
+    NUQ_CHECK(f.shape == t.shape || per_column, Errc::invalid_argument,
+              "{}: sensitivity {} has shape {} but the weight in {} has shape {} (expected {} or [{}])",
+              options_.fisher_path, in_quotes(t.name), to_string(f.shape), options_.input, to_string(t.shape),
+              to_string(t.shape), t.shape[1]);
+    NUQ_CHECK(f.dtype == DType::F32 || f.dtype == DType::F16 || f.dtype == DType::BF16, Errc::unsupported,
+              "{}: sensitivity {} has dtype {}; expected F32, F16 or BF16", options_.fisher_path, in_quotes(t.name),
+              dtype_name(f.dtype));
+    job.sensitivity = job.options.method == QuantMethod::nuq ? SensitivitySource::fisher : SensitivitySource::none;
     if (job.sensitivity == SensitivitySource::fisher) {
-      const SafetensorsTensorInfo& f = fisher->info(t.name);
-      sens = to_float32(fisher->tensor(t.name));
-      release_mapped_pages(fisher->file_of(t.name).tensor_bytes(f));
-      if (f.shape.rank() == 1) {
-        Buffer full(DType::F32, t.shape);
-        for (int64_t r = 0; r < t.shape[0]; ++r)
-          std::memcpy(full.data_as<float>() + r * t.shape[1], sens.data_as<float>(), std::size_t(t.shape[1]) * 4);
-        sens = std::move(full);
-      }
+      const Buffer sens = to_float32(fisher_->tensor(t.name));
+      release_mapped_pages(fisher_->file_of(t.name).tensor_bytes(f));
+      const float* s = sens.data_as<float>();
+      const int64_t n = f.shape.numel(), cols = f.shape[f.shape.rank() - 1];
+      for (int64_t k = 0; k < n; ++k)
+        NUQ_CHECK(std::isfinite(s[k]) && s[k] >= 0, Errc::invalid_argument,
+                  "{}: sensitivity {} at {} is {} (must be finite and >= 0)", options_.fisher_path, in_quotes(t.name),
+                  per_column ? fmt::format("[{}]", k) : fmt::format("[{}, {}]", k / cols, k % cols), s[k]);
     }
+    if (job.options.method != QuantMethod::nuq && !warned_ignored_sensitivity_) {
+      warned_ignored_sensitivity_ = true;
+      result_.warnings.push_back(fmt::format("method {} does not use sensitivities: {} is ignored for its layers",
+                                             to_string(job.options.method), options_.fisher_path));
+    }
+  }
+
+  // The --hessian layer whose XᵀX t's error feedback uses. Checked now, not at the layer's turn: a wrong
+  // width or a full matrix missing fails before any work. The header says both; the values (20 GiB for a
+  // 7B model) are checked as each is read.
+  void attach_hessian(const SourceTensor& t, LayerJob& job) {
+    const std::string layer = detail::weight_base(t.name);
+    if (!hessian_->has_layer(layer)) {
+      if (!warned_missing_hessian_) {
+        warned_missing_hessian_ = true;
+        result_.warnings.push_back(fmt::format("{} has no statistics for {} (and maybe others): those layers are "
+                                               "rounded without error feedback",
+                                               options_.hessian_path, in_quotes(layer)));
+      }
+      return;
+    }
+    job.hessian_layer = hessian_->resolve(layer);
+    NUQ_CHECK(hessian_->has_hessian_matrix(layer, t.shape[1]), Errc::invalid_argument,
+              "{}: layer {} has only the diagonal of XᵀX; error feedback needs the full matrix (nuq "
+              "calibrate --hessian)", options_.hessian_path, in_quotes(layer));
+    job.options.hessian_damping = options_.hessian_damping;
+    job.options.error_feedback = options_.error_feedback;
+  }
+
+  // The output directory: refuse to clobber, then resume the partial directory or start it.
+  void claim_output_directory() {
+    out_dir_ = fs::path(options_.output_dir);
+    std::error_code ec;
+    fs::create_directories(out_dir_, ec);
+    NUQ_CHECK(!ec && fs::is_directory(out_dir_), Errc::io, "{}: cannot create the output directory: {}",
+              options_.output_dir, ec.message());
+    for (const std::string& f : in_->files())
+      NUQ_CHECK(!fs::equivalent(fs::path(f).parent_path().empty() ? fs::path(".") : fs::path(f).parent_path(),
+                                out_dir_, ec),
+                Errc::invalid_argument, "{}: the output directory holds the input checkpoint {}; choose another",
+                options_.output_dir, f);
+    partial_ = out_dir_ / kPartialDirName;
+    for (const auto& e : fs::directory_iterator(out_dir_)) {
+      // A previous run died while deleting its finished partial directory.
+      const std::string n = e.path().filename().string();
+      if (n.rfind(std::string(kPartialDirName) + ".done", 0) == 0) fs::remove_all(e.path(), ec);
+    }
+    remove_stale_temporaries(out_dir_);
+    const bool complete_exists = !fs::exists(partial_) && (fs::exists(out_dir_ / kSingleFileName) ||
+                                                           fs::exists(out_dir_ / kIndexFileName));
+    NUQ_CHECK(!complete_exists || options_.force, Errc::invalid_argument,
+              "{} already holds a quantized checkpoint; pass {} to replace it", options_.output_dir,
+              flag_name(style_, "--force", "force"));
+    if (options_.restart) fs::remove_all(partial_);
+    open_partial_directory();
+  }
+
+  void open_partial_directory() {
+    const Json fingerprint =
+        job_fingerprint(*in_, jobs_, options_.fisher_path, fisher_.get(), options_.hessian_path, tool_);
+    const fs::path job_file = partial_ / kJobFileName;
+    if (fs::exists(partial_) && !fs::exists(job_file)) {
+      // job.json is written before any layer, so a partial directory without it holds no work.
+      fs::remove_all(partial_);
+    }
+    if (fs::exists(partial_)) {
+      // Nothing finished there (a run that failed on its first layer): nothing to lose by starting over.
+      bool has_layers = false;
+      for (const auto& e : fs::directory_iterator(partial_))
+        has_layers |= e.path().filename().string().rfind("layer-", 0) == 0;
+      if (!has_layers) fs::remove_all(partial_);
+    }
+    if (fs::exists(partial_)) {
+      const Json was = Json::parse(read_small_file(job_file.string(), "the saved job"), nullptr, false);
+      NUQ_CHECK(!was.is_discarded(), Errc::invalid_file,
+                "{}: unreadable; rerun with {} to discard the unfinished work", job_file.string(),
+                flag_name(style_, "--restart", "restart"));
+      NUQ_CHECK(was == fingerprint, Errc::invalid_argument,
+                "{} holds unfinished work from a run with different input or settings (first difference: {}); "
+                "rerun with the same settings to resume it, or with {} to discard it",
+                options_.output_dir, first_difference(was, fingerprint), flag_name(style_, "--restart", "restart"));
+    } else {
+      std::error_code ec;
+      fs::create_directories(partial_, ec);
+      NUQ_CHECK(!ec, Errc::io, "{}: cannot create {}: {}", options_.output_dir, partial_.string(), ec.message());
+      write_file_atomically(job_file.string(), fingerprint.dump(1) + "\n");
+    }
+    remove_stale_temporaries(partial_);
+  }
+
+  // Phase 1: each layer into its own file in the partial directory, or taken from there when an earlier
+  // run finished it.
+  void quantize_layers() {
+    for (const LayerJob& job : jobs_) weights_total_ += tensor_of(job).shape.numel();
+    result_.layers.resize(jobs_.size());
+    for (std::size_t j = 0; j < jobs_.size(); ++j)
+      if (!resume_layer(j)) quantize_layer(j);
+  }
+
+  // A finished layer from an interrupted run. Files there are complete by construction; a damaged one
+  // (disk trouble) is checked fully and redone rather than trusted.
+  bool resume_layer(std::size_t j) {
+    const LayerJob& job = jobs_[j];
+    const SourceTensor& t = tensor_of(job);
+    const std::string part = layer_file(j);
+    if (!fs::exists(part)) return false;
+    std::error_code ec;
+    try {
+      SafetensorsCheckpoint ck(part);
+      const auto it = ck.metadata().find(kLayerMetadataKey);
+      NUQ_CHECK(it != ck.metadata().end(), Errc::invalid_file, "{}: no layer record", part);
+      QuantizedTensorRecord r = record_from_json(Json::parse(it->second));
+      NUQ_CHECK(r.name == t.name && r.base == job.base, Errc::invalid_file, "{}: holds {}, expected {}", part, r.name,
+                t.name);
+      validate_packed(packed_view(ck, r.base, meta_of(r)), r.base);
+      r.resumed = true;
+      weights_done_ += t.shape.numel();
+      weights_resumed_ += t.shape.numel();
+      result_.layers[j] = std::move(r);
+      report(CheckpointQuantizeProgress::Stage::resumed, int64_t(j), n_jobs(), t.name, 0, &result_.layers[j]);
+      return true;
+    } catch (const Error& e) {
+      result_.warnings.push_back(fmt::format("{}: damaged ({}); quantizing {} again", part, e.what(), t.name));
+    } catch (const nlohmann::json::exception& e) {
+      result_.warnings.push_back(fmt::format("{}: damaged ({}); quantizing {} again", part, e.what(), t.name));
+    }
+    fs::remove(part, ec);
+    return false;
+  }
+
+  // The sensitivity the quantizer weighs t's weights by: the --fisher tensor, a per-column one repeated
+  // over the rows; empty when the layer has none.
+  Buffer sensitivity_of(const LayerJob& job, const SourceTensor& t) const {
+    if (job.sensitivity != SensitivitySource::fisher) return {};
+    const SafetensorsTensorInfo& f = fisher_->info(t.name);
+    Buffer sens = to_float32(fisher_->tensor(t.name));
+    release_mapped_pages(fisher_->file_of(t.name).tensor_bytes(f));
+    if (f.shape.rank() != 1) return sens;
+    Buffer full(DType::F32, t.shape);
+    for (int64_t r = 0; r < t.shape[0]; ++r)
+      std::memcpy(full.data_as<float>() + r * t.shape[1], sens.data_as<float>(), std::size_t(t.shape[1]) * 4);
+    return full;
+  }
+
+  void quantize_layer(std::size_t j) {
+    const LayerJob& job = jobs_[j];
+    const SourceTensor& t = tensor_of(job);
+    report(CheckpointQuantizeProgress::Stage::start, int64_t(j), n_jobs(), t.name, 0, nullptr);
+    const Clock::time_point t1 = Clock::now();
+    const Buffer weight = in_->read_float32(t);
+    const Buffer sens = sensitivity_of(job, t);
     std::vector<double> xtx;
     QuantizeOptions layer_options = job.options;
     if (!job.hessian_layer.empty()) {
-      xtx = hessian->hessian_matrix(job.hessian_layer, t.shape[1]);
+      xtx = hessian_->hessian_matrix(job.hessian_layer, t.shape[1]);
       layer_options.hessian = xtx.data();
     }
     QuantizeReport rep;
@@ -803,9 +870,19 @@ QuantizeCheckpointResult quantize_checkpoint(const CheckpointQuantizeOptions& op
       packed = quantize_linear(weight.data_as<float>(), sens.nbytes() ? sens.data_as<float>() : nullptr, t.shape[0],
                                t.shape[1], t.shape[1], layer_options, t.name, &rep);
     } catch (const Error& e) {
-      throw Error(e.code(), fmt::format("{}: {}", options.input, e.what()));
+      throw Error(e.code(), fmt::format("{}: {}", options_.input, e.what()));
     }
-    QuantizedTensorRecord& r = result.layers[j];
+    QuantizedTensorRecord& r = result_.layers[j];
+    r = layer_record(job, t, packed, rep);
+    write_layer_file(layer_file(j), r, packed);
+    r.seconds = seconds_since(t1);
+    weights_done_ += t.shape.numel();
+    report(CheckpointQuantizeProgress::Stage::quantized, int64_t(j), n_jobs(), t.name, r.seconds, &r);
+  }
+
+  static QuantizedTensorRecord layer_record(const LayerJob& job, const SourceTensor& t, const PackedLinear& packed,
+                                            const QuantizeReport& rep) {
+    QuantizedTensorRecord r;
     r.name = t.name;
     r.base = job.base;
     r.rows = packed.rows;
@@ -826,64 +903,72 @@ QuantizeCheckpointResult quantize_checkpoint(const CheckpointQuantizeOptions& op
     r.sensitivity = job.sensitivity;
     r.error_feedback = !job.hessian_layer.empty() && job.options.error_feedback;
     r.relative_output_error = rep.relative_output_error;
-    {
-      SafetensorsWriter w(part, {{kLayerMetadataKey, to_json(r).dump()}});
-      const std::vector<std::string> names = packed_tensor_names(job.base, r.nnz > 0);
-      const Buffer* parts[] = {&packed.qweight, &packed.lut, &packed.sparse_row_ptr, &packed.sparse_col_idx,
-                               &packed.sparse_values};
-      for (std::size_t k = 0; k < names.size(); ++k) w.declare(names[k], parts[k]->dtype(), parts[k]->shape());
-      for (std::size_t k = 0; k < names.size(); ++k) w.write(names[k], {parts[k]->data(), parts[k]->nbytes()});
-      w.finish();
-    }
-    r.seconds = seconds_since(t1);
-    weights_done += n_weights;
-    report(CheckpointQuantizeProgress::Stage::quantized, int64_t(j), n_jobs, t.name, r.seconds, &r);
+    return r;
   }
 
-  // ---- phase 2: assemble the checkpoint ----
-  std::vector<std::unique_ptr<SafetensorsFile>> parts(jobs.size());
-  for (std::size_t j = 0; j < jobs.size(); ++j) parts[j] = std::make_unique<SafetensorsFile>(layer_file(j));
-  std::vector<OutputUnit> units;
-  for (std::size_t i = 0; i < in.tensors().size(); ++i) {
-    OutputUnit u;
-    u.tensor = i;
-    u.layer = job_of[i];
-    if (u.layer) {
-      for (const SafetensorsTensorInfo& info : parts[*u.layer]->tensors()) u.bytes += info.nbytes();
-    } else {
-      const SourceTensor& t = in.tensors()[i];
-      u.bytes = uint64_t(t.shape.numel()) * dtype_size(t.out_dtype);
-    }
-    units.push_back(u);
-  }
-  // Greedy in input order: a new file starts when the next unit would overflow the current one.
-  std::vector<std::vector<std::size_t>> shards(1);
-  uint64_t shard_bytes = 0;
-  for (std::size_t k = 0; k < units.size(); ++k) {
-    if (!shards.back().empty() && shard_bytes + units[k].bytes > options.max_shard_bytes) {
-      shards.emplace_back();
-      shard_bytes = 0;
-    }
-    shards.back().push_back(k);
-    shard_bytes += units[k].bytes;
+  static void write_layer_file(const std::string& path, const QuantizedTensorRecord& r, const PackedLinear& packed) {
+    SafetensorsWriter w(path, {{kLayerMetadataKey, to_json(r).dump()}});
+    const std::vector<std::string> names = packed_tensor_names(r.base, r.nnz > 0);
+    const Buffer* parts[] = {&packed.qweight, &packed.lut, &packed.sparse_row_ptr, &packed.sparse_col_idx,
+                             &packed.sparse_values};
+    for (std::size_t k = 0; k < names.size(); ++k) w.declare(names[k], parts[k]->dtype(), parts[k]->shape());
+    for (std::size_t k = 0; k < names.size(); ++k) w.write(names[k], {parts[k]->data(), parts[k]->nbytes()});
+    w.finish();
   }
 
-  QuantizationConfig all;
-  all.extra["tool"] = tool;
-  all.extra["source"] = source_name(options.input);
-  all.extra["default_method"] = std::string(to_string(options.layer.method));
-  all.extra["default_bits"] = std::to_string(options.layer.bits);
-  for (const QuantizedTensorRecord& r : result.layers) all.layers[r.base] = meta_of(r);
+  // Phase 2: the checkpoint from the layer files and the copied tensors, then the partial directory retired.
+  void assemble_checkpoint() {
+    parts_.resize(jobs_.size());
+    for (std::size_t j = 0; j < jobs_.size(); ++j) parts_[j] = std::make_unique<SafetensorsFile>(layer_file(j));
+    plan_shards();
+    all_.extra["tool"] = tool_;
+    all_.extra["source"] = source_name(options_.input);
+    all_.extra["default_method"] = std::string(to_string(options_.layer.method));
+    all_.extra["default_bits"] = std::to_string(options_.layer.bits);
+    for (const QuantizedTensorRecord& r : result_.layers) all_.layers[r.base] = meta_of(r);
+    // quant_report.json goes first: the checkpoint files are what marks the output as usable.
+    write_quant_report();
+    write_shards();
+    write_companion_files();
+    remove_replaced_files();
+    retire_partial_directory();
+  }
 
-  // quant_report.json goes first: the checkpoint files are what marks the output as usable.
-  {
+  // Output units (a quantized layer's tensors, or a copied tensor) in input order, cut greedily into
+  // shards: a new file starts when the next unit would overflow the current one.
+  void plan_shards() {
+    for (std::size_t i = 0; i < in_->tensors().size(); ++i) {
+      OutputUnit u;
+      u.tensor = i;
+      u.layer = job_of_[i];
+      if (u.layer) {
+        for (const SafetensorsTensorInfo& info : parts_[*u.layer]->tensors()) u.bytes += info.nbytes();
+      } else {
+        const SourceTensor& t = in_->tensors()[i];
+        u.bytes = uint64_t(t.shape.numel()) * dtype_size(t.out_dtype);
+      }
+      units_.push_back(u);
+    }
+    shards_.assign(1, {});
+    uint64_t shard_bytes = 0;
+    for (std::size_t k = 0; k < units_.size(); ++k) {
+      if (!shards_.back().empty() && shard_bytes + units_[k].bytes > options_.max_shard_bytes) {
+        shards_.emplace_back();
+        shard_bytes = 0;
+      }
+      shards_.back().push_back(k);
+      shard_bytes += units_[k].bytes;
+    }
+  }
+
+  void write_quant_report() {
     Json rep;
-    rep["tool"] = tool;
-    rep["source"] = all.extra["source"];
+    rep["tool"] = tool_;
+    rep["source"] = all_.extra["source"];
     Json layers = Json::array();
     uint64_t bytes = 0;
     int64_t weights = 0;
-    for (const QuantizedTensorRecord& r : result.layers) {
+    for (const QuantizedTensorRecord& r : result_.layers) {
       layers.push_back(to_json(r));
       bytes += packed_storage(r.rows, r.cols, r.bits, r.group_size, r.nnz).total();
       weights += r.rows * r.cols;
@@ -892,29 +977,45 @@ QuantizeCheckpointResult quantize_checkpoint(const CheckpointQuantizeOptions& op
     rep["quantized_weights"] = weights;
     rep["quantized_bytes"] = bytes;
     rep["average_bits_per_weight"] = weights ? 8.0 * double(bytes) / double(weights) : 0.0;
-    result.quantized_weights = weights;
-    result.average_bits_per_weight = weights ? 8.0 * double(bytes) / double(weights) : 0.0;
-    write_file_atomically((out_dir / kQuantReportName).string(), rep.dump(1) + "\n");
+    result_.quantized_weights = weights;
+    result_.average_bits_per_weight = weights ? 8.0 * double(bytes) / double(weights) : 0.0;
+    write_file_atomically((out_dir_ / kQuantReportName).string(), rep.dump(1) + "\n");
   }
 
-  const std::map<std::string, std::string> carried = in.carried_metadata();
-  std::vector<std::pair<std::string, std::string>> weight_map;
-  uint64_t total_tensor_bytes = 0;
-  for (std::size_t s = 0; s < shards.size(); ++s) {
-    const std::string file = shards.size() == 1 ? kSingleFileName : shard_name(s, shards.size());
-    report(CheckpointQuantizeProgress::Stage::assemble, int64_t(s), int64_t(shards.size()), file, 0, nullptr);
+  void write_shards() {
+    const std::map<std::string, std::string> carried = in_->carried_metadata();
+    std::vector<std::pair<std::string, std::string>> weight_map;
+    uint64_t total_tensor_bytes = 0;
+    for (std::size_t s = 0; s < shards_.size(); ++s) {
+      const std::string file = shards_.size() == 1 ? kSingleFileName : shard_name(s, shards_.size());
+      report(CheckpointQuantizeProgress::Stage::assemble, int64_t(s), int64_t(shards_.size()), file, 0, nullptr);
+      total_tensor_bytes += write_shard(file, shards_[s], carried, weight_map);
+      result_.files.push_back(file);
+    }
+    if (shards_.size() > 1) {
+      write_safetensors_index((out_dir_ / kIndexFileName).string(), weight_map, total_tensor_bytes,
+                              {{kQuantizationConfigKey, to_json(all_)}});
+      result_.files.push_back(kIndexFileName);
+    }
+  }
+
+  // One output file: its quantization_config names the layers it holds. Returns the tensor bytes written.
+  uint64_t write_shard(const std::string& file, const std::vector<std::size_t>& unit_indices,
+                       const std::map<std::string, std::string>& carried,
+                       std::vector<std::pair<std::string, std::string>>& weight_map) {
     QuantizationConfig config;
-    config.extra = all.extra;
-    for (std::size_t k : shards[s])
-      if (units[k].layer) config.layers[result.layers[*units[k].layer].base] = meta_of(result.layers[*units[k].layer]);
+    config.extra = all_.extra;
+    for (std::size_t k : unit_indices)
+      if (units_[k].layer)
+        config.layers[result_.layers[*units_[k].layer].base] = meta_of(result_.layers[*units_[k].layer]);
     std::map<std::string, std::string> metadata = carried;
     metadata["format"] = "pt";
     metadata[kQuantizationConfigKey] = to_json(config);
-    SafetensorsWriter w((out_dir / file).string(), metadata);
-    for (std::size_t k : shards[s]) {
-      const SourceTensor& t = in.tensors()[units[k].tensor];
-      if (units[k].layer) {
-        for (const SafetensorsTensorInfo& info : parts[*units[k].layer]->tensors()) {
+    SafetensorsWriter w((out_dir_ / file).string(), metadata);
+    for (std::size_t k : unit_indices) {
+      const SourceTensor& t = in_->tensors()[units_[k].tensor];
+      if (units_[k].layer) {
+        for (const SafetensorsTensorInfo& info : parts_[*units_[k].layer]->tensors()) {
           w.declare(info.name, info.dtype, info.shape);
           weight_map.emplace_back(info.name, file);
         }
@@ -923,55 +1024,89 @@ QuantizeCheckpointResult quantize_checkpoint(const CheckpointQuantizeOptions& op
         weight_map.emplace_back(t.name, file);
       }
     }
-    for (std::size_t k : shards[s]) {
-      const SourceTensor& t = in.tensors()[units[k].tensor];
-      if (units[k].layer) {
-        const SafetensorsFile& p = *parts[*units[k].layer];
+    uint64_t bytes = 0;
+    for (std::size_t k : unit_indices) {
+      const SourceTensor& t = in_->tensors()[units_[k].tensor];
+      if (units_[k].layer) {
+        const SafetensorsFile& p = *parts_[*units_[k].layer];
         for (const SafetensorsTensorInfo& info : p.tensors()) {
           w.write(info.name, p.tensor_bytes(info));
           release_mapped_pages(p.tensor_bytes(info));
         }
       } else {
-        in.copy_to(t, w);
-        ++result.tensors_copied;
+        in_->copy_to(t, w);
+        ++result_.tensors_copied;
       }
-      total_tensor_bytes += units[k].bytes;
+      bytes += units_[k].bytes;
     }
     w.finish();
-    result.output_bytes += w.file_size();
-    result.files.push_back(file);
+    result_.output_bytes += w.file_size();
+    return bytes;
   }
-  if (shards.size() > 1) {
-    write_safetensors_index((out_dir / kIndexFileName).string(), weight_map, total_tensor_bytes,
-                            {{kQuantizationConfigKey, to_json(all)}});
-    result.files.push_back(kIndexFileName);
-  }
-  for (const char* name : kCompanionFiles) {
-    const fs::path src = in.directory() / name;
-    if (in.kind() == CheckpointKind::gguf || !fs::is_regular_file(src)) continue;
-    std::string text = read_small_file(src.string(), "a companion file");
-    // transformers finds the quantization method in config.json, not in the safetensors metadata.
-    if (std::string_view(name) == "config.json") text = hf_config_with_quantization(text, all, src.string());
-    write_file_atomically((out_dir / name).string(), text);
-    result.files.push_back(name);
-  }
-  // Files of an earlier checkpoint in this directory (replaced with --force) that the new one does not have.
-  const std::set<std::string> written(result.files.begin(), result.files.end());
-  for (const auto& e : fs::directory_iterator(out_dir)) {
-    const std::string n = e.path().filename().string();
-    if ((n == kSingleFileName || n == kIndexFileName || is_shard_name(n)) && !written.count(n)) fs::remove(e.path(), ec);
-  }
-  result.files.push_back(kQuantReportName);
-  // Renaming first makes the removal atomic as far as a restart can tell.
-  parts.clear();
-  const fs::path done = out_dir / (std::string(kPartialDirName) + ".done");
-  fs::rename(partial, done, ec);
-  NUQ_CHECK(!ec, Errc::io, "{}: cannot retire {}: {}", options.output_dir, partial.string(), ec.message());
-  fs::remove_all(done, ec);
 
-  result.seconds = seconds_since(t0);
-  report(CheckpointQuantizeProgress::Stage::done, n_jobs, n_jobs, options.output_dir, 0, nullptr);
-  return result;
+  void write_companion_files() {
+    for (const char* name : kCompanionFiles) {
+      const fs::path src = in_->directory() / name;
+      if (in_->kind() == CheckpointKind::gguf || !fs::is_regular_file(src)) continue;
+      std::string text = read_small_file(src.string(), "a companion file");
+      // transformers finds the quantization method in config.json, not in the safetensors metadata.
+      if (std::string_view(name) == "config.json") text = hf_config_with_quantization(text, all_, src.string());
+      write_file_atomically((out_dir_ / name).string(), text);
+      result_.files.push_back(name);
+    }
+  }
+
+  // Files of an earlier checkpoint in this directory (replaced with --force) that the new one does not have.
+  void remove_replaced_files() {
+    const std::set<std::string> written(result_.files.begin(), result_.files.end());
+    std::error_code ec;
+    for (const auto& e : fs::directory_iterator(out_dir_)) {
+      const std::string n = e.path().filename().string();
+      if ((n == kSingleFileName || n == kIndexFileName || is_shard_name(n)) && !written.count(n))
+        fs::remove(e.path(), ec);
+    }
+    result_.files.push_back(kQuantReportName);
+  }
+
+  // Renaming first makes the removal atomic as far as a restart can tell.
+  void retire_partial_directory() {
+    parts_.clear();
+    const fs::path done = out_dir_ / (std::string(kPartialDirName) + ".done");
+    std::error_code ec;
+    fs::rename(partial_, done, ec);
+    NUQ_CHECK(!ec, Errc::io, "{}: cannot retire {}: {}", options_.output_dir, partial_.string(), ec.message());
+    fs::remove_all(done, ec);
+  }
+
+  const CheckpointQuantizeOptions& options_;
+  const ArgStyle style_;
+  const std::string tool_;
+  const Clock::time_point t0_ = Clock::now();
+  QuantizeCheckpointResult result_;
+  // Inputs.
+  std::optional<InputCheckpoint> in_;
+  std::vector<std::regex> include_, exclude_;
+  std::map<std::string, PlanEntry> plan_;
+  std::set<std::string> plan_used_;
+  std::unique_ptr<SafetensorsCheckpoint> fisher_;
+  std::unique_ptr<StatisticsFile> hessian_;
+  bool warned_ignored_sensitivity_ = false, warned_missing_hessian_ = false;
+  // The layers to quantize, and which of them (if any) each input tensor is.
+  std::vector<LayerJob> jobs_;
+  std::vector<std::optional<std::size_t>> job_of_;
+  // Output.
+  fs::path out_dir_, partial_;
+  int64_t weights_total_ = 0, weights_done_ = 0, weights_resumed_ = 0;
+  std::vector<std::unique_ptr<SafetensorsFile>> parts_;  // the layer files, while assembling
+  std::vector<OutputUnit> units_;
+  std::vector<std::vector<std::size_t>> shards_;  // unit indices per output file
+  QuantizationConfig all_;
+};
+
+}  // namespace
+
+QuantizeCheckpointResult quantize_checkpoint(const CheckpointQuantizeOptions& options) {
+  return CheckpointRun(options).run();
 }
 
 }  // namespace nuq
