@@ -65,6 +65,12 @@ double seconds_since(Clock::time_point t0) { return std::chrono::duration<double
 
 std::string in_quotes(std::string_view s) { return fmt::format("'{}'", s); }
 
+std::string size_text(uint64_t bytes) {
+  if (bytes >= (uint64_t(1) << 30)) return fmt::format("{:.2f} GiB", double(bytes) / double(uint64_t(1) << 30));
+  if (bytes >= (uint64_t(1) << 20)) return fmt::format("{:.1f} MiB", double(bytes) / double(1 << 20));
+  return fmt::format("{:.1f} KiB", double(bytes) / 1024.0);
+}
+
 // ---- the input checkpoint -----------------------------------------------------------------------------
 
 struct SourceTensor {
@@ -526,6 +532,7 @@ class CheckpointRun {
     open_inputs();
     choose_layers();
     claim_output_directory();
+    check_disk_space();
     quantize_layers();
     assemble_checkpoint();
     result_.seconds = seconds_since(t0_);
@@ -795,6 +802,54 @@ class CheckpointRun {
       write_file_atomically(job_file.string(), fingerprint.dump(1) + "\n");
     }
     remove_stale_temporaries(partial_);
+  }
+
+  // Refuses before the first layer when what is left to write cannot fit: the layer files not yet in the
+  // partial directory, then the whole checkpoint beside them (they are removed only once it is complete).
+  // Hours into a large model is the wrong time to find out.
+  void check_disk_space() const {
+    uint64_t layers_left = 0, checkpoint = 0;
+    int64_t files_left = 0;
+    for (std::size_t i = 0; i < in_->tensors().size(); ++i) {
+      const SourceTensor& t = in_->tensors()[i];
+      if (!job_of_[i]) {
+        checkpoint += uint64_t(t.shape.numel()) * dtype_size(t.out_dtype);
+        continue;
+      }
+      const uint64_t bytes = estimated_layer_bytes(jobs_[*job_of_[i]], t);
+      checkpoint += bytes;
+      if (!fs::exists(layer_file(*job_of_[i]))) {
+        layers_left += bytes;
+        ++files_left;
+      }
+    }
+    const uint64_t need = layers_left + checkpoint;
+    std::error_code ec;
+    const fs::space_info space = fs::space(out_dir_, ec);
+    if (options_.progress) {
+      CheckpointQuantizeProgress p;
+      p.stage = CheckpointQuantizeProgress::Stage::disk;
+      p.tensor_count = n_jobs();
+      p.name = options_.output_dir;
+      p.bytes_needed = need;
+      p.bytes_free = ec ? 0 : space.available;
+      options_.progress(p);
+    }
+    NUQ_CHECK(ec || space.available >= need, Errc::io,
+              "{}: quantizing needs about {} of disk ({} layer files still to write, then the checkpoint of {} "
+              "beside them), only {} are free; nothing was written",
+              options_.output_dir, size_text(need), files_left, size_text(checkpoint), size_text(space.available));
+  }
+
+  // A layer's packed bytes with its sparse entries at the fractions asked for (the quantizer keeps about
+  // that many), plus a few KiB for its file's header and its entry in the checkpoint's metadata.
+  static uint64_t estimated_layer_bytes(const LayerJob& job, const SourceTensor& t) {
+    const int64_t rows = t.shape[0], cols = t.shape[1];
+    const double fraction = job.options.outlier_fraction +
+                            (job.sensitivity == SensitivitySource::fisher ? job.options.sensitive_fraction : 0.0);
+    const int64_t nnz = int64_t(std::ceil(fraction * double(rows * cols)));
+    const int64_t group = job.options.group_size > 0 ? job.options.group_size : cols;
+    return packed_storage(rows, cols, job.options.bits, group, nnz).total() + 4096;
   }
 
   // Phase 1: each layer into its own file in the partial directory, or taken from there when an earlier

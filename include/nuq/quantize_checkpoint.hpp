@@ -48,6 +48,8 @@ struct QuantizedTensorRecord {
 
 struct CheckpointQuantizeProgress {
   enum class Stage {
+    disk,       // before any layer: the run writes up to `bytes_needed` more bytes into the output directory,
+                // which has `bytes_free` (0 when unknown); it refuses to start when they do not fit
     start,      // about to quantize `name` (tensor_index of tensor_count): once per tensor, before its work
     quantized,  // `name` was quantized now; `layer` is set
     resumed,    // `name` was found already quantized in the partial directory; `layer` is set
@@ -64,6 +66,7 @@ struct CheckpointQuantizeProgress {
   double elapsed_seconds = 0;   // since quantize_checkpoint() started
   double tensor_seconds = 0;    // time spent on `name` (quantized only)
   const QuantizedTensorRecord* layer = nullptr;
+  uint64_t bytes_needed = 0, bytes_free = 0;  // disk
 };
 
 struct CheckpointQuantizeOptions {

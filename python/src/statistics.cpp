@@ -85,6 +85,7 @@ py::dict allocation_dict(const Allocation& a) {
 
 const char* stage_name(CheckpointQuantizeProgress::Stage s) {
   switch (s) {
+    case CheckpointQuantizeProgress::Stage::disk: return "disk";
     case CheckpointQuantizeProgress::Stage::start: return "start";
     case CheckpointQuantizeProgress::Stage::quantized: return "quantized";
     case CheckpointQuantizeProgress::Stage::resumed: return "resumed";
@@ -172,6 +173,10 @@ py::dict quantize_checkpoint_py(const std::string& input, const std::string& out
       d["elapsed_seconds"] = p.elapsed_seconds;
       d["tensor_seconds"] = p.tensor_seconds;
       d["layer"] = p.layer ? py::object(record_dict(*p.layer)) : py::none();
+      if (p.stage == CheckpointQuantizeProgress::Stage::disk) {
+        d["bytes_needed"] = p.bytes_needed;
+        d["bytes_free"] = p.bytes_free;
+      }
       progress(d);
     });
   };

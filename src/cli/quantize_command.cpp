@@ -30,6 +30,11 @@ std::string count(double n) {
   return fmt::format("{:.0f}", n);
 }
 
+std::string bytes_text(uint64_t bytes) {
+  if (bytes >= (uint64_t(1) << 30)) return fmt::format("{:.2f} GiB", double(bytes) / double(uint64_t(1) << 30));
+  return fmt::format("{:.1f} MiB", double(bytes) / double(1 << 20));
+}
+
 // A one-line bar redrawn in place on a terminal; one plain line per layer otherwise (logs, CI).
 class ProgressPrinter {
  public:
@@ -40,6 +45,10 @@ class ProgressPrinter {
     using Stage = CheckpointQuantizeProgress::Stage;
     if (p.stage == Stage::done) {
       clear_line();
+      return;
+    }
+    if (p.stage == Stage::disk) {
+      fmt::print(stderr, "{}: writes up to {}, {} free\n", p.name, bytes_text(p.bytes_needed), bytes_text(p.bytes_free));
       return;
     }
     if (p.stage == Stage::assemble) {

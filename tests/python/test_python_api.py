@@ -2,6 +2,7 @@
 NumPy computation (the packed format decoded in NumPy, products, brute-force optima), plus the
 zero-copy guarantees and the errors bad arguments give."""
 import itertools
+import json
 import subprocess
 import sys
 import threading
@@ -477,7 +478,13 @@ def test_quantize_checkpoint_with_progress(nuq, tmp_path):
     result = nuq.quantize_checkpoint(str(tmp_path / "in.safetensors"), str(tmp_path / "out"), 3,
                                      outlier_fraction=0.01, progress=progress)
     stages = [e["stage"] for e in events]
-    assert stages == ["start", "quantized", "start", "quantized", "assemble", "done"]
+    assert stages == ["disk", "start", "quantized", "start", "quantized", "assemble", "done"]
+    # The disk check's estimate covers what the run wrote at its peak: the layer files, then the checkpoint
+    # beside them (within the few KiB per layer it allows for headers and metadata).
+    report = json.loads((tmp_path / "out" / "quant_report.json").read_text())
+    peak = report["quantized_bytes"] + result["output_bytes"]
+    assert peak <= events[0]["bytes_needed"] <= peak + 2 * 2 * 4096, (events[0]["bytes_needed"], peak)
+    assert events[0]["bytes_free"] > events[0]["bytes_needed"] and events[0]["name"] == str(tmp_path / "out")
     assert [e["name"] for e in events if e["stage"] == "quantized"] == [r["name"] for r in result["layers"]]
     assert events[-2]["weights_done"] == events[-2]["weights_total"] == 2 * 96 * 64
     assert result["tensors_copied"] == 2 and "model.safetensors" in result["files"]

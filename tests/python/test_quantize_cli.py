@@ -8,6 +8,7 @@ nothing behind, a full disk (RLIMIT_FSIZE), sharding, refusing to clobber, and S
 moments followed by a resume that must give byte-identical files."""
 import json
 import os
+import re
 import resource
 import signal
 import struct
@@ -395,6 +396,31 @@ def test_full_disk_loses_nothing_and_resumes(nuq_cli, tmp_path):
     assert "14 layers resumed" in r.stdout
     for f in ["model.safetensors", "quant_report.json"]:
         assert (out / f).read_bytes() == (ref / f).read_bytes()
+
+
+def test_too_little_disk_is_refused_before_any_work(nuq_cli, tmp_path):
+    inp = write_checkpoint(tmp_path, llama_tensors())
+    small = tmp_path / "small"
+    small.mkdir()
+    # A 64 KiB file system: the checkpoint needs several times that.
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+    try:
+        out = small / "o"
+        r = run(nuq_cli, "quantize", inp, "--out", out, "--bits", 3, "--sparse", "1%")
+        assert_error(r, "quantizing needs about")
+        assert re.search(r"only \d+\.\d KiB are free; nothing was written", r.stderr), r.stderr
+        assert "14 layer files still to write" in r.stderr
+        assert not (out / ".nuq-partial").exists() or not [n for n in os.listdir(out / ".nuq-partial")
+                                                            if n.startswith("layer-")]
+        assert not (out / "model.safetensors").exists()
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
+    # With room, the same command runs and reports what it expects to write.
+    r = run(nuq_cli, "quantize", inp, "--out", tmp_path / "o", "--bits", 3, "--sparse", "1%")
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"writes up to 0\.\d MiB, \d+\.\d\d GiB free", r.stderr), r.stderr
 
 
 def test_sharded_output_and_switching_back(nuq_cli, tmp_path):
