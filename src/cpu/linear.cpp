@@ -242,6 +242,7 @@ float quantize_activation_block(const float* x, int64_t n, int8_t* q) {
   float max_abs;
   std::memcpy(&max_abs, &max_bits, sizeof max_abs);
   const float d = max_abs / 127.0f;
+  if (d == 0.0f) return 0.0f;  // |x| of a few subnormal units: d underflows; such a block counts as zeros
   constexpr float kRound = 12582912.0f;  // 1.5·2²³
   for (int64_t i = 0; i < n; ++i) q[i] = int8_t(int32_t((x[i] / d + kRound) - kRound));
   return d;

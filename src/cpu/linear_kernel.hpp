@@ -64,8 +64,9 @@ struct Int8Args {
 };
 void gemv_rows_int8_avx512(const Int8Args& args, int64_t r0, int64_t r1);
 // The int8 scale of a codebook of n fp16 values: max|c|/127, or the smallest normal float when all are 0
-// (any positive scale gives codes of 0; a tiny one keeps the kernel's 128·s offset, which it adds and
-// takes out again around the sparse entries, from costing those entries precision). Shared definition
+// (any positive scale gives codes of 0; the kernel multiplies codes + 128 and subtracts 128·s·Σ d·xq
+// again, and with s = 1 that cancellation left an error of about 128·Σ|x|·2⁻²⁴ in a row whose sparse
+// entries are all it holds; a tiny s leaves none). Shared definition
 // for the kernel and the reference (both divide by it and round to nearest even). `static`: every unit
 // gets its own copy, so the AVX-512 unit's cannot serve the baseline code (see the top of this file).
 static inline float int8_codebook_scale(float max_abs) {
