@@ -66,14 +66,6 @@ Json fingerprint(const CalibrateOptions& o, const std::vector<int32_t>& ids) {
           {"skip_tokens", o.skip_tokens},    {"sequential", sequential_options(o.sequential)}};
 }
 
-// Bytes of one block's XᵀX shard in F32: the four distinct inputs (q/k/v, o, gate/up, down), each a
-// [cols, cols] matrix and its diagonal.
-uint64_t hessian_bytes_per_block(const LlamaConfig& c) {
-  uint64_t total = 0;
-  for (int64_t cols : {c.dim, c.n_heads * c.head_dim, c.dim, c.hidden_dim}) total += uint64_t(cols * (cols + 1)) * 4;
-  return total;
-}
-
 // Refuses before anything is written when the blocks still to run need more disk than there is.
 void check_disk(const CalibrateOptions& o, const LlamaConfig& c, int64_t first_block, uint64_t hidden_bytes,
                 const fs::path& work, const BlockProgress& progress) {
@@ -229,6 +221,16 @@ void write_hessian(const fs::path& work, int64_t blocks, const std::string& dir,
 }
 
 }  // namespace
+
+uint64_t hessian_bytes_per_block(const LlamaConfig& c) {
+  uint64_t total = 0;
+  for (int64_t cols : {c.dim, c.n_heads * c.head_dim, c.dim, c.hidden_dim}) total += uint64_t(cols * (cols + 1)) * 4;
+  return total;
+}
+
+uint64_t hessian_bytes(const LlamaConfig& c) {
+  return uint64_t(c.n_layers) * hessian_bytes_per_block(c) + uint64_t(c.dim * (c.dim + 1)) * 4;
+}
 
 void calibrate_blocks(LlamaModel& model, int32_t bos, const std::vector<int32_t>& ids, const CalibrateOptions& o,
                       const BlockProgress& progress, CalibrateResult& r) {

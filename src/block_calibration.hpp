@@ -13,6 +13,12 @@
 
 namespace nuq::detail {
 
+// Bytes of one block's XᵀX statistics in F32: the four distinct inputs (q/k/v, o, gate/up, down), each a
+// [cols, cols] matrix and its diagonal.
+uint64_t hessian_bytes_per_block(const LlamaConfig& c);
+// The whole model's: every block's, and the classifier's input (the final normed hidden states).
+uint64_t hessian_bytes(const LlamaConfig& c);
+
 struct BlockProgress {
   // Before the first block: the bytes the run will write into `where` at most, and the bytes free there.
   std::function<void(uint64_t need, uint64_t available, const std::string& where)> plan;

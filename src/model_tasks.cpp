@@ -124,6 +124,21 @@ struct TextTaskReporter {
     if (callback) callback(p);
   }
 
+  // Before the first window of a task that writes `need` bytes into `dir` at its end: reports them (a disk
+  // event) and refuses when they do not fit, rather than after hours of windows.
+  void check_disk(const fs::path& dir, uint64_t need, std::string_view what) {
+    std::error_code ec;
+    const fs::space_info space = fs::space(dir, ec);
+    p.stage = TextTaskProgress::Stage::disk;
+    p.bytes_needed = need;
+    p.bytes_free = ec ? 0 : space.available;
+    p.where = dir.string();
+    if (callback) callback(p);
+    NUQ_CHECK(ec || space.available >= need, Errc::io,
+              "{}: {} needs {:.1f} MiB, only {:.1f} MiB are free; nothing was run", dir.string(), what,
+              double(need) / (1 << 20), double(space.available) / (1 << 20));
+  }
+
   // The same callback for calibrate's by-block run.
   detail::BlockProgress block_progress() {
     detail::BlockProgress b;
@@ -313,6 +328,9 @@ CalibrateResult calibrate_activations(const CalibrateOptions& o, const TextTaskC
     r.seconds = seconds_since(t0);
     return r;
   }
+  if (!o.hessian.empty())
+    report.check_disk(fs::absolute(o.hessian).parent_path(), detail::hessian_bytes(mt.model->config()),
+                      "the XᵀX statistics (written after the last window)");
   detail::ActivationStatistics stats(!o.hessian.empty());
   mt.model->set_activation_hook(
       [&stats](const std::string& layer, const float* x, int64_t n, int64_t cols) { stats.add(layer, x, n, cols); });
@@ -351,6 +369,17 @@ std::vector<int32_t> calibration_tokens(const Tokenizer& tok, const std::string&
   return ids;
 }
 
+namespace {
+
+// Bytes of the Fisher file: every block linear layer's weights in F32.
+uint64_t fisher_bytes(const LlamaConfig& c) {
+  const uint64_t q = uint64_t(c.n_heads * c.head_dim), kv = uint64_t(c.n_kv_heads * c.head_dim);
+  const uint64_t per_block = uint64_t(c.dim) * (2 * q + 2 * kv) + 3 * uint64_t(c.dim) * uint64_t(c.hidden_dim);
+  return uint64_t(c.n_layers) * per_block * 4;
+}
+
+}  // namespace
+
 FisherResult compute_fisher(const FisherOptions& o, const TextTaskCallback& progress) {
   const ArgStyle style = o.arg_style;
   check_context(o.ctx, 1 << 16, style);
@@ -377,6 +406,7 @@ FisherResult compute_fisher(const FisherOptions& o, const TextTaskCallback& prog
   FisherAccumulator acc;
   TextTaskReporter report(progress, *model, window_count(int64_t(ids.size()), o.ctx), int64_t(ids.size()),
                           result.load_seconds);
+  report.check_disk(out_dir, fisher_bytes(model->config()), "the Fisher diagonal (written after the last window)");
   const auto t1 = Clock::now();
   const FisherCollectResult r =
       collect_fisher(backward, ids, tok->bos(), o.ctx, acc, [&](int64_t w, int64_t, double loss, double seconds) {

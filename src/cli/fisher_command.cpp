@@ -66,6 +66,11 @@ void add_fisher_command(CLI::App& app, Action& action) {
                        (long long)p.tokens, f.text.c_str(), (long long)f.ctx, p.load_seconds);
           return;
         }
+        if (p.stage == TextTaskProgress::Stage::disk) {
+          fmt::print(stderr, "{}: writes {:.1f} MiB after the last window, {:.1f} MiB free\n", p.where,
+                     double(p.bytes_needed) / (1 << 20), double(p.bytes_free) / (1 << 20));
+          return;
+        }
         std::fprintf(stderr, "window %lld/%lld  loss %.4f  %.1f s  ETA %s\n", (long long)(p.window + 1),
                      (long long)p.windows, p.value, p.window_seconds,
                      duration(p.elapsed_seconds / double(p.window + 1) * double(p.windows - p.window - 1)).c_str());

@@ -6,6 +6,7 @@ from ../shared/data or the model packages skip with a reason when it is absent.
 import os
 import pathlib
 import shutil
+import subprocess
 
 import pytest
 
@@ -62,3 +63,17 @@ def smollm2(models_dir) -> pathlib.Path:
     if not path.exists():
         pytest.skip(f"{path} is absent: run scripts/fetch-models.sh")
     return path
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> pathlib.Path:
+    """A directory on a 64 KiB tmpfs, for the checks that refuse work which will not fit on the disk."""
+    path = tmp_path / "small"
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(path)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=False)

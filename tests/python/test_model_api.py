@@ -55,8 +55,12 @@ def test_calibrate_writes_what_nuq_calibrate_writes(nuq, nuq_cli, s260, tmp_path
                       tokenizer=s260["tok"], max_tokens=3000, skip_tokens=100, threads=2, progress=events.append)
     assert r["tokens"] == 3000 and r["windows"] == 6 and r["layers"] == 36  # 35 linear layers + the classifier
     assert (r["hessian_inputs"], r["hessian_layers"]) == (21, 36)  # q/k/v and gate/up share their input
-    assert [e["stage"] for e in events] == ["loaded"] + ["window"] * 6
-    assert [e["window"] for e in events[1:]] == list(range(6)) and events[-1]["tokens_done"] == 3000
+    assert [e["stage"] for e in events] == ["loaded", "disk"] + ["window"] * 6
+    # The disk check before the first window counts the XᵀX file it will write (safetensors header aside).
+    xtx_bytes = (tmp_path / "xtx.safetensors").stat().st_size
+    assert xtx_bytes - 64 * 1024 <= events[1]["bytes_needed"] <= xtx_bytes, (events[1]["bytes_needed"], xtx_bytes)
+    assert events[1]["where"] == str(tmp_path) and events[1]["bytes_free"] > events[1]["bytes_needed"]
+    assert [e["window"] for e in events[2:]] == list(range(6)) and events[-1]["tokens_done"] == 3000
     assert all(e["windows"] == 6 and e["tokens"] == 3000 for e in events)
     c = run(nuq_cli, "calibrate", "--model", s260["hf"], "--tokenizer", s260["tok"], "--text", s260["text"],
             "--max-tokens", 3000, "--skip-tokens", 100, "-j", 2, "--out", tmp_path / "cli-act.safetensors",
@@ -108,6 +112,20 @@ def test_calibrate_by_block_in_sequential_order_writes_what_the_cli_writes(nuq, 
         nuq.calibrate(s260["hf"], s260["text"], tmp_path / "x.safetensors", sequential_sparse=0.01)
 
 
+def test_calibrate_and_fisher_refuse_outputs_the_disk_cannot_hold(nuq, nuq_cli, s260, small_disk):
+    # stories260K's XᵀX statistics and Fisher diagonal are each a few hundred KiB; the disk holds 64.
+    events = []
+    with pytest.raises(OSError, match=r"the XᵀX statistics \(written after the last window\) needs [\d.]+ MiB, only "
+                                      r"0\.\d MiB are free; nothing was run"):
+        nuq.calibrate(s260["hf"], s260["text"], small_disk / "act.safetensors", hessian=small_disk / "xtx.safetensors",
+                      tokenizer=s260["tok"], max_tokens=300, progress=events.append)
+    assert [e["stage"] for e in events] == ["loaded", "disk"] and not os.listdir(small_disk)
+    c = run(nuq_cli, "fisher", "--model", s260["hf"], "--tokenizer", s260["tok"], "--text", s260["text"],
+            "--max-tokens", 300, "--out", small_disk / "f.safetensors")
+    assert c.returncode != 0 and "the Fisher diagonal (written after the last window) needs" in c.stderr, c.stderr
+    assert "window 1/" not in c.stderr and not os.listdir(small_disk)
+
+
 def test_fisher_writes_what_nuq_fisher_writes(nuq, nuq_cli, s260, tmp_path):
     events = []
     r = nuq.fisher(s260["hf"], s260["text"], tmp_path / "f.safetensors", tokenizer=s260["tok"], ctx=256,
@@ -115,6 +133,9 @@ def test_fisher_writes_what_nuq_fisher_writes(nuq, nuq_cli, s260, tmp_path):
     assert r["windows"] == 3 and r["tokens"] == 600 and r["weights"] == 35
     windows = [e for e in events if e["stage"] == "window"]
     assert [e["tokens_done"] for e in windows] == [255, 510, 600]
+    disk = [e for e in events if e["stage"] == "disk"]
+    fisher_bytes = (tmp_path / "f.safetensors").stat().st_size
+    assert len(disk) == 1 and fisher_bytes - 64 * 1024 <= disk[0]["bytes_needed"] <= fisher_bytes, (disk, fisher_bytes)
     # The mean loss is over tokens: each window's mean loss weighted by its tokens.
     weights = np.diff([0] + [e["tokens_done"] for e in windows])
     assert np.dot(weights, [e["value"] for e in windows]) / 600 == pytest.approx(r["mean_loss"], rel=1e-9)

@@ -398,25 +398,16 @@ def test_full_disk_loses_nothing_and_resumes(nuq_cli, tmp_path):
         assert (out / f).read_bytes() == (ref / f).read_bytes()
 
 
-def test_too_little_disk_is_refused_before_any_work(nuq_cli, tmp_path):
+def test_too_little_disk_is_refused_before_any_work(nuq_cli, tmp_path, small_disk):
     inp = write_checkpoint(tmp_path, llama_tensors())
-    small = tmp_path / "small"
-    small.mkdir()
-    # A 64 KiB file system: the checkpoint needs several times that.
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.decode().strip()}")
-    try:
-        out = small / "o"
-        r = run(nuq_cli, "quantize", inp, "--out", out, "--bits", 3, "--sparse", "1%")
-        assert_error(r, "quantizing needs about")
-        assert re.search(r"only \d+\.\d KiB are free; nothing was written", r.stderr), r.stderr
-        assert "14 layer files still to write" in r.stderr
-        assert not (out / ".nuq-partial").exists() or not [n for n in os.listdir(out / ".nuq-partial")
-                                                            if n.startswith("layer-")]
-        assert not (out / "model.safetensors").exists()
-    finally:
-        subprocess.run(["umount", str(small)], check=False)
+    out = small_disk / "o"  # 64 KiB: the checkpoint needs several times that
+    r = run(nuq_cli, "quantize", inp, "--out", out, "--bits", 3, "--sparse", "1%")
+    assert_error(r, "quantizing needs about")
+    assert re.search(r"only \d+\.\d KiB are free; nothing was written", r.stderr), r.stderr
+    assert "14 layer files still to write" in r.stderr
+    assert not (out / ".nuq-partial").exists() or not [n for n in os.listdir(out / ".nuq-partial")
+                                                        if n.startswith("layer-")]
+    assert not (out / "model.safetensors").exists()
     # With room, the same command runs and reports what it expects to write.
     r = run(nuq_cli, "quantize", inp, "--out", tmp_path / "o", "--bits", 3, "--sparse", "1%")
     assert r.returncode == 0, r.stderr
