@@ -187,9 +187,10 @@ def calibrate(model: PathLike, text: PathLike, out: PathLike, *, hessian: Option
         quantized to this many bits (nuq, error feedback from its XᵀX, `sequential_sparse` as
         quantize_checkpoint's outlier_fraction) before the next block runs on its outputs; then
         quantize_checkpoint(bits=B, outlier_fraction=F, hessian=...) with the same values reproduces them.
-    progress: see the module docstring (events: stage 'loaded', then 'window' with window, windows,
-        tokens_done, window_seconds, elapsed_seconds; by block, 'disk' with where, bytes_needed,
-        bytes_free, then 'block' with block, blocks, first_block, block_seconds, elapsed_seconds).
+    progress: see the module docstring (events: stage 'loaded'; with hessian or by block, 'disk' with
+        where, bytes_needed, bytes_free (the call refuses to start when they do not fit); then 'window'
+        with window, windows, tokens_done, window_seconds, elapsed_seconds, or by block 'block' with block,
+        blocks, first_block, block_seconds, elapsed_seconds).
     Both files are written atomically after the last window (block); a stopped run writes neither.
     """
     fn = "calibrate"
@@ -214,8 +215,9 @@ def fisher(model: PathLike, text: PathLike, out: PathLike, *, tokenizer: Optiona
     """Empirical Fisher diagonal of every linear weight from the decoder's backward pass (`nuq fisher`).
 
     One squared gradient of each window's mean next-token loss per window of `ctx` tokens; written to
-    `out` (atomically, at the end) for quantize_checkpoint(fisher=...). Arguments as in calibrate; the
-    'window' events carry the window's loss as `value`.
+    `out` (atomically, at the end) for quantize_checkpoint(fisher=...). Arguments as in calibrate; a
+    'disk' event (as calibrate's) precedes the windows, and the 'window' events carry the window's loss as
+    `value`.
     """
     fn = "fisher"
     args = (_args.path(fn, "model", model), _args.path(fn, "text", text), _args.path(fn, "out", out),
