@@ -70,9 +70,9 @@ Json fingerprint(const CalibrateOptions& o, const std::vector<int32_t>& ids) {
 void check_disk(const CalibrateOptions& o, const LlamaConfig& c, int64_t first_block, uint64_t hidden_bytes,
                 const fs::path& work, const BlockProgress& progress) {
   const int64_t blocks = c.n_layers - first_block;
-  const uint64_t classifier_xtx = uint64_t(c.dim * (c.dim + 1)) * 4;  // in the last block's shard
-  const uint64_t need =
-      2 * hidden_bytes + (o.hessian.empty() ? 0 : uint64_t(blocks) * hessian_bytes_per_block(c) + classifier_xtx);
+  // The XᵀX of the blocks still to run and the classifier's (in the last block's shard).
+  const uint64_t xtx = hessian_bytes(c) - uint64_t(first_block) * hessian_bytes_per_block(c);
+  const uint64_t need = 2 * hidden_bytes + (o.hessian.empty() ? 0 : xtx);
   std::error_code ec;
   const fs::space_info space = fs::space(work, ec);
   if (progress.plan) progress.plan(need, ec ? 0 : space.available, work.string());

@@ -129,27 +129,25 @@ struct TextTaskReporter {
   void check_disk(const fs::path& dir, uint64_t need, std::string_view what) {
     std::error_code ec;
     const fs::space_info space = fs::space(dir, ec);
-    p.stage = TextTaskProgress::Stage::disk;
-    p.bytes_needed = need;
-    p.bytes_free = ec ? 0 : space.available;
-    p.where = dir.string();
-    if (callback) callback(p);
+    disk(need, ec ? 0 : space.available, dir.string());
     NUQ_CHECK(ec || space.available >= need, Errc::io,
               "{}: {} needs {:.1f} MiB, only {:.1f} MiB are free; nothing was run", dir.string(), what,
               double(need) / (1 << 20), double(space.available) / (1 << 20));
+  }
+
+  void disk(uint64_t need, uint64_t available, const std::string& where) {
+    p.stage = TextTaskProgress::Stage::disk;
+    p.bytes_needed = need;
+    p.bytes_free = available;
+    p.where = where;
+    if (callback) callback(p);
   }
 
   // The same callback for calibrate's by-block run.
   detail::BlockProgress block_progress() {
     detail::BlockProgress b;
     if (!callback) return b;
-    b.plan = [this](uint64_t need, uint64_t available, const std::string& where) {
-      p.stage = TextTaskProgress::Stage::disk;
-      p.bytes_needed = need;
-      p.bytes_free = available;
-      p.where = where;
-      callback(p);
-    };
+    b.plan = [this](uint64_t need, uint64_t available, const std::string& where) { disk(need, available, where); };
     b.block = [this](int64_t block, int64_t blocks, int64_t first, double seconds) {
       p.stage = TextTaskProgress::Stage::block;
       p.block = block;
@@ -369,17 +367,6 @@ std::vector<int32_t> calibration_tokens(const Tokenizer& tok, const std::string&
   return ids;
 }
 
-namespace {
-
-// Bytes of the Fisher file: every block linear layer's weights in F32.
-uint64_t fisher_bytes(const LlamaConfig& c) {
-  const uint64_t q = uint64_t(c.n_heads * c.head_dim), kv = uint64_t(c.n_kv_heads * c.head_dim);
-  const uint64_t per_block = uint64_t(c.dim) * (2 * q + 2 * kv) + 3 * uint64_t(c.dim) * uint64_t(c.hidden_dim);
-  return uint64_t(c.n_layers) * per_block * 4;
-}
-
-}  // namespace
-
 FisherResult compute_fisher(const FisherOptions& o, const TextTaskCallback& progress) {
   const ArgStyle style = o.arg_style;
   check_context(o.ctx, 1 << 16, style);
@@ -406,7 +393,9 @@ FisherResult compute_fisher(const FisherOptions& o, const TextTaskCallback& prog
   FisherAccumulator acc;
   TextTaskReporter report(progress, *model, window_count(int64_t(ids.size()), o.ctx), int64_t(ids.size()),
                           result.load_seconds);
-  report.check_disk(out_dir, fisher_bytes(model->config()), "the Fisher diagonal (written after the last window)");
+  // The Fisher file holds every block linear weight's value in F32.
+  report.check_disk(out_dir, uint64_t(model->linear_weight_count()) * sizeof(float),
+                    "the Fisher diagonal (written after the last window)");
   const auto t1 = Clock::now();
   const FisherCollectResult r =
       collect_fisher(backward, ids, tok->bos(), o.ctx, acc, [&](int64_t w, int64_t, double loss, double seconds) {
