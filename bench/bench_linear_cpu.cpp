@@ -3,6 +3,9 @@
 // gemv/impl:nuq/isa:<isa>/bits:<b>/rows/cols/batch/threads: nuq::cpu::linear on packed layers with one
 //   codebook per row and 0.45% sparse entries (the SqueezeLLM setting); batch <= 16 is the fused path.
 // gemv/impl:nuq_int8/isa:avx512/...: the same with LinearOptions::arithmetic = int8 (VNNI).
+// gemv/impl:nuq_int8_books/isa:avx512/...: int8 with each layer's codebooks converted once beforehand
+//   (LinearOptions::int8_codebooks), as nuq's decoder runs it; bytes_per_s still counts the stored
+//   format's bytes (the converted codebooks, 20 bytes per row, are read instead of the fp16 ones).
 // gemv/impl:eigen_fp32/...: Y = X·Wᵀ with W in fp32 (Eigen, row blocks over the same thread pool).
 // gemv/impl:bf16_avx512/...: a plain AVX-512 kernel over W in bf16 (widen, FMA), same threading.
 //
@@ -90,7 +93,7 @@ struct Cache {
   std::vector<T> items;
 };
 
-void nuq_gemv(benchmark::State& state, Isa isa, nuq::cpu::Arithmetic arithmetic) {
+void nuq_gemv(benchmark::State& state, Isa isa, nuq::cpu::Arithmetic arithmetic, bool converted_books = false) {
   const int bits = int(state.range(0));
   const int64_t rows = state.range(1), cols = state.range(2), batch = state.range(3);
   const int threads = int(state.range(4));
@@ -103,14 +106,18 @@ void nuq_gemv(benchmark::State& state, Isa isa, nuq::cpu::Arithmetic arithmetic)
     return;
   }
   static Cache<nuq::PackedLinear> cache;
+  static std::vector<std::unique_ptr<nuq::cpu::Int8Codebooks>> books;  // one per cached layer, or none
   const std::string key = std::to_string(bits) + "/" + std::to_string(rows) + "/" + std::to_string(cols);
   if (cache.key != key) {
     cache.items.clear();
+    books.clear();
     cache.items.push_back(random_layer(rows, cols, bits, 1));
     const double bytes = double(cache.items[0].view().row_stride() * rows);
     for (int i = 1; i < copies_for(bytes); ++i) cache.items.push_back(random_layer(rows, cols, bits, 1 + i));
     cache.key = key;
   }
+  if (converted_books && books.size() != cache.items.size())
+    for (const auto& w : cache.items) books.push_back(std::make_unique<nuq::cpu::Int8Codebooks>(w.view()));
   const auto storage = nuq::packed_storage(rows, cols, bits, cols, cache.items[0].nnz());
   const auto x = random_activations(batch, cols);
   std::vector<float> y(size_t(batch * rows));
@@ -118,8 +125,9 @@ void nuq_gemv(benchmark::State& state, Isa isa, nuq::cpu::Arithmetic arithmetic)
   size_t i = 0;
   const auto start = std::chrono::steady_clock::now();
   for (auto _ : state) {
-    const auto& w = cache.items[i++ % cache.items.size()];
-    nuq::cpu::linear(w.view(), x.data(), cols, y.data(), rows, batch, opt);
+    const size_t item = i++ % cache.items.size();
+    opt.int8_codebooks = converted_books ? books[item].get() : nullptr;
+    nuq::cpu::linear(cache.items[item].view(), x.data(), cols, y.data(), rows, batch, opt);
     benchmark::DoNotOptimize(y.data());
   }
   nuq::bench::report_counters(state, nuq::bench::seconds_since(start), double(storage.total()),
@@ -258,6 +266,8 @@ void dense_args(benchmark::internal::Benchmark* b) {
 BENCHMARK_CAPTURE(nuq_gemv, avx512, Isa::avx512, nuq::cpu::Arithmetic::exact)->Name("gemv/impl:nuq/isa:avx512")->Apply(nuq_args)->UseRealTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK_CAPTURE(nuq_gemv, avx512_int8, Isa::avx512, nuq::cpu::Arithmetic::int8)->Name("gemv/impl:nuq_int8/isa:avx512")->Apply(nuq_args)->UseRealTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK_CAPTURE(nuq_gemv, avx512_int8_small, Isa::avx512, nuq::cpu::Arithmetic::int8)->Name("gemv_small/impl:nuq_int8/isa:avx512")->Apply(small_decoder_args)->UseRealTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK_CAPTURE(nuq_gemv, avx512_int8_books, Isa::avx512, nuq::cpu::Arithmetic::int8, true)->Name("gemv/impl:nuq_int8_books/isa:avx512")->Apply(nuq_args)->UseRealTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK_CAPTURE(nuq_gemv, avx512_int8_books_small, Isa::avx512, nuq::cpu::Arithmetic::int8, true)->Name("gemv_small/impl:nuq_int8_books/isa:avx512")->Apply(small_decoder_args)->UseRealTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK_CAPTURE(nuq_gemv, avx2, Isa::avx2, nuq::cpu::Arithmetic::exact)->Name("gemv/impl:nuq/isa:avx2")->Apply(nuq_args)->UseRealTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(eigen_fp32)->Name("gemv/impl:eigen_fp32")->Apply(dense_args)->UseRealTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(bf16_avx512)->Name("gemv/impl:bf16_avx512")->Apply(dense_args)->UseRealTime()->Unit(benchmark::kMicrosecond);

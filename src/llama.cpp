@@ -310,6 +310,9 @@ struct Linear {
   std::optional<StoredMatrix> stored;  // else the checkpoint's own bytes (Impl::keep_alive holds the mapping)
   std::optional<format::PackedLinearView> packed;  // or a nuq-packed layer in the mapping, run by the packed kernels
   int64_t backend_id = -1;  // LinearBackend::add_layer's id when `packed` runs on Impl::backend
+  // `packed`'s codebooks as int8 arithmetic uses them, converted once at load (prepare_int8_codebooks)
+  // when that arithmetic runs the layer; the kernel would otherwise convert them on every call.
+  std::shared_ptr<const cpu::Int8Codebooks> int8_codebooks;
   uint64_t stored_bytes = 0;  // in the checkpoint (packed layers: every part counted)
 
   // W's fp32 rows as they lie in memory, or null when they have to be converted (or decoded) first.
@@ -383,7 +386,8 @@ struct LlamaModel::Impl {
   void run(const Linear& l, const float* x, int64_t n, float* y) const {
     if (l.backend_id >= 0) return backend->run(l.backend_id, x, n, y);
     if (l.packed && n <= cpu::kMaxFusedBatch)
-      return cpu::linear(*l.packed, x, l.cols, y, l.rows, n, {threads, std::nullopt, arithmetic});
+      return cpu::linear(*l.packed, x, l.cols, y, l.rows, n,
+                         {threads, std::nullopt, arithmetic, l.int8_codebooks.get()});
     // Prefill of a packed layer: each thread decodes a slab of rows at a time (bit-identical to the
     // reference dequantizer; ~64 KiB, at least 4 rows) into the dense tiles below, built for the CPU's
     // widest ISA unlike the library's baseline-ISA GEMM, so the scratch does not grow with the layer.
@@ -800,6 +804,20 @@ bool releases_weights(const LlamaModel::Impl& m, LlamaLoadOptions::Release relea
   return memory > 0 && mapped > memory / 2;
 }
 
+// Int8 codebooks for every packed layer the CPU runs with int8 arithmetic (Linear::int8_codebooks):
+// 20 bytes per row and codebook group, against 16-32 of fp16 codebooks already in the checkpoint.
+void prepare_int8_codebooks(LlamaModel::Impl& m) {
+  const cpu::LinearOptions options{m.threads, std::nullopt, m.arithmetic};
+  auto prepare = [&](Linear& l) {
+    if (l.packed && l.backend_id < 0 && cpu::fused_arithmetic(*l.packed, options) == cpu::Arithmetic::int8)
+      l.int8_codebooks = std::make_shared<const cpu::Int8Codebooks>(*l.packed);
+  };
+  prepare(m.embedding);
+  if (!m.config.tied_classifier) prepare(m.classifier);
+  for (Block& b : m.blocks)
+    for (Linear* l : b.linears()) prepare(*l);
+}
+
 }  // namespace
 
 std::unique_ptr<LlamaModel> LlamaModel::load(const std::string& path, const LlamaLoadOptions& options) {
@@ -900,6 +918,7 @@ std::unique_ptr<LlamaModel> LlamaModel::load(const std::string& path, const Llam
       m->description = "safetensors checkpoint, nuq-packed linear layers (" + m->backend->description() + ")";
     }
   }
+  prepare_int8_codebooks(*m);
   return std::unique_ptr<LlamaModel>(new LlamaModel(std::move(m)));
 }
 

@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <optional>
 #include <string_view>
+#include <vector>
 
 #include "nuq/format.hpp"
 
@@ -44,14 +45,46 @@ std::string_view to_string(Arithmetic arithmetic);
 // The inverse of to_string: "exact", "int8" or "fastest"; nullopt for any other name.
 std::optional<Arithmetic> arithmetic_from_string(std::string_view name);
 
+class Int8Codebooks;
+
 struct LinearOptions {
   int threads = 0;           // 0 = all hardware threads
   std::optional<Isa> isa;    // force an implementation (tests, benches); must be supported by the CPU
   Arithmetic arithmetic = Arithmetic::exact;
+  // The layer's codebooks converted once (Int8Codebooks below), used when int8 arithmetic runs and
+  // ignored otherwise; null: the int8 kernel converts them on every call. Must have been built from the
+  // layer of the call (linear() throws otherwise).
+  const Int8Codebooks* int8_codebooks = nullptr;
 };
 
 // Columns per int8 activation block (one scale each).
 inline constexpr int64_t kInt8Block = 256;
+
+// A layer's codebooks as int8 arithmetic multiplies them: each (row, group) codebook as bytes q + 128
+// (16 per codebook, the first 2^bits used) and its scale s, with q and s as linear_int8_ref defines
+// them. Without them the int8 kernel converts the codebooks of its rows on every call, which on
+// SmolLM2's small layers is a measurable share of a decode step (docs/cpu-kernels.md); a decoder builds
+// one per layer at load and passes it on every call. Results are bit-identical either way. Holds
+// 20 bytes per row and group; keeps pointing at w's codebook array (to check calls against it).
+class Int8Codebooks {
+ public:
+  // Throws nuq::Error when int8 arithmetic cannot run w (groups that are not per row or a multiple
+  // of kInt8Block columns) or w has no codebooks.
+  explicit Int8Codebooks(const format::PackedLinearView& w);
+
+  // Whether these were built from w: the same codebook array, rows, groups and bits.
+  bool built_from(const format::PackedLinearView& w) const noexcept;
+  int64_t bytes() const noexcept { return int64_t(codes_.size() + scales_.size() * sizeof(float)); }
+  const uint8_t* codes() const noexcept { return codes_.data(); }  // [rows][groups][16]
+  const float* scales() const noexcept { return scales_.data(); }  // [rows][groups]
+
+ private:
+  const uint16_t* lut_;
+  int64_t rows_, groups_;
+  int bits_;
+  std::vector<uint8_t> codes_;
+  std::vector<float> scales_;
+};
 
 // Whether this CPU has the int8 kernel (AVX-512 F/BW/VL + VNNI + VBMI); elsewhere Arithmetic::int8
 // runs a portable implementation of the same arithmetic.

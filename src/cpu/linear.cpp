@@ -270,10 +270,12 @@ void int8_task(void* context, int64_t task, int /*worker*/) {
 }
 
 void fused_int8(const format::PackedLinearView& w, const float* x, int64_t ldx, float* y, int64_t ldy,
-                int64_t batch, int threads) {
+                int64_t batch, int threads, const Int8Codebooks* books) {
   check_int8_layer(w);
   detail::Int8Args g{};
   g.layer = make_args(w);
+  g.book_codes = books ? books->codes() : nullptr;
+  g.book_scales = books ? books->scales() : nullptr;
   g.layer.x = x;
   g.layer.ldx = ldx;
   g.layer.y = y;
@@ -418,12 +420,16 @@ void linear(const format::PackedLinearView& w, const float* x, int64_t ldx, floa
             const LinearOptions& options) {
   check_call(w, x, ldx, y, ldy, batch);
   check_threads(options);
+  // Codebooks of another layer would silently give another layer's products.
+  NUQ_CHECK(!options.int8_codebooks || options.int8_codebooks->built_from(w), Errc::invalid_argument,
+            "CPU linear: LinearOptions::int8_codebooks were not built from this layer ({} x {}, {} bits)", w.rows,
+            w.cols, w.bits);
   const Isa isa = resolve_isa(options);
   const bool int8 = fused_arithmetic_on(w, options.arithmetic, isa) == Arithmetic::int8;
   if (batch <= kMaxFusedBatch && int8) {
     // Without VNNI (or when the scalar implementation is forced) the reference is the implementation.
     if (isa == Isa::avx512 && int8_kernel_supported())
-      fused_int8(w, x, ldx, y, ldy, batch, options.threads);
+      fused_int8(w, x, ldx, y, ldy, batch, options.threads, options.int8_codebooks);
     else
       linear_int8_ref(w, x, ldx, y, ldy, batch);
   } else if (batch <= kMaxFusedBatch) {
@@ -456,6 +462,30 @@ void linear_ref(const format::PackedLinearView& w, const float* x, int64_t ldx, 
       y[b * ldy + r] = float(sum);
     }
   }
+}
+
+Int8Codebooks::Int8Codebooks(const format::PackedLinearView& w)
+    : lut_(w.lut), rows_(w.rows), groups_(w.groups()), bits_(w.bits) {
+  check_layer(w);
+  check_int8_layer(w);
+  const int entries = 1 << w.bits;
+  const int64_t n = rows_ * groups_;
+  codes_.assign(size_t(n * 16), uint8_t(128));  // unused entries: code 0
+  scales_.resize(size_t(n));
+  for (int64_t i = 0; i < n; ++i) {
+    const uint16_t* book = w.lut + i * entries;
+    float max_abs = 0.0f;
+    for (int e = 0; e < entries; ++e) max_abs = std::max(max_abs, std::fabs(fp16_to_float(book[e])));
+    // As the kernel converts them (and linear_int8_ref): c / s rounded to nearest even, offset by 128.
+    const float s = detail::int8_codebook_scale(max_abs);
+    for (int e = 0; e < entries; ++e)
+      codes_[size_t(i * 16 + e)] = uint8_t(int32_t(std::nearbyint(fp16_to_float(book[e]) / s)) + 128);
+    scales_[size_t(i)] = s;
+  }
+}
+
+bool Int8Codebooks::built_from(const format::PackedLinearView& w) const noexcept {
+  return w.lut == lut_ && w.rows == rows_ && w.groups() == groups_ && w.bits == bits_;
 }
 
 bool int8_kernel_supported() {

@@ -91,15 +91,16 @@ struct TableIndices {
 // dispatcher's xoffset removes it again. Converted up front because each conversion is a long
 // dependency chain (fp16 → max → divide → round) that, done at the top of its row, delays the row's
 // first block; here the chains of consecutive codebooks overlap, and 3-bit codebooks go two at a time.
-// That weighs on narrow rows (SmolLM2's 576 columns are 2¼ blocks), not on 4096-wide ones.
-struct Int8Codebooks {
+// That weighs on narrow rows (SmolLM2's 576 columns are 2¼ blocks), not on 4096-wide ones. A caller
+// that keeps a cpu::Int8Codebooks of the layer (the same bytes, converted once) skips this altogether.
+struct CodebookView {
   const uint8_t* codes;  // [row - first_row][group][16]
   const float* scales;   // [row - first_row][group]
   int64_t first_row;
 };
 
 template <int BITS>
-Int8Codebooks int8_codebooks(const KernelArgs& a, int64_t r0, int64_t r1) {
+CodebookView int8_codebooks(const KernelArgs& a, int64_t r0, int64_t r1) {
   constexpr int E = 1 << BITS;
   thread_local std::vector<uint8_t> codes;
   thread_local std::vector<float> scales;
@@ -234,7 +235,7 @@ inline void lookup_block(const RowGeometry& geo, const uint8_t* row, int64_t k, 
 // are, so results do not depend on how rows or batch rows are grouped.
 template <int BITS, int BT, int R>
 inline void gemv_rows_int8(const Int8Args& g, const RowGeometry& geo, const TableIndices<BITS>& maps,
-                           const Int8Codebooks& books, int64_t r, int64_t b0, float* out) {
+                           const CodebookView& books, int64_t r, int64_t b0, float* out) {
   const KernelArgs& a = g.layer;
   constexpr int LO = BITS == 4 ? 128 : 64;  // low-plane bytes per block
   // Up to 2 batch rows, two interleaved vpdpbusd chains per block hide the instruction's latency; from 3
@@ -316,7 +317,7 @@ constexpr int int8_rows_per_pass(int bits, int bt) { return bits != 4 || bt > 2 
 
 template <int BITS, int BT>
 void gemv_tile_int8(const Int8Args& g, const RowGeometry& geo, const TableIndices<BITS>& maps,
-                    const Int8Codebooks& books, int64_t r0, int64_t r1, int64_t b0) {
+                    const CodebookView& books, int64_t r0, int64_t r1, int64_t b0) {
   const KernelArgs& a = g.layer;
   constexpr int R = int8_rows_per_pass(BITS, BT);
   for (int64_t r = r0; r < r1;) {
@@ -344,7 +345,7 @@ void gemv_tile_int8(const Int8Args& g, const RowGeometry& geo, const TableIndice
 
 template <int BITS, int... T>
 inline void int8_tile_switch(int bt, std::integer_sequence<int, T...>, const Int8Args& g, const RowGeometry& geo,
-                             const TableIndices<BITS>& maps, const Int8Codebooks& books, int64_t r0, int64_t r1,
+                             const TableIndices<BITS>& maps, const CodebookView& books, int64_t r0, int64_t r1,
                              int64_t b0) {
   const bool done =
       ((bt == T + 1 ? (gemv_tile_int8<BITS, T + 1>(g, geo, maps, books, r0, r1, b0), true) : false) || ...);
@@ -358,7 +359,8 @@ void gemv_rows_int8_avx512(const Int8Args& g, int64_t r0, int64_t r1) {
     constexpr int BITS = decltype(bc)::value;
     static const TableIndices<BITS> maps;
     const RowGeometry geo = row_geometry<BITS>(g.layer);
-    const Int8Codebooks books = int8_codebooks<BITS>(g.layer, r0, r1);
+    const CodebookView books =
+        g.book_codes ? CodebookView{g.book_codes, g.book_scales, 0} : int8_codebooks<BITS>(g.layer, r0, r1);
     for (int64_t b0 = 0; b0 < g.layer.batch; b0 += kMaxTile) {
       const int bt = int(g.layer.batch - b0 < kMaxTile ? g.layer.batch - b0 : kMaxTile);
       int8_tile_switch<BITS>(bt, std::make_integer_sequence<int, kMaxTile>{}, g, geo, maps, books, r0, r1, b0);

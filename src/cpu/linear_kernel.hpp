@@ -61,6 +61,10 @@ struct Int8Args {
   const float* xoffset;    // [batch][groups]: 128 · Σ_{blocks k of g} d_k Σ xq over k (see the kernel)
   int64_t blocks;          // ceil(cols / 256)
   int64_t blocks_per_group;
+  // The layer's codebooks converted ahead (cpu::Int8Codebooks: [rows][groups][16] bytes q + 128 and
+  // [rows][groups] scales), or null: the kernel converts its rows' codebooks itself.
+  const uint8_t* book_codes;
+  const float* book_scales;
 };
 void gemv_rows_int8_avx512(const Int8Args& args, int64_t r0, int64_t r1);
 // The int8 scale of a codebook of n fp16 values: max|c|/127, or the smallest normal float when all are 0

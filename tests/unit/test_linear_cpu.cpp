@@ -422,6 +422,54 @@ TEST(LinearCpuInt8, KernelMatchesTheInt8ReferenceForAnyThreadCount) {
   }
 }
 
+// Codebooks converted once (what a decoder keeps per layer) are the bytes the definition gives, and the
+// kernel run with them writes bit for bit what it writes converting them itself, on every shape and
+// batch tile; codebooks of another layer are refused rather than multiplied.
+TEST(LinearCpuInt8, PreparedCodebooksAreTheDefinitionAndChangeNoBit) {
+  for (const LayerSpec& spec : int8_specs()) {
+    const TestLayer& t = layer_for(spec);
+    const auto view = t.packed.view();
+    const nuq::cpu::Int8Codebooks books(view);
+    ASSERT_TRUE(books.built_from(view));
+    const int entries = 1 << spec.bits;
+    for (int64_t i = 0; i < spec.rows * view.groups(); ++i) {
+      double max_abs = 0;
+      for (int e = 0; e < entries; ++e) max_abs = std::max(max_abs, std::fabs(double(nuq::fp16_to_float(view.lut[i * entries + e]))));
+      const float s = max_abs > 0 ? float(max_abs) / 127.0f : std::numeric_limits<float>::min();
+      ASSERT_EQ(books.scales()[i], s) << describe(spec) << " codebook " << i;
+      for (int e = 0; e < entries; ++e) {
+        const long q = std::lround(std::nearbyint(nuq::fp16_to_float(view.lut[i * entries + e]) / s));  // as linear_int8_ref: fp32
+        ASSERT_EQ(int(books.codes()[i * 16 + e]), int(q + 128)) << describe(spec) << " codebook " << i << " entry " << e;
+      }
+    }
+    if (!nuq::cpu::int8_kernel_supported()) continue;  // the comparison below needs the kernel
+    for (int64_t batch : {1, 5, 9}) {
+      LinearOptions opt;
+      opt.threads = 2;
+      opt.arithmetic = nuq::cpu::Arithmetic::int8;
+      std::vector<float> own(size_t(batch * spec.rows)), prepared(own.size());
+      nuq::cpu::linear(view, t.x.data(), t.ldx, own.data(), spec.rows, batch, opt);
+      opt.int8_codebooks = &books;
+      nuq::cpu::linear(view, t.x.data(), t.ldx, prepared.data(), spec.rows, batch, opt);
+      ASSERT_EQ(0, std::memcmp(own.data(), prepared.data(), own.size() * sizeof(float)))
+          << describe(spec) << " batch=" << batch;
+    }
+  }
+  const TestLayer& a = layer_for({9, 576, 3, 576, true});
+  const TestLayer& b = layer_for({9, 576, 4, 576, true});
+  const nuq::cpu::Int8Codebooks books_a(a.packed.view());
+  EXPECT_FALSE(books_a.built_from(b.packed.view()));
+  LinearOptions opt;
+  opt.arithmetic = nuq::cpu::Arithmetic::int8;
+  opt.int8_codebooks = &books_a;
+  std::vector<float> y(9);
+  expect_error([&] { nuq::cpu::linear(b.packed.view(), b.x.data(), b.ldx, y.data(), 9, 1, opt); },
+               "LinearOptions::int8_codebooks were not built from this layer (9 x 576, 4 bits)");
+  const TestLayer& grouped = layer_for({13, 1024, 4, 128, false});
+  expect_error([&] { nuq::cpu::Int8Codebooks refused(grouped.packed.view()); },
+               "int8 arithmetic needs per-row codebooks or groups of a multiple of 256 columns");
+}
+
 // A row whose codebook is all zeros (everything it has lives in the sparse part) gives its sparse sum
 // to fp32 precision. Its int8 scale must be tiny rather than, say, 1: the kernel multiplies table entries
 // q + 128 and takes 128·s·Σ d·xq out again, so with s = 1 that cancellation (≈ 128·Σ|x|) would swamp
@@ -458,6 +506,10 @@ TEST(LinearCpuInt8, AllZeroCodebookRowKeepsItsSparseSum) {
   nuq::cpu::linear_int8_ref(p.view(), x.data(), cols, y_ref.data(), rows, 1);
   EXPECT_NEAR(y_ref[1], expected, 1e-6 * magnitude);
   EXPECT_NEAR(y[1], expected, 1e-6 * magnitude) << "int8 kernel (reference: " << y_ref[1] << ")";
+  const nuq::cpu::Int8Codebooks books(p.view());
+  opt.int8_codebooks = &books;
+  nuq::cpu::linear(p.view(), x.data(), cols, y.data(), rows, 1, opt);
+  EXPECT_NEAR(y[1], expected, 1e-6 * magnitude) << "int8 kernel, codebooks converted ahead";
 }
 
 TEST(LinearCpuInt8, UnsupportedGroupsAndNonFiniteActivations) {
