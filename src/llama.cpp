@@ -790,16 +790,22 @@ namespace {
 
 // LlamaLoadOptions::Release resolved for a loaded model: `automatic` from the bytes its matrices map
 // (full-precision and packed alike: all of them would stay resident after a pass).
+// fn(matrix) for every weight matrix of a model: the embedding, the classifier when it is not tied to it,
+// each block's linear layers.
+template <class ModelImpl, class Fn>
+void for_each_matrix(ModelImpl& m, Fn&& fn) {
+  fn(m.embedding);
+  if (!m.config.tied_classifier) fn(m.classifier);
+  for (auto& b : m.blocks)
+    for (auto* l : b.linears()) fn(*l);
+}
+
 bool releases_weights(const LlamaModel::Impl& m, LlamaLoadOptions::Release release) {
   if (release != LlamaLoadOptions::Release::automatic) return release == LlamaLoadOptions::Release::after_each_block;
   uint64_t mapped = 0;
-  auto add = [&](const Linear& l) {
+  for_each_matrix(m, [&](const Linear& l) {
     if (l.dense.empty()) mapped += l.stored_bytes;
-  };
-  add(m.embedding);
-  if (!m.config.tied_classifier) add(m.classifier);
-  for (const Block& b : m.blocks)
-    for (const Linear* l : b.linears()) add(*l);
+  });
   const uint64_t memory = physical_memory_bytes();
   return memory > 0 && mapped > memory / 2;
 }
@@ -808,14 +814,10 @@ bool releases_weights(const LlamaModel::Impl& m, LlamaLoadOptions::Release relea
 // 20 bytes per row and codebook group, against 16-32 of fp16 codebooks already in the checkpoint.
 void prepare_int8_codebooks(LlamaModel::Impl& m) {
   const cpu::LinearOptions options{m.threads, std::nullopt, m.arithmetic};
-  auto prepare = [&](Linear& l) {
+  for_each_matrix(m, [&](Linear& l) {
     if (l.packed && l.backend_id < 0 && cpu::fused_arithmetic(*l.packed, options) == cpu::Arithmetic::int8)
       l.int8_codebooks = std::make_shared<const cpu::Int8Codebooks>(*l.packed);
-  };
-  prepare(m.embedding);
-  if (!m.config.tied_classifier) prepare(m.classifier);
-  for (Block& b : m.blocks)
-    for (Linear* l : b.linears()) prepare(*l);
+  });
 }
 
 }  // namespace

@@ -67,8 +67,8 @@ void add_fisher_command(CLI::App& app, Action& action) {
           return;
         }
         if (p.stage == TextTaskProgress::Stage::disk) {
-          fmt::print(stderr, "{}: writes {:.1f} MiB after the last window, {:.1f} MiB free\n", p.where,
-                     double(p.bytes_needed) / (1 << 20), double(p.bytes_free) / (1 << 20));
+          fmt::print(stderr, "{}: writes {} after the last window, {} free\n", p.where, human_bytes(p.bytes_needed),
+                     human_bytes(p.bytes_free));
           return;
         }
         std::fprintf(stderr, "window %lld/%lld  loss %.4f  %.1f s  ETA %s\n", (long long)(p.window + 1),

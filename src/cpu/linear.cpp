@@ -213,6 +213,14 @@ bool int8_layer_supported(const format::PackedLinearView& w) {
   return w.groups() == 1 || w.group_size % kInt8Block == 0;
 }
 
+// The int8 scale of one fp16 codebook (int8_codebook_scale of its largest |c|): what linear_int8_ref and
+// Int8Codebooks divide by.
+float codebook_int8_scale(const uint16_t* book, int entries) {
+  float max_abs = 0.0f;
+  for (int e = 0; e < entries; ++e) max_abs = std::max(max_abs, std::fabs(fp16_to_float(book[e])));
+  return detail::int8_codebook_scale(max_abs);
+}
+
 void check_int8_layer(const format::PackedLinearView& w) {
   NUQ_CHECK(int8_layer_supported(w), Errc::unsupported,
             "CPU linear: int8 arithmetic needs per-row codebooks or groups of a multiple of {} columns, this "
@@ -474,10 +482,8 @@ Int8Codebooks::Int8Codebooks(const format::PackedLinearView& w)
   scales_.resize(size_t(n));
   for (int64_t i = 0; i < n; ++i) {
     const uint16_t* book = w.lut + i * entries;
-    float max_abs = 0.0f;
-    for (int e = 0; e < entries; ++e) max_abs = std::max(max_abs, std::fabs(fp16_to_float(book[e])));
     // As the kernel converts them (and linear_int8_ref): c / s rounded to nearest even, offset by 128.
-    const float s = detail::int8_codebook_scale(max_abs);
+    const float s = codebook_int8_scale(book, entries);
     for (int e = 0; e < entries; ++e)
       codes_[size_t(i * 16 + e)] = uint8_t(int32_t(std::nearbyint(fp16_to_float(book[e]) / s)) + 128);
     scales_[size_t(i)] = s;
@@ -516,10 +522,7 @@ void linear_int8_ref(const format::PackedLinearView& w, const float* x, int64_t 
     for (int64_t r = 0; r < w.rows; ++r) {
       detail::decode_row(dense_only, r, row.data());
       for (int64_t grp = 0; grp < w.groups(); ++grp) {
-        const uint16_t* lut = w.lut + (r * w.groups() + grp) * entries;
-        float max_abs = 0.0f;
-        for (int e = 0; e < entries; ++e) max_abs = std::max(max_abs, std::fabs(fp16_to_float(lut[e])));
-        const float s = detail::int8_codebook_scale(max_abs);
+        const float s = codebook_int8_scale(w.lut + (r * w.groups() + grp) * entries, entries);
         scale[size_t(grp)] = s;
         for (int64_t c = grp * w.group_size; c < (grp + 1) * w.group_size; ++c)
           q[size_t(c)] = int32_t(std::nearbyint(row[size_t(c)] / s));
